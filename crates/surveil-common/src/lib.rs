@@ -1,0 +1,1 @@
+//! Shared daemon plumbing (being written).

@@ -1,0 +1,1 @@
+//! The surveil-dispatcher daemon (work in progress: see the open issues).

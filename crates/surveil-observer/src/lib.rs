@@ -1,0 +1,1 @@
+//! The surveil-observer daemon (work in progress: see the open issues).

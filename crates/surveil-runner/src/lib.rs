@@ -1,0 +1,1 @@
+//! The surveil-runner daemon (work in progress: see the open issues).
