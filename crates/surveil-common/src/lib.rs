@@ -1,1 +1,152 @@
-//! Shared daemon plumbing (being written).
+//! What the Surveil daemons and the CLI share beyond the wire: reading
+//! configuration (flags, `SURVEIL_*` environment, TOML file), value parsers
+//! for durations and sizes, tokens, repository names, signals, systemd
+//! notification and logging set-up.
+//!
+//! Only binaries' `main.rs` and config code call into this crate; the daemon
+//! libraries receive already-validated values and never read the
+//! environment themselves.
+
+pub mod config;
+pub mod logging;
+pub mod notify;
+pub mod shutdown;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+pub use logging::LogFormat;
+
+/// Parses a duration such as `500ms`, `5s`, `10m` or `1h 30m`; a clap
+/// `value_parser` for every duration flag.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. 500ms, 5s or 10m"))
+}
+
+/// Parses a byte size such as `8MiB`, `64KiB`, `1MB` or `1024`; a clap
+/// `value_parser` for size flags.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|e| format!("`{text}` is not a size ({e}); write e.g. 8MiB, 64KiB or 1024"))
+}
+
+/// Reads the shared secret: the contents of `token_file` with surrounding
+/// whitespace trimmed, or else the `SURVEIL_TOKEN` environment variable.
+/// `None` when neither is set.
+pub fn read_token(token_file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    let token = match token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read token file {}", path.display()))?;
+            let token = text.trim().to_owned();
+            if token.is_empty() {
+                bail!("token file {} is empty", path.display());
+            }
+            Some(token)
+        }
+        None => std::env::var("SURVEIL_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()),
+    };
+    Ok(token)
+}
+
+/// Whether `repo` names a remote repository (a URL or scp-like
+/// `host:path`) rather than a local path.
+pub fn is_remote_repo(repo: &str) -> bool {
+    if repo.contains("://") {
+        return true;
+    }
+    // scp-like syntax: `host:path` or `user@host:path`, with the colon
+    // before any slash. Windows-style `C:\` never reaches us on Unix.
+    match (repo.find(':'), repo.find('/')) {
+        (Some(colon), Some(slash)) => colon < slash && colon > 0,
+        (Some(colon), None) => colon > 0,
+        _ => false,
+    }
+}
+
+/// The name under which jobs and runners match a repository: URLs (and
+/// `file://` URLs) exactly as given, local paths made absolute with symlinks
+/// resolved. The observer, the runner and `surveil submit` all use it, so
+/// the same repository always gets the same name.
+pub fn canonical_repo(repo: &str) -> anyhow::Result<String> {
+    if repo.is_empty() {
+        bail!("repository must not be empty");
+    }
+    if is_remote_repo(repo) {
+        return Ok(repo.to_owned());
+    }
+    let path = std::fs::canonicalize(repo)
+        .with_context(|| format!("repository path `{repo}` cannot be resolved"))?;
+    path.into_os_string()
+        .into_string()
+        .map_err(|p| anyhow::anyhow!("repository path {} is not valid UTF-8", p.to_string_lossy()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_the_contract_forms() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        let err = parse_duration("soon").unwrap_err();
+        assert!(err.contains("`soon` is not a duration"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8MiB"), Ok(8 * 1024 * 1024));
+        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+    }
+
+    #[test]
+    fn token_file_is_trimmed_and_empty_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  s3cret\n").unwrap();
+        assert_eq!(read_token(Some(&file)).unwrap().as_deref(), Some("s3cret"));
+        std::fs::write(&file, " \n").unwrap();
+        let err = read_token(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("is empty"), "{err}");
+        let missing = dir.path().join("nope");
+        let err = read_token(Some(&missing)).unwrap_err().to_string();
+        assert!(err.contains("cannot read token file"), "{err}");
+    }
+
+    #[test]
+    fn repos_urls_kept_paths_canonical() {
+        assert_eq!(
+            canonical_repo("https://example.com/a.git").unwrap(),
+            "https://example.com/a.git"
+        );
+        assert_eq!(
+            canonical_repo("git@host:org/a.git").unwrap(),
+            "git@host:org/a.git"
+        );
+        assert_eq!(canonical_repo("file:///srv/a").unwrap(), "file:///srv/a");
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let canonical = std::fs::canonicalize(&real).unwrap();
+        assert_eq!(
+            canonical_repo(link.to_str().unwrap()).unwrap(),
+            canonical.to_str().unwrap()
+        );
+        let err = canonical_repo(dir.path().join("missing").to_str().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("cannot be resolved"), "{err}");
+    }
+}
