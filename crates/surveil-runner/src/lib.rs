@@ -1,1 +1,3 @@
-//! The surveil-runner daemon (work in progress: see the open issues).
+//! The surveil-runner daemon as a library (work in progress: see issue #4).
+
+pub mod pipeline;

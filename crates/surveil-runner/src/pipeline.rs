@@ -1,0 +1,399 @@
+//! The `.surveil.toml` pipeline file: parsing and validation into
+//! [`Pipeline`]. Pure: it reads bytes handed to it (or one file) and never
+//! runs anything; every error names the file, the line and the problem,
+//! because that text becomes the job's message and SYSTEM log line.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The pipeline file's name at the repository root.
+pub const PIPELINE_FILE: &str = ".surveil.toml";
+
+/// The largest pipeline file accepted. A larger one is almost certainly not
+/// a pipeline, and parsing it would cost the runner memory for nothing.
+pub const MAX_PIPELINE_BYTES: usize = 1024 * 1024;
+
+/// A task's timeout when the file gives none (the contract's default).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// A validated pipeline: at least one task, unique names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pipeline {
+    /// The tasks, in the order they run.
+    pub tasks: Vec<Task>,
+}
+
+/// One `[[task]]` of the pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// Unique within the pipeline.
+    pub name: String,
+    /// Run by `sh -c` in the checkout.
+    pub run: String,
+    /// After this the task's process group is terminated.
+    pub timeout: Duration,
+    /// Added to the task's environment.
+    pub env: BTreeMap<String, String>,
+    /// A failure of this task does not end the job.
+    pub allow_failure: bool,
+}
+
+/// Why a pipeline file was refused. Its `Display` is the whole message a
+/// user sees: `.surveil.toml: line 3, column 1: <problem>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PipelineError {
+    /// The file as the user knows it (relative to the repository root).
+    pub file: String,
+    /// 1-based line and column, when the problem has a position.
+    pub position: Option<(usize, usize)>,
+    /// What is wrong, and where useful what to do.
+    pub problem: String,
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, column)) => write!(
+                f,
+                "{}: line {line}, column {column}: {}",
+                self.file, self.problem
+            ),
+            None => write!(f, "{}: {}", self.file, self.problem),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    task: Vec<RawTask>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    name: Spanned<String>,
+    run: Spanned<String>,
+    timeout: Option<Spanned<String>>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    allow_failure: bool,
+}
+
+/// Reads and parses `dir/.surveil.toml`; a missing file is an error too.
+pub fn load(dir: &Path) -> Result<Pipeline, PipelineError> {
+    let path = dir.join(PIPELINE_FILE);
+    let error = |problem: String| PipelineError {
+        file: PIPELINE_FILE.to_owned(),
+        position: None,
+        problem,
+    };
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(error(
+                "not found at the repository root of this commit; add one with at least one \
+                 [[task]] (name and run)"
+                    .to_owned(),
+            ));
+        }
+        Err(e) => return Err(error(format!("cannot be read: {e}"))),
+    };
+    if !meta.is_file() {
+        return Err(error(
+            "is not a regular file (a directory or a symlink); it must be a TOML file".into(),
+        ));
+    }
+    // Check the size before reading so a huge file is never loaded whole.
+    if meta.len() > MAX_PIPELINE_BYTES as u64 {
+        return Err(too_large(PIPELINE_FILE, meta.len()));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| error(format!("cannot be read: {e}")))?;
+    parse(&bytes, PIPELINE_FILE)
+}
+
+fn too_large(file: &str, len: u64) -> PipelineError {
+    PipelineError {
+        file: file.to_owned(),
+        position: None,
+        problem: format!("pipeline file is {len} bytes; the limit is 1 MiB"),
+    }
+}
+
+/// Parses and validates a pipeline file's bytes; `file` names it in errors.
+pub fn parse(bytes: &[u8], file: &str) -> Result<Pipeline, PipelineError> {
+    if bytes.len() > MAX_PIPELINE_BYTES {
+        return Err(too_large(file, bytes.len() as u64));
+    }
+    let at = |text: &str, offset: usize, problem: String| PipelineError {
+        file: file.to_owned(),
+        position: Some(line_column(text, offset)),
+        problem,
+    };
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let valid = std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();
+            return Err(at(
+                valid,
+                valid.len(),
+                "the file is not UTF-8 text; a pipeline file is TOML, which must be UTF-8".into(),
+            ));
+        }
+    };
+    if let Some(nul) = text.find('\0') {
+        return Err(at(
+            text,
+            nul,
+            "the file contains a NUL byte: it looks binary, not TOML".into(),
+        ));
+    }
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |span| span.start);
+        at(text, offset, e.message().trim().to_owned())
+    })?;
+    if raw.task.is_empty() {
+        return Err(PipelineError {
+            file: file.to_owned(),
+            position: None,
+            problem: "no tasks: add at least one [[task]] with `name` and `run`".into(),
+        });
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut tasks = Vec::with_capacity(raw.task.len());
+    for task in raw.task {
+        let name = task.name.get_ref();
+        let name_at = task.name.span().start;
+        if name.trim().is_empty() {
+            return Err(at(text, name_at, "task name must not be empty".into()));
+        }
+        if let Some(first) = seen.get(name) {
+            let (first_line, _) = line_column(text, *first);
+            return Err(at(
+                text,
+                name_at,
+                format!(
+                    "duplicate task name `{name}` (first used on line {first_line}); task names must be unique"
+                ),
+            ));
+        }
+        seen.insert(name.clone(), name_at);
+        if task.run.get_ref().trim().is_empty() {
+            return Err(at(
+                text,
+                task.run.span().start,
+                format!("task `{name}`: `run` must not be empty"),
+            ));
+        }
+        let timeout = match &task.timeout {
+            None => DEFAULT_TIMEOUT,
+            Some(spanned) => {
+                let value = spanned.get_ref();
+                match humantime::parse_duration(value.trim()) {
+                    Ok(d) if d.is_zero() => {
+                        return Err(at(
+                            text,
+                            spanned.span().start,
+                            format!("task `{name}`: timeout must be greater than zero"),
+                        ));
+                    }
+                    Ok(d) => d,
+                    Err(e) => {
+                        return Err(at(
+                            text,
+                            spanned.span().start,
+                            format!(
+                                "task `{name}`: timeout `{value}` is not a duration ({e}); write e.g. 90s, 10m or 1h"
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        if let Some(env) = &task.env {
+            for key in env.get_ref().keys() {
+                if key.is_empty() || key.contains('=') {
+                    return Err(at(
+                        text,
+                        env.span().start,
+                        format!("task `{name}`: env name `{key}` is not a valid variable name"),
+                    ));
+                }
+            }
+        }
+        tasks.push(Task {
+            name: task.name.into_inner(),
+            run: task.run.into_inner(),
+            timeout,
+            env: task.env.map(Spanned::into_inner).unwrap_or_default(),
+            allow_failure: task.allow_failure,
+        });
+    }
+    Ok(Pipeline { tasks })
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse(text.as_bytes(), PIPELINE_FILE)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn full_task_and_defaults() {
+        let p = parse(
+            br#"
+[[task]]
+name = "unit"
+run = "cargo test"
+timeout = "10m"
+env = { RUST_LOG = "info" }
+allow_failure = true
+
+[[task]]
+name = "lint"
+run = "cargo clippy"
+"#,
+            PIPELINE_FILE,
+        )
+        .unwrap();
+        assert_eq!(p.tasks.len(), 2);
+        assert_eq!(p.tasks[0].timeout, Duration::from_secs(600));
+        assert_eq!(p.tasks[0].env["RUST_LOG"], "info");
+        assert!(p.tasks[0].allow_failure);
+        assert_eq!(p.tasks[1].timeout, DEFAULT_TIMEOUT);
+        assert!(p.tasks[1].env.is_empty());
+        assert!(!p.tasks[1].allow_failure);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = err("[[task]]\nname = \"a\"\nrun = \"true\"\ntmeout = \"5s\"\n");
+        assert!(e.starts_with(".surveil.toml: line 4, column 1: "), "{e}");
+        assert!(e.contains("unknown field `tmeout`"), "{e}");
+    }
+
+    #[test]
+    fn missing_run_is_named() {
+        let e = err("[[task]]\nname = \"a\"\n");
+        assert!(e.contains("missing field `run`"), "{e}");
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let e = err("[[task]]\nname = \"a\"\nrun = = \"true\"\n");
+        assert!(e.starts_with(".surveil.toml: line 3, column 7: "), "{e}");
+    }
+
+    #[test]
+    fn no_tasks() {
+        assert_eq!(
+            err("# nothing here\n"),
+            ".surveil.toml: no tasks: add at least one [[task]] with `name` and `run`"
+        );
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let e = err(
+            "[[task]]\nname = \"a\"\nrun = \"true\"\n[[task]]\nname = \"a\"\nrun = \"false\"\n",
+        );
+        assert_eq!(
+            e,
+            ".surveil.toml: line 5, column 8: duplicate task name `a` (first used on line 2); task names must be unique"
+        );
+    }
+
+    #[test]
+    fn empty_run() {
+        let e = err("[[task]]\nname = \"a\"\nrun = \"  \"\n");
+        assert_eq!(
+            e,
+            ".surveil.toml: line 3, column 7: task `a`: `run` must not be empty"
+        );
+    }
+
+    #[test]
+    fn bad_duration() {
+        let e = err("[[task]]\nname = \"a\"\nrun = \"true\"\ntimeout = \"soon\"\n");
+        assert!(
+            e.starts_with(
+                ".surveil.toml: line 4, column 11: task `a`: timeout `soon` is not a duration"
+            ),
+            "{e}"
+        );
+        let e = err("[[task]]\nname = \"a\"\nrun = \"true\"\ntimeout = \"0s\"\n");
+        assert!(e.ends_with("timeout must be greater than zero"), "{e}");
+    }
+
+    #[test]
+    fn too_large() {
+        let big = vec![b'#'; MAX_PIPELINE_BYTES + 1];
+        assert_eq!(
+            parse(&big, PIPELINE_FILE).unwrap_err().to_string(),
+            format!(
+                ".surveil.toml: pipeline file is {} bytes; the limit is 1 MiB",
+                MAX_PIPELINE_BYTES + 1
+            )
+        );
+    }
+
+    #[test]
+    fn binary_and_non_utf8() {
+        let e = parse(b"[[task]]\nname = \"\xff\"\n", PIPELINE_FILE)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(".surveil.toml: line 2, column 9: the file is not UTF-8"),
+            "{e}"
+        );
+        let e = parse(b"\0\x01\x02", PIPELINE_FILE).unwrap_err().to_string();
+        assert!(
+            e.contains("line 1, column 1: the file contains a NUL byte"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn load_reports_a_missing_file_and_reads_a_present_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(e.starts_with(".surveil.toml: not found"), "{e}");
+        std::fs::write(
+            dir.path().join(PIPELINE_FILE),
+            "[[task]]\nname = \"a\"\nrun = \"true\"\n",
+        )
+        .unwrap();
+        assert_eq!(load(dir.path()).unwrap().tasks[0].name, "a");
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("ab\ncd", 4), (2, 2));
+        assert_eq!(line_column("é\nx", 3), (2, 1));
+        assert_eq!(line_column("", 5), (1, 1));
+    }
+}
