@@ -28,8 +28,7 @@ pub(crate) fn generate(root: &Path) -> Result<String> {
         .compile_fds(descriptors)
         .context("generating Rust from the descriptors")?;
     let path = out.join("surveil.v1.rs");
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     fs::remove_dir_all(&out).ok();
     Ok(text)
 }
@@ -44,10 +43,11 @@ pub(crate) fn write(root: &Path) -> Result<()> {
 }
 
 fn tempdir(root: &Path) -> Result<PathBuf> {
-    let dir = root
-        .join("target")
-        .join("xtask-codegen")
-        .join(format!("{}-{:?}", std::process::id(), std::thread::current().id()));
+    let dir = root.join("target").join("xtask-codegen").join(format!(
+        "{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }

@@ -3,7 +3,9 @@
 //! Everything the project automates lives here in Rust rather than in shell
 //! scripts, so it runs the same on every machine that has cargo.
 
+mod cluster;
 mod codegen;
+mod e2e;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,12 +15,20 @@ usage: cargo xtask <command>
 
 commands:
   codegen    regenerate crates/surveil-proto/src/generated/ from proto/
+  e2e        run a local cluster over a scratch repository and tell its story
+             [--keep: leave target/e2e/ for inspection]
 ";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("codegen") => codegen::write(&workspace_root()),
+        Some("e2e") => e2e::run(
+            &workspace_root(),
+            e2e::Options {
+                keep: args.iter().any(|a| a == "--keep"),
+            },
+        ),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
