@@ -1,0 +1,825 @@
+//! The dispatcher's brain: runners, queued jobs, leases, attempts and the
+//! decisions made on them (assign, expire, requeue, accept or fence a
+//! result, cancel).
+//!
+//! Pure state only: no IO, no clock, no tokio, no store handle. Every input
+//! is a `handle_*(…, now)` call; every decision the outside world must act
+//! on is queued as an [`Effect`] and collected with
+//! [`Scheduler::drain_effects`], in the order the decisions were made. The
+//! shell persists each effect before it tells a peer about it.
+//!
+//! Architecture invariants (checked by [`Scheduler::check_invariants`] and
+//! the property tests below):
+//! - a job has at most one live lease, and a lease belongs to a connected
+//!   runner (or, for one runner timeout after start-up, to an orphan slot
+//!   waiting for its runner to reconnect);
+//! - after [`Scheduler::schedule`], no queued job has a connected runner
+//!   for its repository with a free slot;
+//! - a job leaves the scheduler with exactly one final status;
+//! - a result, `Started` or log chunk for an attempt that is not the job's
+//!   live lease is refused: the attempt number is the fencing token.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use surveil_proto::JobStatus;
+
+/// A job's id, assigned by the store.
+pub type JobId = u64;
+/// An attempt number: 1 for the first assignment, +1 for each reassignment.
+pub type Attempt = u32;
+/// One runner connection, unique for the life of the process.
+pub type SessionId = u64;
+
+/// The scheduler's tunables, fixed at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// How long a runner may stay silent before its leases are revoked; also
+    /// how long an orphaned lease found at start-up waits for its runner.
+    pub runner_timeout: Duration,
+    /// How many attempts of a job may be lost before it ends `error`.
+    pub max_attempts: u32,
+}
+
+/// What the scheduler needs to know about a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    /// The job.
+    pub id: JobId,
+    /// Its repository, matched exactly against runners' repositories.
+    pub repo: String,
+    /// The branch it was submitted on.
+    pub branch: String,
+    /// The commit to build.
+    pub commit: String,
+    /// Its last attempt (0 when never assigned); the next is one more.
+    pub attempt: Attempt,
+}
+
+/// A runner's handshake, as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerHello {
+    /// The new session.
+    pub session: SessionId,
+    /// The runner's unique name.
+    pub name: String,
+    /// The peer address, for `ListRunners`.
+    pub addr: String,
+    /// Jobs it runs at once (at least 1).
+    pub slots: u32,
+    /// Repositories it may build.
+    pub repos: Vec<String>,
+    /// Free-form labels.
+    pub labels: Vec<String>,
+    /// Leases it still holds from an earlier session.
+    pub leases: Vec<(JobId, Attempt)>,
+}
+
+/// A decision the shell must persist and carry out, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Record the assignment, then send `Assign` to the session.
+    Assign {
+        /// The runner's session.
+        session: SessionId,
+        /// The runner's name, recorded with the job.
+        runner: String,
+        /// The job.
+        job: JobId,
+        /// The new attempt.
+        attempt: Attempt,
+        /// The job's repository.
+        repo: String,
+        /// The job's branch.
+        branch: String,
+        /// The job's commit.
+        commit: String,
+    },
+    /// Send `Cancel` to the session (the job was cancelled, or the runner
+    /// listed a lease that is no longer its own).
+    Cancel {
+        /// The runner's session.
+        session: SessionId,
+        /// The job.
+        job: JobId,
+        /// The attempt to stop.
+        attempt: Attempt,
+    },
+    /// Record that the job is queued again (its attempt was lost).
+    Requeue {
+        /// The job.
+        job: JobId,
+        /// The attempt that was lost.
+        attempt: Attempt,
+        /// Why, for the job's log and the dispatcher's log.
+        reason: String,
+    },
+    /// Record the job's final status (cancelled, or error after too many
+    /// lost attempts). Results reported by runners are recorded by the
+    /// shell after [`ResultDecision::Accept`] instead.
+    Finish {
+        /// The job.
+        job: JobId,
+        /// Its final status.
+        status: JobStatus,
+        /// Why.
+        message: String,
+    },
+    /// Close the session's connection.
+    Disconnect {
+        /// The session.
+        session: SessionId,
+        /// Why, sent in an `Error` and logged.
+        reason: String,
+    },
+}
+
+/// What to do with a runner's `JobFinished`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultDecision {
+    /// The attempt holds the job's live lease: record this final status
+    /// (the runner's, or `cancelled` when a user cancelled the job) and
+    /// acknowledge. The job has left the scheduler.
+    Accept {
+        /// The status to record.
+        status: JobStatus,
+        /// The message to record.
+        message: String,
+    },
+    /// The job is still active but this attempt's lease was revoked:
+    /// refuse, and record nothing.
+    Revoked {
+        /// Why, for the `ResultAck`.
+        message: String,
+    },
+    /// The scheduler does not know the job (finished, or never existed):
+    /// only the store can tell a harmless resend from a stale result.
+    Unknown,
+}
+
+/// What a `CancelJob` request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was queued and is now cancelled.
+    Cancelled,
+    /// The job is running: its runner was told to stop, and the job ends
+    /// `cancelled` when the runner reports or is lost.
+    Cancelling,
+    /// The job is not active (finished or unknown).
+    NotActive,
+}
+
+/// A connected runner, for `ListRunners`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerView {
+    /// Its session.
+    pub session: SessionId,
+    /// Its name.
+    pub name: String,
+    /// Its peer address.
+    pub addr: String,
+    /// Its slots.
+    pub slots: u32,
+    /// The jobs it holds.
+    pub running: Vec<JobId>,
+    /// When a frame last arrived from it.
+    pub last_seen: Instant,
+    /// Its labels.
+    pub labels: Vec<String>,
+    /// Its repositories.
+    pub repos: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Runner {
+    name: String,
+    addr: String,
+    slots: u32,
+    repos: BTreeSet<String>,
+    labels: Vec<String>,
+    last_seen: Instant,
+    leases: BTreeSet<JobId>,
+}
+
+impl Runner {
+    fn free_slots(&self) -> usize {
+        (self.slots as usize).saturating_sub(self.leases.len())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum JobState {
+    Queued,
+    Leased {
+        session: SessionId,
+    },
+    /// Running in the store at start-up; its runner may reconnect and claim
+    /// it until `deadline`.
+    Orphaned {
+        runner: String,
+        deadline: Instant,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Job {
+    spec: JobSpec,
+    state: JobState,
+    cancel_requested: bool,
+}
+
+/// The scheduling state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    runners: BTreeMap<SessionId, Runner>,
+    names: HashMap<String, SessionId>,
+    jobs: BTreeMap<JobId, Job>,
+    /// Queued job ids; ids grow with submission, so the first is the oldest.
+    queue: BTreeSet<JobId>,
+    effects: VecDeque<Effect>,
+    effects_emitted: u64,
+    reassignments: u64,
+}
+
+impl Scheduler {
+    /// An empty scheduler.
+    pub fn new(config: SchedulerConfig) -> Self {
+        Scheduler {
+            config,
+            runners: BTreeMap::new(),
+            names: HashMap::new(),
+            jobs: BTreeMap::new(),
+            queue: BTreeSet::new(),
+            effects: VecDeque::new(),
+            effects_emitted: 0,
+            reassignments: 0,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> SchedulerConfig {
+        self.config
+    }
+
+    fn emit(&mut self, effect: Effect) {
+        self.effects_emitted += 1;
+        self.effects.push_back(effect);
+    }
+
+    /// Takes the pending effects, oldest first.
+    pub fn drain_effects(&mut self) -> Vec<Effect> {
+        self.effects.drain(..).collect()
+    }
+
+    /// How many effects have been emitted since start; the shell compares
+    /// it with how many it has applied to wait until a decision is durable.
+    pub fn effects_emitted(&self) -> u64 {
+        self.effects_emitted
+    }
+
+    /// Jobs requeued because their runner was lost, since start.
+    pub fn reassignments(&self) -> u64 {
+        self.reassignments
+    }
+
+    /// (queued, running) jobs; orphaned leases count as running.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.queue.len(), self.jobs.len() - self.queue.len())
+    }
+
+    /// Whether the scheduler tracks `job` (queued, running or orphaned).
+    pub fn knows_job(&self, job: JobId) -> bool {
+        self.jobs.contains_key(&job)
+    }
+
+    /// Whether any job is waiting for a runner.
+    pub fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Number of connected runners.
+    pub fn runner_count(&self) -> usize {
+        self.runners.len()
+    }
+
+    /// Connected runners' sessions, for pinging.
+    pub fn sessions(&self) -> Vec<SessionId> {
+        self.runners.keys().copied().collect()
+    }
+
+    /// Connected runners, ordered by name.
+    pub fn runners(&self) -> Vec<RunnerView> {
+        let mut views: Vec<RunnerView> = self
+            .runners
+            .iter()
+            .map(|(session, r)| RunnerView {
+                session: *session,
+                name: r.name.clone(),
+                addr: r.addr.clone(),
+                slots: r.slots,
+                running: r.leases.iter().copied().collect(),
+                last_seen: r.last_seen,
+                labels: r.labels.clone(),
+                repos: r.repos.iter().cloned().collect(),
+            })
+            .collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        views
+    }
+
+    /// The session currently holding `job`'s lease at `attempt`, if any.
+    pub fn lease_holder(&self, job: JobId, attempt: Attempt) -> Option<SessionId> {
+        let j = self.jobs.get(&job)?;
+        match j.state {
+            JobState::Leased { session } if j.spec.attempt == attempt => Some(session),
+            _ => None,
+        }
+    }
+
+    /// Whether `attempt` holds `job`'s live lease (leased, or orphaned and
+    /// waiting for its runner). `Started` and log chunks are accepted only
+    /// then.
+    pub fn is_live(&self, job: JobId, attempt: Attempt) -> bool {
+        self.jobs
+            .get(&job)
+            .is_some_and(|j| j.spec.attempt == attempt && !matches!(j.state, JobState::Queued))
+    }
+
+    /// Start-up recovery: `queued` jobs wait for a runner again; `running`
+    /// jobs (with the runner that held them) become orphaned leases that
+    /// their runner may claim within one runner timeout.
+    pub fn handle_recovered(
+        &mut self,
+        queued: Vec<JobSpec>,
+        running: Vec<(JobSpec, String)>,
+        now: Instant,
+    ) {
+        for spec in queued {
+            self.insert_queued(spec);
+        }
+        let deadline = now + self.config.runner_timeout;
+        for (spec, runner) in running {
+            let id = spec.id;
+            if self.jobs.contains_key(&id) {
+                continue;
+            }
+            self.jobs.insert(
+                id,
+                Job {
+                    spec,
+                    state: JobState::Orphaned { runner, deadline },
+                    cancel_requested: false,
+                },
+            );
+        }
+    }
+
+    /// A job is durable in the store and waits for a runner. Idempotent: a
+    /// job already known is left alone.
+    pub fn handle_job_submitted(&mut self, spec: JobSpec, _now: Instant) {
+        self.insert_queued(spec);
+    }
+
+    fn insert_queued(&mut self, spec: JobSpec) {
+        let id = spec.id;
+        if self.jobs.contains_key(&id) {
+            return;
+        }
+        self.jobs.insert(
+            id,
+            Job {
+                spec,
+                state: JobState::Queued,
+                cancel_requested: false,
+            },
+        );
+        self.queue.insert(id);
+    }
+
+    /// A runner completed its handshake. Listed leases that are still its
+    /// own (held by its previous, still live session, or orphaned under its
+    /// name) are kept; any other listed lease gets a `Cancel`. A previous
+    /// session with the same name is replaced: its leases the runner did
+    /// not list are lost (the runner does not have them).
+    pub fn handle_runner_connected(&mut self, hello: RunnerHello, now: Instant) {
+        let RunnerHello {
+            session,
+            name,
+            addr,
+            slots,
+            repos,
+            labels,
+            leases: listed,
+        } = hello;
+        let mut inherited = BTreeSet::new();
+        let mut old_session = None;
+        if let Some(old) = self.names.remove(&name)
+            && let Some(old_runner) = self.runners.remove(&old)
+        {
+            inherited = old_runner.leases;
+            old_session = Some(old);
+            self.emit(Effect::Disconnect {
+                session: old,
+                reason: format!("replaced by a new session of runner {name}"),
+            });
+        }
+
+        let listed: BTreeMap<JobId, Attempt> = listed.into_iter().collect();
+        let mut kept = BTreeSet::new();
+        let mut cancels = Vec::new();
+        for (&job, &attempt) in &listed {
+            let Some(j) = self.jobs.get_mut(&job) else {
+                cancels.push((job, attempt));
+                continue;
+            };
+            let claim = j.spec.attempt == attempt
+                && match &j.state {
+                    JobState::Leased { session: s } => {
+                        Some(*s) == old_session && inherited.contains(&job)
+                    }
+                    JobState::Orphaned { runner, .. } => *runner == name,
+                    JobState::Queued => false,
+                };
+            if claim {
+                j.state = JobState::Leased { session };
+                kept.insert(job);
+                if j.cancel_requested {
+                    cancels.push((job, attempt));
+                }
+            } else {
+                cancels.push((job, attempt));
+            }
+        }
+        for (job, attempt) in cancels {
+            self.emit(Effect::Cancel {
+                session,
+                job,
+                attempt,
+            });
+        }
+        self.runners.insert(
+            session,
+            Runner {
+                name: name.clone(),
+                addr,
+                slots,
+                repos: repos.into_iter().collect(),
+                labels,
+                last_seen: now,
+                leases: kept.clone(),
+            },
+        );
+        self.names.insert(name.clone(), session);
+        for job in inherited.difference(&kept) {
+            self.lose(
+                *job,
+                &format!("runner {name} reconnected without listing the lease"),
+            );
+        }
+    }
+
+    /// A runner's connection closed: its leases are revoked at once.
+    pub fn handle_runner_disconnected(&mut self, session: SessionId, reason: &str, _now: Instant) {
+        self.remove_runner(session, reason);
+    }
+
+    fn remove_runner(&mut self, session: SessionId, reason: &str) {
+        let Some(runner) = self.runners.remove(&session) else {
+            return;
+        };
+        if self.names.get(&runner.name) == Some(&session) {
+            self.names.remove(&runner.name);
+        }
+        for job in runner.leases {
+            self.lose(job, &format!("runner {}: {reason}", runner.name));
+        }
+    }
+
+    /// A frame arrived from the session: the runner is alive. Returns
+    /// whether the session is still a connected runner.
+    pub fn handle_frame(&mut self, session: SessionId, now: Instant) -> bool {
+        match self.runners.get_mut(&session) {
+            Some(r) => {
+                if now > r.last_seen {
+                    r.last_seen = now;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Expires runners silent for a runner timeout (disconnecting them and
+    /// revoking their leases) and orphaned leases past their deadline.
+    pub fn handle_tick(&mut self, now: Instant) {
+        let timeout = self.config.runner_timeout;
+        let silent: Vec<SessionId> = self
+            .runners
+            .iter()
+            .filter(|(_, r)| now.saturating_duration_since(r.last_seen) >= timeout)
+            .map(|(s, _)| *s)
+            .collect();
+        for session in silent {
+            let reason = format!("no frame for {timeout:?} (runner timeout)");
+            self.emit(Effect::Disconnect {
+                session,
+                reason: reason.clone(),
+            });
+            self.remove_runner(session, &reason);
+        }
+        let expired: Vec<(JobId, String)> = self
+            .jobs
+            .iter()
+            .filter_map(|(id, j)| match &j.state {
+                JobState::Orphaned { runner, deadline } if *deadline <= now => {
+                    Some((*id, runner.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (job, runner) in expired {
+            self.lose(
+                job,
+                &format!(
+                    "runner {runner} did not reconnect within {timeout:?} of the dispatcher's start"
+                ),
+            );
+        }
+    }
+
+    /// The attempt was lost (runner gone): requeue, or end the job when it
+    /// was being cancelled or has used up its attempts.
+    fn lose(&mut self, job: JobId, reason: &str) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        if let JobState::Leased { session } = j.state
+            && let Some(r) = self.runners.get_mut(&session)
+        {
+            r.leases.remove(&job);
+        }
+        let attempt = j.spec.attempt;
+        if j.cancel_requested {
+            self.jobs.remove(&job);
+            self.emit(Effect::Finish {
+                job,
+                status: JobStatus::Cancelled,
+                message: format!("cancelled by a user; its runner was lost ({reason})"),
+            });
+        } else if attempt >= self.config.max_attempts {
+            self.jobs.remove(&job);
+            self.emit(Effect::Finish {
+                job,
+                status: JobStatus::Error,
+                message: format!(
+                    "gave up after {attempt} attempts: its runners were lost each time (last: {reason})"
+                ),
+            });
+        } else {
+            j.state = JobState::Queued;
+            self.queue.insert(job);
+            self.reassignments += 1;
+            self.emit(Effect::Requeue {
+                job,
+                attempt,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
+    /// A runner reported `Started`: accepted only from the live lease.
+    pub fn handle_started(
+        &mut self,
+        session: SessionId,
+        job: JobId,
+        attempt: Attempt,
+        now: Instant,
+    ) -> bool {
+        self.handle_frame(session, now);
+        self.is_live(job, attempt)
+    }
+
+    /// A runner reported a log chunk: accepted only from the live lease.
+    pub fn handle_log(
+        &mut self,
+        session: SessionId,
+        job: JobId,
+        attempt: Attempt,
+        now: Instant,
+    ) -> bool {
+        self.handle_started(session, job, attempt, now)
+    }
+
+    /// A runner reported `JobFinished`. Fenced by the attempt: only the
+    /// job's live lease may finish it. `status` must be final.
+    pub fn handle_result(
+        &mut self,
+        session: SessionId,
+        job: JobId,
+        attempt: Attempt,
+        status: JobStatus,
+        message: &str,
+        now: Instant,
+    ) -> ResultDecision {
+        self.handle_frame(session, now);
+        let Some(j) = self.jobs.get(&job) else {
+            return ResultDecision::Unknown;
+        };
+        if !self.is_live(job, attempt) {
+            return ResultDecision::Revoked {
+                message: format!(
+                    "attempt {attempt} of job {job} was revoked (the job is now at attempt {}, {}); result refused",
+                    j.spec.attempt,
+                    if matches!(j.state, JobState::Queued) {
+                        "queued"
+                    } else {
+                        "running"
+                    }
+                ),
+            };
+        }
+        let (status, message) = if j.cancel_requested {
+            (
+                JobStatus::Cancelled,
+                if message.is_empty() {
+                    "cancelled by a user".to_owned()
+                } else {
+                    format!("cancelled by a user: {message}")
+                },
+            )
+        } else {
+            (status, message.to_owned())
+        };
+        if let JobState::Leased { session } = j.state
+            && let Some(r) = self.runners.get_mut(&session)
+        {
+            r.leases.remove(&job);
+        }
+        self.jobs.remove(&job);
+        ResultDecision::Accept { status, message }
+    }
+
+    /// A user asked to cancel `job`.
+    pub fn handle_cancel(&mut self, job: JobId, _now: Instant) -> CancelOutcome {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return CancelOutcome::NotActive;
+        };
+        match j.state {
+            JobState::Queued => {
+                self.jobs.remove(&job);
+                self.queue.remove(&job);
+                self.emit(Effect::Finish {
+                    job,
+                    status: JobStatus::Cancelled,
+                    message: "cancelled by a user while queued".to_owned(),
+                });
+                CancelOutcome::Cancelled
+            }
+            JobState::Leased { session } => {
+                j.cancel_requested = true;
+                let attempt = j.spec.attempt;
+                self.emit(Effect::Cancel {
+                    session,
+                    job,
+                    attempt,
+                });
+                CancelOutcome::Cancelling
+            }
+            JobState::Orphaned { .. } => {
+                // Its runner gets the Cancel if it reconnects; otherwise
+                // the orphan expires and the job ends cancelled.
+                j.cancel_requested = true;
+                CancelOutcome::Cancelling
+            }
+        }
+    }
+
+    /// The scheduling pass: assigns queued jobs, oldest first, to connected
+    /// runners that build their repository and have a free slot, spreading
+    /// them over the least-loaded runners.
+    pub fn schedule(&mut self, _now: Instant) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let mut free: usize = self.runners.values().map(Runner::free_slots).sum();
+        let queued: Vec<JobId> = self.queue.iter().copied().collect();
+        for job in queued {
+            if free == 0 {
+                break;
+            }
+            let Some(j) = self.jobs.get(&job) else {
+                continue;
+            };
+            let best = self
+                .runners
+                .iter()
+                .filter(|(_, r)| r.free_slots() > 0 && r.repos.contains(&j.spec.repo))
+                .min_by_key(|(s, r)| (r.leases.len(), **s))
+                .map(|(s, _)| *s);
+            let Some(session) = best else {
+                continue;
+            };
+            free -= 1;
+            self.queue.remove(&job);
+            let runner = self.runners.get_mut(&session).expect("chosen above");
+            runner.leases.insert(job);
+            let runner_name = runner.name.clone();
+            let j = self.jobs.get_mut(&job).expect("checked above");
+            j.spec.attempt += 1;
+            j.state = JobState::Leased { session };
+            let effect = Effect::Assign {
+                session,
+                runner: runner_name,
+                job,
+                attempt: j.spec.attempt,
+                repo: j.spec.repo.clone(),
+                branch: j.spec.branch.clone(),
+                commit: j.spec.commit.clone(),
+            };
+            self.emit(effect);
+        }
+    }
+
+    /// Checks the structural invariants; `Err` names the first broken one.
+    /// Used by tests; cheap enough for debug assertions.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (id, j) in &self.jobs {
+            match &j.state {
+                JobState::Queued => {
+                    if !self.queue.contains(id) {
+                        return Err(format!("job {id} queued but not in the queue"));
+                    }
+                }
+                JobState::Leased { session } => {
+                    let Some(r) = self.runners.get(session) else {
+                        return Err(format!("job {id} leased to gone session {session}"));
+                    };
+                    if !r.leases.contains(id) {
+                        return Err(format!(
+                            "job {id} leased to {session} which does not list it"
+                        ));
+                    }
+                    if j.spec.attempt == 0 {
+                        return Err(format!("job {id} leased at attempt 0"));
+                    }
+                }
+                JobState::Orphaned { .. } => {}
+            }
+        }
+        for id in &self.queue {
+            if !matches!(self.jobs.get(id).map(|j| &j.state), Some(JobState::Queued)) {
+                return Err(format!("job {id} in the queue but not queued"));
+            }
+        }
+        let mut holders: HashMap<JobId, SessionId> = HashMap::new();
+        for (session, r) in &self.runners {
+            if self.names.get(&r.name) != Some(session) {
+                return Err(format!(
+                    "runner {} (session {session}) not indexed by name",
+                    r.name
+                ));
+            }
+            for job in &r.leases {
+                if let Some(other) = holders.insert(*job, *session) {
+                    return Err(format!(
+                        "job {job} leased by sessions {other} and {session}"
+                    ));
+                }
+                match self.jobs.get(job).map(|j| &j.state) {
+                    Some(JobState::Leased { session: s }) if s == session => {}
+                    other => {
+                        return Err(format!(
+                            "session {session} lists job {job} whose state is {other:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        if self.names.len() != self.runners.len() {
+            return Err("name index and runners disagree".to_owned());
+        }
+        Ok(())
+    }
+
+    /// After [`schedule`](Self::schedule): `Err` when a queued job has a
+    /// runner for its repository with a free slot.
+    pub fn check_no_idle_match(&self) -> Result<(), String> {
+        for id in &self.queue {
+            let repo = &self.jobs[id].spec.repo;
+            if let Some((s, _)) = self
+                .runners
+                .iter()
+                .find(|(_, r)| r.free_slots() > 0 && r.repos.contains(repo))
+            {
+                return Err(format!(
+                    "job {id} queued while session {s} has a free slot for {repo}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
