@@ -6,6 +6,7 @@
 mod cluster;
 mod codegen;
 mod e2e;
+mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +18,8 @@ commands:
   codegen    regenerate crates/surveil-proto/src/generated/ from proto/
   e2e        run a local cluster over a scratch repository and tell its story
              [--keep: leave target/e2e/ for inspection]
+  verify-units
+             systemd-analyze verify dist/systemd/*.service
 ";
 
 fn main() -> ExitCode {
@@ -29,6 +32,7 @@ fn main() -> ExitCode {
                 keep: args.iter().any(|a| a == "--keep"),
             },
         ),
+        Some("verify-units") => units::verify(&workspace_root()),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
