@@ -1,1 +1,6 @@
-//! Cluster tests over real sockets and processes live in this crate's `tests/`.
+//! Shared harness for cluster tests and for `cargo xtask` (e2e, chaos,
+//! bench): real daemon processes on 127.0.0.1, the `surveil` CLI as the
+//! query tool, scratch git repositories. The stories themselves live in this
+//! crate's `tests/` directory and in `xtask`.
+
+pub mod cluster;

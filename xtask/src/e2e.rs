@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::cluster::{self, Bins, Cli, Daemon, wait_for};
+use surveil_tests::cluster::{self, Bins, Cli, Daemon, wait_for};
 
 /// Short liveness settings so the story's faults resolve in seconds.
 const HEARTBEAT: &str = "500ms";

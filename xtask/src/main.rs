@@ -3,7 +3,6 @@
 //! Everything the project automates lives here in Rust rather than in shell
 //! scripts, so it runs the same on every machine that has cargo.
 
-mod cluster;
 mod codegen;
 mod e2e;
 mod units;

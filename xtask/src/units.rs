@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cluster;
+use surveil_tests::cluster;
 
 pub fn verify(root: &Path) -> Result<()> {
     let bins = cluster::build(root, false)?;

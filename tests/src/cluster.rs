@@ -1,6 +1,5 @@
-//! A local Surveil cluster of real processes for `cargo xtask e2e` (and
-//! later the chaos soak and benchmarks): builds the binaries with `$CARGO`,
-//! starts each daemon as a child with its own log file, sends signals to the
+//! A local Surveil cluster of real processes for tests and `cargo xtask`:
+//! builds the binaries with `$CARGO`, starts each daemon as a child with its own log file, sends signals to the
 //! processes it started (and only those), and queries the dispatcher through
 //! the real `surveil` CLI with `--json`.
 
