@@ -1,3 +1,4 @@
 //! The surveil-runner daemon as a library (work in progress: see issue #4).
 
 pub mod pipeline;
+pub mod workspace;

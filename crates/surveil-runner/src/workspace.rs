@@ -1,0 +1,438 @@
+//! The runner's work directory: bare mirrors of the repositories it builds
+//! and one fresh checkout per job attempt, all done with gix.
+//!
+//! Layout under `WORK_DIR`: `mirrors/<sha1 of the repo string>.git` (one
+//! bare repository per REPO, fetched only when a commit is missing),
+//! `jobs/<job>-<attempt>/` (the commit's tree, nothing else) and `outbox/`
+//! (owned by [`crate::outbox`]). This module must not run `git` processes
+//! itself; gix does that only for local and `file://` transports, where
+//! `git upload-pack` is the server side of the fetch. Everything here is
+//! blocking: callers run it in `spawn_blocking`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use gix::remote::Direction;
+
+/// What a mirror fetches: every branch and tag, mirrored under the same
+/// names, so any commit reachable from the repository's refs arrives.
+const MIRROR_REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+
+/// Why a checkout failed; the text becomes the job's `error` message.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// The job named something that is not a full commit id.
+    #[error("`{commit}` is not a full 40-hex commit id")]
+    BadCommitId {
+        /// What the job named.
+        commit: String,
+    },
+    /// The repository could not be fetched from.
+    #[error("repository {repo} is unreachable: {reason}")]
+    Unreachable {
+        /// The repository as the job names it.
+        repo: String,
+        /// What gix reported.
+        reason: String,
+    },
+    /// The fetch worked but the commit is not among the repository's refs.
+    #[error(
+        "commit {commit} not found in repository {repo} (fetched every branch and tag; \
+         was it force-pushed away or never pushed?)"
+    )]
+    CommitMissing {
+        /// The repository.
+        repo: String,
+        /// The commit.
+        commit: String,
+    },
+    /// The object exists but is not a commit.
+    #[error("{commit} in repository {repo} is not a commit")]
+    NotACommit {
+        /// The repository.
+        repo: String,
+        /// The object id.
+        commit: String,
+    },
+    /// The mirror or the checkout directory could not be prepared or
+    /// written.
+    #[error("checkout of {commit} from {repo} failed: {reason}")]
+    Checkout {
+        /// The repository.
+        repo: String,
+        /// The commit.
+        commit: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The work directory's mirrors and job directories.
+#[derive(Debug)]
+pub struct Workspace {
+    root: PathBuf,
+    /// One lock per mirror: two jobs of the same repository must not fetch
+    /// into (or create) the same bare repository at once.
+    mirror_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+}
+
+impl Workspace {
+    /// Creates `root/{mirrors,jobs,outbox}` as needed.
+    pub fn open(root: &Path) -> std::io::Result<Self> {
+        for sub in ["mirrors", "jobs", "outbox"] {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        Ok(Workspace {
+            root: root.to_owned(),
+            mirror_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The work directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `WORK_DIR/outbox`.
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.root.join("outbox")
+    }
+
+    /// `WORK_DIR/mirrors/<sha1 of repo>.git`: a hash, so any URL or path
+    /// maps to one safe file name.
+    pub fn mirror_path(&self, repo: &str) -> PathBuf {
+        let mut hasher = gix::hash::hasher(gix::hash::Kind::Sha1);
+        hasher.update(repo.as_bytes());
+        let name = match hasher.try_finalize() {
+            Ok(id) => id.to_hex().to_string(),
+            // Only a SHA-1 collision attack pattern fails here; fall back to
+            // a name that is still unique per repository string length.
+            Err(_) => format!("repo-{}", repo.len()),
+        };
+        self.root.join("mirrors").join(format!("{name}.git"))
+    }
+
+    /// `WORK_DIR/jobs/<job>-<attempt>`.
+    pub fn job_dir(&self, job_id: u64, attempt: u32) -> PathBuf {
+        self.root.join("jobs").join(format!("{job_id}-{attempt}"))
+    }
+
+    /// Removes job directories left by an earlier run of the runner (it
+    /// crashed or was killed mid-job); their jobs are not ours any more.
+    pub fn clear_stale_jobs(&self) -> std::io::Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(self.root.join("jobs"))? {
+            let path = entry?.path();
+            std::fs::remove_dir_all(&path)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Checks out `commit` of `repo` into `dest` (which must not exist yet):
+    /// opens (or creates) the repository's mirror, fetches only when the
+    /// commit is not there, then writes the commit's tree. Blocking.
+    pub fn checkout(
+        &self,
+        repo: &str,
+        commit: &str,
+        dest: &Path,
+        interrupt: &AtomicBool,
+    ) -> Result<CheckoutInfo, WorkspaceError> {
+        let id = gix::ObjectId::from_hex(commit.as_bytes())
+            .ok()
+            .filter(|_| commit.len() == 40)
+            .ok_or_else(|| WorkspaceError::BadCommitId {
+                commit: commit.to_owned(),
+            })?;
+        let failed = |reason: String| WorkspaceError::Checkout {
+            repo: repo.to_owned(),
+            commit: commit.to_owned(),
+            reason,
+        };
+        let mirror_path = self.mirror_path(repo);
+        let lock = {
+            let mut locks = self
+                .mirror_locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            locks.entry(mirror_path.clone()).or_default().clone()
+        };
+        let mirror = {
+            let _held = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mirror = open_or_init(&mirror_path)
+                .map_err(|e| failed(format!("mirror {}: {e}", mirror_path.display())))?;
+            let mut fetched = false;
+            if !mirror.has_object(id) {
+                fetch(&mirror, repo, interrupt).map_err(|reason| WorkspaceError::Unreachable {
+                    repo: repo.to_owned(),
+                    reason,
+                })?;
+                fetched = true;
+            }
+            (mirror, fetched)
+        };
+        let (mirror, fetched) = mirror;
+        let object = mirror
+            .find_object(id)
+            .map_err(|_| WorkspaceError::CommitMissing {
+                repo: repo.to_owned(),
+                commit: commit.to_owned(),
+            })?;
+        let commit_obj = object
+            .try_into_commit()
+            .map_err(|_| WorkspaceError::NotACommit {
+                repo: repo.to_owned(),
+                commit: commit.to_owned(),
+            })?;
+        let tree = commit_obj
+            .tree_id()
+            .map_err(|e| failed(format!("reading the commit: {e}")))?;
+        let mut index = mirror
+            .index_from_tree(&tree)
+            .map_err(|e| failed(format!("reading the tree: {e}")))?;
+        let mut options = mirror
+            .checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)
+            .map_err(|e| failed(format!("checkout options: {e}")))?;
+        options.destination_is_initially_empty = true;
+        std::fs::create_dir(dest)
+            .map_err(|e| failed(format!("creating {}: {e}", dest.display())))?;
+        let objects = mirror
+            .objects
+            .clone()
+            .into_arc()
+            .map_err(|e| failed(format!("object database: {e}")))?;
+        let outcome = gix::worktree::state::checkout(
+            &mut index,
+            dest,
+            objects,
+            &gix::progress::Discard,
+            &gix::progress::Discard,
+            interrupt,
+            options,
+        )
+        .map_err(|e| failed(format!("writing files: {e}")))?;
+        if let Some(first) = outcome.errors.first() {
+            return Err(failed(format!(
+                "{} file(s) could not be written, first {}: {}",
+                outcome.errors.len(),
+                first.path,
+                first.error
+            )));
+        }
+        if let Some(first) = outcome.collisions.first() {
+            return Err(failed(format!(
+                "{} path(s) collide on this file system, first {}",
+                outcome.collisions.len(),
+                first.path
+            )));
+        }
+        Ok(CheckoutInfo {
+            fetched,
+            files: outcome.files_updated,
+        })
+    }
+}
+
+/// What a successful checkout did, for the job's SYSTEM log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckoutInfo {
+    /// Whether the mirror had to be fetched.
+    pub fetched: bool,
+    /// Files written.
+    pub files: usize,
+}
+
+fn open_or_init(path: &Path) -> Result<gix::Repository, String> {
+    if path.join("HEAD").exists() {
+        gix::open(path).map_err(|e| format!("cannot open: {e}"))
+    } else {
+        // A half-created mirror (crash during init) is replaced.
+        if path.exists() {
+            std::fs::remove_dir_all(path).map_err(|e| format!("cannot remove: {e}"))?;
+        }
+        gix::init_bare(path).map_err(|e| format!("cannot create: {e}"))
+    }
+}
+
+/// Fetches every branch and tag of `url` into the mirror. The same code
+/// path serves remote URLs, `file://` URLs and local paths.
+fn fetch(mirror: &gix::Repository, url: &str, interrupt: &AtomicBool) -> Result<(), String> {
+    let remote = mirror
+        .remote_at(url)
+        .map_err(|e| format!("not a repository URL or path: {e}"))?
+        .with_refspecs(MIRROR_REFSPECS, Direction::Fetch)
+        .map_err(|e| e.to_string())?;
+    let connection = remote
+        .connect(Direction::Fetch)
+        .map_err(|e| format!("{e:#}"))?;
+    let prepared = connection
+        .prepare_fetch(gix::progress::Discard, Default::default())
+        .map_err(|e| format!("{e:#}"))?;
+    prepared
+        .receive(gix::progress::Discard, interrupt)
+        .map_err(|e| format!("{e:#}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Test set-up only: builds a repository with the git CLI.
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("git runs");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// A repository with three commits; returns their ids, oldest first.
+    fn three_commits(dir: &Path) -> Vec<String> {
+        git(dir, &["init", "-q"]);
+        let mut ids = Vec::new();
+        for i in 1..=3 {
+            std::fs::write(dir.join("version.txt"), format!("v{i}\n")).unwrap();
+            if i == 2 {
+                std::fs::create_dir_all(dir.join("sub")).unwrap();
+                std::fs::write(dir.join("sub/only-in-2.txt"), "two\n").unwrap();
+            }
+            if i == 3 {
+                std::fs::remove_dir_all(dir.join("sub")).unwrap();
+            }
+            git(dir, &["add", "-A"]);
+            git(dir, &["commit", "-q", "-m", &format!("commit {i}")]);
+            ids.push(git(dir, &["rev-parse", "HEAD"]));
+        }
+        ids
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn checks_out_the_exact_tree_of_an_older_commit_not_the_tip() {
+        let src = tempfile::tempdir().unwrap();
+        let ids = three_commits(src.path());
+        let work = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(work.path()).unwrap();
+        let repo = src.path().to_str().unwrap();
+        let no = AtomicBool::new(false);
+
+        let dest = ws.job_dir(1, 1);
+        let info = ws.checkout(repo, &ids[1], &dest, &no).unwrap();
+        assert!(info.fetched, "first checkout fetches into the mirror");
+        assert_eq!(files(&dest), ["sub/only-in-2.txt", "version.txt"]);
+        assert_eq!(
+            std::fs::read_to_string(dest.join("version.txt")).unwrap(),
+            "v2\n"
+        );
+        assert!(ws.mirror_path(repo).join("HEAD").exists());
+
+        let dest = ws.job_dir(2, 1);
+        let info = ws.checkout(repo, &ids[2], &dest, &no).unwrap();
+        assert!(!info.fetched, "the commit is in the mirror already");
+        assert_eq!(files(&dest), ["version.txt"]);
+        assert_eq!(
+            std::fs::read_to_string(dest.join("version.txt")).unwrap(),
+            "v3\n"
+        );
+    }
+
+    #[test]
+    fn file_url_fetches_new_commits_into_the_existing_mirror() {
+        let src = tempfile::tempdir().unwrap();
+        let ids = three_commits(src.path());
+        let work = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(work.path()).unwrap();
+        let url = format!("file://{}", src.path().display());
+        let no = AtomicBool::new(false);
+        ws.checkout(&url, &ids[0], &ws.job_dir(1, 1), &no).unwrap();
+
+        std::fs::write(src.path().join("new.txt"), "4\n").unwrap();
+        git(src.path(), &["add", "-A"]);
+        git(src.path(), &["commit", "-q", "-m", "commit 4"]);
+        let fourth = git(src.path(), &["rev-parse", "HEAD"]);
+        let dest = ws.job_dir(2, 1);
+        let info = ws.checkout(&url, &fourth, &dest, &no).unwrap();
+        assert!(info.fetched);
+        assert_eq!(files(&dest), ["new.txt", "version.txt"]);
+    }
+
+    #[test]
+    fn missing_commit_and_unreachable_repo_say_which() {
+        let src = tempfile::tempdir().unwrap();
+        three_commits(src.path());
+        let work = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(work.path()).unwrap();
+        let repo = src.path().to_str().unwrap();
+        let no = AtomicBool::new(false);
+        let missing = "0123456789abcdef0123456789abcdef01234567";
+        let err = ws
+            .checkout(repo, missing, &ws.job_dir(1, 1), &no)
+            .unwrap_err();
+        assert!(matches!(err, WorkspaceError::CommitMissing { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("commit {missing} not found in repository {repo}")),
+            "{err}"
+        );
+
+        let gone = work.path().join("no-such-repo");
+        let gone = gone.to_str().unwrap();
+        let err = ws
+            .checkout(gone, missing, &ws.job_dir(2, 1), &no)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("repository {gone} is unreachable: ")),
+            "{err}"
+        );
+
+        let err = ws
+            .checkout(repo, "main", &ws.job_dir(3, 1), &no)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "`main` is not a full 40-hex commit id");
+    }
+
+    #[test]
+    fn stale_job_dirs_are_cleared() {
+        let work = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(work.path()).unwrap();
+        std::fs::create_dir_all(ws.job_dir(5, 2).join("x")).unwrap();
+        assert_eq!(ws.clear_stale_jobs().unwrap(), 1);
+        assert!(!ws.job_dir(5, 2).exists());
+    }
+}
