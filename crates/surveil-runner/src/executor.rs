@@ -1,0 +1,693 @@
+//! Runs a pipeline's tasks: `sh -c RUN` in the checkout, each in its own
+//! process group, output streamed into the job's [`JobLog`] while it runs,
+//! timeouts and cancellation enforced on the whole group (SIGTERM, then
+//! SIGKILL after a grace period) so grandchildren die too.
+//!
+//! It owns processes and their pipes, nothing else: it does not check out,
+//! parse pipeline files or talk to the dispatcher, and it never reads the
+//! runner's own environment (the caller passes it in).
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use surveil_proto::{JobStatus, Stream, TaskResult, TaskStatus};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::joblog::{JobLog, MAX_CHUNK};
+use crate::pipeline::{Pipeline, Task};
+
+/// Pending output is sent at the latest this long after it was read, so a
+/// slow trickle still reaches `surveil logs --follow` promptly.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long a task's process group gets between SIGTERM and SIGKILL.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Who the job is, for the tasks' `SURVEIL_*` variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    /// `SURVEIL_JOB_ID`.
+    pub job_id: u64,
+    /// `SURVEIL_ATTEMPT`.
+    pub attempt: u32,
+    /// `SURVEIL_REPO`.
+    pub repo: String,
+    /// `SURVEIL_BRANCH`.
+    pub branch: String,
+    /// `SURVEIL_COMMIT`.
+    pub commit: String,
+}
+
+/// How tasks are run.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// The runner's environment; secrets are removed before tasks see it.
+    pub base_env: Arc<Vec<(OsString, OsString)>>,
+    /// Between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+}
+
+/// Why a job is being stopped, set by whoever cancels it.
+#[derive(Debug, Clone, Default)]
+pub struct CancelSignal {
+    token: CancellationToken,
+    reason: Arc<std::sync::OnceLock<String>>,
+}
+
+impl CancelSignal {
+    /// A signal not yet raised.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stops the job; the first reason given is the one reported.
+    pub fn cancel(&self, reason: impl Into<String>) {
+        let _ = self.reason.set(reason.into());
+        self.token.cancel();
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Completes when the job is cancelled.
+    pub async fn cancelled(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// The reason given to [`cancel`](Self::cancel).
+    pub fn reason(&self) -> String {
+        self.reason
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "cancelled".to_owned())
+    }
+}
+
+/// What running the pipeline produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineOutcome {
+    /// PASSED, FAILED or CANCELLED.
+    pub status: JobStatus,
+    /// Why, for CANCELLED; empty otherwise.
+    pub message: String,
+    /// One per pipeline task, in order.
+    pub tasks: Vec<TaskResult>,
+}
+
+/// Whether an environment variable's name looks like it holds a secret:
+/// tasks run repository code, which must not see the runner's credentials.
+pub fn is_secret_name(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    ["TOKEN", "SECRET", "PASSWORD"]
+        .iter()
+        .any(|word| upper.contains(word))
+}
+
+/// Runs every task of `pipeline` in `dir`, in order.
+pub async fn run_pipeline(
+    pipeline: &Pipeline,
+    dir: &Path,
+    job: &JobInfo,
+    options: &ExecOptions,
+    log: &mut JobLog,
+    cancel: &CancelSignal,
+) -> PipelineOutcome {
+    let mut results = Vec::with_capacity(pipeline.tasks.len());
+    let mut status = JobStatus::Passed;
+    let mut message = String::new();
+    for (index, task) in pipeline.tasks.iter().enumerate() {
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        if status != JobStatus::Passed {
+            results.push(skipped(task));
+            continue;
+        }
+        if cancel.is_cancelled() {
+            status = JobStatus::Cancelled;
+            message = cancel.reason();
+            results.push(skipped(task));
+            continue;
+        }
+        let result = run_task(task, index, dir, job, options, log, cancel).await;
+        let task_status = result.status();
+        match task_status {
+            TaskStatus::Passed => {}
+            TaskStatus::Cancelled => {
+                status = JobStatus::Cancelled;
+                message = cancel.reason();
+            }
+            _ if task.allow_failure => {
+                log.system(
+                    index,
+                    &format!(
+                        "task `{}` {} but allow_failure = true: continuing",
+                        task.name,
+                        task_status.label()
+                    ),
+                )
+                .await;
+            }
+            _ => status = JobStatus::Failed,
+        }
+        results.push(result);
+    }
+    PipelineOutcome {
+        status,
+        message,
+        tasks: results,
+    }
+}
+
+fn skipped(task: &Task) -> TaskResult {
+    TaskResult {
+        name: task.name.clone(),
+        status: TaskStatus::Skipped as i32,
+        ..TaskResult::default()
+    }
+}
+
+/// Why the task's process group was told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    TimedOut,
+    Cancelled,
+    /// The main process exited; leftovers in its group are cleaned up.
+    Leftovers,
+}
+
+async fn run_task(
+    task: &Task,
+    index: u32,
+    dir: &Path,
+    job: &JobInfo,
+    options: &ExecOptions,
+    log: &mut JobLog,
+    cancel: &CancelSignal,
+) -> TaskResult {
+    let mut result = TaskResult {
+        name: task.name.clone(),
+        ..TaskResult::default()
+    };
+    log.system(index, &format!("task `{}`: {}", task.name, task.run))
+        .await;
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(&task.run)
+        .current_dir(dir)
+        .env_clear()
+        .envs(
+            options
+                .base_env
+                .iter()
+                .filter(|(name, _)| !is_secret_name(&name.to_string_lossy()))
+                .map(|(name, value)| (name, value)),
+        )
+        .envs(&task.env)
+        .env("SURVEIL_JOB_ID", job.job_id.to_string())
+        .env("SURVEIL_ATTEMPT", job.attempt.to_string())
+        .env("SURVEIL_COMMIT", &job.commit)
+        .env("SURVEIL_REPO", &job.repo)
+        .env("SURVEIL_BRANCH", &job.branch)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so a signal reaches everything the task started.
+        .process_group(0);
+    let started = Instant::now();
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            result.status = TaskStatus::Error as i32;
+            result.message = format!("could not start `sh -c`: {e}");
+            log.system(index, &format!("task `{}`: {}", task.name, result.message))
+                .await;
+            return result;
+        }
+    };
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(16);
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(read_pipe(out, Stream::Stdout, tx.clone())));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(read_pipe(err, Stream::Stderr, tx.clone())));
+    }
+    drop(tx);
+
+    let mut pending = Pending::default();
+    let deadline = started + task.timeout;
+    let mut exit: Option<ExitStatus> = None;
+    let mut stop: Option<Stop> = None;
+    let mut kill_at: Option<Instant> = None;
+    // After the main process is gone, how long we keep reading pipes that a
+    // process outside the group may hold open.
+    let mut give_up_at: Option<Instant> = None;
+    let mut pipes_open = true;
+    loop {
+        if exit.is_some() && !pipes_open {
+            break;
+        }
+        let far = Instant::now() + Duration::from_secs(86_400);
+        tokio::select! {
+            chunk = rx.recv(), if pipes_open => match chunk {
+                Some((stream, data)) => pending.push(index, stream, &data, log).await,
+                None => pipes_open = false,
+            },
+            () = tokio::time::sleep_until(pending.flush_at.unwrap_or(far)), if pending.flush_at.is_some() => {
+                pending.flush(index, log).await;
+            }
+            waited = child.wait(), if exit.is_none() => {
+                match waited {
+                    Ok(status) => exit = Some(status),
+                    Err(e) => {
+                        result.message = format!("waiting for the task failed: {e}");
+                        exit = Some(ExitStatus::from_raw(-1));
+                    }
+                }
+                result.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                if stop.is_none() {
+                    stop = Some(Stop::Leftovers);
+                    signal_group(pgid, Signal::SIGTERM);
+                    kill_at = Some(Instant::now() + options.kill_grace);
+                }
+                give_up_at = Some(Instant::now() + options.kill_grace * 2);
+            }
+            () = tokio::time::sleep_until(deadline), if stop.is_none() => {
+                stop = Some(Stop::TimedOut);
+                log.system(index, &format!(
+                    "task `{}` timed out after {}: terminating its process group",
+                    task.name, humantime::format_duration(task.timeout)
+                )).await;
+                signal_group(pgid, Signal::SIGTERM);
+                kill_at = Some(Instant::now() + options.kill_grace);
+            }
+            () = cancel.cancelled(), if stop.is_none() => {
+                stop = Some(Stop::Cancelled);
+                log.system(index, &format!("task `{}` cancelled ({}): terminating its process group", task.name, cancel.reason())).await;
+                signal_group(pgid, Signal::SIGTERM);
+                kill_at = Some(Instant::now() + options.kill_grace);
+            }
+            () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+                kill_at = None;
+                if stop != Some(Stop::Leftovers) || pipes_open {
+                    signal_group(pgid, Signal::SIGKILL);
+                }
+            }
+            () = tokio::time::sleep_until(give_up_at.unwrap_or(far)), if give_up_at.is_some() && pipes_open => {
+                // Something that left the process group still holds the
+                // pipes; the task itself is over.
+                log.system(index, "output pipes still held open by a process outside the task's process group: no longer reading them").await;
+                pipes_open = false;
+            }
+        }
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    while let Ok((stream, data)) = rx.try_recv() {
+        pending.push(index, stream, &data, log).await;
+    }
+    pending.flush(index, log).await;
+    // Whatever is left of the group dies with the task. (The group id cannot
+    // have been reused while any member lived, and is normally empty here.)
+    signal_group(pgid, Signal::SIGKILL);
+
+    let exit = exit.unwrap_or_else(|| ExitStatus::from_raw(-1));
+    result.exit_code = exit.code();
+    result.signal = exit.signal();
+    let status = match stop {
+        Some(Stop::TimedOut) => {
+            result.message = format!(
+                "timed out after {}",
+                humantime::format_duration(task.timeout)
+            );
+            TaskStatus::TimedOut
+        }
+        Some(Stop::Cancelled) => {
+            result.message = cancel.reason();
+            TaskStatus::Cancelled
+        }
+        _ if exit.success() => TaskStatus::Passed,
+        _ => TaskStatus::Failed,
+    };
+    result.status = status as i32;
+    let how = match (result.exit_code, result.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        (None, None) => "no exit status".to_owned(),
+    };
+    log.system(
+        index,
+        &format!(
+            "task `{}` {} ({how}) in {} ms",
+            task.name,
+            status.label(),
+            result.duration_ms
+        ),
+    )
+    .await;
+    result
+}
+
+fn signal_group(pgid: Option<Pid>, signal: Signal) {
+    if let Some(pgid) = pgid {
+        // ESRCH: the group is already empty, which is what we want.
+        let _ = killpg(pgid, signal);
+    }
+}
+
+async fn read_pipe(
+    mut pipe: impl AsyncRead + Unpin,
+    stream: Stream,
+    tx: mpsc::Sender<(Stream, Vec<u8>)>,
+) {
+    let mut buf = vec![0u8; MAX_CHUNK];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tx.send((stream, buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Output read but not yet sent, per stream; full chunks go at once, the
+/// rest by [`FLUSH_INTERVAL`] after the first pending byte.
+#[derive(Default)]
+struct Pending {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    flush_at: Option<Instant>,
+}
+
+impl Pending {
+    async fn push(&mut self, task: u32, stream: Stream, data: &[u8], log: &mut JobLog) {
+        let buf = match stream {
+            Stream::Stderr => &mut self.stderr,
+            _ => &mut self.stdout,
+        };
+        buf.extend_from_slice(data);
+        if buf.len() >= MAX_CHUNK {
+            let full = buf.len() - buf.len() % MAX_CHUNK;
+            let chunk: Vec<u8> = buf.drain(..full).collect();
+            log.write(task, stream, &chunk).await;
+        }
+        if self.stdout.is_empty() && self.stderr.is_empty() {
+            self.flush_at = None;
+        } else if self.flush_at.is_none() {
+            self.flush_at = Some(Instant::now() + FLUSH_INTERVAL);
+        }
+    }
+
+    async fn flush(&mut self, task: u32, log: &mut JobLog) {
+        if !self.stdout.is_empty() {
+            let out = std::mem::take(&mut self.stdout);
+            log.write(task, Stream::Stdout, &out).await;
+        }
+        if !self.stderr.is_empty() {
+            let err = std::mem::take(&mut self.stderr);
+            log.write(task, Stream::Stderr, &err).await;
+        }
+        self.flush_at = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::joblog::JobEvent;
+    use surveil_proto::Log;
+
+    fn job() -> JobInfo {
+        JobInfo {
+            job_id: 7,
+            attempt: 2,
+            repo: "/srv/git/app".into(),
+            branch: "main".into(),
+            commit: "a".repeat(40),
+        }
+    }
+
+    fn options(env: &[(&str, &str)]) -> ExecOptions {
+        ExecOptions {
+            base_env: Arc::new(
+                env.iter()
+                    .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+                    .chain(std::env::var_os("PATH").map(|p| (OsString::from("PATH"), p)))
+                    .collect(),
+            ),
+            kill_grace: Duration::from_millis(300),
+        }
+    }
+
+    async fn run(
+        toml: &str,
+        opts: &ExecOptions,
+        cancel: &CancelSignal,
+    ) -> (PipelineOutcome, Vec<Log>) {
+        let pipeline = crate::pipeline::parse(toml.as_bytes(), ".surveil.toml").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(100_000);
+        let mut log = JobLog::new(7, 2, tx);
+        let outcome = run_pipeline(&pipeline, dir.path(), &job(), opts, &mut log, cancel).await;
+        drop(log);
+        let mut logs = Vec::new();
+        while let Some(event) = rx.recv().await {
+            if let JobEvent::Log(l) = event {
+                logs.push(l);
+            }
+        }
+        (outcome, logs)
+    }
+
+    fn text(logs: &[Log], stream: Stream) -> String {
+        logs.iter()
+            .filter(|l| l.stream == stream as i32)
+            .map(|l| String::from_utf8_lossy(&l.data).into_owned())
+            .collect()
+    }
+
+    fn alive(pid: i32) -> bool {
+        // A zombie waiting for a reaper counts as dead: it runs nothing.
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => !stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_a_backgrounded_grandchild_that_ignores_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let toml = format!(
+            "[[task]]\nname = \"hang\"\ntimeout = \"500ms\"\nrun = \"trap '' TERM; sleep 100 & echo $! > {}; wait\"\n",
+            pid_file.display()
+        );
+        let (outcome, logs) = run(&toml, &options(&[]), &CancelSignal::new()).await;
+        assert_eq!(outcome.status, JobStatus::Failed);
+        let task = &outcome.tasks[0];
+        assert_eq!(task.status(), TaskStatus::TimedOut);
+        assert_eq!(
+            task.signal,
+            Some(9),
+            "SIGTERM was ignored, SIGKILL ended it"
+        );
+        assert_eq!(task.exit_code, None);
+        assert_eq!(task.message, "timed out after 500ms");
+        assert!(text(&logs, Stream::System).contains("task `hang` timed out after 500ms"));
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut gone = false;
+        for _ in 0..100 {
+            if !alive(pid) {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(gone, "grandchild {pid} survived the task's timeout");
+    }
+
+    #[tokio::test]
+    async fn a_mebibyte_of_output_arrives_complete_in_order_with_offsets() {
+        let toml = "[[task]]\nname = \"big\"\nrun = \"yes 0123456789abcdef | head -c 1048576; echo done >&2\"\n";
+        let (outcome, logs) = run(toml, &options(&[]), &CancelSignal::new()).await;
+        assert_eq!(outcome.status, JobStatus::Passed);
+        let mut next = 0;
+        for l in &logs {
+            assert_eq!(l.offset, next, "offsets are contiguous in the combined log");
+            assert!(l.data.len() <= MAX_CHUNK);
+            assert_eq!((l.job_id, l.attempt), (7, 2));
+            next += l.data.len() as u64;
+        }
+        let out = text(&logs, Stream::Stdout);
+        let expected: String = "0123456789abcdef\n".repeat(1048576 / 17 + 1)[..1048576].to_owned();
+        assert_eq!(out.len(), expected.len());
+        assert!(out == expected, "stdout differs from what the task wrote");
+        assert_eq!(text(&logs, Stream::Stderr), "done\n");
+    }
+
+    #[tokio::test]
+    async fn tasks_never_see_token_like_variables() {
+        let opts = options(&[
+            ("SURVEIL_TOKEN", "t1"),
+            ("GITHUB_TOKEN", "t2"),
+            ("db_password", "t3"),
+            ("My_Secret_Key", "t4"),
+            ("KEEP_ME", "yes"),
+        ]);
+        let toml = "[[task]]\nname = \"env\"\nrun = \"env\"\nenv = { FROM_TASK = \"1\" }\n";
+        let (outcome, logs) = run(toml, &opts, &CancelSignal::new()).await;
+        assert_eq!(outcome.status, JobStatus::Passed);
+        let env = text(&logs, Stream::Stdout);
+        for secret in [
+            "SURVEIL_TOKEN",
+            "GITHUB_TOKEN",
+            "db_password",
+            "My_Secret_Key",
+            "t1",
+            "t2",
+        ] {
+            assert!(!env.contains(secret), "{secret} leaked into:\n{env}");
+        }
+        for line in [
+            "KEEP_ME=yes",
+            "FROM_TASK=1",
+            "SURVEIL_JOB_ID=7",
+            "SURVEIL_ATTEMPT=2",
+            "SURVEIL_REPO=/srv/git/app",
+            "SURVEIL_BRANCH=main",
+        ] {
+            assert!(
+                env.lines().any(|l| l == line),
+                "{line} missing from:\n{env}"
+            );
+        }
+        assert!(env.contains(&format!("SURVEIL_COMMIT={}", "a".repeat(40))));
+    }
+
+    #[tokio::test]
+    async fn allow_failure_continues_and_a_failure_skips_the_rest() {
+        let toml = r#"
+[[task]]
+name = "flaky"
+run = "exit 1"
+allow_failure = true
+[[task]]
+name = "unit"
+run = "echo unit; exit 3"
+[[task]]
+name = "never"
+run = "echo never"
+"#;
+        let (outcome, logs) = run(toml, &options(&[]), &CancelSignal::new()).await;
+        assert_eq!(outcome.status, JobStatus::Failed);
+        assert_eq!(outcome.message, "");
+        let statuses: Vec<_> = outcome
+            .tasks
+            .iter()
+            .map(|t| (t.status(), t.exit_code))
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                (TaskStatus::Failed, Some(1)),
+                (TaskStatus::Failed, Some(3)),
+                (TaskStatus::Skipped, None)
+            ]
+        );
+        assert_eq!(outcome.tasks[2].name, "never");
+        assert_eq!(text(&logs, Stream::Stdout), "unit\n");
+        assert!(text(&logs, Stream::System).contains("allow_failure = true: continuing"));
+    }
+
+    #[tokio::test]
+    async fn a_task_killed_by_a_signal_reports_it() {
+        let toml = "[[task]]\nname = \"die\"\nrun = \"kill -USR1 $$\"\n";
+        let (outcome, _) = run(toml, &options(&[]), &CancelSignal::new()).await;
+        let task = &outcome.tasks[0];
+        assert_eq!(task.status(), TaskStatus::Failed);
+        assert_eq!(task.signal, Some(libc_sigusr1()));
+        assert_eq!(task.exit_code, None);
+    }
+
+    fn libc_sigusr1() -> i32 {
+        Signal::SIGUSR1 as i32
+    }
+
+    #[tokio::test]
+    async fn output_streams_while_the_task_runs_and_cancel_stops_it() {
+        let pipeline = crate::pipeline::parse(
+            b"[[task]]\nname = \"slow\"\nrun = \"printf hello; sleep 100\"\n[[task]]\nname = \"next\"\nrun = \"true\"\n",
+            ".surveil.toml",
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(1000);
+        let cancel = CancelSignal::new();
+        let opts = options(&[]);
+        let watcher = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while let Some(event) = rx.recv().await {
+                    if let JobEvent::Log(l) = &event
+                        && l.stream == Stream::Stdout as i32
+                        && l.data.as_ref() == b"hello"
+                    {
+                        // The partial line arrived while the task still runs.
+                        cancel.cancel("cancelled by a user");
+                    }
+                    seen.push(event);
+                }
+                seen
+            })
+        };
+        let mut log = JobLog::new(7, 2, tx);
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(30),
+            run_pipeline(&pipeline, dir.path(), &job(), &opts, &mut log, &cancel),
+        )
+        .await
+        .expect("cancel ends the task");
+        drop(log);
+        watcher.await.unwrap();
+        assert_eq!(outcome.status, JobStatus::Cancelled);
+        assert_eq!(outcome.message, "cancelled by a user");
+        assert_eq!(outcome.tasks[0].status(), TaskStatus::Cancelled);
+        assert_eq!(outcome.tasks[0].signal, Some(Signal::SIGTERM as i32));
+        assert_eq!(outcome.tasks[1].status(), TaskStatus::Skipped);
+    }
+
+    #[test]
+    fn secret_names() {
+        assert!(is_secret_name("SURVEIL_TOKEN"));
+        assert!(is_secret_name("aws_secret_access_key"));
+        assert!(is_secret_name("PGPASSWORD"));
+        assert!(!is_secret_name("PATH"));
+    }
+}
