@@ -1,1 +1,389 @@
-//! The surveil-observer daemon (work in progress: see the open issues).
+//! The Surveil observer: watches one branch of one repository and submits
+//! its new commits to the dispatcher, oldest first, moving its cursor only
+//! after the dispatcher has acknowledged them.
+//!
+//! # Code map
+//!
+//! - [`watch`]: where the tip comes from (local repository in place, or a
+//!   gix-fetched mirror of a URL) and the ref-file watch; gix only.
+//! - [`commits`]: which commits a branch move yields (tip, or every commit
+//!   with a backlog cap; force pushes).
+//! - [`cursor`]: the atomic `cursor.json`.
+//! - [`submit`]: the connection to the dispatcher, `Submit` → `SubmitAck`,
+//!   backoff.
+//! - [`config`]: the command line, turned into a validated [`Config`].
+//! - this file: the loop tying them together ([`Observer::run`]).
+//!
+//! **Invariant:** the cursor moves only after a `SubmitAck`, and what is
+//! pending is always recomputed as `cursor..tip`, so a failed send can
+//! delay a commit but never lose it. A resubmit after a crash between ack
+//! and cursor write is answered by the dispatcher with the existing job ids.
+
+pub mod commits;
+pub mod config;
+pub mod cursor;
+pub mod submit;
+pub mod watch;
+
+#[cfg(test)]
+mod test_repo;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use gix::ObjectId;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::commits::{Mode, Selection};
+use crate::cursor::CursorFile;
+use crate::submit::{Backoff, Identity, Link, SubmitError};
+use crate::watch::{RefWatch, Source};
+
+pub use crate::config::Config;
+
+/// The most commits sent in one `Submit`; a longer backlog goes in several,
+/// the cursor advancing after each ack. Keeps frames far below the limit.
+const SUBMIT_CHUNK: usize = 1000;
+
+/// An observer with its cursor loaded, ready to [`run`](Observer::run).
+pub struct Observer {
+    config: Config,
+    source: Source,
+    cursor_file: CursorFile,
+    cursor: Option<ObjectId>,
+}
+
+impl Observer {
+    /// Creates the state directory if needed, loads the cursor and, for a
+    /// local repository, checks that gix can open it.
+    ///
+    /// Blocking (small file reads); call it before serving, then report
+    /// readiness.
+    pub fn open(config: Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.state_dir).with_context(|| {
+            format!(
+                "cannot create the state directory {}",
+                config.state_dir.display()
+            )
+        })?;
+        let cursor_file = CursorFile::new(&config.state_dir);
+        let cursor = cursor_file.load(&config.repo, &config.branch)?;
+        let source = Source::new(&config.repo, &config.state_dir);
+        if let Source::Local { .. } = source {
+            source.open()?;
+        }
+        Ok(Observer {
+            config,
+            source,
+            cursor_file,
+            cursor,
+        })
+    }
+
+    /// The last acknowledged commit, as loaded or advanced since.
+    pub fn cursor(&self) -> Option<ObjectId> {
+        self.cursor
+    }
+
+    /// Watches and submits until `shutdown` is cancelled (then returns
+    /// `Ok`), or until an error retrying cannot fix: the dispatcher refusing
+    /// the token, version or role, or the cursor file becoming unwritable.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let span =
+            tracing::info_span!("observer", repo = %self.config.repo, branch = %self.config.branch);
+        self.run_inner(shutdown).instrument(span).await
+    }
+
+    async fn run_inner(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        // Started before the first look at the branch, so a commit landing
+        // in between still wakes us.
+        let _ref_watch = match &self.source {
+            Source::Local { .. } => self.start_ref_watch(wake.clone()).await,
+            Source::Remote { .. } => None,
+        };
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let _interrupt_on_shutdown = {
+            let (interrupt, shutdown) = (interrupt.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                interrupt.store(true, Ordering::Relaxed);
+            })
+        };
+
+        let mut link = Link::new(
+            self.config.dispatch.clone(),
+            Identity {
+                name: self.config.name.clone(),
+                repo: self.config.repo.clone(),
+                token: self.config.token.clone(),
+            },
+        );
+        let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
+        let mut poll = tokio::time::interval(self.config.interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        poll.tick().await; // the first tick is immediate; we look right away anyway
+        // Dial at once: a wrong token or address shows up at start, not at
+        // the first commit.
+        let mut retry_at: Option<Instant> = Some(Instant::now());
+        let mut fetch_due = true;
+        let mut reported = Reported::default();
+
+        loop {
+            let detected = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                detected = self.detect(fetch_due, interrupt.clone()) => detected,
+            };
+            fetch_due = false;
+            match detected {
+                Err(problem) => reported.problem(problem),
+                Ok(selection) if !selection.commits.is_empty() => {
+                    reported.clear();
+                    reported.selection(&selection, self.cursor, self.config.max_backlog);
+                    let delivered = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        delivered = self.deliver(&mut link, &selection.commits) => delivered,
+                    };
+                    match delivered {
+                        Ok(()) => {
+                            backoff.reset();
+                            retry_at = None;
+                            // The tip may have moved while we were sending.
+                            continue;
+                        }
+                        Err(Delivery::Fatal(error)) => return Err(error),
+                        Err(Delivery::Retry(error)) => {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(error = %error, retry_in = ?delay, "submit failed; will retry");
+                            retry_at = Some(Instant::now() + delay);
+                        }
+                    }
+                }
+                Ok(_) => reported.clear(),
+            }
+
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => Event::RefChanged,
+                _ = poll.tick() => Event::Poll,
+                _ = sleep_until(retry_at), if retry_at.is_some() => Event::Retry,
+                error = link.closed(), if link.is_connected() => Event::Lost(error),
+            };
+            match event {
+                Event::RefChanged => {}
+                Event::Poll => fetch_due = true,
+                Event::Retry => {
+                    retry_at = None;
+                    // Reconnect even with nothing pending, so the link is
+                    // up (and a bad token reported) before the next commit.
+                    let connected = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        connected = link.connect() => connected,
+                    };
+                    match connected {
+                        Ok(()) => backoff.reset(),
+                        Err(error) if error.is_fatal() => return Err(error.into()),
+                        Err(error) => {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(error = %error, retry_in = ?delay, "dispatcher unreachable; will retry");
+                            retry_at = Some(Instant::now() + delay);
+                        }
+                    }
+                }
+                Event::Lost(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %error, retry_in = ?delay, "lost the dispatcher connection; will reconnect");
+                    retry_at = Some(Instant::now() + delay);
+                }
+            }
+        }
+        tracing::info!("observer stopped");
+        Ok(())
+    }
+
+    async fn start_ref_watch(&self, wake: Arc<tokio::sync::Notify>) -> Option<RefWatch> {
+        let source = self.source.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            let repo = source.open()?;
+            RefWatch::start(repo.common_dir(), wake)
+        })
+        .await;
+        match started {
+            Ok(Ok(watch)) => Some(watch),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "ref watch unavailable; relying on polling every --interval");
+                None
+            }
+            Err(join) => {
+                tracing::warn!(error = %join, "ref watch set-up panicked; relying on polling");
+                None
+            }
+        }
+    }
+
+    /// Fetches (for a URL, when due), reads the tip and selects what is
+    /// pending since the cursor.
+    async fn detect(&self, fetch: bool, interrupt: Arc<AtomicBool>) -> Result<Selection, String> {
+        let source = self.source.clone();
+        let branch = self.config.branch.clone();
+        let cursor = self.cursor;
+        let mode = if self.config.every_commit {
+            Mode::EveryCommit {
+                max_backlog: self.config.max_backlog,
+            }
+        } else {
+            Mode::TipOnly
+        };
+        tokio::task::spawn_blocking(move || {
+            if fetch && let Err(error) = source.fetch(&branch, &interrupt) {
+                // Keep going with what the mirror already has: commits
+                // fetched earlier may still be waiting for delivery.
+                tracing::warn!(%error, "fetch failed; will retry next interval");
+            }
+            let repo = match source.open() {
+                Ok(repo) => repo,
+                // A mirror that was never fetched is not a problem yet.
+                Err(_) if fetch_pending(&source) => return Ok(Selection::default()),
+                Err(error) => return Err(error.to_string()),
+            };
+            match watch::resolve_tip(&repo, &branch).map_err(|e| e.to_string())? {
+                None => Err(format!("branch {branch} does not exist (yet)")),
+                Some(tip) => commits::select(&repo, cursor, tip, mode).map_err(|e| e.to_string()),
+            }
+        })
+        .await
+        .unwrap_or_else(|join| Err(format!("reading the repository panicked: {join}")))
+    }
+
+    /// Submits `commits` in chunks, advancing the cursor after each ack.
+    async fn deliver(&mut self, link: &mut Link, commits: &[ObjectId]) -> Result<(), Delivery> {
+        for chunk in commits.chunks(SUBMIT_CHUNK) {
+            let hex: Vec<String> = chunk.iter().map(ObjectId::to_string).collect();
+            let job_ids = link
+                .submit(&self.config.branch, &hex)
+                .await
+                .map_err(|error| {
+                    if error.is_fatal() {
+                        Delivery::Fatal(error.into())
+                    } else {
+                        Delivery::Retry(error)
+                    }
+                })?;
+            for (commit, job) in hex.iter().zip(&job_ids) {
+                tracing::info!(%commit, job, "submitted");
+            }
+            let last = *chunk.last().expect("chunks are never empty");
+            let (file, repo, branch) = (
+                self.cursor_file.clone(),
+                self.config.repo.clone(),
+                self.config.branch.clone(),
+            );
+            tokio::task::spawn_blocking(move || file.store(&repo, &branch, last))
+                .await
+                .map_err(|join| {
+                    Delivery::Fatal(anyhow::anyhow!("writing the cursor panicked: {join}"))
+                })?
+                .map_err(|error| Delivery::Fatal(error.into()))?;
+            self.cursor = Some(last);
+        }
+        Ok(())
+    }
+}
+
+/// Watches and submits until `shutdown` is cancelled: [`Observer::open`]
+/// then [`Observer::run`].
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let observer = tokio::task::spawn_blocking(move || Observer::open(config))
+        .await
+        .context("opening the observer panicked")??;
+    observer.run(shutdown).await
+}
+
+/// What ended a wait in the main loop.
+enum Event {
+    /// A ref file changed (local repositories).
+    RefChanged,
+    /// The polling interval elapsed.
+    Poll,
+    /// The backoff after a failure elapsed.
+    Retry,
+    /// The idle connection to the dispatcher was lost.
+    Lost(SubmitError),
+}
+
+/// Why a delivery stopped.
+enum Delivery {
+    /// Try again later: the dispatcher was unreachable or misbehaved.
+    Retry(SubmitError),
+    /// Stop the observer.
+    Fatal(anyhow::Error),
+}
+
+/// A remote source whose mirror has not been created yet (the first fetch
+/// has not succeeded).
+fn fetch_pending(source: &Source) -> bool {
+    matches!(source, Source::Remote { mirror, .. } if !mirror.exists())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps repeated detections from repeating the same log line: a problem
+/// or warning is logged when it first appears, not on every poll.
+#[derive(Default)]
+struct Reported {
+    problem: Option<String>,
+    warned_tip: Option<ObjectId>,
+}
+
+impl Reported {
+    fn problem(&mut self, problem: String) {
+        if self.problem.as_ref() != Some(&problem) {
+            tracing::warn!(problem = %problem, "cannot read the branch; will retry");
+            self.problem = Some(problem);
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.problem.take().is_some() {
+            tracing::info!("the branch is readable again");
+        }
+    }
+
+    fn selection(&mut self, selection: &Selection, cursor: Option<ObjectId>, max_backlog: usize) {
+        let tip = selection.commits.last().copied();
+        if tip == self.warned_tip {
+            return;
+        }
+        self.warned_tip = tip;
+        if selection.rewound {
+            tracing::warn!(
+                old = %cursor.map(|c| c.to_string()).unwrap_or_default(),
+                new = %tip.map(|c| c.to_string()).unwrap_or_default(),
+                "force push or rewind: the last submitted commit is not an ancestor of the new tip; submitting the new tip only"
+            );
+        }
+        if selection.skipped > 0 {
+            tracing::warn!(
+                skipped = selection.skipped,
+                max_backlog,
+                "{} new commits are over --max-backlog {max_backlog}: skipping the {} oldest",
+                selection.skipped + selection.commits.len(),
+                selection.skipped,
+            );
+        }
+    }
+}
+
+/// The default bounds of the reconnect backoff.
+pub const DEFAULT_RETRY_MIN: Duration = Duration::from_millis(100);
+/// See [`DEFAULT_RETRY_MIN`].
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(5);
