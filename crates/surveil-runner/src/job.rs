@@ -1,0 +1,240 @@
+//! One job attempt from `Assign` to a durable `JobFinished`: check out the
+//! commit, read the pipeline file, run the tasks, clean up, store the
+//! result in the outbox, then hand it to the session.
+//!
+//! It talks to the session only through [`JobEvent`]s (in order: Started,
+//! Logs, Finished) and never touches the connection; a job runs to the end
+//! whether or not the dispatcher is reachable.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use surveil_proto::{Assign, JobFinished, JobStatus, Started};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::executor::{self, CancelSignal, ExecOptions, JobInfo};
+use crate::joblog::{JobEvent, JobLog};
+use crate::outbox::Outbox;
+use crate::pipeline;
+use crate::workspace::Workspace;
+
+/// What every job of this runner shares.
+#[derive(Debug)]
+pub struct JobContext {
+    /// Mirrors and job directories.
+    pub workspace: Arc<Workspace>,
+    /// Where results wait for their acknowledgement.
+    pub outbox: Outbox,
+    /// How tasks are run.
+    pub exec: ExecOptions,
+    /// Keep `jobs/<job>-<attempt>/` after the job (for debugging).
+    pub keep_workdirs: bool,
+}
+
+/// Runs `assign` to the end and delivers its result as
+/// [`JobEvent::Finished`] after storing it in the outbox. A panic inside
+/// the job still produces an `error` result.
+pub async fn run(
+    ctx: Arc<JobContext>,
+    assign: Assign,
+    cancel: CancelSignal,
+    events: mpsc::Sender<JobEvent>,
+) {
+    let (job_id, attempt) = (assign.job_id, assign.attempt);
+    let inner = {
+        let ctx = ctx.clone();
+        let events = events.clone();
+        tokio::spawn(
+            async move {
+                let mut log = JobLog::new(job_id, attempt, events);
+                log.event(JobEvent::Started(Started { job_id, attempt }))
+                    .await;
+                let result = execute(&ctx, &assign, &cancel, &mut log).await;
+                (result, log)
+            }
+            .in_current_span(),
+        )
+    };
+    let (result, log) = match inner.await {
+        Ok((result, log)) => (result, log),
+        Err(e) => {
+            let what = if e.is_panic() {
+                "the runner's job task panicked"
+            } else {
+                "the runner's job task was aborted"
+            };
+            tracing::error!(error = %e, "{what}");
+            let result = error_result(job_id, attempt, format!("{what}; this is a runner bug"));
+            (result, JobLog::new(job_id, attempt, events))
+        }
+    };
+    deliver(&ctx.outbox, result, &log).await;
+}
+
+/// Stores `result` in the outbox and then passes it on; used for jobs that
+/// never ran too (a refused repository).
+pub async fn deliver(outbox: &Outbox, result: JobFinished, log: &JobLog) {
+    let stored = {
+        let outbox = outbox.clone();
+        let result = result.clone();
+        tokio::task::spawn_blocking(move || outbox.store(&result)).await
+    };
+    match stored {
+        Ok(Ok(())) => {}
+        // Still send it: the dispatcher may get it now, only a restart
+        // before the ack would lose it.
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot store the result in the outbox"),
+        Err(e) => tracing::error!(error = %e, "storing the result in the outbox failed"),
+    }
+    tracing::info!(status = result_status(&result).label(), "job finished");
+    log.event(JobEvent::Finished(result)).await;
+}
+
+fn result_status(result: &JobFinished) -> JobStatus {
+    result.status()
+}
+
+/// A result with no tasks: the job could not be run.
+pub fn error_result(job_id: u64, attempt: u32, message: String) -> JobFinished {
+    JobFinished {
+        job_id,
+        attempt,
+        status: JobStatus::Error as i32,
+        message,
+        tasks: vec![],
+    }
+}
+
+async fn execute(
+    ctx: &JobContext,
+    assign: &Assign,
+    cancel: &CancelSignal,
+    log: &mut JobLog,
+) -> JobFinished {
+    let dir = ctx.workspace.job_dir(assign.job_id, assign.attempt);
+    let result = checkout_and_run(ctx, assign, cancel, log, &dir).await;
+    if ctx.keep_workdirs {
+        log.system(0, &format!("work directory kept: {}", dir.display()))
+            .await;
+    } else {
+        remove_dir(dir).await;
+    }
+    result
+}
+
+async fn checkout_and_run(
+    ctx: &JobContext,
+    assign: &Assign,
+    cancel: &CancelSignal,
+    log: &mut JobLog,
+    dir: &std::path::Path,
+) -> JobFinished {
+    let (job_id, attempt) = (assign.job_id, assign.attempt);
+    // A directory of the same attempt can only be a leftover.
+    remove_dir(dir.to_owned()).await;
+    log.system(
+        0,
+        &format!("checking out {} of {}", assign.commit, assign.repo),
+    )
+    .await;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let interrupt = interrupt.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            interrupt.store(true, Ordering::Relaxed);
+        })
+    };
+    let checkout = {
+        let workspace = ctx.workspace.clone();
+        let (repo, commit, dir) = (assign.repo.clone(), assign.commit.clone(), dir.to_owned());
+        let interrupt = interrupt.clone();
+        tokio::task::spawn_blocking(move || workspace.checkout(&repo, &commit, &dir, &interrupt))
+            .await
+    };
+    watcher.abort();
+    if cancel.is_cancelled() {
+        log.system(
+            0,
+            &format!("cancelled during checkout: {}", cancel.reason()),
+        )
+        .await;
+        return JobFinished {
+            job_id,
+            attempt,
+            status: JobStatus::Cancelled as i32,
+            message: cancel.reason(),
+            tasks: vec![],
+        };
+    }
+    match checkout {
+        Ok(Ok(info)) => {
+            let fetched = if info.fetched {
+                "fetched, "
+            } else {
+                "from the mirror, "
+            };
+            log.system(0, &format!("checked out ({fetched}{} files)", info.files))
+                .await;
+        }
+        Ok(Err(e)) => {
+            let message = e.to_string();
+            log.system(0, &format!("checkout failed: {message}")).await;
+            return error_result(job_id, attempt, message);
+        }
+        Err(e) => {
+            let message = format!("checkout failed: the checkout task ended: {e}");
+            log.system(0, &message).await;
+            return error_result(job_id, attempt, message);
+        }
+    }
+    let loaded = {
+        let dir = dir.to_owned();
+        tokio::task::spawn_blocking(move || pipeline::load(&dir)).await
+    };
+    let pipeline = match loaded {
+        Ok(Ok(pipeline)) => pipeline,
+        Ok(Err(e)) => {
+            let message = e.to_string();
+            log.system(0, &format!("pipeline error: {message}")).await;
+            return error_result(job_id, attempt, message);
+        }
+        Err(e) => {
+            let message = format!("reading {} failed: {e}", pipeline::PIPELINE_FILE);
+            log.system(0, &message).await;
+            return error_result(job_id, attempt, message);
+        }
+    };
+    let info = JobInfo {
+        job_id,
+        attempt,
+        repo: assign.repo.clone(),
+        branch: assign.branch.clone(),
+        commit: assign.commit.clone(),
+    };
+    let outcome = executor::run_pipeline(&pipeline, dir, &info, &ctx.exec, log, cancel).await;
+    log.system(0, &format!("job {}", outcome.status.label()))
+        .await;
+    JobFinished {
+        job_id,
+        attempt,
+        status: outcome.status as i32,
+        message: outcome.message,
+        tasks: outcome.tasks,
+    }
+}
+
+async fn remove_dir(dir: PathBuf) {
+    let shown = dir.display().to_string();
+    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    })
+    .await;
+    if let Ok(Err(e)) = removed {
+        tracing::warn!(dir = %shown, error = %e, "cannot remove the job's work directory");
+    }
+}
