@@ -139,31 +139,39 @@ impl Observer {
                 detected = self.detect(fetch_due, interrupt.clone()) => detected,
             };
             fetch_due = false;
-            match detected {
-                Err(problem) => reported.problem(problem),
-                Ok(selection) if !selection.commits.is_empty() => {
+            let pending = match detected {
+                Err(problem) => {
+                    reported.problem(problem);
+                    Vec::new()
+                }
+                Ok(selection) => {
                     reported.clear();
                     reported.selection(&selection, self.cursor, self.config.max_backlog);
-                    let delivered = tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        delivered = self.deliver(&mut link, &selection.commits) => delivered,
-                    };
-                    match delivered {
-                        Ok(()) => {
-                            backoff.reset();
-                            retry_at = None;
-                            // The tip may have moved while we were sending.
-                            continue;
-                        }
-                        Err(Delivery::Fatal(error)) => return Err(error),
-                        Err(Delivery::Retry(error)) => {
-                            let delay = backoff.next_delay();
-                            tracing::warn!(error = %error, retry_in = ?delay, "submit failed; will retry");
-                            retry_at = Some(Instant::now() + delay);
-                        }
+                    selection.commits
+                }
+            };
+            // While backing off, ref changes and polls only look; the retry
+            // deadline is what sends again.
+            let backing_off = retry_at.is_some_and(|at| at > Instant::now());
+            if !pending.is_empty() && !backing_off {
+                let delivered = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    delivered = self.deliver(&mut link, &pending) => delivered,
+                };
+                match delivered {
+                    Ok(()) => {
+                        backoff.reset();
+                        retry_at = None;
+                        // The tip may have moved while we were sending.
+                        continue;
+                    }
+                    Err(Delivery::Fatal(error)) => return Err(error),
+                    Err(Delivery::Retry(error)) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %error, retry_in = ?delay, "submit failed; will retry");
+                        retry_at = Some(Instant::now() + delay);
                     }
                 }
-                Ok(_) => reported.clear(),
             }
 
             let event = tokio::select! {
@@ -364,6 +372,9 @@ impl Reported {
             return;
         }
         self.warned_tip = tip;
+        if let Some(tip) = tip {
+            tracing::info!(%tip, pending = selection.commits.len(), "branch moved; submitting");
+        }
         if selection.rewound {
             tracing::warn!(
                 old = %cursor.map(|c| c.to_string()).unwrap_or_default(),
