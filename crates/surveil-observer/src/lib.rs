@@ -36,6 +36,7 @@ use anyhow::Context;
 use gix::ObjectId;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::commits::{Mode, Selection};
@@ -107,12 +108,14 @@ impl Observer {
             Source::Remote { .. } => None,
         };
         let interrupt = Arc::new(AtomicBool::new(false));
+        // Stops a fetch that is still running in a blocking thread when we
+        // stop waiting for it; aborted with this function if it returns first.
         let _interrupt_on_shutdown = {
             let (interrupt, shutdown) = (interrupt.clone(), shutdown.clone());
-            tokio::spawn(async move {
+            AbortOnDropHandle::new(tokio::spawn(async move {
                 shutdown.cancelled().await;
                 interrupt.store(true, Ordering::Relaxed);
-            })
+            }))
         };
 
         let mut link = Link::new(

@@ -250,10 +250,14 @@ impl RefWatch {
                 path: common_dir.to_owned(),
                 source,
             })?;
+        // A repository whose refs are all packed may have no refs/heads
+        // yet; refs/ always exists, and the path filter still applies.
+        let refs = common_dir.join("refs");
+        let loose = if heads.is_dir() { &heads } else { &refs };
         let targets = [
             // Recursive: branch names may contain `/`, and git replaces a
             // loose ref by renaming `<name>.lock` over it.
-            (heads.as_path(), RecursiveMode::Recursive),
+            (loose.as_path(), RecursiveMode::Recursive),
             // Non-recursive: only for `packed-refs` (also written by rename).
             (common_dir, RecursiveMode::NonRecursive),
         ];

@@ -184,6 +184,36 @@ async fn every_commit_submits_five_oldest_first_and_the_default_only_the_tip() {
     assert_eq!(tip_dispatcher.submitted_commits(), vec![base, tip]);
 }
 
+/// Over `--max-backlog`, the newest commits are submitted and the log says
+/// how many of the oldest were skipped.
+#[tokio::test]
+async fn a_backlog_over_the_limit_keeps_the_newest_and_names_the_skipped() {
+    let repo = TestRepo::new();
+    let base = repo.commit("base");
+    let dispatcher = FakeDispatcher::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = config(&repo, state.path(), dispatcher.addr);
+    cfg.every_commit = true;
+    cfg.max_backlog = 2;
+    let observer = RunningObserver::start(cfg);
+    wait_for("base acked", || {
+        (cursor(state.path(), &repo) == Some(base.clone())).then_some(())
+    })
+    .await;
+    let pushed = repo.push_commits(&base, 5);
+    wait_for("tip acked", || {
+        (cursor(state.path(), &repo).as_ref() == pushed.last()).then_some(())
+    })
+    .await;
+    observer.stop().await;
+
+    assert_eq!(
+        dispatcher.submitted_commits(),
+        vec![base, pushed[3].clone(), pushed[4].clone()]
+    );
+    assert!(support::logs().contains(&repo.name(), "skipping the 3 oldest"));
+}
+
 /// A force push (the old tip is not an ancestor of the new one) submits the
 /// new tip alone, not the rewritten line, and says so in the log.
 #[tokio::test]
