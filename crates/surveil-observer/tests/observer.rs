@@ -320,6 +320,29 @@ async fn a_url_is_mirrored_and_its_commits_submitted() {
     );
 }
 
+/// An ack without one job id per commit is not an ack: the cursor stays,
+/// and the commit is submitted again until properly acknowledged.
+#[tokio::test]
+async fn an_ack_with_the_wrong_number_of_ids_is_not_trusted() {
+    let repo = TestRepo::new();
+    let tip = repo.commit("base");
+    let store = std::sync::Arc::<std::sync::Mutex<support::Store>>::default();
+    store.lock().unwrap().bad_acks = 1;
+    let dispatcher = FakeDispatcher::start_with("127.0.0.1:0".parse().unwrap(), store, None).await;
+    let state = tempfile::tempdir().unwrap();
+    let observer = RunningObserver::start(config(&repo, state.path(), dispatcher.addr));
+    wait_for("the tip acked properly", || {
+        (cursor(state.path(), &repo) == Some(tip.clone())).then_some(())
+    })
+    .await;
+    observer.stop().await;
+
+    let submits = dispatcher.submits();
+    assert_eq!(submits.len(), 2, "{submits:?}");
+    assert!(submits[0].job_ids.is_empty() && submits[1].job_ids.len() == 1);
+    assert!(support::logs().contains(&repo.name(), "SubmitAck carries 0 job ids for 1 commits"));
+}
+
 /// A dispatcher refusing the token stops the observer with an error that
 /// says so, instead of retrying forever.
 #[tokio::test]

@@ -108,6 +108,9 @@ pub struct Submitted {
 pub struct Store {
     jobs: HashMap<(String, String), u64>,
     pub submits: Vec<Submitted>,
+    /// How many of the next submits get an ack with no job ids (a broken
+    /// dispatcher), recorded with empty `job_ids`.
+    pub bad_acks: usize,
 }
 
 impl Store {
@@ -212,31 +215,40 @@ async fn serve(stream: tokio::net::TcpStream, store: Arc<Mutex<Store>>, token: O
     }
     while let Ok(Some(msg)) = conn.recv().await {
         let Msg::Submit(submit) = msg else { continue };
-        let job_ids = {
-            let mut store = store.lock().expect("store");
-            let ids: Vec<u64> = submit
-                .commits
-                .iter()
-                .map(|commit| {
-                    let next = store.jobs.len() as u64 + 1;
-                    *store
-                        .jobs
-                        .entry((submit.repo.clone(), commit.clone()))
-                        .or_insert(next)
-                })
-                .collect();
-            store.submits.push(Submitted {
-                repo: submit.repo.clone(),
-                branch: submit.branch.clone(),
-                commits: submit.commits.clone(),
-                job_ids: ids.clone(),
-            });
-            ids
-        };
+        let job_ids = record(&mut store.lock().expect("store"), submit);
         if conn.send(SubmitAck { job_ids }).await.is_err() {
             return;
         }
     }
+}
+
+/// Gives each commit its job (the existing one for a known (repo,
+/// commit)), records the submit, and returns the ids to ack with: none at
+/// all while `bad_acks` lasts.
+fn record(store: &mut Store, submit: surveil_proto::Submit) -> Vec<u64> {
+    let job_ids: Vec<u64> = if store.bad_acks > 0 {
+        store.bad_acks -= 1;
+        Vec::new()
+    } else {
+        submit
+            .commits
+            .iter()
+            .map(|commit| {
+                let next = store.jobs.len() as u64 + 1;
+                *store
+                    .jobs
+                    .entry((submit.repo.clone(), commit.clone()))
+                    .or_insert(next)
+            })
+            .collect()
+    };
+    store.submits.push(Submitted {
+        repo: submit.repo,
+        branch: submit.branch,
+        commits: submit.commits,
+        job_ids: job_ids.clone(),
+    });
+    job_ids
 }
 
 /// A port that was free a moment ago, for a dispatcher started later.
