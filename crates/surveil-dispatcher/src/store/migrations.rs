@@ -1,0 +1,118 @@
+//! The store's schema as an ordered list of SQL scripts, and the code that
+//! brings a database up to the newest one.
+//!
+//! `PRAGMA user_version` holds how many scripts a database has had. Each
+//! script runs in its own transaction together with the version bump, so a
+//! crash mid-migration leaves the previous version intact. Scripts are
+//! append-only: never edit or reorder one that has shipped; add a new one.
+//! This file must not hold queries used at run time (those are in
+//! `store/sql.rs`).
+
+use rusqlite::Connection;
+
+use super::{Ctx, StoreError};
+
+/// The schema scripts, oldest first. Script `i` takes a database from
+/// version `i` to version `i + 1`.
+///
+/// The SQL stays close to the portable subset (no `INSERT OR …`, no
+/// reserved words as column names) so a PostgreSQL store can reuse it.
+/// Times are unix milliseconds; statuses are the lower-case labels of
+/// `JobStatus`/`TaskStatus`, readable with the `sqlite3` shell.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: jobs, attempts, per-task results, log chunks.
+    r#"
+    CREATE TABLE jobs (
+        -- AUTOINCREMENT: an id is never handed out twice, even after a
+        -- deletion, because clients and runners keep ids across restarts.
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        repo            TEXT    NOT NULL,
+        branch          TEXT    NOT NULL,
+        commit_id       TEXT    NOT NULL,
+        status          TEXT    NOT NULL,
+        -- The current (or last) attempt; 0 until first assigned.
+        attempt         INTEGER NOT NULL DEFAULT 0,
+        runner          TEXT,
+        message         TEXT,
+        queued_at_ms    INTEGER NOT NULL,
+        started_at_ms   INTEGER,
+        finished_at_ms  INTEGER,
+        UNIQUE (repo, commit_id)
+    );
+    CREATE INDEX jobs_by_status ON jobs (status, id);
+    CREATE INDEX jobs_by_repo ON jobs (repo, id);
+
+    CREATE TABLE attempts (
+        job_id          INTEGER NOT NULL REFERENCES jobs (id),
+        attempt         INTEGER NOT NULL,
+        runner          TEXT    NOT NULL,
+        assigned_at_ms  INTEGER NOT NULL,
+        -- When the runner said Started.
+        started_at_ms   INTEGER,
+        -- Set when the runner's result was recorded: its status and time.
+        result_status   TEXT,
+        result_message  TEXT,
+        finished_at_ms  INTEGER,
+        -- Why the attempt was revoked (requeue, superseded, job finished
+        -- without a result); NULL while it is live or after its result.
+        ended_reason    TEXT,
+        -- End of the contiguous prefix of the attempt's combined log.
+        log_end         INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_id, attempt)
+    );
+
+    CREATE TABLE task_results (
+        job_id          INTEGER NOT NULL,
+        attempt         INTEGER NOT NULL,
+        idx             INTEGER NOT NULL,
+        name            TEXT    NOT NULL,
+        status          TEXT    NOT NULL,
+        exit_code       INTEGER,
+        signal          INTEGER,
+        duration_ms     INTEGER NOT NULL,
+        message         TEXT    NOT NULL,
+        PRIMARY KEY (job_id, attempt, idx),
+        FOREIGN KEY (job_id, attempt) REFERENCES attempts (job_id, attempt)
+    );
+
+    CREATE TABLE log_chunks (
+        job_id          INTEGER NOT NULL,
+        attempt         INTEGER NOT NULL,
+        log_offset      INTEGER NOT NULL,
+        task            INTEGER NOT NULL,
+        stream          INTEGER NOT NULL,
+        data            BLOB    NOT NULL,
+        PRIMARY KEY (job_id, attempt, log_offset),
+        FOREIGN KEY (job_id, attempt) REFERENCES attempts (job_id, attempt)
+    );
+    "#,
+];
+
+/// Applies every script the database has not had yet, each in its own
+/// transaction with its version bump. Refuses a database whose version is
+/// newer than this binary knows: running old code on a newer schema could
+/// silently lose data.
+pub fn migrate(conn: &mut Connection) -> Result<u32, StoreError> {
+    let known = u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX);
+    let found: u32 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .ctx("reading the schema version")?;
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
+    }
+    for (version, script) in (found..).zip(&MIGRATIONS[found as usize..]) {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+            .ctx("starting a schema migration")?;
+        tx.execute_batch(script)
+            .map_err(|source| StoreError::Sqlite {
+                context: format!("applying schema migration {}", version + 1),
+                source,
+            })?;
+        tx.pragma_update(None, "user_version", version + 1)
+            .ctx("recording the schema version")?;
+        tx.commit().ctx("committing a schema migration")?;
+        tracing::info!(version = version + 1, "applied store schema migration");
+    }
+    Ok(known)
+}

@@ -1,0 +1,619 @@
+//! The store's statements: each write as a function run by the writer
+//! inside its own savepoint, each read as a function run on a read-only
+//! connection.
+//!
+//! Fencing lives here because it must be re-checked in the same
+//! transaction as the write it guards. This file must not open
+//! connections, start threads or begin/commit transactions (the writer and
+//! `Store::read` do).
+
+use bytes::Bytes;
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use surveil_proto::{JobFinished, JobStatus, Stream, TaskResult, TaskStatus};
+
+use super::{Attempt, Ctx, JobId, JobRecord, RecordOutcome, StoreError};
+
+const JOB_COLUMNS: &str = "id, repo, branch, commit_id, status, attempt, runner, message, \
+                           queued_at_ms, started_at_ms, finished_at_ms";
+
+/// A u64 from the API as a SQLite integer; SQLite has no unsigned type.
+fn int(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::Invalid(format!("{what} {value} is beyond the store's range")))
+}
+
+/// A non-negative SQLite integer as u64; a negative one means the file was
+/// edited or damaged.
+fn get_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let value: i64 = row.get(idx)?;
+    u64::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, value))
+}
+
+fn get_opt_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<u64>> {
+    let value: Option<i64> = row.get(idx)?;
+    value
+        .map(|v| u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v)))
+        .transpose()
+}
+
+fn bad_label(idx: usize, label: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        idx,
+        rusqlite::types::Type::Text,
+        format!("unknown status {label:?}").into(),
+    )
+}
+
+fn job_status(row: &Row<'_>, idx: usize) -> rusqlite::Result<JobStatus> {
+    let label: String = row.get(idx)?;
+    JobStatus::from_label(&label).ok_or_else(|| bad_label(idx, &label))
+}
+
+fn task_status_label(status: i32) -> &'static str {
+    TaskStatus::try_from(status)
+        .unwrap_or(TaskStatus::Unspecified)
+        .label()
+}
+
+fn task_status(row: &Row<'_>, idx: usize) -> rusqlite::Result<TaskStatus> {
+    let label: String = row.get(idx)?;
+    [
+        TaskStatus::Unspecified,
+        TaskStatus::Passed,
+        TaskStatus::Failed,
+        TaskStatus::TimedOut,
+        TaskStatus::Cancelled,
+        TaskStatus::Error,
+        TaskStatus::Skipped,
+    ]
+    .into_iter()
+    .find(|s| s.label() == label)
+    .ok_or_else(|| bad_label(idx, &label))
+}
+
+fn final_status(status: JobStatus, what: &str) -> Result<JobStatus, StoreError> {
+    if status.is_final() {
+        Ok(status)
+    } else {
+        Err(StoreError::Invalid(format!(
+            "{what} status must be passed, failed, error or cancelled, not {}",
+            status.label()
+        )))
+    }
+}
+
+fn none_if_empty(text: &str) -> Option<&str> {
+    (!text.is_empty()).then_some(text)
+}
+
+/// The job's (status, current attempt), or `NoSuchJob`.
+fn job_state(c: &Connection, job: JobId) -> Result<(JobStatus, Attempt), StoreError> {
+    c.prepare_cached("SELECT status, attempt FROM jobs WHERE id = ?1")
+        .and_then(|mut stmt| {
+            stmt.query_row([int(job, "job id").unwrap_or(-1)], |row| {
+                Ok((job_status(row, 0)?, row.get(1)?))
+            })
+            .optional()
+        })
+        .ctx("reading a job's state")?
+        .ok_or(StoreError::NoSuchJob(job))
+}
+
+// ---- writes ----
+
+pub fn submit(
+    c: &Connection,
+    repo: &str,
+    branch: &str,
+    commits: &[String],
+    now_ms: u64,
+) -> Result<Vec<JobId>, StoreError> {
+    if repo.is_empty() {
+        return Err(StoreError::Invalid("a submit needs a repository".into()));
+    }
+    if commits.iter().any(String::is_empty) {
+        return Err(StoreError::Invalid("a submitted commit id is empty".into()));
+    }
+    let now = int(now_ms, "time")?;
+    let mut find = c
+        .prepare_cached("SELECT id FROM jobs WHERE repo = ?1 AND commit_id = ?2")
+        .ctx("preparing submit")?;
+    let mut insert = c
+        .prepare_cached(
+            "INSERT INTO jobs (repo, branch, commit_id, status, attempt, queued_at_ms) \
+             VALUES (?1, ?2, ?3, 'queued', 0, ?4)",
+        )
+        .ctx("preparing submit")?;
+    let mut ids = Vec::with_capacity(commits.len());
+    for commit in commits {
+        let existing: Option<i64> = find
+            .query_row(params![repo, commit], |row| row.get(0))
+            .optional()
+            .ctx("looking up a submitted commit")?;
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                insert
+                    .execute(params![repo, branch, commit, now])
+                    .ctx("inserting a job")?;
+                c.last_insert_rowid()
+            }
+        };
+        // Row ids are positive: AUTOINCREMENT starts at 1.
+        ids.push(u64::try_from(id).unwrap_or_default());
+    }
+    Ok(ids)
+}
+
+pub fn assign(
+    c: &Connection,
+    job: JobId,
+    attempt: Attempt,
+    runner: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let (status, current) = job_state(c, job)?;
+    let conflict = |reason: String| Err(StoreError::Conflict { job, reason });
+    if status.is_final() {
+        return conflict(format!("it is {} and cannot be assigned", status.label()));
+    }
+    if attempt == current && status == JobStatus::Running {
+        let holder: Option<String> = c
+            .query_row(
+                "SELECT runner FROM attempts WHERE job_id = ?1 AND attempt = ?2",
+                params![int(job, "job id")?, attempt],
+                |row| row.get(0),
+            )
+            .optional()
+            .ctx("reading an attempt")?;
+        return match holder {
+            // The same assignment again (a retried call): already recorded.
+            Some(holder) if holder == runner => Ok(()),
+            holder => conflict(format!(
+                "attempt {attempt} is already held by runner {}",
+                holder.as_deref().unwrap_or("?")
+            )),
+        };
+    }
+    if attempt <= current {
+        return conflict(format!(
+            "attempt {attempt} is not newer than its current attempt {current}"
+        ));
+    }
+    let (id, now) = (int(job, "job id")?, int(now_ms, "time")?);
+    if status == JobStatus::Running {
+        c.execute(
+            "UPDATE attempts SET ended_reason = ?3 \
+             WHERE job_id = ?1 AND attempt = ?2 AND ended_reason IS NULL AND result_status IS NULL",
+            params![id, current, format!("superseded by attempt {attempt}")],
+        )
+        .ctx("revoking a superseded attempt")?;
+    }
+    c.execute(
+        "INSERT INTO attempts (job_id, attempt, runner, assigned_at_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![id, attempt, runner, now],
+    )
+    .ctx("inserting an attempt")?;
+    c.execute(
+        "UPDATE jobs SET status = 'running', attempt = ?2, runner = ?3, started_at_ms = ?4, \
+         message = NULL WHERE id = ?1",
+        params![id, attempt, runner, now],
+    )
+    .ctx("marking a job running")?;
+    Ok(())
+}
+
+pub fn started(
+    c: &Connection,
+    job: JobId,
+    attempt: Attempt,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let (status, current) = job_state(c, job)?;
+    if status != JobStatus::Running || attempt != current {
+        return Ok(());
+    }
+    // The first Started wins: a resend after a reconnect changes nothing.
+    c.execute(
+        "UPDATE attempts SET started_at_ms = ?3 \
+         WHERE job_id = ?1 AND attempt = ?2 AND started_at_ms IS NULL",
+        params![int(job, "job id")?, attempt, int(now_ms, "time")?],
+    )
+    .ctx("recording Started")?;
+    Ok(())
+}
+
+pub fn append_log(
+    c: &Connection,
+    job: JobId,
+    attempt: Attempt,
+    task: u32,
+    stream: Stream,
+    offset: u64,
+    data: &Bytes,
+) -> Result<(), StoreError> {
+    let (status, current) = job_state(c, job)?;
+    // Accepted: the job's current attempt unless it was requeued. That
+    // includes the attempt whose result was recorded, and the last attempt
+    // of a job finished without a result (a cancel), whose output is still
+    // that job's log; an attempt revoked to give the job to another runner
+    // is refused. Logs are keyed by attempt, so this guards storage, not
+    // another attempt's bytes.
+    if attempt != current || attempt == 0 || status == JobStatus::Queued || data.is_empty() {
+        return Ok(());
+    }
+    let id = int(job, "job id")?;
+    let start = int(offset, "log offset")?;
+    let end = offset
+        .checked_add(data.len() as u64)
+        .and_then(|end| i64::try_from(end).ok())
+        .ok_or_else(|| {
+            StoreError::Invalid(format!("log offset {offset} is beyond the store's range"))
+        })?;
+    let log_end: Option<i64> = c
+        .prepare_cached("SELECT log_end FROM attempts WHERE job_id = ?1 AND attempt = ?2")
+        .and_then(|mut stmt| {
+            stmt.query_row(params![id, attempt], |row| row.get(0))
+                .optional()
+        })
+        .ctx("reading an attempt's log end")?;
+    let Some(log_end) = log_end else {
+        return Ok(());
+    };
+    let inserted = c
+        .prepare_cached(
+            "INSERT INTO log_chunks (job_id, attempt, log_offset, task, stream, data) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (job_id, attempt, log_offset) DO NOTHING",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![id, attempt, start, task, stream as i32, &data[..]])
+        })
+        .ctx("inserting a log chunk")?;
+    if inserted == 0 || start > log_end || end <= log_end {
+        return Ok(());
+    }
+    // The chunk extends the contiguous prefix. Invariant kept by this loop:
+    // no chunk starting at or before log_end ends after it. So only chunks
+    // starting in (scanned, new_end] can extend it further: ones that
+    // arrived early, out of order.
+    let (mut scanned, mut new_end) = (log_end, end);
+    let mut reach = c
+        .prepare_cached(
+            "SELECT MAX(log_offset + length(data)) FROM log_chunks \
+             WHERE job_id = ?1 AND attempt = ?2 AND log_offset > ?3 AND log_offset <= ?4",
+        )
+        .ctx("preparing the log end scan")?;
+    loop {
+        let further: Option<i64> = reach
+            .query_row(params![id, attempt, scanned, new_end], |row| row.get(0))
+            .ctx("scanning for contiguous log chunks")?;
+        match further {
+            Some(further) if further > new_end => (scanned, new_end) = (new_end, further),
+            _ => break,
+        }
+    }
+    c.prepare_cached("UPDATE attempts SET log_end = ?3 WHERE job_id = ?1 AND attempt = ?2")
+        .and_then(|mut stmt| stmt.execute(params![id, attempt, new_end]))
+        .ctx("advancing an attempt's log end")?;
+    Ok(())
+}
+
+pub fn record_result(
+    c: &Connection,
+    job: JobId,
+    attempt: Attempt,
+    result: &JobFinished,
+    now_ms: u64,
+) -> Result<RecordOutcome, StoreError> {
+    let (status, current) = job_state(c, job)?;
+    let id = int(job, "job id")?;
+    let row: Option<(Option<String>, Option<String>)> = c
+        .query_row(
+            "SELECT result_status, ended_reason FROM attempts WHERE job_id = ?1 AND attempt = ?2",
+            params![id, attempt],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .ctx("reading an attempt")?;
+    match row {
+        Some((Some(_), _)) => return Ok(RecordOutcome::Duplicate),
+        Some((None, None)) if attempt == current && status == JobStatus::Running => {}
+        _ => return Ok(RecordOutcome::Stale),
+    }
+    let new_status = final_status(
+        JobStatus::try_from(result.status).unwrap_or(JobStatus::Unspecified),
+        "a result's",
+    )?;
+    let now = int(now_ms, "time")?;
+    let message = none_if_empty(&result.message);
+    c.execute(
+        "UPDATE attempts SET result_status = ?3, result_message = ?4, finished_at_ms = ?5 \
+         WHERE job_id = ?1 AND attempt = ?2",
+        params![id, attempt, new_status.label(), message, now],
+    )
+    .ctx("recording an attempt's result")?;
+    let mut insert = c
+        .prepare_cached(
+            "INSERT INTO task_results \
+             (job_id, attempt, idx, name, status, exit_code, signal, duration_ms, message) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .ctx("preparing task results")?;
+    for (idx, task) in (0_i64..).zip(&result.tasks) {
+        insert
+            .execute(params![
+                id,
+                attempt,
+                idx,
+                task.name,
+                task_status_label(task.status),
+                task.exit_code,
+                task.signal,
+                int(task.duration_ms, "task duration")?,
+                task.message,
+            ])
+            .ctx("inserting a task result")?;
+    }
+    c.execute(
+        "UPDATE jobs SET status = ?2, message = ?3, finished_at_ms = ?4 WHERE id = ?1",
+        params![id, new_status.label(), message, now],
+    )
+    .ctx("recording a job's result")?;
+    Ok(RecordOutcome::Recorded)
+}
+
+pub fn requeue(c: &Connection, job: JobId, reason: &str) -> Result<(), StoreError> {
+    let (status, current) = job_state(c, job)?;
+    if status != JobStatus::Running {
+        return Ok(());
+    }
+    let id = int(job, "job id")?;
+    c.execute(
+        "UPDATE attempts SET ended_reason = ?3 \
+         WHERE job_id = ?1 AND attempt = ?2 AND ended_reason IS NULL",
+        params![id, current, reason],
+    )
+    .ctx("revoking an attempt")?;
+    c.execute(
+        "UPDATE jobs SET status = 'queued', runner = NULL, started_at_ms = NULL WHERE id = ?1",
+        [id],
+    )
+    .ctx("requeueing a job")?;
+    Ok(())
+}
+
+pub fn finish(
+    c: &Connection,
+    job: JobId,
+    status: JobStatus,
+    message: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let new_status = final_status(status, "a finished job's")?;
+    let (status, current) = job_state(c, job)?;
+    if status.is_final() {
+        return Ok(());
+    }
+    let id = int(job, "job id")?;
+    if status == JobStatus::Running {
+        let reason = none_if_empty(message).unwrap_or(new_status.label());
+        c.execute(
+            "UPDATE attempts SET ended_reason = ?3 \
+             WHERE job_id = ?1 AND attempt = ?2 AND ended_reason IS NULL",
+            params![id, current, reason],
+        )
+        .ctx("ending an attempt")?;
+    }
+    c.execute(
+        "UPDATE jobs SET status = ?2, message = ?3, finished_at_ms = ?4 WHERE id = ?1",
+        params![
+            id,
+            new_status.label(),
+            none_if_empty(message),
+            int(now_ms, "time")?
+        ],
+    )
+    .ctx("finishing a job")?;
+    Ok(())
+}
+
+// ---- reads ----
+
+fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
+    Ok(JobRecord {
+        id: get_u64(row, 0)?,
+        repo: row.get(1)?,
+        branch: row.get(2)?,
+        commit: row.get(3)?,
+        status: job_status(row, 4)?,
+        attempt: row.get(5)?,
+        runner: row.get(6)?,
+        message: row.get(7)?,
+        queued_at_ms: get_u64(row, 8)?,
+        started_at_ms: get_opt_u64(row, 9)?,
+        finished_at_ms: get_opt_u64(row, 10)?,
+        tasks: Vec::new(),
+    })
+}
+
+/// Fills in the task results of the job's recorded result: only the
+/// current attempt can have one.
+fn with_tasks(c: &Connection, mut job: JobRecord) -> Result<JobRecord, StoreError> {
+    if job.attempt == 0 || !job.status.is_final() {
+        return Ok(job);
+    }
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT name, status, exit_code, signal, duration_ms, message FROM task_results \
+             WHERE job_id = ?1 AND attempt = ?2 ORDER BY idx",
+        )
+        .ctx("preparing task results")?;
+    job.tasks = stmt
+        .query_map(params![int(job.id, "job id")?, job.attempt], |row| {
+            Ok(TaskResult {
+                name: row.get(0)?,
+                status: task_status(row, 1)? as i32,
+                exit_code: row.get(2)?,
+                signal: row.get(3)?,
+                duration_ms: get_u64(row, 4)?,
+                message: row.get(5)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .ctx("reading task results")?;
+    Ok(job)
+}
+
+fn query_jobs(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<JobRecord>, StoreError> {
+    let jobs = c
+        .prepare_cached(sql)
+        .and_then(|mut stmt| {
+            stmt.query_map(params, job_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .ctx("reading jobs")?;
+    jobs.into_iter().map(|job| with_tasks(c, job)).collect()
+}
+
+pub fn get_job(c: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+    let Ok(id) = i64::try_from(id) else {
+        return Ok(None);
+    };
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
+    Ok(query_jobs(c, &sql, [id])?.pop())
+}
+
+pub fn list_jobs(
+    c: &Connection,
+    repo: Option<&str>,
+    status: Option<JobStatus>,
+    limit: u32,
+) -> Result<Vec<JobRecord>, StoreError> {
+    let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs");
+    let mut params = Vec::new();
+    let mut filters = Vec::new();
+    if let Some(repo) = repo {
+        params.push(Value::Text(repo.to_owned()));
+        filters.push(format!("repo = ?{}", params.len()));
+    }
+    if let Some(status) = status {
+        params.push(Value::Text(status.label().to_owned()));
+        filters.push(format!("status = ?{}", params.len()));
+    }
+    if !filters.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&filters.join(" AND "));
+    }
+    sql.push_str(" ORDER BY id DESC");
+    if limit > 0 {
+        sql.push_str(&format!(" LIMIT {limit}"));
+    }
+    query_jobs(c, &sql, rusqlite::params_from_iter(params))
+}
+
+pub fn unfinished(c: &Connection) -> Result<Vec<JobRecord>, StoreError> {
+    let sql =
+        format!("SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ('queued', 'running') ORDER BY id");
+    query_jobs(c, &sql, [])
+}
+
+pub fn counts(c: &Connection) -> Result<(u64, u64), StoreError> {
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT status, COUNT(*) FROM jobs WHERE status IN ('queued', 'running') \
+             GROUP BY status",
+        )
+        .ctx("preparing counts")?;
+    let rows = stmt
+        .query_map([], |row| Ok((job_status(row, 0)?, get_u64(row, 1)?)))
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .ctx("counting jobs")?;
+    let count = |wanted| {
+        rows.iter()
+            .find(|(status, _)| *status == wanted)
+            .map_or(0, |(_, n)| *n)
+    };
+    Ok((count(JobStatus::Queued), count(JobStatus::Running)))
+}
+
+pub fn read_log(
+    c: &Connection,
+    job: JobId,
+    attempt: Attempt,
+    offset: u64,
+    max_bytes: usize,
+) -> Result<Bytes, StoreError> {
+    let (Ok(id), Ok(from)) = (i64::try_from(job), i64::try_from(offset)) else {
+        return Ok(Bytes::new());
+    };
+    if max_bytes == 0 {
+        return Ok(Bytes::new());
+    }
+    // A chunk covering `offset` (it may start before it). length() reads a
+    // blob's size from its header, not the blob itself.
+    let first: Option<i64> = c
+        .prepare_cached(
+            "SELECT log_offset FROM log_chunks WHERE job_id = ?1 AND attempt = ?2 \
+             AND log_offset <= ?3 AND log_offset + length(data) > ?3 \
+             ORDER BY log_offset DESC LIMIT 1",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![id, attempt, from], |row| row.get(0))
+                .optional()
+        })
+        .ctx("finding a log chunk")?;
+    let Some(first) = first else {
+        return Ok(Bytes::new());
+    };
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT log_offset, data FROM log_chunks WHERE job_id = ?1 AND attempt = ?2 \
+             AND log_offset >= ?3 ORDER BY log_offset",
+        )
+        .ctx("preparing a log read")?;
+    let mut rows = stmt
+        .query(params![id, attempt, first])
+        .ctx("reading log chunks")?;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while out.len() < max_bytes {
+        let Some(row) = rows.next().ctx("reading log chunks")? else {
+            break;
+        };
+        let start = get_u64(row, 0).ctx("reading a log chunk")?;
+        if start > pos {
+            break; // a gap: the bytes at `pos` have not arrived yet
+        }
+        let data = row
+            .get_ref(1)
+            .and_then(|v| Ok(v.as_blob()?))
+            .ctx("reading a log chunk")?;
+        let skip = usize::try_from(pos - start).unwrap_or(usize::MAX);
+        if skip >= data.len() {
+            continue; // wholly before `pos` (an overlapping resend)
+        }
+        let take = (data.len() - skip).min(max_bytes - out.len());
+        out.extend_from_slice(&data[skip..skip + take]);
+        pos += take as u64;
+    }
+    Ok(Bytes::from(out))
+}
+
+pub fn log_len(c: &Connection, job: JobId, attempt: Attempt) -> Result<u64, StoreError> {
+    let Ok(id) = i64::try_from(job) else {
+        return Ok(0);
+    };
+    let end: Option<u64> = c
+        .prepare_cached("SELECT log_end FROM attempts WHERE job_id = ?1 AND attempt = ?2")
+        .and_then(|mut stmt| {
+            stmt.query_row(params![id, attempt], |row| get_u64(row, 0))
+                .optional()
+        })
+        .ctx("reading a log's length")?;
+    Ok(end.unwrap_or(0))
+}
