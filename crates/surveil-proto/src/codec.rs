@@ -72,7 +72,7 @@ impl CodecError {
 /// let mut codec = Codec::new();
 /// let mut buf = BytesMut::new();
 /// codec.encode(Envelope::from(Ping { seq: 3 }), &mut buf).unwrap();
-/// assert_eq!(&buf[..4], &[0, 0, 0, 2]); // length prefix, then 2 bytes
+/// assert_eq!(&buf[..4], &[0, 0, 0, 5]); // length prefix, then 5 bytes
 /// let decoded = codec.decode(&mut buf).unwrap().unwrap();
 /// assert_eq!(decoded, Envelope::from(Ping { seq: 3 }));
 /// ```
@@ -80,6 +80,10 @@ impl CodecError {
 pub struct Codec {
     frames: LengthDelimitedCodec,
     max_frame: usize,
+    /// True while `frames` has consumed a frame's prefix and waits for its
+    /// body: the bytes at the front of the buffer are then body, not a
+    /// prefix to check.
+    in_body: bool,
 }
 
 impl Codec {
@@ -98,7 +102,11 @@ impl Codec {
             .big_endian()
             .max_frame_length(max_frame)
             .new_codec();
-        Codec { frames, max_frame }
+        Codec {
+            frames,
+            max_frame,
+            in_body: false,
+        }
     }
 
     /// The largest frame body this codec accepts or sends.
@@ -120,7 +128,10 @@ impl Decoder for Codec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Envelope>, CodecError> {
         // Check the prefix ourselves so the error carries the length, and so
         // nothing is reserved for a frame we will refuse anyway.
-        if let Some(prefix) = src.get(..LENGTH_PREFIX_LEN) {
+        let mut reads_prefix = false;
+        if !self.in_body
+            && let Some(prefix) = src.get(..LENGTH_PREFIX_LEN)
+        {
             let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes"));
             if len as usize > self.max_frame {
                 return Err(CodecError::FrameTooLarge {
@@ -128,17 +139,30 @@ impl Decoder for Codec {
                     max: self.max_frame,
                 });
             }
+            reads_prefix = true;
         }
         match self.frames.decode(src)? {
-            Some(body) => Ok(Some(Envelope::decode(body.freeze())?)),
-            None => Ok(None),
+            Some(body) => {
+                self.in_body = false;
+                Ok(Some(Envelope::decode(body.freeze())?))
+            }
+            None => {
+                // `frames` consumes a whole prefix as soon as it is there,
+                // then waits for the body across calls.
+                self.in_body |= reads_prefix;
+                Ok(None)
+            }
         }
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Envelope>, CodecError> {
         match self.decode(src)? {
             Some(frame) => Ok(Some(frame)),
-            None if src.is_empty() => Ok(None),
+            None if src.is_empty() && !self.in_body => Ok(None),
+            // The prefix of an unfinished frame has already left `src`.
+            None if self.in_body => Err(CodecError::Truncated {
+                buffered: LENGTH_PREFIX_LEN + src.len(),
+            }),
             None => Err(CodecError::Truncated {
                 buffered: src.len(),
             }),

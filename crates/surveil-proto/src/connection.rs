@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
-use tokio_util::codec::{Framed, FramedRead, FramedWrite};
+use tokio_util::codec::{Framed, FramedParts, FramedWrite};
 
+use crate::PROTOCOL_VERSION;
 use crate::codec::{Codec, CodecError};
 use crate::v1::envelope::Msg;
 use crate::v1::{Envelope, Hello, Reject, RejectCode, Role, Welcome};
-use crate::PROTOCOL_VERSION;
 
 /// How long a best-effort `Reject` may take to write before the connection
 /// is dropped anyway: a peer that does not read must not hold us up.
@@ -25,7 +25,9 @@ pub enum ConnectionError {
     Codec(#[from] CodecError),
     /// The frame decoded, but carries no message this protocol version
     /// knows: an empty `Envelope`, or an arm added by a newer version.
-    #[error("frame carries no message known to protocol version {PROTOCOL_VERSION} (empty envelope, or a message from a newer version)")]
+    #[error(
+        "frame carries no message known to protocol version {PROTOCOL_VERSION} (empty envelope, or a message from a newer version)"
+    )]
     UnknownMessage,
 }
 
@@ -139,8 +141,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let parts = self.framed.into_parts();
         let max = parts.codec.max_frame();
         let (read, write) = tokio::io::split(parts.io);
-        let mut reader = FramedRead::new(read, Codec::with_max_frame(max));
-        reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        // `Framed::from_parts` (unlike a `FramedRead` whose buffer is filled
+        // afterwards) decodes frames already in the buffer before reading
+        // again; and the reader keeps the codec itself, which may be part
+        // way through a frame whose prefix it has consumed.
+        let mut reader = FramedParts::new::<Envelope>(read, parts.codec);
+        reader.read_buf = parts.read_buf;
+        let reader = Framed::from_parts(reader);
         let writer = FramedWrite::new(write, Codec::with_max_frame(max));
         (FrameReader { inner: reader }, FrameWriter { inner: writer })
     }
@@ -223,9 +230,7 @@ fn check_hello(hello: Hello) -> Result<Hello, HandshakeError> {
     }
 }
 
-fn next_msg(
-    frame: Option<Result<Envelope, CodecError>>,
-) -> Result<Option<Msg>, ConnectionError> {
+fn next_msg(frame: Option<Result<Envelope, CodecError>>) -> Result<Option<Msg>, ConnectionError> {
     match frame {
         None => Ok(None),
         Some(Err(err)) => Err(err.into()),
@@ -237,7 +242,9 @@ fn next_msg(
 /// The receiving half of a [split](Connection::split) connection.
 #[derive(Debug)]
 pub struct FrameReader<S> {
-    inner: FramedRead<ReadHalf<S>, Codec>,
+    // A `Framed` used for reading only: it is the one tokio-util type that
+    // can start from a non-empty buffer and decode it first.
+    inner: Framed<ReadHalf<S>, Codec>,
 }
 
 impl<S: AsyncRead + AsyncWrite> FrameReader<S> {
