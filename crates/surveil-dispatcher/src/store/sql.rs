@@ -555,15 +555,20 @@ pub fn read_log(
         return Ok(Bytes::new());
     }
     // A chunk covering `offset` (it may start before it). length() reads a
-    // blob's size from its header, not the blob itself.
+    // blob's size from its header, not the blob itself. No chunk starting at
+    // or before the contiguous end reaches past it (see `append_log`), so
+    // past that end only chunks starting after it can cover `offset`: that
+    // keeps a follower polling at the end from scanning the whole log.
+    let log_end = i64::try_from(log_len(c, job, attempt)?).unwrap_or(i64::MAX);
+    let after = if from >= log_end { log_end } else { -1 };
     let first: Option<i64> = c
         .prepare_cached(
             "SELECT log_offset FROM log_chunks WHERE job_id = ?1 AND attempt = ?2 \
-             AND log_offset <= ?3 AND log_offset + length(data) > ?3 \
+             AND log_offset <= ?3 AND log_offset > ?4 AND log_offset + length(data) > ?3 \
              ORDER BY log_offset DESC LIMIT 1",
         )
         .and_then(|mut stmt| {
-            stmt.query_row(params![id, attempt, from], |row| row.get(0))
+            stmt.query_row(params![id, attempt, from, after], |row| row.get(0))
                 .optional()
         })
         .ctx("finding a log chunk")?;
