@@ -1,0 +1,302 @@
+//! The dispatcher's settings: the command-line contract ([`Cli`], each flag
+//! also read from `SURVEIL_<FLAG>` and the `--config` TOML file) and the
+//! validated [`Config`] that [`run`](crate::run) takes by value.
+//!
+//! Everything that can be wrong with the settings is found here, once, and
+//! reported together; nothing past this file reads the environment.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use surveil_common::LogFormat;
+
+/// `surveil-dispatcher`: the Surveil job queue and runner coordinator.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "surveil-dispatcher", version, about)]
+pub struct Cli {
+    /// Address to listen on for runners, observers and clients.
+    #[arg(long, env = "SURVEIL_LISTEN", default_value = "127.0.0.1:9000")]
+    pub listen: String,
+    /// Directory of the job store (created if missing).
+    #[arg(long, env = "SURVEIL_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// File holding the shared token (whitespace trimmed); else `SURVEIL_TOKEN`.
+    #[arg(long, env = "SURVEIL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// How often each runner is pinged.
+    #[arg(long, env = "SURVEIL_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = surveil_common::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// How long a runner may stay silent before its jobs are requeued.
+    #[arg(long, env = "SURVEIL_RUNNER_TIMEOUT", default_value = "5s", value_parser = surveil_common::parse_duration)]
+    pub runner_timeout: Duration,
+    /// Lost attempts after which a job ends `error`.
+    #[arg(long, env = "SURVEIL_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// How long a new connection has to send a valid Hello.
+    #[arg(long, env = "SURVEIL_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = surveil_common::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Largest frame accepted or sent.
+    #[arg(long, env = "SURVEIL_MAX_FRAME", default_value = "8MiB", value_parser = surveil_common::parse_size)]
+    pub max_frame: u64,
+    /// Local runners to start when jobs wait and no runner is connected.
+    #[arg(long, env = "SURVEIL_SPAWN_RUNNERS", default_value_t = 0)]
+    pub spawn_runners: u32,
+    /// Shell command starting one local runner (`sh -c`); it is told the
+    /// dispatcher's address in `SURVEIL_DISPATCH`.
+    #[arg(long, env = "SURVEIL_RUNNER_COMMAND")]
+    pub runner_command: Option<String>,
+    /// TOML file of settings (same names with `_`); flags and env win.
+    #[arg(long, env = "SURVEIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, env = "SURVEIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Smallest frame limit that still fits a `Hello` and the replies.
+const MIN_MAX_FRAME: u64 = 1024;
+/// Frames are length-prefixed with a u32.
+const MAX_MAX_FRAME: u64 = u32::MAX as u64;
+
+/// The validated settings of one dispatcher.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The address to listen on, as resolved.
+    pub listen: SocketAddr,
+    /// The store's directory.
+    pub state_dir: PathBuf,
+    /// The shared token; `None` lets anyone connect (loopback only).
+    pub token: Option<String>,
+    /// How often runners are pinged.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a runner is declared dead.
+    pub runner_timeout: Duration,
+    /// Lost attempts after which a job ends `error`.
+    pub max_attempts: u32,
+    /// Time allowed for a valid Hello.
+    pub handshake_timeout: Duration,
+    /// Largest frame accepted or sent, in bytes.
+    pub max_frame: usize,
+    /// Local runners to start when needed (0: never).
+    pub spawn_runners: u32,
+    /// The command starting one local runner.
+    pub runner_command: Option<String>,
+}
+
+impl Config {
+    /// Settings for tests and embedding: the contract's defaults with the
+    /// given store directory, no token, listening on 127.0.0.1:0.
+    pub fn for_state_dir(state_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            state_dir: state_dir.into(),
+            token: None,
+            heartbeat_interval: Duration::from_secs(1),
+            runner_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            handshake_timeout: Duration::from_secs(5),
+            max_frame: surveil_proto::DEFAULT_MAX_FRAME,
+            spawn_runners: 0,
+            runner_command: None,
+        }
+    }
+}
+
+/// Every problem found in the settings, one line each, naming the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Cli {
+    /// Validates the flags and reads the token into a [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let token = match surveil_common::read_token(self.token_file.as_deref()) {
+            Ok(token) => token,
+            Err(err) => {
+                problems.push(format!("--token-file: {err:#}"));
+                None
+            }
+        };
+        validate(&self, token, &mut problems).ok_or(ConfigError(problems))
+    }
+}
+
+fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Option<Config> {
+    for (flag, value) in [
+        ("--heartbeat-interval", cli.heartbeat_interval),
+        ("--runner-timeout", cli.runner_timeout),
+        ("--handshake-timeout", cli.handshake_timeout),
+    ] {
+        if value.is_zero() {
+            problems.push(format!("{flag} must be greater than 0"));
+        }
+    }
+    if cli.heartbeat_interval >= cli.runner_timeout && !cli.runner_timeout.is_zero() {
+        problems.push(format!(
+            "--heartbeat-interval ({:?}) must be shorter than --runner-timeout ({:?}), or every runner would time out between pings",
+            cli.heartbeat_interval, cli.runner_timeout
+        ));
+    }
+    for (flag, value) in [
+        ("--runner-timeout", cli.runner_timeout),
+        ("--heartbeat-interval", cli.heartbeat_interval),
+    ] {
+        if value.as_millis() > u128::from(u32::MAX) {
+            problems.push(format!("{flag} is too long (at most {} ms)", u32::MAX));
+        }
+    }
+    if cli.max_attempts == 0 {
+        problems.push("--max-attempts must be at least 1".to_owned());
+    }
+    if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&cli.max_frame) {
+        problems.push(format!(
+            "--max-frame must be between {MIN_MAX_FRAME} bytes and {MAX_MAX_FRAME} bytes (got {})",
+            cli.max_frame
+        ));
+    }
+    let runner_command = cli
+        .runner_command
+        .as_ref()
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty());
+    if cli.spawn_runners > 0 && runner_command.is_none() {
+        problems.push(format!(
+            "--spawn-runners {} needs --runner-command, the command that starts one runner",
+            cli.spawn_runners
+        ));
+    }
+    if cli.state_dir.as_os_str().is_empty() {
+        problems.push("--state-dir must not be empty".to_owned());
+    }
+    let listen = match cli.listen.to_socket_addrs() {
+        Ok(mut addrs) => match addrs.next() {
+            Some(addr) => Some(addr),
+            None => {
+                problems.push(format!("--listen {}: resolves to no address", cli.listen));
+                None
+            }
+        },
+        Err(err) => {
+            problems.push(format!(
+                "--listen {}: not an address (write host:port, e.g. 127.0.0.1:9000): {err}",
+                cli.listen
+            ));
+            None
+        }
+    };
+    if let Some(addr) = listen
+        && !addr.ip().is_loopback()
+        && token.is_none()
+    {
+        problems.push(format!(
+            "--listen {addr} is not a loopback address and no token is set: anyone who can reach it could submit jobs or pose as a runner; set --token-file (or SURVEIL_TOKEN), or listen on 127.0.0.1"
+        ));
+    }
+    if !problems.is_empty() {
+        return None;
+    }
+    Some(Config {
+        listen: listen?,
+        state_dir: cli.state_dir.clone(),
+        token,
+        heartbeat_interval: cli.heartbeat_interval,
+        runner_timeout: cli.runner_timeout,
+        max_attempts: cli.max_attempts,
+        handshake_timeout: cli.handshake_timeout,
+        max_frame: usize::try_from(cli.max_frame).ok()?,
+        spawn_runners: cli.spawn_runners,
+        runner_command,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let argv: Vec<OsString> = std::iter::once("surveil-dispatcher")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect();
+        let cli: Cli = surveil_common::config::try_parse_from(argv, &|_| None)
+            .map_err(|e| format!("{e:?}"))?;
+        // The token comes from the file only: SURVEIL_TOKEN may be set in
+        // the environment running the tests.
+        let mut problems = Vec::new();
+        let token = cli
+            .token_file
+            .as_deref()
+            .map(|p| std::fs::read_to_string(p).unwrap().trim().to_owned());
+        validate(&cli, token, &mut problems).ok_or_else(|| problems.join("\n"))
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = parse(&["--state-dir", "/tmp/x"]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(c.runner_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_attempts, 3);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_frame, 8 * 1024 * 1024);
+        assert_eq!(c.spawn_runners, 0);
+    }
+
+    #[test]
+    fn invalid_values_are_all_reported_naming_the_flag() {
+        let err = parse(&[
+            "--state-dir",
+            "/tmp/x",
+            "--heartbeat-interval",
+            "5s",
+            "--runner-timeout",
+            "2s",
+            "--max-attempts",
+            "0",
+            "--spawn-runners",
+            "2",
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("--heartbeat-interval (5s) must be shorter than --runner-timeout"),
+            "{err}"
+        );
+        assert!(err.contains("--max-attempts must be at least 1"), "{err}");
+        assert!(
+            err.contains("--spawn-runners 2 needs --runner-command"),
+            "{err}"
+        );
+        let err = parse(&["--state-dir", "/tmp/x", "--handshake-timeout", "0s"]).unwrap_err();
+        assert!(
+            err.contains("--handshake-timeout must be greater than 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_a_token() {
+        let err = parse(&["--state-dir", "/tmp/x", "--listen", "0.0.0.0:9000"]).unwrap_err();
+        assert!(
+            err.contains("not a loopback address and no token is set"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "  s3cret\n").unwrap();
+        let c = parse(&[
+            "--state-dir",
+            "/tmp/x",
+            "--listen",
+            "0.0.0.0:9000",
+            "--token-file",
+            token.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(c.token.as_deref(), Some("s3cret"));
+    }
+}

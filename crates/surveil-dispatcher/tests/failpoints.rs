@@ -1,0 +1,56 @@
+//! With the `failpoints` feature: each supervised task is made to panic;
+//! the supervisor restarts it, counts it in `GetStatus`, and queued jobs
+//! still reach runners.
+//!
+//! Failpoints are process-global, so this is its own test binary (no
+//! other dispatcher in the process can trip them) and the stories run one
+//! after another inside a single test. Run with
+//! `cargo test -p surveil-dispatcher --features failpoints`.
+#![cfg(feature = "failpoints")]
+
+#[path = "it/harness.rs"]
+mod harness;
+
+use surveil_proto::*;
+
+use harness::*;
+
+#[tokio::test]
+async fn each_supervised_task_restarts_after_a_panic_and_service_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Dispatcher::start(fast_config(dir.path())).await;
+    let mut client = d.client().await;
+    let mut runner = d.runner("ci-1", 8).await;
+    let mut n = 0;
+    for task in ["monitor", "redistributor", "spawner"] {
+        let point = match task {
+            "monitor" => "monitor-tick",
+            "redistributor" => "redistributor-pass",
+            _ => "spawner-tick",
+        };
+        fail::cfg(point, "1*panic(failpoint test)").unwrap();
+        // Wait until the supervisor has counted the restart.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let status = client.status().await;
+            if status.supervisor_restarts.get(task) == Some(&1) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{task} restart never counted: {status:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        fail::remove(point);
+        // The service goes on: a new job is assigned, and the runner is
+        // still considered alive (the monitor's pings resumed).
+        n += 1;
+        let id = client.submit(&[commit(n)]).await[0];
+        assert_eq!(runner.expect_assign().await.job_id, id);
+        assert!(runner.finish(id, 1, JobStatus::Passed).await.accepted);
+    }
+    let status = client.status().await;
+    assert_eq!(status.runners, 1);
+    d.stop().await;
+}

@@ -1,0 +1,298 @@
+//! A dispatcher started in-process on 127.0.0.1:0, and fake peers (runners,
+//! clients) written with `surveil_proto::Connection`. Every wait is bounded.
+//!
+//! Shared by the `it` and `failpoints` test binaries; each uses a part.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use surveil_dispatcher::Config;
+use surveil_proto::*;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The longest any single wait in these tests may take.
+pub const WAIT: Duration = Duration::from_secs(15);
+pub const REPO: &str = "/srv/git/app";
+
+pub fn commit(n: u64) -> String {
+    format!("{n:040x}")
+}
+
+/// Settings with short liveness intervals, so timeouts happen in about a
+/// second of real time.
+pub fn fast_config(dir: &Path) -> Config {
+    let mut config = Config::for_state_dir(dir);
+    config.heartbeat_interval = Duration::from_millis(100);
+    config.runner_timeout = Duration::from_millis(1000);
+    config.handshake_timeout = Duration::from_millis(500);
+    config
+}
+
+pub struct Dispatcher {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Dispatcher {
+    pub async fn start(config: Config) -> Dispatcher {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(surveil_dispatcher::run(config, listener, shutdown.clone()));
+        Dispatcher {
+            addr,
+            shutdown,
+            handle,
+        }
+    }
+
+    /// Cancels and waits for a clean return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("dispatcher stops in time")
+            .expect("dispatcher task did not panic")
+            .expect("dispatcher returned Ok");
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr, Hello::new(Role::Client, "test-client")).await
+    }
+
+    pub async fn runner(&self, name: &str, slots: u32) -> FakeRunner {
+        self.runner_with_leases(name, slots, vec![]).await
+    }
+
+    pub async fn runner_with_leases(
+        &self,
+        name: &str,
+        slots: u32,
+        leases: Vec<Lease>,
+    ) -> FakeRunner {
+        let mut hello = Hello::new(Role::Runner, name);
+        hello.slots = slots;
+        hello.repos = vec![REPO.to_owned()];
+        hello.leases = leases;
+        FakeRunner::connect(self.addr, hello).await
+    }
+}
+
+pub async fn handshake(
+    addr: SocketAddr,
+    hello: Hello,
+) -> Result<(Connection<TcpStream>, Welcome), HandshakeError> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut conn = Connection::new(stream);
+    let welcome = conn.client_handshake(hello, WAIT).await?;
+    Ok((conn, welcome))
+}
+
+pub struct Client {
+    pub conn: Connection<TcpStream>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, hello: Hello) -> Client {
+        let (conn, _) = handshake(addr, hello).await.expect("client handshake");
+        Client { conn }
+    }
+
+    pub async fn recv(&mut self) -> Option<Msg> {
+        tokio::time::timeout(WAIT, self.conn.recv())
+            .await
+            .expect("reply in time")
+            .expect("valid frame")
+    }
+
+    pub async fn call(&mut self, msg: impl Into<Envelope>) -> Msg {
+        self.conn.send(msg).await.unwrap();
+        self.recv().await.expect("a reply, not a close")
+    }
+
+    pub async fn submit(&mut self, commits: &[String]) -> Vec<u64> {
+        match self
+            .call(Submit {
+                repo: REPO.to_owned(),
+                branch: "main".to_owned(),
+                commits: commits.to_vec(),
+            })
+            .await
+        {
+            Msg::SubmitAck(ack) => ack.job_ids,
+            other => panic!("expected SubmitAck, got {other:?}"),
+        }
+    }
+
+    pub async fn job(&mut self, id: u64) -> Option<JobInfo> {
+        match self.call(GetJob { job_id: id }).await {
+            Msg::GetJobReply(r) => r.job,
+            other => panic!("expected GetJobReply, got {other:?}"),
+        }
+    }
+
+    pub async fn status(&mut self) -> GetStatusReply {
+        match self.call(GetStatus {}).await {
+            Msg::GetStatusReply(r) => r,
+            other => panic!("expected GetStatusReply, got {other:?}"),
+        }
+    }
+
+    /// Polls the job until `done` holds, for at most [`WAIT`].
+    pub async fn wait_job(
+        &mut self,
+        id: u64,
+        what: &str,
+        done: impl Fn(&JobInfo) -> bool,
+    ) -> JobInfo {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let job = self.job(id).await.expect("job exists");
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} never became {what}: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A runner driven by the test. A background task answers `Ping`s (unless
+/// made silent) and hands every other message to the test.
+pub struct FakeRunner {
+    out: mpsc::Sender<Envelope>,
+    inbox: mpsc::Receiver<Option<Msg>>,
+    silent: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl FakeRunner {
+    pub async fn connect(addr: SocketAddr, hello: Hello) -> FakeRunner {
+        let (conn, _) = handshake(addr, hello).await.expect("runner handshake");
+        let (mut reader, mut writer) = conn.split();
+        let (out, mut out_rx) = mpsc::channel::<Envelope>(64);
+        let (inbox_tx, inbox) = mpsc::channel(1024);
+        let silent = Arc::new(AtomicBool::new(false));
+        let writer_task = tokio::spawn(async move {
+            while let Some(msg) = out_rx.recv().await {
+                if writer.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let pong = out.clone();
+        let quiet = silent.clone();
+        let reader_task = tokio::spawn(async move {
+            loop {
+                match reader.recv().await {
+                    Ok(Some(Msg::Ping(ping))) => {
+                        if !quiet.load(Ordering::SeqCst) {
+                            let _ = pong.send(Pong { seq: ping.seq }.into()).await;
+                        }
+                    }
+                    Ok(Some(msg)) => {
+                        if inbox_tx.send(Some(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        let _ = inbox_tx.send(None).await;
+                        return;
+                    }
+                }
+            }
+        });
+        FakeRunner {
+            out,
+            inbox,
+            silent,
+            tasks: vec![writer_task, reader_task],
+        }
+    }
+
+    /// Stops answering pings (and sending anything).
+    pub fn go_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+    }
+
+    pub async fn send(&self, msg: impl Into<Envelope>) {
+        self.out
+            .send(msg.into())
+            .await
+            .expect("runner writer alive");
+    }
+
+    /// The next non-Ping message; `None` when the dispatcher closed.
+    pub async fn recv(&mut self) -> Option<Msg> {
+        tokio::time::timeout(WAIT, self.inbox.recv())
+            .await
+            .expect("a message in time")
+            .flatten()
+    }
+
+    /// Whether a message arrives within `within` (for "nothing is sent").
+    pub async fn recv_within(&mut self, within: Duration) -> Option<Option<Msg>> {
+        tokio::time::timeout(within, self.inbox.recv())
+            .await
+            .ok()
+            .map(Option::flatten)
+    }
+
+    pub async fn expect_assign(&mut self) -> Assign {
+        match self.recv().await {
+            Some(Msg::Assign(a)) => a,
+            other => panic!("expected Assign, got {other:?}"),
+        }
+    }
+
+    pub async fn finish(&mut self, job: u64, attempt: u32, status: JobStatus) -> ResultAck {
+        self.send(JobFinished {
+            job_id: job,
+            attempt,
+            status: status as i32,
+            message: String::new(),
+            tasks: vec![TaskResult {
+                name: "unit".into(),
+                status: TaskStatus::Passed as i32,
+                exit_code: Some(0),
+                signal: None,
+                duration_ms: 5,
+                message: String::new(),
+            }],
+        })
+        .await;
+        loop {
+            match self.recv().await {
+                Some(Msg::ResultAck(ack)) => return ack,
+                Some(Msg::Cancel(_)) => continue,
+                other => panic!("expected ResultAck, got {other:?}"),
+            }
+        }
+    }
+
+    /// Closes the connection at once.
+    pub fn close(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for FakeRunner {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
