@@ -253,6 +253,23 @@ async fn run_runner(
             close: close.clone(),
         },
     );
+    let previous = shared.with_sched(|s| s.runners().into_iter().find(|r| r.name == hello.name));
+    if let Some(previous) = previous {
+        let same_host = previous
+            .addr
+            .parse::<SocketAddr>()
+            .is_ok_and(|addr| addr.ip() == peer.ip());
+        if same_host {
+            tracing::info!(old = %previous.addr, "runner reconnected; replacing its previous session");
+        } else {
+            // Names must be unique: two machines sharing one would keep
+            // taking each other's place.
+            tracing::warn!(
+                old = %previous.addr,
+                "a runner with this name connected from another address; it replaces the previous session"
+            );
+        }
+    }
     let leases = hello.leases.iter().map(|l| (l.job_id, l.attempt)).collect();
     tracing::info!(session, slots = hello.slots, repos = ?hello.repos, "runner connected");
     shared.with_sched(|s| {
