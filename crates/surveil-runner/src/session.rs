@@ -25,8 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use surveil_proto::{
-    Assign, Connection, Envelope, FrameReader, FrameWriter, Hello, JobFinished, Lease, Log, Msg,
-    Pong, Role,
+    Assign, Connection, Envelope, Hello, JobFinished, Lease, Log, Msg, Pong, Role,
 };
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -108,20 +107,20 @@ struct Running {
     started_sent: bool,
 }
 
+/// The live connection. It stays one `Connection` read and written by the
+/// session task alone: `Connection::split` would hand the reader bytes
+/// already buffered during the handshake, but tokio-util's `FramedRead`
+/// only decodes them after the next socket read, so a frame that arrived
+/// together with `Welcome` would wait for the one after it.
 struct Link {
-    writer: FrameWriter<TcpStream>,
-    incoming: mpsc::Receiver<Option<Msg>>,
+    conn: Connection<TcpStream>,
     /// Without any frame from the dispatcher for this long, it is presumed
     /// gone (its pings stopped).
     silence_limit: Option<Duration>,
     last_heard: Instant,
 }
 
-type Dialed = anyhow::Result<(
-    FrameWriter<TcpStream>,
-    FrameReader<TcpStream>,
-    surveil_proto::Welcome,
-)>;
+type Dialed = anyhow::Result<(Connection<TcpStream>, surveil_proto::Welcome)>;
 
 /// The session state machine and its driver.
 pub struct Session {
@@ -211,7 +210,7 @@ impl Session {
                 dialed = async { dialing.as_mut().expect("guarded").await }, if dialing.is_some() => {
                     dialing = None;
                     match dialed {
-                        Ok((writer, reader, welcome)) => self.on_connected(writer, reader, welcome).await,
+                        Ok((conn, welcome)) => self.on_connected(conn, welcome).await,
                         Err(e) => {
                             self.failures = self.failures.saturating_add(1);
                             let delay = backoff(self.failures, self.cfg.reconnect_max);
@@ -256,9 +255,8 @@ impl Session {
                 }
             }
         }
-        if let Some(mut link) = self.link.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), link.writer.flush()).await;
-        }
+        // Every send flushed already; dropping the link closes it.
+        drop(self.link.take());
         if !self.queued.is_empty() {
             tracing::info!(
                 jobs = ?self.queued.iter().map(|a| (a.job_id, a.attempt)).collect::<Vec<_>>(),
@@ -289,35 +287,9 @@ impl Session {
         hello
     }
 
-    async fn on_connected(
-        &mut self,
-        writer: FrameWriter<TcpStream>,
-        mut reader: FrameReader<TcpStream>,
-        welcome: surveil_proto::Welcome,
-    ) {
+    async fn on_connected(&mut self, conn: Connection<TcpStream>, welcome: surveil_proto::Welcome) {
         tracing::info!(session = %welcome.session_id, dispatcher = %welcome.server_version, "connected to the dispatcher");
         self.failures = 0;
-        let (tx, incoming) = mpsc::channel(64);
-        tokio::spawn(
-            async move {
-                loop {
-                    match reader.recv().await {
-                        Ok(Some(msg)) => {
-                            if tx.send(Some(msg)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "reading from the dispatcher failed");
-                            break;
-                        }
-                    }
-                }
-                let _ = tx.send(None).await;
-            }
-            .in_current_span(),
-        );
         // Several missed pings, and never less than the runner timeout the
         // dispatcher itself applies to us.
         let silence_limit = (welcome.heartbeat_interval_ms > 0).then(|| {
@@ -325,8 +297,7 @@ impl Session {
             beats.max(Duration::from_millis(u64::from(welcome.runner_timeout_ms)))
         });
         self.link = Some(Link {
-            writer,
-            incoming,
+            conn,
             silence_limit,
             last_heard: Instant::now(),
         });
@@ -380,7 +351,7 @@ impl Session {
             return false;
         };
         let frame = frame.into();
-        match tokio::time::timeout(WRITE_TIMEOUT, link.writer.send(frame)).await {
+        match tokio::time::timeout(WRITE_TIMEOUT, link.conn.send(frame)).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 self.disconnect(&format!("sending failed: {e}"));
@@ -572,10 +543,18 @@ impl Session {
     }
 }
 
+/// The next message; `None` when the connection ended or broke. Cancel
+/// safe (a frame half-read stays buffered in the connection).
 async fn recv(link: &mut Option<Link>) -> Option<Msg> {
-    match link {
-        Some(link) => link.incoming.recv().await.flatten(),
-        None => std::future::pending().await,
+    let Some(link) = link else {
+        return std::future::pending().await;
+    };
+    match link.conn.recv().await {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading from the dispatcher failed");
+            None
+        }
     }
 }
 
@@ -591,8 +570,7 @@ async fn dial(addr: String, hello: Hello) -> Dialed {
         .client_handshake(hello, HANDSHAKE_TIMEOUT)
         .await
         .with_context(|| format!("handshake with {addr} failed"))?;
-    let (reader, writer) = conn.split();
-    Ok((writer, reader, welcome))
+    Ok((conn, welcome))
 }
 
 /// Exponential from [`BACKOFF_START`], capped, with "equal jitter" (half
