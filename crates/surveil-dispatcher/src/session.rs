@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use subtle::ConstantTimeEq;
 use surveil_proto::{
-    CancelJob, CancelJobReply, Codec, Connection, Envelope, Error as ErrorMsg, FrameReader,
-    FrameWriter, GetJobReply, GetStatusReply, Hello, JobFinished, JobInfo, JobStatus,
-    ListJobsReply, ListRunnersReply, Msg, ReadLog, ReadLogReply, RejectCode, ResultAck, Role,
-    RunnerInfo, Stream, Submit, SubmitAck, Welcome,
+    CancelJob, CancelJobReply, Codec, CodecError, Connection, ConnectionError, Envelope,
+    Error as ErrorMsg, FrameReader, FrameWriter, GetJobReply, GetStatusReply, Hello, JobFinished,
+    JobInfo, JobStatus, ListJobsReply, ListRunnersReply, Msg, ReadLog, ReadLogReply, RejectCode,
+    ResultAck, Role, RunnerInfo, Stream, Submit, SubmitAck, Welcome,
 };
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -191,6 +191,7 @@ async fn write_batch(
 /// Waits for the next frame, or the close switch.
 async fn next_frame(
     reader: &mut Reader,
+    tx: &Tx,
     close: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> Result<Msg, End> {
@@ -207,7 +208,13 @@ async fn next_frame(
     match received {
         Ok(Some(msg)) => Ok(msg),
         Ok(None) => Err(End::PeerGone("connection closed".to_owned())),
-        Err(err) => Err(End::PeerGone(err.to_string())),
+        // A broken or cut stream: nobody is left to read an explanation.
+        Err(err @ ConnectionError::Codec(CodecError::Io(_) | CodecError::Truncated { .. })) => {
+            Err(End::PeerGone(err.to_string()))
+        }
+        // Garbage, an oversized frame, or a message from a newer protocol:
+        // the peer is still there and should learn why it is cut off.
+        Err(err) => Err(protocol_error(tx, format!("{err}; closing the connection")).await),
     }
 }
 
@@ -290,7 +297,7 @@ async fn run_runner(
     shared.wake.notify_one();
 
     let end = loop {
-        let msg = match next_frame(&mut reader, close, shutdown).await {
+        let msg = match next_frame(&mut reader, tx, close, shutdown).await {
             Ok(msg) => msg,
             Err(end) => break end,
         };
@@ -498,7 +505,7 @@ async fn run_client(
     shutdown: &CancellationToken,
 ) -> End {
     loop {
-        let msg = match next_frame(&mut reader, close, shutdown).await {
+        let msg = match next_frame(&mut reader, tx, close, shutdown).await {
             Ok(msg) => msg,
             Err(end) => return end,
         };

@@ -134,6 +134,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.framed.get_ref()
     }
 
+    /// The underlying stream, mutably: for raw writes (tests of hostile
+    /// input). Anything written must leave the stream at a frame boundary.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.framed.get_mut()
+    }
+
     /// Splits the connection into a reader and a writer that can be used
     /// from different tasks. Bytes already buffered are not lost: call this
     /// right after the handshake, before anything else is read.

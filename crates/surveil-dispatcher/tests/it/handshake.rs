@@ -143,3 +143,44 @@ async fn a_message_the_role_may_not_send_gets_an_error_and_a_close() {
     }
     d.stop().await;
 }
+
+#[tokio::test]
+async fn an_undecodable_or_future_frame_after_the_handshake_gets_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Dispatcher::start(fast_config(dir.path())).await;
+
+    // Field 99, length-delimited and empty: a oneof arm this version lacks.
+    let mut client = d.client().await;
+    client
+        .conn
+        .get_mut()
+        .write_all(&[0, 0, 0, 3, 0x9A, 0x06, 0x00])
+        .await
+        .unwrap();
+    match client.recv().await {
+        Some(Msg::Error(e)) => assert!(e.message.contains("newer version"), "{}", e.message),
+        other => panic!("expected Error, got {other:?}"),
+    }
+    assert_eq!(client.recv().await, None);
+
+    // Bytes that are no protobuf at all.
+    let mut client = d.client().await;
+    client
+        .conn
+        .get_mut()
+        .write_all(&[0, 0, 0, 2, 0xFF, 0xFF])
+        .await
+        .unwrap();
+    match client.recv().await {
+        Some(Msg::Error(e)) => assert!(e.message.contains("not a valid"), "{}", e.message),
+        other => panic!("expected Error, got {other:?}"),
+    }
+
+    // The dispatcher still serves everyone else.
+    let mut client = d.client().await;
+    assert!(matches!(
+        client.call(GetStatus::default()).await,
+        Msg::GetStatusReply(_)
+    ));
+    d.stop().await;
+}
