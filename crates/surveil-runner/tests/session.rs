@@ -672,3 +672,47 @@ async fn a_second_signal_cancels_running_jobs_at_once() {
         .unwrap();
     assert!(!runner.work.join("jobs/30-1").exists());
 }
+
+#[tokio::test]
+async fn jobs_beyond_the_slots_wait_for_a_free_slot() {
+    let src = tempfile::tempdir().unwrap();
+    let (repo, commit) = repo_with(src.path(), "[[task]]\nname = \"a\"\nrun = \"sleep 0.3\"\n");
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeDispatcher::bind().await;
+    let mut cfg = config(&fake.addr(), work.path(), vec![repo.clone()]);
+    cfg.slots = 2;
+    let runner = start(cfg);
+    let mut peer = fake.accept().await;
+    assert_eq!(peer.hello.slots, 2);
+    for job in [40, 41, 42] {
+        peer.send(assign(job, &repo, &commit)).await;
+    }
+    // Order of Started/JobFinished events: job 42 may only start once one
+    // of the first two has finished.
+    let mut order = Vec::new();
+    while order.iter().filter(|(kind, _)| *kind == "finished").count() < 3 {
+        match peer.recv().await {
+            Msg::Started(s) => order.push(("started", s.job_id)),
+            Msg::JobFinished(f) => {
+                assert_eq!(f.status(), JobStatus::Passed, "{f:?}");
+                peer.send(ResultAck {
+                    job_id: f.job_id,
+                    attempt: 1,
+                    accepted: true,
+                    message: String::new(),
+                })
+                .await;
+                order.push(("finished", f.job_id));
+            }
+            _ => {}
+        }
+    }
+    let started_42 = order.iter().position(|e| *e == ("started", 42)).unwrap();
+    let first_finish = order
+        .iter()
+        .position(|(kind, _)| *kind == "finished")
+        .unwrap();
+    assert!(first_finish < started_42, "{order:?}");
+    assert_eq!(&order[..2], [("started", 40), ("started", 41)], "{order:?}");
+    runner.stop().await;
+}
