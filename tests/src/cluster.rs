@@ -297,3 +297,43 @@ pub fn commit(repo: &Path, message: &str, files: &[(&str, &str)]) -> Result<Stri
     git(repo, &["commit", "--quiet", "--allow-empty", "-m", message])?;
     git(repo, &["rev-parse", "HEAD"])
 }
+
+impl Daemon {
+    /// The exit status if the daemon has exited (without blocking), so a
+    /// wait can stop early instead of polling a dead process to its
+    /// deadline.
+    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => bail!("{} is not running", self.name),
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 *below* the kernel's ephemeral range, so
+/// no outgoing connection of a parallel test can take it between this
+/// check and the daemon's bind, nor while a killed daemon is restarted on
+/// it. Falls back to [`free_port`] when no such port is free.
+pub fn stable_port() -> Result<u16> {
+    let low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 11_000 {
+        // Spread over the range below by time and pid, then probe upwards.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id().wrapping_mul(2_654_435_761);
+        let span = u32::from(low - 10_000);
+        let start = 10_000 + (seed % span) as u16;
+        for offset in 0..200u32 {
+            let port = 10_000 + ((u32::from(start - 10_000) + offset * 97) % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    free_port()
+}

@@ -4,3 +4,6 @@
 //! crate's `tests/` directory and in `xtask`.
 
 pub mod cluster;
+pub mod probe;
+pub mod record;
+pub mod relay;

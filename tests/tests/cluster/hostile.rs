@@ -1,0 +1,555 @@
+//! Hostile input against a running dispatcher, byte by byte over raw TCP:
+//! garbage, oversized and undecodable frames, silent connections by the
+//! hundred, bad handshakes, protocol violations after the handshake, bad
+//! pipeline files, and flags out of range. Each asserts what the peer is
+//! told and that a real runner keeps building meanwhile.
+
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rand::{Rng, SeedableRng};
+use surveil_proto::{
+    Assign, Envelope, Hello, JobStatus, Msg, PROTOCOL_VERSION, RejectCode, Role, Submit,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{Scene, bins, run_bounded};
+use surveil_tests::probe::{describe, status_of};
+
+const TOKEN: &str = "hostile-test-token";
+/// How long one raw exchange may take before the test calls it hung.
+const EXCHANGE: Duration = Duration::from_secs(10);
+
+/// How a raw exchange ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// The dispatcher closed the connection (EOF or reset).
+    Closed,
+    /// It kept the connection open past the deadline.
+    StillOpen,
+}
+
+/// A frame: the 4-byte big-endian length, then the bytes.
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+fn envelope(msg: impl Into<Envelope>) -> Vec<u8> {
+    frame(&msg.into().encode_to_vec())
+}
+
+/// Reads one frame; `None` at a clean or abrupt end of stream.
+async fn read_frame(stream: &mut TcpStream) -> Option<Envelope> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.ok()?;
+    let len = u32::from_be_bytes(len) as usize;
+    assert!(len <= 8 << 20, "the dispatcher sent a frame of {len} bytes");
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.ok()?;
+    Some(Envelope::decode(body.as_slice()).expect("the dispatcher sent an undecodable frame"))
+}
+
+/// Reads what the dispatcher sends until it closes or `deadline` passes.
+async fn read_until_close(stream: &mut TcpStream, deadline: Duration) -> (Vec<Msg>, Ending) {
+    let mut msgs = Vec::new();
+    let end = Instant::now() + deadline;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, read_frame(stream)).await {
+            Err(_) => return (msgs, Ending::StillOpen),
+            Ok(None) => return (msgs, Ending::Closed),
+            Ok(Some(Envelope { msg: Some(msg) })) => msgs.push(msg),
+            Ok(Some(Envelope { msg: None })) => panic!("the dispatcher sent an empty envelope"),
+        }
+    }
+}
+
+/// Connects, writes `bytes`, and collects the answer until the close.
+async fn send_raw(addr: &str, bytes: &[u8]) -> (Vec<Msg>, Ending) {
+    let mut stream = TcpStream::connect(addr).await.expect("connecting");
+    // A reset while writing is an acceptable answer to garbage: the reply
+    // is still read below.
+    let _ = stream.write_all(bytes).await;
+    read_until_close(&mut stream, EXCHANGE).await
+}
+
+/// Asserts the exchange was exactly one `Reject` with `code`, then a close;
+/// returns its message.
+fn expect_reject(what: &str, (msgs, ending): (Vec<Msg>, Ending), code: RejectCode) -> String {
+    assert_eq!(ending, Ending::Closed, "{what}: the connection must close");
+    match msgs.as_slice() {
+        [Msg::Reject(reject)] => {
+            assert_eq!(
+                reject.code(),
+                code,
+                "{what}: reject code (message: {})",
+                reject.message
+            );
+            assert!(!reject.message.is_empty(), "{what}: the Reject explains");
+            reject.message.clone()
+        }
+        other => panic!("{what}: expected one Reject {code:?}, got {other:?}"),
+    }
+}
+
+fn hello(role: Role, name: &str, token: &str) -> Hello {
+    let mut hello = Hello::new(role, name);
+    hello.token = token.to_owned();
+    if role == Role::Runner {
+        hello.slots = 1;
+    }
+    hello
+}
+
+/// Connects and completes a handshake as `hello`; returns the stream.
+async fn handshake(addr: &str, hello: Hello) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connecting");
+    stream.write_all(&envelope(hello)).await.unwrap();
+    match read_frame(&mut stream).await {
+        Some(Envelope {
+            msg: Some(Msg::Welcome(_)),
+        }) => stream,
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// Asserts the exchange ended with one `Error` whose message contains
+/// every one of `words`, then a close.
+fn expect_error(what: &str, (msgs, ending): (Vec<Msg>, Ending), words: &[&str]) {
+    assert_eq!(ending, Ending::Closed, "{what}: the connection must close");
+    let errors: Vec<&str> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            Msg::Error(e) => Some(e.message.as_str()),
+            _ => None,
+        })
+        .collect();
+    match errors.as_slice() {
+        [message] => {
+            for word in words {
+                assert!(
+                    message.contains(word),
+                    "{what}: the Error must mention `{word}`: {message}"
+                );
+            }
+        }
+        _ => panic!("{what}: expected one Error, got {msgs:?}"),
+    }
+}
+
+/// VmRSS of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// Commits a quick pipeline, submits it and asserts it passes: the proof
+/// that a real runner kept working through the abuse.
+fn a_job_still_passes(s: &Scene, what: &str) {
+    let commit = s.commit_quick(what).unwrap();
+    let [id] = s.submit(&[&commit]).unwrap()[..] else {
+        panic!("one job id expected")
+    };
+    let job = s.wait_final(id).unwrap();
+    assert_eq!(
+        status_of(&job),
+        JobStatus::Passed,
+        "{what}: {}",
+        describe(&job)
+    );
+}
+
+fn guarded_scene() -> Scene {
+    let mut s = Scene::with_token(
+        &[
+            "--handshake-timeout",
+            "1s",
+            "--heartbeat-interval",
+            "200ms",
+            "--runner-timeout",
+            "2s",
+        ],
+        Some(TOKEN),
+    )
+    .expect("starting the dispatcher");
+    s.add_runner("r1", &s.addr.clone()).unwrap();
+    s.wait_runners(&["r1"]).unwrap();
+    s
+}
+
+#[test]
+fn garbage_and_bad_handshakes_are_rejected_and_a_runner_keeps_working() {
+    let s = guarded_scene();
+    let addr = s.addr.clone();
+    a_job_still_passes(&s, "before the abuse");
+
+    s.probe.block_on(async {
+        // Random bytes: whatever their first four bytes say, the answer is
+        // one Reject with a framing or handshake code, then a close.
+        let seed: u64 = rand::rng().random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut rounds = Vec::new();
+        for _ in 0..20 {
+            let len = rng.random_range(1..512);
+            let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let addr = addr.clone();
+            rounds.push(tokio::spawn(async move {
+                let answer = send_raw(&addr, &bytes).await;
+                (bytes, answer)
+            }));
+        }
+        for round in rounds {
+            let (bytes, (msgs, ending)) = round.await.unwrap();
+            let what = format!(
+                "random bytes (seed {seed}) {:02x?}",
+                &bytes[..bytes.len().min(8)]
+            );
+            assert_eq!(ending, Ending::Closed, "{what}: the connection must close");
+            match msgs.as_slice() {
+                [Msg::Reject(r)] => assert!(
+                    matches!(
+                        r.code(),
+                        RejectCode::ProtocolError
+                            | RejectCode::FrameTooLarge
+                            | RejectCode::HandshakeTimeout
+                    ),
+                    "{what}: {r:?}"
+                ),
+                other => panic!("{what}: expected one Reject, got {other:?}"),
+            }
+        }
+
+        let message = expect_reject(
+            "a 4 GiB length prefix",
+            send_raw(&addr, &[0xff, 0xff, 0xff, 0xff]).await,
+            RejectCode::FrameTooLarge,
+        );
+        assert!(
+            message.contains("4294967295"),
+            "names the length: {message}"
+        );
+        assert!(message.contains("8388608"), "names the limit: {message}");
+
+        let message = expect_reject(
+            "an HTTP request",
+            send_raw(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
+            RejectCode::FrameTooLarge,
+        );
+        assert!(message.contains("exceeds the limit"), "{message}");
+
+        let message = expect_reject(
+            "a valid length with invalid protobuf",
+            send_raw(&addr, &frame(&[0xff, 0xff, 0xff, 0xff])).await,
+            RejectCode::ProtocolError,
+        );
+        assert!(
+            message.contains("not a valid surveil.v1.Envelope"),
+            "{message}"
+        );
+
+        let message = expect_reject(
+            "a first frame that is not a Hello",
+            send_raw(&addr, &envelope(Submit::default())).await,
+            RejectCode::ProtocolError,
+        );
+        assert!(
+            message.contains("Hello") && message.contains("Submit"),
+            "{message}"
+        );
+
+        let message = expect_reject(
+            "a wrong token",
+            send_raw(&addr, &envelope(hello(Role::Client, "intruder", "not-it"))).await,
+            RejectCode::BadToken,
+        );
+        assert!(message.contains("token"), "{message}");
+
+        let mut future = hello(Role::Client, "from-the-future", TOKEN);
+        future.protocol_version = PROTOCOL_VERSION + 1;
+        let message = expect_reject(
+            "a newer protocol version",
+            send_raw(&addr, &envelope(future)).await,
+            RejectCode::UnsupportedVersion,
+        );
+        assert!(
+            message.contains(&format!("{}", PROTOCOL_VERSION + 1)),
+            "{message}"
+        );
+
+        let mut nameless = hello(Role::Runner, "", TOKEN);
+        nameless.slots = 1;
+        let message = expect_reject(
+            "a runner without a name",
+            send_raw(&addr, &envelope(nameless)).await,
+            RejectCode::BadRole,
+        );
+        assert!(message.contains("name"), "{message}");
+    });
+    a_job_still_passes(&s, "after the garbage");
+}
+
+#[test]
+fn five_hundred_silent_connections_time_out_and_memory_stays_flat() {
+    let s = guarded_scene();
+    let addr = s.addr.clone();
+    a_job_still_passes(&s, "warm-up");
+    let pid = s.dispatcher.pid().unwrap();
+    let before = rss_kib(pid);
+
+    let mut after_rounds = Vec::new();
+    for round in 0..2 {
+        let opened = Instant::now();
+        let conns: Vec<_> = s.probe.block_on(async {
+            let mut streams = Vec::new();
+            for _ in 0..500 {
+                streams.push(TcpStream::connect(&addr).await.expect("connecting"));
+            }
+            streams
+                .into_iter()
+                .map(|mut stream| {
+                    tokio::spawn(async move {
+                        let answer = read_until_close(&mut stream, EXCHANGE).await;
+                        (answer, Instant::now())
+                    })
+                })
+                .collect()
+        });
+        // While 500 connections say nothing, the runner still builds.
+        a_job_still_passes(&s, &format!("during silent round {round}"));
+        let answers = s.probe.block_on(async {
+            let mut answers = Vec::new();
+            for conn in conns {
+                answers.push(conn.await.unwrap());
+            }
+            answers
+        });
+        for (answer, at) in answers {
+            let message =
+                expect_reject("a silent connection", answer, RejectCode::HandshakeTimeout);
+            assert!(message.contains("timed out"), "{message}");
+            // Not before the configured 1 s (minus the time it took to open
+            // them all, since each timer starts at its own accept).
+            assert!(at.duration_since(opened) >= Duration::from_millis(900));
+        }
+        after_rounds.push(rss_kib(pid));
+    }
+    let after = *after_rounds.last().unwrap();
+    eprintln!(
+        "dispatcher VmRSS: before {before} KiB, after each round of 500 silent connections {after_rounds:?} KiB"
+    );
+    assert!(
+        after < 2 * before + 20 * 1024,
+        "dispatcher RSS grew from {before} KiB to {after} KiB"
+    );
+    a_job_still_passes(&s, "after the silent connections");
+}
+
+#[test]
+fn protocol_violations_after_the_handshake_get_an_error_and_a_close() {
+    let s = guarded_scene();
+    let addr = s.addr.clone();
+    let unknown_arm_error = s.probe.block_on(async {
+        // An Envelope arm from a future version: field 99, an empty
+        // message (key 99<<3|2 = 794 = varint 9a 06, then length 0).
+        let mut stream = handshake(&addr, hello(Role::Client, "newer-client", TOKEN)).await;
+        stream.write_all(&frame(&[0x9a, 0x06, 0x00])).await.unwrap();
+        let (msgs, ending) = read_until_close(&mut stream, EXCHANGE).await;
+        assert_eq!(
+            ending,
+            Ending::Closed,
+            "an unknown arm closes the connection"
+        );
+        let error = msgs.iter().find_map(|m| match m {
+            Msg::Error(e) => Some(e.message.clone()),
+            _ => None,
+        });
+        if let Some(message) = &error {
+            assert!(message.contains("newer version"), "{message}");
+        }
+
+        let mut stream = handshake(&addr, hello(Role::Client, "twice", TOKEN)).await;
+        stream
+            .write_all(&envelope(hello(Role::Client, "twice", TOKEN)))
+            .await
+            .unwrap();
+        expect_error(
+            "a second Hello",
+            read_until_close(&mut stream, EXCHANGE).await,
+            &["second Hello"],
+        );
+
+        let mut observer = hello(Role::Observer, "pretender", TOKEN);
+        observer.repos = vec!["/nowhere".into()];
+        let mut stream = handshake(&addr, observer).await;
+        stream
+            .write_all(&envelope(Assign::default()))
+            .await
+            .unwrap();
+        expect_error(
+            "an observer sending Assign",
+            read_until_close(&mut stream, EXCHANGE).await,
+            &["observer", "may not send Assign"],
+        );
+
+        let mut stream = handshake(&addr, hello(Role::Runner, "pretend-runner", TOKEN)).await;
+        stream
+            .write_all(&envelope(Submit {
+                repo: "/nowhere".into(),
+                branch: "main".into(),
+                commits: vec!["0".repeat(40)],
+            }))
+            .await
+            .unwrap();
+        expect_error(
+            "a runner sending Submit",
+            read_until_close(&mut stream, EXCHANGE).await,
+            &["runner", "may not send Submit"],
+        );
+        error
+    });
+    eprintln!(
+        "unknown Envelope arm after the handshake: connection closed; Error sent: {}",
+        unknown_arm_error.as_deref().unwrap_or("none")
+    );
+    // Nothing the pretenders sent reached the queue.
+    let jobs = s.probe.jobs().unwrap();
+    assert!(jobs.is_empty(), "{jobs:#?}");
+    a_job_still_passes(&s, "after the violations");
+}
+
+/// Commits `bytes` as the pipeline file.
+fn commit_pipeline(s: &Scene, message: &str, bytes: &[u8]) -> String {
+    std::fs::write(s.repo_dir.join(".surveil.toml"), bytes).unwrap();
+    surveil_tests::cluster::git(&s.repo_dir, &["add", ".surveil.toml"]).unwrap();
+    surveil_tests::cluster::git(&s.repo_dir, &["commit", "--quiet", "-m", message]).unwrap();
+    surveil_tests::cluster::git(&s.repo_dir, &["rev-parse", "HEAD"]).unwrap()
+}
+
+#[test]
+fn bad_pipeline_files_end_the_job_error_and_the_next_good_commit_passes() {
+    let s = guarded_scene();
+    let mut binary = b"[[task]]\nname = \"x\"\nrun = \"true\"\n".to_vec();
+    binary.extend_from_slice(&[0, 1, 2, 0xff, 0xfe, 0]);
+    let huge = vec![b'#'; 1024 * 1024 + 1];
+    let cases: [(&str, Vec<u8>, &[&str]); 3] = [
+        ("binary", binary, &[".surveil.toml", "UTF-8"]),
+        (
+            "huge",
+            huge,
+            &[".surveil.toml", "1048577 bytes", "limit is 1 MiB"],
+        ),
+        (
+            "task without run",
+            b"[[task]]\nname = \"no-run\"\n".to_vec(),
+            &[".surveil.toml", "run"],
+        ),
+    ];
+    for (what, bytes, words) in cases {
+        let commit = commit_pipeline(&s, what, &bytes);
+        let [id] = s.submit(&[&commit]).unwrap()[..] else {
+            panic!("one job id expected")
+        };
+        let job = s.wait_final(id).unwrap();
+        assert_eq!(
+            status_of(&job),
+            JobStatus::Error,
+            "{what}: {}",
+            describe(&job)
+        );
+        let message = job.message.clone().unwrap_or_default();
+        for word in words {
+            assert!(
+                message.contains(word),
+                "{what}: the message must mention `{word}`: {message}"
+            );
+        }
+        a_job_still_passes(&s, &format!("good commit after the {what} pipeline"));
+    }
+}
+
+#[test]
+fn out_of_range_flags_exit_2_naming_the_flag() {
+    let b = bins();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let deadline = Duration::from_secs(20);
+    let cases: [(&std::path::Path, Vec<&str>, &[&str]); 6] = [
+        (
+            &b.runner,
+            vec!["--slots", "0", "--work-dir", d, d],
+            &["--slots"],
+        ),
+        (
+            &b.dispatcher,
+            vec![
+                "--state-dir",
+                d,
+                "--listen",
+                "127.0.0.1:0",
+                "--max-attempts",
+                "0",
+            ],
+            &["--max-attempts"],
+        ),
+        (
+            &b.dispatcher,
+            vec![
+                "--state-dir",
+                d,
+                "--listen",
+                "127.0.0.1:0",
+                "--runner-timeout",
+                "soon",
+            ],
+            &["--runner-timeout"],
+        ),
+        (
+            &b.observer,
+            vec!["--max-backlog", "0", "--state-dir", d, d],
+            &["--max-backlog"],
+        ),
+        (
+            &b.dispatcher,
+            vec![
+                "--state-dir",
+                d,
+                "--listen",
+                "127.0.0.1:0",
+                "--max-frame",
+                "1",
+            ],
+            &["--max-frame"],
+        ),
+        // Anyone who can reach a non-loopback port could pose as a runner:
+        // without a token the dispatcher refuses, and says so.
+        (
+            &b.dispatcher,
+            vec!["--state-dir", d, "--listen", "0.0.0.0:0"],
+            &["--listen", "not a loopback address", "token"],
+        ),
+    ];
+    for (program, args, words) in cases {
+        let out = run_bounded(program, &args, deadline).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{} {args:?}: exit code; stderr: {stderr}",
+            program.display()
+        );
+        for word in words {
+            assert!(
+                stderr.contains(word),
+                "{} {args:?}: stderr must mention `{word}`: {stderr}",
+                program.display()
+            );
+        }
+    }
+}

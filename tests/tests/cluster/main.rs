@@ -1,0 +1,8 @@
+//! One test binary for every story over real processes, so the daemons are
+//! built once: fault stories (`faults`) and hostile input (`hostile`).
+//! Each story has its own scratch directory, ports and daemons, so libtest
+//! runs them in parallel.
+
+mod common;
+mod faults;
+mod hostile;
