@@ -132,21 +132,26 @@ fn runner_sigstop_its_job_moves_in_time_and_its_stale_result_is_refused() {
 
     s.runner(&victim).unwrap().signal("CONT").unwrap();
     let other = done.runner.clone().unwrap();
-    s.wait_runners(&["r1", "r2"]).unwrap();
-    // Settled: the resumed runner holds nothing for attempt 1 any more
-    // (its result was refused, or its lease cancelled and the result
-    // dropped) and is connected and idle.
+    // The resumed runner still holds attempt 1's result (its task ended
+    // while it was stopped, or it is cancelled now): whichever, it reports
+    // it, the dispatcher refuses it (the lease was revoked), and the runner
+    // drops it from its outbox.
     let stale = format!("{id}-1.pb");
-    wait_for("the stale attempt to be settled", STEP, POLL, || {
-        let idle = s
-            .probe
-            .runners()?
-            .iter()
-            .any(|r| r.name == victim && r.running.is_empty());
-        Ok((idle && !s.outbox(&victim).contains(&stale)).then_some(()))
-    })
+    let refused = wait_for(
+        "the stale result to be refused and dropped",
+        STEP,
+        POLL,
+        || {
+            let refused = s.probe.status()?.refused_results - refused_before;
+            let idle = s
+                .probe
+                .runners()?
+                .iter()
+                .any(|r| r.name == victim && r.running.is_empty());
+            Ok((refused >= 1 && idle && !s.outbox(&victim).contains(&stale)).then_some(refused))
+        },
+    )
     .unwrap();
-    let refused = s.probe.status().unwrap().refused_results - refused_before;
     eprintln!("runner SIGSTOP: refused results after SIGCONT: {refused}");
     let after = s.probe.job(id).unwrap().unwrap();
     assert_eq!(after.attempt, 2, "{}", describe(&after));
@@ -338,17 +343,24 @@ fn silent_partition_is_detected_by_the_timeout_and_the_stale_result_refused() {
 
     relay.heal();
     s.wait_runners(&["r1", "r2"]).unwrap();
+    // r1 reconnects through the healed relay still holding attempt 1's
+    // result; the dispatcher refuses it and r1 drops it.
     let stale = format!("{id}-1.pb");
-    wait_for("r1's stale attempt to be settled", STEP, POLL, || {
-        let idle = s
-            .probe
-            .runners()?
-            .iter()
-            .any(|r| r.name == "r1" && r.running.is_empty());
-        Ok((idle && !s.outbox("r1").contains(&stale)).then_some(()))
-    })
+    let refused = wait_for(
+        "r1's stale result to be refused and dropped",
+        STEP,
+        POLL,
+        || {
+            let refused = s.probe.status()?.refused_results - refused_before;
+            let idle = s
+                .probe
+                .runners()?
+                .iter()
+                .any(|r| r.name == "r1" && r.running.is_empty());
+            Ok((refused >= 1 && idle && !s.outbox("r1").contains(&stale)).then_some(refused))
+        },
+    )
     .unwrap();
-    let refused = s.probe.status().unwrap().refused_results - refused_before;
     eprintln!(
         "silent partition: refused results after healing: {refused}; relay connections: {}",
         relay.connections()

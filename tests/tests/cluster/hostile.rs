@@ -355,24 +355,38 @@ fn five_hundred_silent_connections_time_out_and_memory_stays_flat() {
 fn protocol_violations_after_the_handshake_get_an_error_and_a_close() {
     let s = guarded_scene();
     let addr = s.addr.clone();
-    let unknown_arm_error = s.probe.block_on(async {
+    s.probe.block_on(async {
         // An Envelope arm from a future version: field 99, an empty
-        // message (key 99<<3|2 = 794 = varint 9a 06, then length 0).
+        // message (key 99<<3|2 = 794 = varint 9a 06, then length 0). The
+        // peer is told why before the close.
         let mut stream = handshake(&addr, hello(Role::Client, "newer-client", TOKEN)).await;
         stream.write_all(&frame(&[0x9a, 0x06, 0x00])).await.unwrap();
-        let (msgs, ending) = read_until_close(&mut stream, EXCHANGE).await;
-        assert_eq!(
-            ending,
-            Ending::Closed,
-            "an unknown arm closes the connection"
+        expect_error(
+            "an unknown Envelope arm",
+            read_until_close(&mut stream, EXCHANGE).await,
+            &["newer version", "closing the connection"],
         );
-        let error = msgs.iter().find_map(|m| match m {
-            Msg::Error(e) => Some(e.message.clone()),
-            _ => None,
-        });
-        if let Some(message) = &error {
-            assert!(message.contains("newer version"), "{message}");
-        }
+
+        // Undecodable bytes after the handshake: an Error, then the close.
+        let mut stream = handshake(&addr, hello(Role::Client, "garbler", TOKEN)).await;
+        stream
+            .write_all(&frame(&[0xff, 0xff, 0xff, 0xff]))
+            .await
+            .unwrap();
+        expect_error(
+            "invalid protobuf after the handshake",
+            read_until_close(&mut stream, EXCHANGE).await,
+            &["not a valid surveil.v1.Envelope"],
+        );
+
+        // A 4 GiB length prefix after the handshake.
+        let mut stream = handshake(&addr, hello(Role::Client, "oversized", TOKEN)).await;
+        stream.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+        expect_error(
+            "a 4 GiB frame after the handshake",
+            read_until_close(&mut stream, EXCHANGE).await,
+            &["4294967295", "exceeds the limit"],
+        );
 
         let mut stream = handshake(&addr, hello(Role::Client, "twice", TOKEN)).await;
         stream
@@ -412,12 +426,7 @@ fn protocol_violations_after_the_handshake_get_an_error_and_a_close() {
             read_until_close(&mut stream, EXCHANGE).await,
             &["runner", "may not send Submit"],
         );
-        error
     });
-    eprintln!(
-        "unknown Envelope arm after the handshake: connection closed; Error sent: {}",
-        unknown_arm_error.as_deref().unwrap_or("none")
-    );
     // Nothing the pretenders sent reached the queue.
     let jobs = s.probe.jobs().unwrap();
     assert!(jobs.is_empty(), "{jobs:#?}");
@@ -438,8 +447,15 @@ fn bad_pipeline_files_end_the_job_error_and_the_next_good_commit_passes() {
     let mut binary = b"[[task]]\nname = \"x\"\nrun = \"true\"\n".to_vec();
     binary.extend_from_slice(&[0, 1, 2, 0xff, 0xfe, 0]);
     let huge = vec![b'#'; 1024 * 1024 + 1];
-    let cases: [(&str, Vec<u8>, &[&str]); 3] = [
+    let mut nul = b"[[task]]\nname = \"x\"\nrun = \"true\"\n".to_vec();
+    nul.extend_from_slice(b"\0\0\0\0");
+    let cases: [(&str, Vec<u8>, &[&str]); 4] = [
         ("binary", binary, &[".surveil.toml", "UTF-8"]),
+        (
+            "NUL bytes",
+            nul,
+            &[".surveil.toml", "line 4", "looks binary"],
+        ),
         (
             "huge",
             huge,
