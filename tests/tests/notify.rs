@@ -64,7 +64,13 @@ fn check_daemon(program: &Path, args: &[String], dir: &Path) {
     wait_for_state(&socket, "WATCHDOG=1", Duration::from_secs(5));
 
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     wait_for_state(&socket, "STOPPING=1", Duration::from_secs(10));
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{name} exit status after SIGTERM");
