@@ -1,6 +1,50 @@
-//! The `surveil` command-line client (arrives with issue #6).
+//! The `surveil` binary: parses the command line (flags, `SURVEIL_*`
+//! environment, `--config` file), runs one command on a single-threaded
+//! runtime, prints `surveil: <error chain>` on failure and picks the exit
+//! code: 0 done, 1 runtime failure, 2 usage (clap exits with it itself).
+//!
+//! Everything else lives in the modules; nothing here talks to the
+//! dispatcher or formats output.
 
-fn main() {
-    eprintln!("surveil: the command-line client is not built yet (issue #6)");
-    std::process::exit(1);
+mod args;
+mod client;
+mod commands;
+mod output;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli: args::Cli = surveil_common::config::parse();
+    let stdout = std::io::stdout();
+    let colour =
+        stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("surveil: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = stdout.lock();
+    match runtime.block_on(commands::run(cli, colour, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `surveil logs 7 | head` closing the pipe early is not a failure.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("surveil: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -1,0 +1,197 @@
+//! The `surveil` command line (contract: DESIGN.md, "Command line"): the
+//! global flags, the subcommands and the checks clap can make before
+//! anything is dialled, so bad input exits 2 naming the argument.
+//!
+//! It must not touch the network or print; `commands.rs` runs what was
+//! parsed.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use surveil_proto::JobStatus;
+
+/// Query and steer a Surveil dispatcher.
+#[derive(Debug, Parser)]
+#[command(name = "surveil", version, about)]
+pub struct Cli {
+    /// The dispatcher's client address, `host:port`.
+    #[arg(
+        long,
+        env = "SURVEIL_DISPATCH",
+        default_value = "127.0.0.1:9000",
+        value_name = "ADDR"
+    )]
+    pub dispatch: String,
+
+    /// A file holding the shared secret (surrounding whitespace trimmed);
+    /// without it the `SURVEIL_TOKEN` environment variable is used.
+    #[arg(long, env = "SURVEIL_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// A TOML file with settings for the flags above (`dispatch`,
+    /// `token_file`, `json`); flags and environment win over it.
+    #[arg(long, env = "SURVEIL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print JSON (the contract's fields) instead of tables.
+    #[arg(long, global = true, env = "SURVEIL_JSON")]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to ask the dispatcher.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List jobs, newest first.
+    Jobs {
+        /// Only jobs of this repository (a local path is made canonical).
+        #[arg(long, value_name = "REPO")]
+        repo: Option<String>,
+        /// Only jobs with this status.
+        #[arg(long, value_enum, value_name = "STATUS")]
+        status: Option<StatusArg>,
+        /// At most this many jobs; 0 for all.
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: u32,
+    },
+    /// Show one job and its tasks.
+    Job {
+        /// The job id.
+        id: u64,
+    },
+    /// Print a job's log (its latest attempt).
+    Logs {
+        /// The job id.
+        id: u64,
+        /// Keep printing output as it arrives until the job ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// List the connected runners.
+    Runners,
+    /// Show the dispatcher's health figures.
+    Status,
+    /// Queue a commit for building.
+    Submit {
+        /// The repository: a URL, or a local path (made absolute, symlinks
+        /// resolved, as runners and observers name it).
+        #[arg(value_parser = parse_repo)]
+        repo: String,
+        /// The full 40-hex commit id.
+        #[arg(value_parser = parse_commit)]
+        commit: String,
+        /// The branch the commit belongs to.
+        #[arg(long, default_value = "main")]
+        branch: String,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        /// The job id.
+        id: u64,
+    },
+}
+
+/// A job status as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusArg {
+    Queued,
+    Running,
+    Passed,
+    Failed,
+    Error,
+    Cancelled,
+}
+
+impl From<StatusArg> for JobStatus {
+    fn from(status: StatusArg) -> Self {
+        match status {
+            StatusArg::Queued => JobStatus::Queued,
+            StatusArg::Running => JobStatus::Running,
+            StatusArg::Passed => JobStatus::Passed,
+            StatusArg::Failed => JobStatus::Failed,
+            StatusArg::Error => JobStatus::Error,
+            StatusArg::Cancelled => JobStatus::Cancelled,
+        }
+    }
+}
+
+/// A full commit id, lower-cased: jobs are keyed by (repo, commit), so
+/// `ABC…` and `abc…` must not become two jobs. Short ids are refused
+/// rather than resolved, since the repository may not be local.
+fn parse_commit(text: &str) -> Result<String, String> {
+    if text.len() == 40 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(text.to_ascii_lowercase());
+    }
+    let problem = if text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        format!("has {} hex digits", text.len())
+    } else {
+        "is not hexadecimal".to_owned()
+    };
+    Err(format!(
+        "`{text}` {problem}; give the full 40-hex commit id (e.g. from `git rev-parse {text}`)"
+    ))
+}
+
+fn parse_repo(text: &str) -> Result<String, String> {
+    surveil_common::canonical_repo(text).map_err(|e| format!("{e:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_must_be_full_hex_ids() {
+        let full = "0123456789ABCDEF0123456789abcdef01234567";
+        assert_eq!(parse_commit(full).unwrap(), full.to_ascii_lowercase());
+        let err = parse_commit("0123abc").unwrap_err();
+        assert!(
+            err.contains("has 7 hex digits") && err.contains("full 40-hex"),
+            "{err}"
+        );
+        let err = parse_commit("main").unwrap_err();
+        assert!(err.contains("`main` is not hexadecimal"), "{err}");
+    }
+
+    #[test]
+    fn json_is_accepted_before_and_after_the_subcommand() {
+        let cli = Cli::try_parse_from(["surveil", "--json", "status"]).unwrap();
+        assert!(cli.json);
+        let cli = Cli::try_parse_from(["surveil", "job", "7", "--json"]).unwrap();
+        assert!(cli.json);
+        assert!(matches!(cli.command, Command::Job { id: 7 }));
+    }
+
+    #[test]
+    fn jobs_defaults_and_status_labels() {
+        let cli = Cli::try_parse_from(["surveil", "jobs"]).unwrap();
+        let Command::Jobs {
+            limit,
+            status,
+            repo,
+        } = cli.command
+        else {
+            panic!("expected jobs");
+        };
+        assert_eq!((limit, status, repo), (100, None, None));
+        for label in [
+            "queued",
+            "running",
+            "passed",
+            "failed",
+            "error",
+            "cancelled",
+        ] {
+            let cli = Cli::try_parse_from(["surveil", "jobs", "--status", label]).unwrap();
+            let Command::Jobs {
+                status: Some(s), ..
+            } = cli.command
+            else {
+                panic!("expected a status");
+            };
+            assert_eq!(JobStatus::from(s).label(), label);
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The CLI's side of the wire: one connection to the dispatcher, the
+//! handshake as a client, then requests answered in order on that
+//! connection. It turns replies into plain values and failures into
+//! [`ClientError`]s that say what failed.
+//!
+//! It must not format anything for the user or decide exit codes: that is
+//! `output.rs` and `main.rs`.
+
+use std::time::Duration;
+
+use surveil_proto::{
+    CancelJob, CancelJobReply, CodecError, Connection, ConnectionError, GetJob, GetStatus,
+    GetStatusReply, HandshakeError, Hello, JobInfo, ListJobs, ListRunners, Msg, ReadLog,
+    ReadLogReply, Role, RunnerInfo, Submit,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// The name the CLI gives in its `Hello`, shown in the dispatcher's logs.
+pub const CLIENT_NAME: &str = "surveil-cli";
+
+/// How long connecting and the handshake may take together: a dispatcher
+/// that accepts but never answers must not hang a script.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a one-shot reply may take. Following a log has no such limit:
+/// a task may print nothing for a long time.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What went wrong talking to the dispatcher. Messages leave out their
+/// `source`: `main` prints the whole chain (`{:#}`), so it is said once.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The TCP connection could not be made.
+    #[error("cannot reach dispatcher at {addr}")]
+    Connect {
+        /// The address dialled.
+        addr: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// Connecting took longer than [`CONNECT_TIMEOUT`].
+    #[error("cannot reach dispatcher at {addr}: no answer within {timeout:?}")]
+    ConnectTimeout {
+        /// The address dialled.
+        addr: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The dispatcher answered the `Hello` with a `Reject`; its display is
+    /// the proto crate's "dispatcher rejected the connection (CODE): …".
+    #[error(transparent)]
+    Rejected(HandshakeError),
+    /// The handshake failed some other way.
+    #[error("handshake with dispatcher at {addr} failed")]
+    Handshake {
+        /// The address dialled.
+        addr: String,
+        /// Why it failed.
+        source: HandshakeError,
+    },
+    /// Writing the request failed.
+    #[error("sending {request} to the dispatcher failed")]
+    Send {
+        /// The request's message name.
+        request: &'static str,
+        /// Why it failed.
+        source: CodecError,
+    },
+    /// Reading the reply failed.
+    #[error("reading the dispatcher's answer to {request} failed")]
+    Recv {
+        /// The request's message name.
+        request: &'static str,
+        /// Why it failed.
+        source: ConnectionError,
+    },
+    /// The dispatcher closed the connection before answering.
+    #[error("the dispatcher closed the connection before answering {request}")]
+    Closed {
+        /// The request's message name.
+        request: &'static str,
+    },
+    /// No reply arrived within [`REPLY_TIMEOUT`].
+    #[error("the dispatcher did not answer {request} within {timeout:?}")]
+    Timeout {
+        /// The request's message name.
+        request: &'static str,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The dispatcher sent `Error` (it found our request invalid) and closed.
+    #[error("the dispatcher refused {request}: {message}")]
+    Refused {
+        /// The request's message name.
+        request: &'static str,
+        /// Its explanation.
+        message: String,
+    },
+    /// The dispatcher answered with a message that does not answer the
+    /// request.
+    #[error("the dispatcher answered {request} with {got}, expected {expected}")]
+    Unexpected {
+        /// The request's message name.
+        request: &'static str,
+        /// The reply the request calls for.
+        expected: &'static str,
+        /// What arrived.
+        got: &'static str,
+    },
+}
+
+/// A handshaken connection to the dispatcher, as a client.
+#[derive(Debug)]
+pub struct Client<S> {
+    conn: Connection<S>,
+}
+
+impl Client<TcpStream> {
+    /// Dials `addr` (`host:port`), says `Hello` as a client with `token`
+    /// (empty when `None`) and waits for `Welcome`.
+    pub async fn connect(addr: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::ConnectTimeout {
+                addr: addr.to_owned(),
+                timeout: CONNECT_TIMEOUT,
+            })?
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let mut conn = Connection::new(stream);
+        let mut hello = Hello::new(Role::Client, CLIENT_NAME);
+        hello.token = token.unwrap_or_default().to_owned();
+        match conn.client_handshake(hello, CONNECT_TIMEOUT).await {
+            Ok(_welcome) => Ok(Client { conn }),
+            Err(err @ HandshakeError::Rejected { .. }) => Err(ClientError::Rejected(err)),
+            Err(source) => Err(ClientError::Handshake {
+                addr: addr.to_owned(),
+                source,
+            }),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// Wraps a connection whose handshake is already done.
+    #[cfg(test)]
+    pub fn from_connection(conn: Connection<S>) -> Self {
+        Client { conn }
+    }
+
+    /// Jobs matching `query`, newest first.
+    pub async fn list_jobs(&mut self, query: ListJobs) -> Result<Vec<JobInfo>, ClientError> {
+        self.send("ListJobs", query).await?;
+        match self.reply("ListJobs", Some(REPLY_TIMEOUT)).await? {
+            Msg::ListJobsReply(reply) => Ok(reply.jobs),
+            other => Err(unexpected("ListJobs", "ListJobsReply", &other)),
+        }
+    }
+
+    /// One job; `None` when the dispatcher knows no such job.
+    pub async fn get_job(&mut self, job_id: u64) -> Result<Option<JobInfo>, ClientError> {
+        self.send("GetJob", GetJob { job_id }).await?;
+        match self.reply("GetJob", Some(REPLY_TIMEOUT)).await? {
+            Msg::GetJobReply(reply) => Ok(reply.job),
+            other => Err(unexpected("GetJob", "GetJobReply", &other)),
+        }
+    }
+
+    /// Starts reading a job's log from `offset`; then call
+    /// [`next_log`](Self::next_log) until a reply has `end` set.
+    pub async fn read_log(
+        &mut self,
+        job_id: u64,
+        offset: u64,
+        follow: bool,
+    ) -> Result<(), ClientError> {
+        let request = ReadLog {
+            job_id,
+            offset,
+            follow,
+        };
+        self.send("ReadLog", request).await
+    }
+
+    /// The next reply to [`read_log`](Self::read_log). With `follow` it
+    /// waits as long as the job runs; without, at most [`REPLY_TIMEOUT`].
+    pub async fn next_log(&mut self, follow: bool) -> Result<ReadLogReply, ClientError> {
+        let limit = (!follow).then_some(REPLY_TIMEOUT);
+        match self.reply("ReadLog", limit).await? {
+            Msg::ReadLogReply(reply) => Ok(reply),
+            other => Err(unexpected("ReadLog", "ReadLogReply", &other)),
+        }
+    }
+
+    /// The connected runners, by name.
+    pub async fn list_runners(&mut self) -> Result<Vec<RunnerInfo>, ClientError> {
+        self.send("ListRunners", ListRunners {}).await?;
+        match self.reply("ListRunners", Some(REPLY_TIMEOUT)).await? {
+            Msg::ListRunnersReply(reply) => Ok(reply.runners),
+            other => Err(unexpected("ListRunners", "ListRunnersReply", &other)),
+        }
+    }
+
+    /// The dispatcher's health figures.
+    pub async fn status(&mut self) -> Result<GetStatusReply, ClientError> {
+        self.send("GetStatus", GetStatus {}).await?;
+        match self.reply("GetStatus", Some(REPLY_TIMEOUT)).await? {
+            Msg::GetStatusReply(reply) => Ok(reply),
+            other => Err(unexpected("GetStatus", "GetStatusReply", &other)),
+        }
+    }
+
+    /// Submits `commits` (oldest first) of `repo` seen on `branch`; returns
+    /// one job id per commit, in order, once the jobs are durable.
+    pub async fn submit(
+        &mut self,
+        repo: &str,
+        branch: &str,
+        commits: Vec<String>,
+    ) -> Result<Vec<u64>, ClientError> {
+        let request = Submit {
+            repo: repo.to_owned(),
+            branch: branch.to_owned(),
+            commits,
+        };
+        self.send("Submit", request).await?;
+        match self.reply("Submit", Some(REPLY_TIMEOUT)).await? {
+            Msg::SubmitAck(ack) => Ok(ack.job_ids),
+            other => Err(unexpected("Submit", "SubmitAck", &other)),
+        }
+    }
+
+    /// Asks the dispatcher to cancel a job.
+    pub async fn cancel(&mut self, job_id: u64) -> Result<CancelJobReply, ClientError> {
+        self.send("CancelJob", CancelJob { job_id }).await?;
+        match self.reply("CancelJob", Some(REPLY_TIMEOUT)).await? {
+            Msg::CancelJobReply(reply) => Ok(reply),
+            other => Err(unexpected("CancelJob", "CancelJobReply", &other)),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        request: &'static str,
+        msg: impl Into<surveil_proto::Envelope>,
+    ) -> Result<(), ClientError> {
+        self.conn
+            .send(msg)
+            .await
+            .map_err(|source| ClientError::Send { request, source })
+    }
+
+    /// The next message, with `Error` and a closed connection turned into
+    /// errors naming `request`.
+    async fn reply(
+        &mut self,
+        request: &'static str,
+        limit: Option<Duration>,
+    ) -> Result<Msg, ClientError> {
+        let received = match limit {
+            Some(timeout) => tokio::time::timeout(timeout, self.conn.recv())
+                .await
+                .map_err(|_| ClientError::Timeout { request, timeout })?,
+            None => self.conn.recv().await,
+        };
+        match received {
+            Ok(Some(Msg::Error(error))) => Err(ClientError::Refused {
+                request,
+                message: error.message,
+            }),
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(ClientError::Closed { request }),
+            Err(source) => Err(ClientError::Recv { request, source }),
+        }
+    }
+}
+
+fn unexpected(request: &'static str, expected: &'static str, got: &Msg) -> ClientError {
+    ClientError::Unexpected {
+        request,
+        expected,
+        got: got.name(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use surveil_proto::{Error, GetJobReply, Pong, SubmitAck};
+
+    use super::*;
+
+    /// A client and the dispatcher's end of an in-memory connection, past
+    /// the handshake.
+    fn pair() -> (
+        Client<tokio::io::DuplexStream>,
+        Connection<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        (
+            Client::from_connection(Connection::new(a)),
+            Connection::new(b),
+        )
+    }
+
+    #[tokio::test]
+    async fn requests_are_answered_in_order_on_one_connection() {
+        let (mut client, mut server) = pair();
+        let dispatcher = tokio::spawn(async move {
+            let Ok(Some(Msg::Submit(submit))) = server.recv().await else {
+                panic!("expected Submit");
+            };
+            assert_eq!(submit.commits.len(), 2);
+            server
+                .send(SubmitAck {
+                    job_ids: vec![3, 4],
+                })
+                .await
+                .unwrap();
+            let Ok(Some(Msg::GetJob(get))) = server.recv().await else {
+                panic!("expected GetJob");
+            };
+            assert_eq!(get.job_id, 4);
+            server.send(GetJobReply { job: None }).await.unwrap();
+        });
+        let ids = client
+            .submit("/r", "main", vec!["a".repeat(40), "b".repeat(40)])
+            .await
+            .unwrap();
+        assert_eq!(ids, vec![3, 4]);
+        assert_eq!(client.get_job(4).await.unwrap(), None);
+        dispatcher.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn error_wrong_reply_and_close_name_the_request() {
+        let (mut client, mut server) = pair();
+        let dispatcher = tokio::spawn(async move {
+            let _ = server.recv().await;
+            server
+                .send(Error {
+                    message: "clients may not send Pong".into(),
+                })
+                .await
+                .unwrap();
+            let _ = server.recv().await;
+            server.send(Pong { seq: 1 }).await.unwrap();
+        });
+        let err = client.status().await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "the dispatcher refused GetStatus: clients may not send Pong"
+        );
+        let err = client.list_runners().await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "the dispatcher answered ListRunners with Pong, expected ListRunnersReply"
+        );
+        dispatcher.await.unwrap();
+        let err = client.cancel(1).await.unwrap_err().to_string();
+        assert!(
+            err.contains("closed the connection before answering CancelJob")
+                || err.contains("sending CancelJob"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_dispatcher_times_out_but_a_followed_log_waits() {
+        let (mut client, _server) = pair();
+        let err = client.get_job(1).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Timeout {
+                    request: "GetJob",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        client.read_log(1, 0, true).await.unwrap();
+        let waited = tokio::time::timeout(REPLY_TIMEOUT * 10, client.next_log(true)).await;
+        assert!(
+            waited.is_err(),
+            "a followed log must not time out on its own"
+        );
+    }
+}

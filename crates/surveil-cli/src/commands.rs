@@ -1,0 +1,193 @@
+//! Runs one parsed command: reads the token, connects, sends the request,
+//! and writes the answer as JSON or as text. Failures come back as
+//! `anyhow` errors that say what failed; `main.rs` prints them and picks the
+//! exit code.
+//!
+//! It must not parse arguments or decide colour from the environment: the
+//! caller passes both in.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+use surveil_proto::{JobStatus, ListJobs};
+use tokio::net::TcpStream;
+
+use crate::args::{Cli, Command};
+use crate::client::Client;
+use crate::output::{self, JobJson, LogPrinter, RunnerJson, StatusJson, SubmitJson};
+
+/// Runs `cli`'s command against its dispatcher, writing the answer to
+/// `out`. `colour` says whether statuses may be coloured (stdout is a
+/// terminal and `NO_COLOR` is unset).
+pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let token = surveil_common::read_token(cli.token_file.as_deref())?;
+    let mut client = Client::connect(&cli.dispatch, token.as_deref()).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Jobs {
+            repo,
+            status,
+            limit,
+        } => {
+            let query = ListJobs {
+                repo: repo.as_deref().map(filter_repo).transpose()?,
+                status: status.map_or(JobStatus::Unspecified, JobStatus::from) as i32,
+                limit,
+            };
+            let jobs = client.list_jobs(query).await?;
+            if json {
+                let model: Vec<JobJson> = jobs.iter().map(JobJson::from).collect();
+                write(out, &output::to_json(&model))
+            } else {
+                write(out, &output::jobs_table(&jobs, SystemTime::now(), colour))
+            }
+        }
+        Command::Job { id } => {
+            let Some(job) = client.get_job(id).await? else {
+                bail!("no job {id}");
+            };
+            if json {
+                write(out, &output::to_json(&JobJson::from(&job)))
+            } else {
+                write(out, &output::job_details(&job, SystemTime::now(), colour))
+            }
+        }
+        Command::Logs { id, follow } => logs(&mut client, id, follow, out).await,
+        Command::Runners => {
+            let runners = client.list_runners().await?;
+            if json {
+                let model: Vec<RunnerJson> = runners.iter().map(RunnerJson::from).collect();
+                write(out, &output::to_json(&model))
+            } else {
+                write(out, &output::runners_table(&runners, SystemTime::now()))
+            }
+        }
+        Command::Status => {
+            let status = client.status().await?;
+            if json {
+                write(out, &output::to_json(&StatusJson::from(&status)))
+            } else {
+                write(out, &output::status_lines(&status))
+            }
+        }
+        Command::Submit {
+            repo,
+            commit,
+            branch,
+        } => {
+            let ids = client.submit(&repo, &branch, vec![commit.clone()]).await?;
+            if json {
+                return write(out, &output::to_json(&SubmitJson { job_ids: ids }));
+            }
+            let Some(id) = ids.first() else {
+                bail!("the dispatcher acknowledged the submission without a job id");
+            };
+            write(
+                out,
+                &format!("job {id}: {commit} of {repo} on branch {branch}\n"),
+            )
+        }
+        Command::Cancel { id } => {
+            let reply = client.cancel(id).await?;
+            if !reply.ok {
+                let Some(job) = reply.job else {
+                    bail!("no job {id}");
+                };
+                let why = if reply.message.is_empty() {
+                    format!("it is {}", job.status().label())
+                } else {
+                    reply.message
+                };
+                bail!("cannot cancel job {id}: {why}");
+            }
+            // The reply should carry the job; if a dispatcher leaves it
+            // out, ask for it so the output is the same either way.
+            let job = match reply.job {
+                Some(job) => job,
+                None => client
+                    .get_job(id)
+                    .await?
+                    .with_context(|| format!("job {id} vanished after it was cancelled"))?,
+            };
+            if json {
+                write(out, &output::to_json(&JobJson::from(&job)))
+            } else {
+                write(
+                    out,
+                    &format!(
+                        "job {id}: cancel requested (status now {})\n",
+                        job.status().label()
+                    ),
+                )
+            }
+        }
+    }
+}
+
+/// Prints a job's log as it arrives until the dispatcher's last reply.
+async fn logs(
+    client: &mut Client<TcpStream>,
+    id: u64,
+    follow: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    client.read_log(id, 0, follow).await?;
+    let mut printer = LogPrinter::new();
+    loop {
+        let reply = client.next_log(follow).await?;
+        if reply.not_found {
+            bail!("no job {id}");
+        }
+        printer
+            .write(&reply, out)
+            .context("writing the log to stdout")?;
+        if reply.end {
+            return Ok(());
+        }
+    }
+}
+
+/// The `--repo` filter as jobs name repositories. Unlike `submit`, the
+/// repository need not exist here: the CLI may run on another machine than
+/// the observer, so an absolute path that does not resolve locally is
+/// taken as written.
+fn filter_repo(repo: &str) -> anyhow::Result<String> {
+    match surveil_common::canonical_repo(repo) {
+        Ok(canonical) => Ok(canonical),
+        Err(_) if Path::new(repo).is_absolute() => Ok(repo.to_owned()),
+        Err(err) => Err(err.context("--repo")),
+    }
+}
+
+fn write(out: &mut dyn Write, text: &str) -> anyhow::Result<()> {
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_filter_canonicalises_what_exists_and_keeps_remote_or_absolute_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let canonical = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(
+            filter_repo(dir.path().to_str().unwrap()).unwrap(),
+            canonical.to_str().unwrap()
+        );
+        assert_eq!(
+            filter_repo("/srv/git/not-here-on-this-machine").unwrap(),
+            "/srv/git/not-here-on-this-machine"
+        );
+        assert_eq!(
+            filter_repo("https://example.com/a.git").unwrap(),
+            "https://example.com/a.git"
+        );
+        let err = filter_repo("surely/not/a/relative/path").unwrap_err();
+        assert!(format!("{err:#}").contains("--repo"), "{err:#}");
+    }
+}
