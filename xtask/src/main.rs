@@ -3,6 +3,7 @@
 //! Everything the project automates lives here in Rust rather than in shell
 //! scripts, so it runs the same on every machine that has cargo.
 
+mod bench;
 mod codegen;
 mod e2e;
 mod units;
@@ -14,6 +15,8 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
+  bench      benchmark scenarios on a local cluster of release binaries,
+             writing target/bench/report.json [--quick] [--only S1,S2,…]
   codegen    regenerate crates/surveil-proto/src/generated/ from proto/
   e2e        run a local cluster over a scratch repository and tell its story
              [--keep: leave target/e2e/ for inspection]
@@ -24,6 +27,11 @@ commands:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("bench") => bench::Options::parse(&args[1..])
+            .and_then(|options| bench::run(&workspace_root(), options)),
+        // Hidden helpers the benchmark runs from the release build.
+        Some("bench-load") => bench::load_tool(&args[1..]),
+        Some("bench-checkout") => bench::checkout_tool(&args[1..]),
         Some("codegen") => codegen::write(&workspace_root()),
         Some("e2e") => e2e::run(
             &workspace_root(),
