@@ -39,7 +39,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
             let jobs = client.list_jobs(query).await?;
             if json {
                 let model: Vec<JobJson> = jobs.iter().map(JobJson::from).collect();
-                write(out, &output::to_json(&model))
+                write(out, &output::to_json(&model)?)
             } else {
                 write(out, &output::jobs_table(&jobs, SystemTime::now(), colour))
             }
@@ -49,7 +49,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
                 bail!("no job {id}");
             };
             if json {
-                write(out, &output::to_json(&JobJson::from(&job)))
+                write(out, &output::to_json(&JobJson::from(&job))?)
             } else {
                 write(out, &output::job_details(&job, SystemTime::now(), colour))
             }
@@ -59,7 +59,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
             let runners = client.list_runners().await?;
             if json {
                 let model: Vec<RunnerJson> = runners.iter().map(RunnerJson::from).collect();
-                write(out, &output::to_json(&model))
+                write(out, &output::to_json(&model)?)
             } else {
                 write(out, &output::runners_table(&runners, SystemTime::now()))
             }
@@ -67,7 +67,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
         Command::Status => {
             let status = client.status().await?;
             if json {
-                write(out, &output::to_json(&StatusJson::from(&status)))
+                write(out, &output::to_json(&StatusJson::from(&status))?)
             } else {
                 write(out, &output::status_lines(&status))
             }
@@ -79,7 +79,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
         } => {
             let ids = client.submit(&repo, &branch, vec![commit.clone()]).await?;
             if json {
-                return write(out, &output::to_json(&SubmitJson { job_ids: ids }));
+                return write(out, &output::to_json(&SubmitJson { job_ids: ids })?);
             }
             let Some(id) = ids.first() else {
                 bail!("the dispatcher acknowledged the submission without a job id");
@@ -112,7 +112,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
                     .with_context(|| format!("job {id} vanished after it was cancelled"))?,
             };
             if json {
-                write(out, &output::to_json(&JobJson::from(&job)))
+                write(out, &output::to_json(&JobJson::from(&job))?)
             } else {
                 write(
                     out,

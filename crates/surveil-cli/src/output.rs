@@ -163,13 +163,10 @@ impl From<&RunnerInfo> for RunnerJson {
 }
 
 /// `value` as pretty JSON followed by a newline.
-pub fn to_json<T: Serialize + ?Sized>(value: &T) -> String {
-    // Serialising these plain structs cannot fail: no maps with non-string
-    // keys, no custom serialisers.
-    let mut text =
-        serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+pub fn to_json<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
+    let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
-    text
+    Ok(text)
 }
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds and `Z`, e.g.

@@ -660,3 +660,52 @@ async fn the_config_file_supplies_the_dispatcher_address() {
     let out = output(cmd).await;
     assert_eq!(stdout_json(&out)["version"], "from-config");
 }
+
+#[tokio::test]
+async fn logs_piped_into_a_reader_that_quits_early_exits_quietly() {
+    let go = Arc::new(Notify::new());
+    let wait = go.clone();
+    let fake = FakeDispatcher::start(
+        "",
+        Box::new(move |msg| match msg {
+            Msg::ReadLog(_) => vec![
+                Step::Send(Msg::ReadLogReply(ReadLogReply {
+                    job_id: 7,
+                    attempt: 1,
+                    data: b"first\n".to_vec().into(),
+                    ..ReadLogReply::default()
+                })),
+                Step::WaitFor(wait.clone()),
+                Step::Send(Msg::ReadLogReply(ReadLogReply {
+                    job_id: 7,
+                    attempt: 1,
+                    offset: 6,
+                    data: b"second\n".to_vec().into(),
+                    end: true,
+                    ..ReadLogReply::default()
+                })),
+            ],
+            _ => vec![],
+        }),
+    )
+    .await;
+    // Like `surveil logs 7 --follow | head -1`.
+    let mut cmd = surveil(fake.addr, &["logs", "7", "--follow"]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(RUN_LIMIT, stdout.read_exact(&mut buf))
+        .await
+        .expect("the first chunk arrived in time")
+        .unwrap();
+    assert_eq!(&buf, b"first\n");
+    drop(stdout);
+    go.notify_one();
+    let out = tokio::time::timeout(RUN_LIMIT, child.wait_with_output())
+        .await
+        .expect("surveil finished in time")
+        .unwrap();
+    assert!(out.status.success(), "exit {:?}", out.status);
+    assert_eq!(stderr(&out), "");
+}
