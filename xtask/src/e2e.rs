@@ -533,10 +533,10 @@ fn print_table(jobs: &[Value]) {
             .unwrap_or(0);
         println!(
             "{:>4}  {:<10}  {:<9}  {:>7}  {:<9}  {:>8.2}s",
-            job["id"],
+            job["id"].as_u64().unwrap_or(0),
             short(job["commit"].as_str().unwrap_or("")),
             status(job),
-            job["attempt"],
+            job["attempt"].as_u64().unwrap_or(0),
             job["runner"].as_str().unwrap_or("-"),
             duration as f64 / 1000.0
         );
