@@ -11,6 +11,7 @@ pub mod config;
 pub mod logging;
 pub mod notify;
 pub mod shutdown;
+pub mod tls;
 
 use std::path::Path;
 use std::time::Duration;
@@ -55,6 +56,43 @@ pub fn read_token(token_file: Option<&Path>) -> anyhow::Result<Option<String>> {
             .filter(|t| !t.is_empty()),
     };
     Ok(token)
+}
+
+/// Why `--token VALUE` is refused: a command line is readable by every
+/// user through `ps` and `/proc`.
+pub const TOKEN_FLAG_REFUSED: &str = "a token on the command line would be visible to every user in `ps`; put it in a file and pass --token-file FILE, or set SURVEIL_TOKEN";
+
+/// A hidden `--token` that every binary flattens into its command line,
+/// only to refuse it (exit 2) with [`TOKEN_FLAG_REFUSED`] instead of clap's
+/// "unexpected argument": whoever tries it learns the safe ways.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RefuseTokenFlag {
+    /// Never set: parsing it always fails.
+    #[arg(long = "token", hide = true, num_args = 0..=1, default_missing_value = "",
+          value_name = "TOKEN", value_parser = RefuseToken)]
+    pub token_on_command_line: Option<String>,
+}
+
+/// Fails every value with a message that does not repeat it (clap's
+/// own "invalid value 'VALUE'" would echo the secret).
+#[derive(Clone)]
+struct RefuseToken;
+
+impl clap::builder::TypedValueParser for RefuseToken {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        _value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        Err(clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("--token is not accepted: {TOKEN_FLAG_REFUSED}\n"),
+        )
+        .with_cmd(cmd))
+    }
 }
 
 /// Whether `repo` names a remote repository (a URL or scp-like
@@ -123,6 +161,29 @@ mod tests {
         let missing = dir.path().join("nope");
         let err = read_token(Some(&missing)).unwrap_err().to_string();
         assert!(err.contains("cannot read token file"), "{err}");
+    }
+
+    #[test]
+    fn token_flag_is_refused_with_the_reason() {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            _no_token: RefuseTokenFlag,
+        }
+        for args in [
+            &["x", "--token", "s3cret"][..],
+            &["x", "--token=s3cret"],
+            &["x", "--token"],
+        ] {
+            let err = <Cli as clap::Parser>::try_parse_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let text = err.to_string();
+            assert!(text.contains(TOKEN_FLAG_REFUSED), "{text}");
+            assert!(
+                !text.contains("s3cret"),
+                "the refusal echoes the token: {text}"
+            );
+        }
     }
 
     #[test]
