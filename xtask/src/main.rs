@@ -4,6 +4,7 @@
 //! scripts, so it runs the same on every machine that has cargo.
 
 mod bench;
+mod chaos;
 mod codegen;
 mod e2e;
 mod units;
@@ -17,6 +18,9 @@ usage: cargo xtask <command>
 commands:
   bench      benchmark scenarios on a local cluster of release binaries,
              writing target/bench/report.json [--quick] [--only S1,S2,…]
+  chaos      soak a local cluster with commits while killing, stopping and
+             restarting daemons; check nothing was lost or recorded twice
+             [--commits N (30)] [--seed S] [--release] [--keep]
   codegen    regenerate crates/surveil-proto/src/generated/ from proto/
   e2e        run a local cluster over a scratch repository and tell its story
              [--keep: leave target/e2e/ for inspection]
@@ -32,6 +36,8 @@ fn main() -> ExitCode {
         // Hidden helpers the benchmark runs from the release build.
         Some("bench-load") => bench::load_tool(&args[1..]),
         Some("bench-checkout") => bench::checkout_tool(&args[1..]),
+        Some("chaos") => chaos::Options::parse(&args[1..])
+            .and_then(|options| chaos::run(&workspace_root(), options)),
         Some("codegen") => codegen::write(&workspace_root()),
         Some("e2e") => e2e::run(
             &workspace_root(),

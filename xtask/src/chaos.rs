@@ -1,0 +1,1052 @@
+//! `cargo xtask chaos --commits N [--seed S] [--release] [--keep]`: a soak
+//! that streams N commits through a local cluster of real processes (a
+//! dispatcher, three runners, an observer with `--every-commit`) over a
+//! scratch repository under `target/chaos/`, while SIGKILLing, SIGSTOPping
+//! and restarting random daemons, then checks what the store recorded:
+//! commits without a job (lost), jobs with two accepted results
+//! (duplicated), jobs left `running` without a live lease (zombies), and
+//! each commit's outcome against the verdict the commit itself carries.
+//!
+//! The fault schedule and the commits' contents come from one seed, printed
+//! first, so a failing run can be replayed; what the cluster does with the
+//! faults still depends on timing. This file only drives and observes the
+//! cluster through signals, the wire ([`Probe`]) and a read-only look at the
+//! store ([`record`]); it must never write the store or signal a process
+//! it did not start.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use surveil_proto::{JobInfo, JobStatus};
+use surveil_tests::cluster::{self, Daemon, wait_for};
+use surveil_tests::probe::{Probe, status_of};
+use surveil_tests::record::{self, Attempt};
+
+/// Short liveness settings so a stopped runner loses its jobs within the
+/// longer stops (0.2–1.5 s) but keeps them through the shorter ones.
+const HEARTBEAT: &str = "300ms";
+const RUNNER_TIMEOUT: Duration = Duration::from_secs(1);
+/// High enough that chaos alone does not exhaust a job's attempts; a job
+/// that still ends `error` is counted apart, not as a wrong outcome.
+const MAX_ATTEMPTS: u32 = 10;
+/// Share of commits whose `check` task fails.
+const FAILING_SHARE: f64 = 0.25;
+const RUNNERS: [&str; 3] = ["runner-1", "runner-2", "runner-3"];
+/// How long a SIGTERMed daemon may take to exit before it is SIGKILLed.
+const TERM_DEADLINE: Duration = Duration::from_secs(10);
+/// Chaos goes on after the last commit while jobs are unfinished, at most
+/// this long, so faults also land on the tail of the backlog.
+const CHAOS_TAIL: Duration = Duration::from_secs(20);
+/// Milliseconds between commits, drawn evenly: slow enough that faults
+/// land among running jobs (a debug-build job takes ~0.4 s), fast enough
+/// that the observer often sees several new commits in one move.
+const COMMIT_GAP: (u64, u64) = (100, 700);
+const STARTUP: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(10);
+const JOBS_POLL: Duration = Duration::from_millis(500);
+const STATUS_POLL: Duration = Duration::from_millis(300);
+
+const PIPELINE: &str = r#"# Written by cargo xtask chaos.
+[[task]]
+name = "prepare"
+run = "echo chaos commit $(cat n); sleep $(cat delay)"
+timeout = "1m"
+
+[[task]]
+name = "check"
+run = "grep -q pass verdict"
+timeout = "1m"
+"#;
+
+pub struct Options {
+    pub commits: usize,
+    pub seed: Option<u64>,
+    pub release: bool,
+    pub keep: bool,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options> {
+        let mut options = Options {
+            commits: 30,
+            seed: None,
+            release: false,
+            keep: false,
+        };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| {
+                args.next()
+                    .with_context(|| format!("chaos: {name} needs a value"))
+            };
+            match arg.as_str() {
+                "--commits" => {
+                    options.commits = value("--commits")?
+                        .parse()
+                        .context("chaos: --commits takes a whole number")?;
+                }
+                "--seed" => {
+                    options.seed = Some(
+                        value("--seed")?
+                            .parse()
+                            .context("chaos: --seed takes a whole number")?,
+                    );
+                }
+                "--release" => options.release = true,
+                "--keep" => options.keep = true,
+                other => bail!(
+                    "chaos: unknown argument `{other}` (usage: cargo xtask chaos [--commits N] [--seed S] [--release] [--keep])"
+                ),
+            }
+        }
+        if options.commits == 0 {
+            bail!("chaos: --commits must be at least 1");
+        }
+        Ok(options)
+    }
+}
+
+/// What happened to one daemon.
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    kills: u32,
+    stops: u32,
+    restarts: u32,
+    /// Exits nobody asked for.
+    crashes: u32,
+    /// SIGTERMs that needed a SIGKILL after [`TERM_DEADLINE`].
+    slow_terms: u32,
+    /// Exits after SIGTERM with a non-zero status.
+    unclean_terms: u32,
+}
+
+enum State {
+    Up,
+    Stopped { until: Instant },
+    Down { until: Instant },
+    Terminating { since: Instant },
+}
+
+struct Member {
+    daemon: Daemon,
+    state: State,
+    tally: Tally,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    Kill,
+    Stop,
+    Restart,
+}
+
+/// `GetStatus` counters are per dispatcher life; this sums them over
+/// restarts.
+#[derive(Default)]
+struct Counters {
+    base: (u64, u64),
+    last: (u64, u64, u64),
+    samples: u32,
+}
+
+impl Counters {
+    fn sample(&mut self, probe: &Probe) {
+        if let Ok(s) = probe.status() {
+            let now = (s.reassignments, s.refused_results, s.uptime_s);
+            if now.0 < self.last.0 || now.1 < self.last.1 || now.2 < self.last.2 {
+                // A life we did not see end (it crashed between samples).
+                self.fold();
+            }
+            self.last = now;
+            self.samples += 1;
+        }
+    }
+
+    /// The dispatcher's life ends: keep what it counted.
+    fn fold(&mut self) {
+        self.base.0 += self.last.0;
+        self.base.1 += self.last.1;
+        self.last = (0, 0, 0);
+    }
+
+    fn reassignments(&self) -> u64 {
+        self.base.0 + self.last.0
+    }
+
+    fn refused(&self) -> u64 {
+        self.base.1 + self.last.1
+    }
+}
+
+struct Soak {
+    started: Instant,
+    deadline: Instant,
+    dir: PathBuf,
+    repo: PathBuf,
+    probe: Probe,
+    /// dispatcher, runners, observer, in that order.
+    members: Vec<Member>,
+    counters: Counters,
+    /// Every commit made, oldest first, with the outcome it must get.
+    expected: Vec<(String, &'static str)>,
+    timeline: String,
+    warnings: Vec<String>,
+}
+
+const DISPATCHER: usize = 0;
+
+impl Soak {
+    fn at(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn note(&mut self, line: &str) {
+        let line = format!("[{:7.2}s] {line}", self.at());
+        println!("{line}");
+        self.timeline.push_str(&line);
+        self.timeline.push('\n');
+    }
+
+    /// The timeline goes to a file too, quietly.
+    fn log(&mut self, line: &str) {
+        let _ = writeln!(self.timeline, "[{:7.2}s] {line}", self.at());
+    }
+
+    fn dispatcher_up(&self) -> bool {
+        matches!(self.members[DISPATCHER].state, State::Up)
+    }
+
+    /// Restarts daemons whose stop, downtime or SIGTERM is over, and any
+    /// that exited on their own.
+    fn tend(&mut self, now: Instant) -> Result<()> {
+        for i in 0..self.members.len() {
+            let name = self.members[i].daemon.name.clone();
+            match self.members[i].state {
+                State::Up => {
+                    if let Some(status) = self.members[i].daemon.exited()? {
+                        self.members[i].tally.crashes += 1;
+                        self.note(&format!("{name} EXITED on its own ({status}); restarting"));
+                        self.restart(i)?;
+                    }
+                }
+                State::Stopped { until } if now >= until => {
+                    self.members[i].daemon.signal("CONT")?;
+                    self.members[i].state = State::Up;
+                    self.log(&format!("SIGCONT {name}"));
+                }
+                State::Down { until } if now >= until => {
+                    self.restart(i)?;
+                    self.log(&format!("restarted {name} after SIGKILL"));
+                }
+                State::Terminating { since } => {
+                    if let Some(status) = self.members[i].daemon.exited()? {
+                        if !status.success() {
+                            self.members[i].tally.unclean_terms += 1;
+                            self.warnings
+                                .push(format!("{name} exited with {status} after SIGTERM"));
+                        }
+                        self.restart(i)?;
+                        self.log(&format!(
+                            "{name} exited ({status}) {:.2}s after SIGTERM; restarted",
+                            since.elapsed().as_secs_f64()
+                        ));
+                    } else if since.elapsed() > TERM_DEADLINE {
+                        self.members[i].tally.slow_terms += 1;
+                        self.warnings.push(format!(
+                            "{name} had not exited {TERM_DEADLINE:?} after SIGTERM; SIGKILLed"
+                        ));
+                        self.restart(i)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self, i: usize) -> Result<()> {
+        if i == DISPATCHER {
+            self.counters.fold();
+        }
+        let member = &mut self.members[i];
+        member.daemon.restart()?;
+        member.state = State::Up;
+        Ok(())
+    }
+
+    /// Applies one drawn fault if its victim is up (the draw happens
+    /// either way, so the schedule depends on the seed alone).
+    fn strike(&mut self, victim: usize, action: Action, hold: Duration) -> Result<()> {
+        if !matches!(self.members[victim].state, State::Up) {
+            let name = self.members[victim].daemon.name.clone();
+            self.log(&format!("skip {action:?} {name}: not up"));
+            return Ok(());
+        }
+        if victim == DISPATCHER && !matches!(action, Action::Stop) {
+            // Its counters die with it: read them first.
+            self.counters.sample(&self.probe);
+        }
+        let now = Instant::now();
+        let member = &mut self.members[victim];
+        let name = member.daemon.name.clone();
+        match action {
+            Action::Kill => {
+                member.daemon.kill()?;
+                member.tally.kills += 1;
+                member.state = State::Down { until: now + hold };
+                if victim == DISPATCHER {
+                    self.counters.fold();
+                }
+            }
+            Action::Stop => {
+                member.daemon.signal("STOP")?;
+                member.tally.stops += 1;
+                member.state = State::Stopped { until: now + hold };
+            }
+            Action::Restart => {
+                member.daemon.signal("TERM")?;
+                member.tally.restarts += 1;
+                member.state = State::Terminating { since: now };
+            }
+        }
+        let what = match action {
+            Action::Kill => format!("SIGKILL {name} (down {:.2}s)", hold.as_secs_f64()),
+            Action::Stop => format!("SIGSTOP {name} ({:.2}s)", hold.as_secs_f64()),
+            Action::Restart => format!("SIGTERM {name} and restart"),
+        };
+        self.note(&what);
+        Ok(())
+    }
+
+    /// The jobs of the commits made so far, by commit, when the dispatcher
+    /// answers.
+    fn jobs_by_commit(&self) -> Result<BTreeMap<String, Vec<JobInfo>>> {
+        let mut by_commit: BTreeMap<String, Vec<JobInfo>> = BTreeMap::new();
+        for job in self.probe.jobs()? {
+            by_commit.entry(job.commit.clone()).or_default().push(job);
+        }
+        Ok(by_commit)
+    }
+
+    /// How many of the commits made have a job in a final status.
+    fn finished(&self, by_commit: &BTreeMap<String, Vec<JobInfo>>) -> usize {
+        self.expected
+            .iter()
+            .filter(|(c, _)| {
+                by_commit
+                    .get(c)
+                    .is_some_and(|js| js.iter().all(|j| status_of(j).is_final()))
+            })
+            .count()
+    }
+
+    fn overdue(&self) -> bool {
+        Instant::now() > self.deadline
+    }
+}
+
+pub fn run(root: &Path, options: Options) -> Result<()> {
+    let seed = options.seed.unwrap_or_else(rand::random);
+    let n = options.commits;
+    println!(
+        "chaos: seed {seed} — replay with `cargo xtask chaos --commits {n} --seed {seed}{}`",
+        if options.release { " --release" } else { "" }
+    );
+    let building = Instant::now();
+    println!(
+        "chaos: building the binaries ({})",
+        if options.release { "release" } else { "debug" }
+    );
+    let bins = cluster::build(root, options.release)?;
+    println!(
+        "chaos: built in {:.1}s; the times below count from here",
+        building.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+
+    let dir = cluster::target_dir(root).join("chaos");
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    fs::create_dir_all(&dir)?;
+    let repo = dir.join("repo");
+    fs::create_dir_all(&repo)?;
+    cluster::git(&repo, &["init", "--quiet", "--initial-branch=main"])?;
+    let repo = repo.canonicalize()?;
+    let repo_arg = repo.display().to_string();
+    let first = cluster::commit(
+        &repo,
+        "chaos 0: passes",
+        &[
+            (".surveil.toml", PIPELINE),
+            ("verdict", "pass\n"),
+            ("delay", "0\n"),
+            ("n", "0\n"),
+        ],
+    )?;
+
+    // Dispatcher on a port below the ephemeral range, so nothing else
+    // takes it while it is down between a SIGKILL and its restart.
+    let addr = format!("127.0.0.1:{}", cluster::stable_port()?);
+    let state = dir.join("dispatcher");
+    fs::create_dir_all(&state)?;
+    let dispatcher = Daemon::start(
+        "dispatcher",
+        &bins.dispatcher,
+        vec![
+            "--listen".into(),
+            addr.clone(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--heartbeat-interval".into(),
+            HEARTBEAT.into(),
+            "--runner-timeout".into(),
+            format!("{}ms", RUNNER_TIMEOUT.as_millis()),
+            "--max-attempts".into(),
+            MAX_ATTEMPTS.to_string(),
+        ],
+        vec![],
+        dir.join("dispatcher.log"),
+    )?;
+    let probe = Probe::new(&addr)?;
+    let mut members = vec![Member {
+        daemon: dispatcher,
+        state: State::Up,
+        tally: Tally::default(),
+    }];
+    wait_for(
+        "the dispatcher to answer GetStatus",
+        STARTUP,
+        POLL * 5,
+        || {
+            if let Some(status) = members[DISPATCHER].daemon.exited()? {
+                bail!("the dispatcher exited at startup ({status})");
+            }
+            Ok(probe.status().ok())
+        },
+    )
+    .with_context(|| format!("see {}", dir.join("dispatcher.log").display()))?;
+    for name in RUNNERS {
+        let work = dir.join(name);
+        fs::create_dir_all(&work)?;
+        members.push(Member {
+            daemon: Daemon::start(
+                name,
+                &bins.runner,
+                vec![
+                    "--dispatch".into(),
+                    addr.clone(),
+                    "--work-dir".into(),
+                    work.display().to_string(),
+                    "--name".into(),
+                    name.into(),
+                    "--drain-timeout".into(),
+                    "5s".into(),
+                    repo_arg.clone(),
+                ],
+                vec![],
+                dir.join(format!("{name}.log")),
+            )?,
+            state: State::Up,
+            tally: Tally::default(),
+        });
+    }
+    let observer_state = dir.join("observer");
+    fs::create_dir_all(&observer_state)?;
+    members.push(Member {
+        daemon: Daemon::start(
+            "observer",
+            &bins.observer,
+            vec![
+                "--dispatch".into(),
+                addr.clone(),
+                "--state-dir".into(),
+                observer_state.display().to_string(),
+                "--every-commit".into(),
+                "--interval".into(),
+                "500ms".into(),
+                repo_arg.clone(),
+            ],
+            vec![],
+            dir.join("observer.log"),
+        )?,
+        state: State::Up,
+        tally: Tally::default(),
+    });
+
+    let mut soak = Soak {
+        started,
+        // Generous because the machine may be shared; only reached when
+        // something is stuck.
+        deadline: Instant::now() + Duration::from_secs(n as u64) + Duration::from_secs(120),
+        dir: dir.clone(),
+        repo,
+        probe,
+        members,
+        counters: Counters::default(),
+        expected: vec![(first.clone(), "passed")],
+        timeline: String::new(),
+        warnings: Vec::new(),
+    };
+    soak.note(&format!(
+        "cluster in {} (dispatcher {addr}, 3 runners, observer --every-commit)",
+        dir.display()
+    ));
+
+    let result = drive(&mut soak, n, seed).and_then(|()| check(&mut soak));
+    let shutdown = shut_down(&mut soak);
+    let _ = fs::write(soak.dir.join("chaos.log"), &soak.timeline);
+    let verdict = match result {
+        Ok(failures) if failures.is_empty() => Ok(()),
+        Ok(failures) => {
+            for failure in &failures {
+                eprintln!("chaos: FAILED: {failure}");
+            }
+            Err(anyhow::anyhow!("{} check(s) failed", failures.len()))
+        }
+        Err(err) => Err(err),
+    };
+    shutdown?;
+    match verdict {
+        Ok(()) => {
+            if options.keep {
+                println!("cluster directory kept: {}", soak.dir.display());
+            } else {
+                fs::remove_dir_all(&soak.dir).ok();
+            }
+            println!(
+                "chaos: OK — {n} commits, seed {seed}, {:.1}s",
+                soak.started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(err) => {
+            println!(
+                "\nchaos: logs and store kept in {} (dispatcher.log, runner-*.log, observer.log, chaos.log, dispatcher/surveil.db); seed {seed}",
+                soak.dir.display()
+            );
+            Err(err)
+        }
+    }
+}
+
+/// Waits for the cluster to be whole, then streams the commits under
+/// chaos, then lets everything settle.
+fn drive(soak: &mut Soak, n: usize, seed: u64) -> Result<()> {
+    let (probe, first) = (&soak.probe, soak.expected[0].0.clone());
+    wait_for(
+        "three runners connected and the first commit submitted",
+        STARTUP,
+        POLL * 10,
+        || {
+            let runners = probe.runners()?.len();
+            let submitted = probe.job_of(&first)?.is_some();
+            Ok((runners == RUNNERS.len() && submitted).then_some(()))
+        },
+    )?;
+    soak.note("runners connected, first commit submitted: chaos starts");
+
+    // Separate streams, so a change in how many commits are made does not
+    // shift the fault schedule and vice versa.
+    let mut faults = StdRng::seed_from_u64(seed);
+    let mut contents = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let mut pace = StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x5851_f42d);
+
+    let mut made = 0usize;
+    let mut next_commit = Instant::now();
+    let mut next_fault = Instant::now() + gap(&mut faults, 500, 2000);
+    let mut next_status = Instant::now();
+    let mut next_jobs = Instant::now();
+    let mut last_commit_at = None::<Instant>;
+    let mut all_final = false;
+    loop {
+        let now = Instant::now();
+        if soak.overdue() {
+            bail!("the soak passed its deadline during the chaos phase");
+        }
+        soak.tend(now)?;
+        if made < n && now >= next_commit {
+            made += 1;
+            let fails = contents.random_bool(FAILING_SHARE);
+            let delay_ms: u32 = contents.random_range(0..=300);
+            let verdict = if fails { "fail\n" } else { "pass\n" };
+            let commit = cluster::commit(
+                &soak.repo,
+                &format!("chaos {made}: {}", if fails { "fails" } else { "passes" }),
+                &[
+                    ("verdict", verdict),
+                    (
+                        "delay",
+                        &format!("{}.{:03}\n", delay_ms / 1000, delay_ms % 1000),
+                    ),
+                    ("n", &format!("{made}\n")),
+                ],
+            )?;
+            soak.log(&format!(
+                "commit {made}/{n} {} {}",
+                &commit[..10],
+                if fails { "fails" } else { "passes" }
+            ));
+            soak.expected
+                .push((commit, if fails { "failed" } else { "passed" }));
+            next_commit = now + gap(&mut pace, COMMIT_GAP.0, COMMIT_GAP.1);
+            if made == n {
+                last_commit_at = Some(now);
+                soak.note(&format!("all {n} commits made"));
+            }
+        }
+        if now >= next_fault {
+            let victim = faults.random_range(0..soak.members.len());
+            let action = match faults.random_range(0..3) {
+                0 => Action::Kill,
+                1 => Action::Stop,
+                _ => Action::Restart,
+            };
+            let hold = gap(&mut faults, 200, 1500);
+            soak.strike(victim, action, hold)?;
+            next_fault = Instant::now() + gap(&mut faults, 500, 2000);
+        }
+        if now >= next_status && soak.dispatcher_up() {
+            soak.counters.sample(&soak.probe);
+            next_status = Instant::now() + STATUS_POLL;
+        }
+        if let Some(last) = last_commit_at {
+            if now >= next_jobs && soak.dispatcher_up() {
+                if let Ok(by_commit) = soak.jobs_by_commit() {
+                    all_final = soak.finished(&by_commit) == soak.expected.len();
+                }
+                next_jobs = Instant::now() + JOBS_POLL;
+            }
+            if all_final || now.duration_since(last) > CHAOS_TAIL {
+                break;
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+    soak.note(&format!(
+        "chaos ends ({}); continuing stopped daemons and restarting dead ones",
+        if all_final {
+            "every job final"
+        } else {
+            "tail over"
+        }
+    ));
+    settle(soak)
+}
+
+/// A random duration in `lo..=hi` milliseconds.
+fn gap(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(rng.random_range(lo..=hi))
+}
+
+/// Every daemon back up; waits (bounded by the overall deadline) until
+/// every commit has a job in a final status and no runner holds a lease.
+fn settle(soak: &mut Soak) -> Result<()> {
+    for i in 0..soak.members.len() {
+        let name = soak.members[i].daemon.name.clone();
+        match soak.members[i].state {
+            State::Stopped { .. } => {
+                soak.members[i].daemon.signal("CONT")?;
+                soak.members[i].state = State::Up;
+                soak.log(&format!("SIGCONT {name} (settling)"));
+            }
+            State::Down { .. } => {
+                soak.restart(i)?;
+                soak.log(&format!("restarted {name} (settling)"));
+            }
+            State::Up | State::Terminating { .. } => {}
+        }
+    }
+    let mut last_report = Instant::now();
+    let mut phase = "every commit's job in a final status";
+    loop {
+        if soak.overdue() {
+            soak.note(&format!("deadline reached while waiting for {phase}"));
+            return Ok(());
+        }
+        soak.tend(Instant::now())?;
+        let up = soak.members.iter().all(|m| matches!(m.state, State::Up));
+        if up {
+            soak.counters.sample(&soak.probe);
+            if let (Ok(by_commit), Ok(runners)) = (soak.jobs_by_commit(), soak.probe.runners()) {
+                let finished = soak.finished(&by_commit);
+                let leases: usize = runners.iter().map(|r| r.running.len()).sum();
+                if finished == soak.expected.len() {
+                    phase = "the runners to release their leases";
+                    if leases == 0 {
+                        soak.note(&format!(
+                            "settled: {finished} jobs final, no lease held, {} runners connected",
+                            runners.len()
+                        ));
+                        return Ok(());
+                    }
+                }
+                if last_report.elapsed() > Duration::from_secs(5) {
+                    let missing = soak
+                        .expected
+                        .iter()
+                        .filter(|(c, _)| !by_commit.contains_key(c))
+                        .count();
+                    soak.note(&format!(
+                        "waiting for {phase}: {finished}/{} final, {missing} commits without a job, {leases} leases held",
+                        soak.expected.len()
+                    ));
+                    last_report = Instant::now();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reads the record and returns the failed checks (empty when all held).
+fn check(soak: &mut Soak) -> Result<Vec<String>> {
+    let mut failures = Vec::new();
+    let probe = &soak.probe;
+    let jobs = probe
+        .jobs()
+        .context("listing the jobs for the final check")?;
+    let attempts = record::attempts(&soak.dir.join("dispatcher"))?;
+    let mut by_commit: BTreeMap<&str, Vec<&JobInfo>> = BTreeMap::new();
+    for job in &jobs {
+        by_commit.entry(job.commit.as_str()).or_default().push(job);
+    }
+    let made: BTreeSet<&str> = soak.expected.iter().map(|(c, _)| c.as_str()).collect();
+
+    let lost: Vec<&str> = soak
+        .expected
+        .iter()
+        .map(|(c, _)| c.as_str())
+        .filter(|c| !by_commit.contains_key(c))
+        .collect();
+    let doubled_jobs: Vec<&str> = by_commit
+        .iter()
+        .filter(|(_, js)| js.len() > 1)
+        .map(|(c, _)| *c)
+        .collect();
+    let strangers = jobs
+        .iter()
+        .filter(|j| !made.contains(j.commit.as_str()))
+        .count();
+
+    let mut duplicated = Vec::new();
+    let mut one_final = 0usize;
+    let mut wrong = Vec::new();
+    let mut exhausted = Vec::new();
+    let mut unfinished = Vec::new();
+    let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
+    for (commit, want) in &soak.expected {
+        let Some(job) = by_commit.get(commit.as_str()).and_then(|js| js.first()) else {
+            continue;
+        };
+        let status = status_of(job);
+        *outcomes.entry(status.label()).or_default() += 1;
+        let results = record::results_of(&attempts, job.id);
+        if results.len() > 1 {
+            duplicated.push(format!(
+                "job {} ({}) has {} recorded results: {}",
+                job.id,
+                &commit[..10],
+                results.len(),
+                describe_attempts(&results)
+            ));
+        }
+        if !status.is_final() {
+            unfinished.push(job);
+            continue;
+        }
+        let recorded_matches = match status {
+            JobStatus::Passed | JobStatus::Failed => {
+                results.len() == 1 && results[0].result_status.as_deref() == Some(status.label())
+            }
+            _ => results.is_empty(),
+        };
+        if recorded_matches {
+            one_final += 1;
+        } else if results.len() <= 1 {
+            wrong.push(format!(
+                "job {} is {} but its recorded results are [{}]",
+                job.id,
+                status.label(),
+                describe_attempts(&results)
+            ));
+        }
+        match status {
+            JobStatus::Error if job.attempt >= MAX_ATTEMPTS => exhausted.push(format!(
+                "job {} ({}) after {} attempts: {}",
+                job.id,
+                &commit[..10],
+                job.attempt,
+                job.message.as_deref().unwrap_or("-")
+            )),
+            s if s.label() == *want => {}
+            s => wrong.push(format!(
+                "commit {} should be {want}, job {} is {} (attempt {}{})",
+                &commit[..10],
+                job.id,
+                s.label(),
+                job.attempt,
+                job.message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            )),
+        }
+    }
+
+    // A `running` job no runner holds a lease on is a zombie only if it
+    // stays so past a runner timeout: a runner may be reattaching.
+    let leased = |probe: &Probe| -> Result<BTreeSet<u64>> {
+        Ok(probe
+            .runners()?
+            .iter()
+            .flat_map(|r| r.running.iter().copied())
+            .collect())
+    };
+    let orphaned = |probe: &Probe| -> Result<BTreeSet<u64>> {
+        let held = leased(probe)?;
+        Ok(probe
+            .jobs()?
+            .iter()
+            .filter(|j| status_of(j) == JobStatus::Running && !held.contains(&j.id))
+            .map(|j| j.id)
+            .collect())
+    };
+    let mut zombies = orphaned(probe)?;
+    if !zombies.is_empty() {
+        std::thread::sleep(RUNNER_TIMEOUT * 3);
+        let again = orphaned(probe)?;
+        zombies = zombies.intersection(&again).copied().collect();
+    }
+    let final_ids: BTreeSet<u64> = jobs
+        .iter()
+        .filter(|j| status_of(j).is_final())
+        .map(|j| j.id)
+        .collect();
+    let stale_leases: Vec<u64> = leased(probe)?
+        .into_iter()
+        .filter(|id| final_ids.contains(id))
+        .collect();
+    soak.counters.sample(probe);
+
+    // Why attempts ended early, from the store: each is a reassignment or
+    // a revoked lease.
+    let mut ended: BTreeMap<String, usize> = BTreeMap::new();
+    for a in attempts.iter().filter(|a| a.ended_reason.is_some()) {
+        *ended
+            .entry(reason_kind(a.ended_reason.as_deref().unwrap_or("")))
+            .or_default() += 1;
+    }
+    let mut by_attempts: BTreeMap<u32, usize> = BTreeMap::new();
+    for job in &jobs {
+        *by_attempts.entry(job.attempt).or_default() += 1;
+    }
+
+    println!("\n== chaos: record ==");
+    println!("commits made                    {:>6}", soak.expected.len());
+    println!("jobs                            {:>6}", jobs.len());
+    println!("lost (commit without a job)     {:>6}", lost.len());
+    println!("commits with more than one job  {:>6}", doubled_jobs.len());
+    println!("jobs for commits not made       {:>6}", strangers);
+    println!(
+        "jobs with exactly one final status {:>3}/{}",
+        one_final,
+        soak.expected.len()
+    );
+    println!("duplicated (two results)        {:>6}", duplicated.len());
+    println!("zombies (running, no lease)     {:>6}", zombies.len());
+    println!("unfinished (queued/running)     {:>6}", unfinished.len());
+    println!("wrong outcome                   {:>6}", wrong.len());
+    println!(
+        "error after {MAX_ATTEMPTS} attempts (exhausted) {:>3}",
+        exhausted.len()
+    );
+    println!("leases held on final jobs       {:>6}", stale_leases.len());
+    println!(
+        "outcomes                        {}",
+        outcomes
+            .iter()
+            .map(|(s, n)| format!("{s} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "jobs by attempts                {}",
+        by_attempts
+            .iter()
+            .map(|(a, n)| format!("{a}×{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "reassignments (GetStatus, summed over dispatcher lives) {}",
+        soak.counters.reassignments()
+    );
+    println!(
+        "refused results (GetStatus, summed)                     {}",
+        soak.counters.refused()
+    );
+    println!(
+        "attempts ended without a result (store)                 {}{}",
+        ended.values().sum::<usize>(),
+        if ended.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ": {}",
+                ended
+                    .iter()
+                    .map(|(r, n)| format!("{r} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+
+    println!("\n== chaos: faults ==");
+    println!(
+        "{:<11} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12}",
+        "DAEMON", "KILLS", "STOPS", "RESTARTS", "CRASHES", "SLOW-TERM", "UNCLEAN-TERM"
+    );
+    let mut total = Tally::default();
+    for m in &soak.members {
+        let t = m.tally;
+        println!(
+            "{:<11} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12}",
+            m.daemon.name, t.kills, t.stops, t.restarts, t.crashes, t.slow_terms, t.unclean_terms
+        );
+        total.kills += t.kills;
+        total.stops += t.stops;
+        total.restarts += t.restarts;
+        total.crashes += t.crashes;
+    }
+    println!(
+        "{:<11} {:>5} {:>5} {:>8} {:>7}",
+        "total", total.kills, total.stops, total.restarts, total.crashes
+    );
+    println!("elapsed {:.1}s", soak.started.elapsed().as_secs_f64());
+
+    for (what, list) in [
+        ("duplicated", &duplicated),
+        ("wrong outcome", &wrong),
+        ("exhausted (not a failure)", &exhausted),
+    ] {
+        for line in list.iter() {
+            println!("  {what}: {line}");
+        }
+    }
+    for warning in &soak.warnings {
+        println!("  warning: {warning}");
+    }
+
+    if !lost.is_empty() {
+        failures.push(format!(
+            "{} commit(s) lost: {}",
+            lost.len(),
+            lost.iter().map(|c| &c[..10]).collect::<Vec<_>>().join(" ")
+        ));
+    }
+    if !doubled_jobs.is_empty() {
+        failures.push(format!(
+            "{} commit(s) with more than one job",
+            doubled_jobs.len()
+        ));
+    }
+    if !duplicated.is_empty() {
+        failures.push(format!(
+            "{} job(s) with two recorded results",
+            duplicated.len()
+        ));
+    }
+    if !zombies.is_empty() {
+        failures.push(format!(
+            "{} zombie job(s) (running, no runner holds the lease): {zombies:?}",
+            zombies.len()
+        ));
+    }
+    if !unfinished.is_empty() {
+        failures.push(format!(
+            "{} job(s) never reached a final status: {}",
+            unfinished.len(),
+            unfinished
+                .iter()
+                .map(|j| surveil_tests::probe::describe(j))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    if !wrong.is_empty() {
+        failures.push(format!("{} wrong outcome(s)", wrong.len()));
+    }
+    if !stale_leases.is_empty() {
+        failures.push(format!(
+            "runners still hold leases on final jobs {stale_leases:?}"
+        ));
+    }
+    if total.crashes > 0 {
+        failures.push(format!("{} daemon exit(s) nobody asked for", total.crashes));
+    }
+    Ok(failures)
+}
+
+fn describe_attempts(attempts: &[&Attempt]) -> String {
+    attempts
+        .iter()
+        .map(|a| {
+            format!(
+                "attempt {} on {} {}",
+                a.attempt,
+                a.runner,
+                a.result_status.as_deref().unwrap_or("-")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An attempt's end reason without the runner's name, so the same cause
+/// on different runners groups together.
+fn reason_kind(reason: &str) -> String {
+    match reason
+        .strip_prefix("runner ")
+        .and_then(|r| r.split_once(": "))
+    {
+        Some((_name, rest)) => rest.trim().to_owned(),
+        None => reason.trim().to_owned(),
+    }
+}
+
+/// SIGCONT anything stopped, then SIGTERM every daemon, observer first.
+fn shut_down(soak: &mut Soak) -> Result<()> {
+    for member in &mut soak.members {
+        if matches!(member.state, State::Stopped { .. }) {
+            member.daemon.signal("CONT").ok();
+            member.state = State::Up;
+        }
+    }
+    let order: Vec<usize> = (1..soak.members.len()).rev().chain([DISPATCHER]).collect();
+    for i in order {
+        let member = &mut soak.members[i];
+        let name = member.daemon.name.clone();
+        if member.daemon.pid().is_none() {
+            continue;
+        }
+        match member.daemon.terminate(Duration::from_secs(20)) {
+            Ok(status) if status.success() => {}
+            Ok(status) => soak
+                .warnings
+                .push(format!("{name} exited with {status} at the final SIGTERM")),
+            Err(err) => soak.warnings.push(format!("{name}: {err:#}")),
+        }
+    }
+    for warning in soak.warnings.iter().filter(|w| w.contains("final SIGTERM")) {
+        println!("  warning: {warning}");
+    }
+    Ok(())
+}
