@@ -10,6 +10,7 @@
 
 mod checkout;
 mod client;
+mod codec;
 mod latency;
 mod scale;
 
@@ -30,7 +31,7 @@ pub use scale::load as load_tool;
 use client::Client;
 
 /// Every scenario id, in the order they run.
-pub const SCENARIOS: [&str; 7] = ["S1", "S2", "S3a", "S3b", "S4", "M", "C"];
+pub const SCENARIOS: [&str; 8] = ["S1", "S2", "S3a", "S3b", "S4", "M", "C", "codec"];
 
 #[derive(Debug, Default)]
 pub struct Options {
@@ -210,6 +211,8 @@ impl Outcome {
 
 /// What every scenario gets: the binaries, where to put its files, the mode.
 pub struct Env {
+    /// The workspace root.
+    pub root: PathBuf,
     pub bins: Bins,
     /// The release build of this xtask, for the load and checkout tools.
     pub tool: PathBuf,
@@ -401,21 +404,24 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     let dir = cluster::target_dir(root).join("bench");
     fs::create_dir_all(&dir)?;
     let nofile = raise_nofile();
+    // Other work on the machine skews every figure: say how busy it was.
+    let load_at_start = loadavg();
     let env = Env {
+        root: root.to_owned(),
         bins,
         tool,
         dir: dir.clone(),
         quick: options.quick,
     };
     println!(
-        "bench: {} mode, open-file limit {nofile}, build took {:.0} s",
+        "bench: {} mode, open-file limit {nofile}, build took {:.0} s, load average {load_at_start}",
         if options.quick { "quick" } else { "full" },
         started.elapsed().as_secs_f64()
     );
 
     let mut outcomes = Vec::new();
     type Scenario = fn(&Env, &mut Outcome) -> Result<()>;
-    let scenarios: [(&'static str, &'static str, &'static str, Scenario); 7] = [
+    let scenarios: [(&'static str, &'static str, &'static str, Scenario); 8] = [
         (
             "S1",
             "commit → result, 1 runner, pipeline `true`",
@@ -458,6 +464,12 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
             "gix ≤ git",
             checkout::c,
         ),
+        (
+            "codec",
+            "criterion: encode and decode of Assign and 64 KiB Log frames",
+            "MB/s (no target)",
+            codec::codec,
+        ),
     ];
     for (id, title, target, scenario) in scenarios {
         if !options.selected(id) {
@@ -487,6 +499,8 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     let report = json!({
         "quick": options.quick,
         "machine": machine(),
+        "loadavg_at_start": load_at_start,
+        "loadavg_at_end": loadavg(),
         "elapsed_s": started.elapsed().as_secs_f64(),
         "scenarios": outcomes
             .iter()
@@ -496,9 +510,10 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     let path = dir.join("report.json");
     fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
     println!(
-        "bench: report written to {} ({:.0} s in all)",
+        "bench: report written to {} ({:.0} s in all; load average now {})",
         path.display(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        loadavg()
     );
     Ok(())
 }
@@ -603,6 +618,13 @@ fn table(outcomes: &[Outcome]) -> String {
         }
     }
     out
+}
+
+/// `/proc/loadavg`'s 1, 5 and 15 minute averages.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// The machine the figures come from.

@@ -116,6 +116,21 @@ fn git(args: &[&str], envs: &[(&str, &Path)]) -> Result<()> {
     Ok(())
 }
 
+/// CPU time (user + system, ms) of this process and its reaped children:
+/// gix's local fetch runs `git upload-pack`, the git CLI runs as children.
+fn cpu_ms() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    [UsageWho::RUSAGE_SELF, UsageWho::RUSAGE_CHILDREN]
+        .into_iter()
+        .filter_map(|who| getrusage(who).ok())
+        .map(|u| {
+            let ms =
+                |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+            ms(u.user_time()) + ms(u.system_time())
+        })
+        .sum()
+}
+
 /// `xtask bench-checkout REPO COMMIT SCRATCH`: prints one JSON line of
 /// milliseconds: gix and git, cold and warm.
 pub fn tool(args: &[String]) -> Result<()> {
@@ -126,11 +141,13 @@ pub fn tool(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(scratch)?;
     let interrupt = AtomicBool::new(false);
     let ms = |start: Instant| start.elapsed().as_secs_f64() * 1000.0;
+    let mut cpu = std::collections::BTreeMap::new();
 
     let workspace = Workspace::open(&scratch.join("gix"))?;
-    let start = Instant::now();
+    let (start, c0) = (Instant::now(), cpu_ms());
     let info = workspace.checkout(repo, commit, &scratch.join("gix-cold"), &interrupt)?;
     let gix_cold = ms(start);
+    cpu.insert("gix_cold_cpu", cpu_ms() - c0);
     if !info.fetched || info.files != FILES {
         bail!(
             "gix cold checkout: fetched {}, {} files",
@@ -138,9 +155,10 @@ pub fn tool(args: &[String]) -> Result<()> {
             info.files
         );
     }
-    let start = Instant::now();
+    let (start, c0) = (Instant::now(), cpu_ms());
     let info = workspace.checkout(repo, commit, &scratch.join("gix-warm"), &interrupt)?;
     let gix_warm = ms(start);
+    cpu.insert("gix_warm_cpu", cpu_ms() - c0);
     if info.fetched || info.files != FILES {
         bail!(
             "gix warm checkout: fetched {}, {} files",
@@ -196,13 +214,14 @@ pub fn tool(args: &[String]) -> Result<()> {
     checkout(&scratch.join("git-warm"), &scratch.join("git/index-warm"))?;
     let git_warm = ms(start);
 
-    println!(
-        "{}",
-        serde_json::json!({
-            "gix_cold": gix_cold, "gix_warm": gix_warm,
-            "git_cold": git_cold, "git_warm": git_warm,
-        })
-    );
+    let mut report = serde_json::json!({
+        "gix_cold": gix_cold, "gix_warm": gix_warm,
+        "git_cold": git_cold, "git_warm": git_warm,
+    });
+    for (key, value) in cpu {
+        report[key] = value.into();
+    }
+    println!("{report}");
     Ok(())
 }
 
@@ -211,7 +230,7 @@ pub fn c(env: &Env, out: &mut Outcome) -> Result<()> {
     let repo = dir.join("repo");
     let commit = generate(&repo)?;
     let repo = std::fs::canonicalize(&repo)?.display().to_string();
-    let runs = if env.quick { 3 } else { 5 };
+    let runs = if env.quick { 3 } else { 7 };
     let mut figures: Vec<Figure> = [
         ("gix cold (mirror fetched)", "gix_cold"),
         ("git cold (clone --mirror)", "git_cold"),
@@ -223,6 +242,8 @@ pub fn c(env: &Env, out: &mut Outcome) -> Result<()> {
     .collect();
     let mut cold = Figure::new("gix / git, cold", "ratio", Target::AtMost(1.0));
     let mut warm = Figure::new("gix / git, warm", "ratio", Target::AtMost(1.0));
+    let mut cold_cpu = Figure::new("gix / git CPU time, cold", "ratio", Target::Info);
+    let mut warm_cpu = Figure::new("gix / git CPU time, warm", "ratio", Target::Info);
     // One unrecorded run first, so every recorded one sees warm page caches.
     for run in 0..=runs {
         let scratch = dir.join(format!("run-{run}"));
@@ -257,9 +278,15 @@ pub fn c(env: &Env, out: &mut Outcome) -> Result<()> {
         }
         cold.samples.push(get("gix_cold")? / get("git_cold")?);
         warm.samples.push(get("gix_warm")? / get("git_warm")?);
+        cold_cpu
+            .samples
+            .push(get("gix_cold_cpu")? / get("git_cold_cpu")?);
+        warm_cpu
+            .samples
+            .push(get("gix_warm_cpu")? / get("git_warm_cpu")?);
     }
     out.figures.append(&mut figures);
-    out.figures.extend([cold, warm]);
+    out.figures.extend([cold, warm, cold_cpu, warm_cpu]);
     out.notes.push(format!(
         "{FILES} files, {COMMITS} commits, tip checked out; git: clone --mirror, cat-file -e, \
          then `checkout COMMIT -- .` into an empty work tree with a fresh index"

@@ -162,12 +162,21 @@ impl Drop for Load {
 }
 
 fn wait_runner_count(addr: &str, count: u32) -> Result<()> {
-    wait_for(
+    let mut last = None;
+    let reached = wait_for(
         &format!("the dispatcher to count {count} runners"),
-        Duration::from_secs(120),
+        Duration::from_secs(30),
         Duration::from_millis(100),
-        || Ok((Client::connect(addr)?.status()?.runners == count).then_some(())),
-    )
+        || {
+            let runners = Client::connect(addr)?.status()?.runners;
+            last = Some(runners);
+            Ok((runners == count).then_some(()))
+        },
+    );
+    reached.with_context(|| match last {
+        Some(n) => format!("the dispatcher counted {n} of {count} runners"),
+        None => "the dispatcher did not answer".to_owned(),
+    })
 }
 
 pub fn s4(env: &Env, out: &mut Outcome) -> Result<()> {
@@ -202,25 +211,50 @@ pub fn s4(env: &Env, out: &mut Outcome) -> Result<()> {
             "MiB",
             Target::AtMost(200.0),
         );
-        for round in 0..3 {
-            let (mut load, ms) = Load::start(env, &addr, n, &format!("sim-{n}-{round}"))?;
-            wait_runner_count(&addr, n as u32)?;
-            connect.samples.push(ms / 1000.0);
-            if round == 2 {
-                std::thread::sleep(Duration::from_secs(1));
-                for _ in 0..3 {
-                    let (cpu0, t0) = (cpu_time(pid)?, Instant::now());
-                    std::thread::sleep(window);
-                    let used = cpu_time(pid)? - cpu0;
-                    cpu.samples
-                        .push(100.0 * used.as_secs_f64() / t0.elapsed().as_secs_f64());
-                    rss.samples.push(vm_mib(pid, "VmRSS")?);
-                }
-            }
-            load.stop();
-            wait_runner_count(&addr, 0)?;
-        }
+        let result = rounds(
+            env,
+            &addr,
+            pid,
+            n,
+            window,
+            [&mut connect, &mut cpu, &mut rss],
+        );
+        // Whatever was measured before a failure is still reported.
         out.figures.extend([connect, cpu, rss]);
+        result.with_context(|| format!("N={n}"))?;
+    }
+    Ok(())
+}
+
+/// Three connect rounds of `n` simulated runners; the last one stays for
+/// the idle windows.
+fn rounds(
+    env: &Env,
+    addr: &str,
+    pid: u32,
+    n: usize,
+    window: Duration,
+    [connect, cpu, rss]: [&mut Figure; 3],
+) -> Result<()> {
+    for round in 0..3 {
+        let (mut load, ms) = Load::start(env, addr, n, &format!("sim-{n}-{round}"))?;
+        wait_runner_count(addr, n as u32)?;
+        connect.samples.push(ms / 1000.0);
+        if round == 2 {
+            std::thread::sleep(Duration::from_secs(1));
+            for _ in 0..3 {
+                let (cpu0, t0) = (cpu_time(pid)?, Instant::now());
+                std::thread::sleep(window);
+                let used = cpu_time(pid)? - cpu0;
+                cpu.samples
+                    .push(100.0 * used.as_secs_f64() / t0.elapsed().as_secs_f64());
+                rss.samples.push(vm_mib(pid, "VmRSS")?);
+            }
+            // Every session must have lived through the idle windows.
+            wait_runner_count(addr, n as u32)?;
+        }
+        load.stop();
+        wait_runner_count(addr, 0)?;
     }
     Ok(())
 }
