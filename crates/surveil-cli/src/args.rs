@@ -33,6 +33,14 @@ pub struct Cli {
     #[arg(long, env = "SURVEIL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    // --tls-ca, --tls-cert, --tls-key, --tls-server-name.
+    #[command(flatten)]
+    pub tls: surveil_common::tls::ClientTlsArgs,
+
+    // Only there to refuse `--token VALUE` with the reason.
+    #[command(flatten)]
+    pub refuse_token: surveil_common::RefuseTokenFlag,
+
     /// Print JSON (the contract's fields) instead of tables.
     #[arg(long, global = true, env = "SURVEIL_JSON")]
     pub json: bool,

@@ -8,13 +8,13 @@
 
 use std::time::Duration;
 
+use surveil_common::tls::{self, ClientTls};
 use surveil_proto::{
     CancelJob, CancelJobReply, CodecError, Connection, ConnectionError, GetJob, GetStatus,
     GetStatusReply, HandshakeError, Hello, JobInfo, ListJobs, ListRunners, Msg, ReadLog,
     ReadLogReply, Role, RunnerInfo, Submit,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 /// The name the CLI gives in its `Hello`, shown in the dispatcher's logs.
 pub const CLIENT_NAME: &str = "surveil-cli";
@@ -26,6 +26,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a one-shot reply may take. Following a log has no such limit:
 /// a task may print nothing for a long time.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What mismatched transports explain about a failed handshake.
+fn hint(err: &HandshakeError) -> String {
+    tls::handshake_hint(err)
+        .map(|hint| format!(" ({hint})"))
+        .unwrap_or_default()
+}
 
 /// What went wrong talking to the dispatcher. Messages leave out their
 /// `source`: `main` prints the whole chain (`{:#}`), so it is said once.
@@ -52,7 +59,7 @@ pub enum ClientError {
     #[error(transparent)]
     Rejected(HandshakeError),
     /// The handshake failed some other way.
-    #[error("handshake with dispatcher at {addr} failed")]
+    #[error("handshake with dispatcher at {addr} failed{hint}", hint = hint(.source))]
     Handshake {
         /// The address dialled.
         addr: String,
@@ -116,11 +123,16 @@ pub struct Client<S> {
     conn: Connection<S>,
 }
 
-impl Client<TcpStream> {
+impl Client<tls::Stream> {
     /// Dials `addr` (`host:port`), says `Hello` as a client with `token`
     /// (empty when `None`) and waits for `Welcome`.
-    pub async fn connect(addr: &str, token: Option<&str>) -> Result<Self, ClientError> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    /// With `tls` the connection is TLS, checked against its CA.
+    pub async fn connect(
+        addr: &str,
+        token: Option<&str>,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, ClientError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls::connect(addr, tls))
             .await
             .map_err(|_| ClientError::ConnectTimeout {
                 addr: addr.to_owned(),

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::{Context, bail};
+use surveil_common::tls;
 use surveil_proto::{JobStatus, ListJobs};
-use tokio::net::TcpStream;
 
 use crate::args::{Cli, Command};
 use crate::client::Client;
@@ -23,7 +23,8 @@ use crate::output::{self, JobJson, LogPrinter, RunnerJson, StatusJson, SubmitJso
 /// terminal and `NO_COLOR` is unset).
 pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let token = surveil_common::read_token(cli.token_file.as_deref())?;
-    let mut client = Client::connect(&cli.dispatch, token.as_deref()).await?;
+    let tls = cli.tls.load(&cli.dispatch)?;
+    let mut client = Client::connect(&cli.dispatch, token.as_deref(), tls.as_ref()).await?;
     let json = cli.json;
     match cli.command {
         Command::Jobs {
@@ -128,7 +129,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
 
 /// Prints a job's log as it arrives until the dispatcher's last reply.
 async fn logs(
-    client: &mut Client<TcpStream>,
+    client: &mut Client<tls::Stream>,
     id: u64,
     follow: bool,
     out: &mut dyn Write,

@@ -16,6 +16,11 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli: args::Cli = surveil_common::config::parse();
+    // Unusable TLS files are a usage error (exit 2), found before dialling.
+    if let Err(err) = cli.tls.load(&cli.dispatch) {
+        eprintln!("surveil: {err}");
+        return ExitCode::from(2);
+    }
     let stdout = std::io::stdout();
     let colour =
         stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());

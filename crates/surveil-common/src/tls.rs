@@ -377,11 +377,9 @@ pub enum AcceptError {
 /// timeout.
 pub async fn accept(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Stream, AcceptError> {
     let _ = stream.set_nodelay(true);
-    let mut first = [0u8; 1];
-    if stream.peek(&mut first).await.map_err(AcceptError::Io)? == 0 {
+    let Some(starts_tls) = starts_tls(&stream).await.map_err(AcceptError::Io)? else {
         return Err(AcceptError::Closed);
-    }
-    let starts_tls = first[0] == TLS_HANDSHAKE;
+    };
     match tls {
         None if starts_tls => Err(AcceptError::TlsOnPlaintextPort),
         None => Ok(Stream::Plain(stream)),
@@ -396,6 +394,16 @@ pub async fn accept(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Stream
             .map(|s| Stream::Tls(Box::new(s.into())))
             .map_err(AcceptError::Handshake),
     }
+}
+
+/// Waits for the peer's first byte, without consuming it, and tells
+/// whether it opens a TLS handshake; `None` when the peer closed first.
+pub async fn starts_tls(stream: &TcpStream) -> io::Result<Option<bool>> {
+    let mut first = [0u8; 1];
+    Ok(match stream.peek(&mut first).await? {
+        0 => None,
+        _ => Some(first[0] == TLS_HANDSHAKE),
+    })
 }
 
 /// Answers a plaintext client with a TLS alert, so it can tell it reached

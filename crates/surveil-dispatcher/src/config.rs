@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use surveil_common::LogFormat;
+use surveil_common::tls::ServerTls;
 
 /// `surveil-dispatcher`: the Surveil job queue and runner coordinator.
 #[derive(Debug, Clone, Parser)]
@@ -53,6 +54,20 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, env = "SURVEIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs
+    /// --tls-key.
+    #[arg(long, env = "SURVEIL_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "SURVEIL_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Require every client to present a certificate signed by this CA
+    /// (mutual TLS); needs --tls-cert and --tls-key.
+    #[arg(long, env = "SURVEIL_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    // Only there to refuse `--token VALUE` with the reason.
+    #[command(flatten)]
+    pub refuse_token: surveil_common::RefuseTokenFlag,
 }
 
 /// Smallest frame limit that still fits a `Hello` and the replies.
@@ -60,8 +75,9 @@ const MIN_MAX_FRAME: u64 = 1024;
 /// Frames are length-prefixed with a u32.
 const MAX_MAX_FRAME: u64 = u32::MAX as u64;
 
-/// The validated settings of one dispatcher.
-#[derive(Debug, Clone)]
+/// The validated settings of one dispatcher. Its `Debug` never shows the
+/// token.
+#[derive(Clone)]
 pub struct Config {
     /// The address to listen on, as resolved.
     pub listen: SocketAddr,
@@ -83,6 +99,26 @@ pub struct Config {
     pub spawn_runners: u32,
     /// The command starting one local runner.
     pub runner_command: Option<String>,
+    /// TLS for every connection; `None` serves plaintext.
+    pub tls: Option<ServerTls>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("state_dir", &self.state_dir)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("runner_timeout", &self.runner_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_frame", &self.max_frame)
+            .field("spawn_runners", &self.spawn_runners)
+            .field("runner_command", &self.runner_command)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Config {
@@ -100,6 +136,7 @@ impl Config {
             max_frame: surveil_proto::DEFAULT_MAX_FRAME,
             spawn_runners: 0,
             runner_command: None,
+            tls: None,
         }
     }
 }
@@ -187,12 +224,45 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
             None
         }
     };
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => match ServerTls::new(cert, key, cli.tls_client_ca.as_deref()) {
+            Ok(tls) => Some(tls),
+            Err(err) => {
+                problems.push(err.to_string());
+                None
+            }
+        },
+        (Some(_), None) => {
+            problems.push("--tls-cert needs --tls-key, the certificate's private key".to_owned());
+            None
+        }
+        (None, Some(_)) => {
+            problems.push("--tls-key needs --tls-cert, the certificate it belongs to".to_owned());
+            None
+        }
+        (None, None) => {
+            if cli.tls_client_ca.is_some() {
+                problems.push(
+                    "--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked only over TLS".to_owned(),
+                );
+            }
+            None
+        }
+    };
+    // TLS alone authenticates the dispatcher to its clients, not the
+    // clients to it; only mutual TLS (or a token) keeps strangers out.
+    let clients_authenticated = token.is_some() || cli.tls_client_ca.is_some();
     if let Some(addr) = listen
         && !addr.ip().is_loopback()
-        && token.is_none()
+        && !clients_authenticated
     {
         problems.push(format!(
-            "--listen {addr} is not a loopback address and no token is set: anyone who can reach it could submit jobs or pose as a runner; set --token-file (or SURVEIL_TOKEN), or listen on 127.0.0.1"
+            "--listen {addr} is not a loopback address and no token is set: anyone who can reach it could submit jobs or pose as a runner; set --token-file (or SURVEIL_TOKEN), require client certificates with --tls-client-ca, or listen on 127.0.0.1{}",
+            if cli.tls_cert.is_some() {
+                " (TLS proves the dispatcher to its clients, not the clients to the dispatcher)"
+            } else {
+                ""
+            }
         ));
     }
     if !problems.is_empty() {
@@ -209,6 +279,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         max_frame: usize::try_from(cli.max_frame).ok()?,
         spawn_runners: cli.spawn_runners,
         runner_command,
+        tls,
     })
 }
 
@@ -298,5 +369,78 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn tls_flags_come_in_pairs_and_name_the_flag() {
+        let err = parse(&["--state-dir", "/tmp/x", "--tls-cert", "/nonexistent.pem"]).unwrap_err();
+        assert!(err.contains("--tls-cert needs --tls-key"), "{err}");
+        let err = parse(&["--state-dir", "/tmp/x", "--tls-key", "/nonexistent.key"]).unwrap_err();
+        assert!(err.contains("--tls-key needs --tls-cert"), "{err}");
+        let err = parse(&["--state-dir", "/tmp/x", "--tls-client-ca", "/ca.pem"]).unwrap_err();
+        assert!(
+            err.contains("--tls-client-ca needs --tls-cert and --tls-key"),
+            "{err}"
+        );
+        let err = parse(&[
+            "--state-dir",
+            "/tmp/x",
+            "--tls-cert",
+            "/nonexistent.pem",
+            "--tls-key",
+            "/nonexistent.key",
+        ])
+        .unwrap_err();
+        assert!(err.starts_with("--tls-cert /nonexistent.pem:"), "{err}");
+    }
+
+    #[test]
+    fn tls_without_a_token_is_still_refused_off_loopback_unless_mutual() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = surveil_common::tls::test_certs::write(dir.path());
+        let (cert, key, ca) = (
+            certs.server_cert.to_str().unwrap(),
+            certs.server_key.to_str().unwrap(),
+            certs.ca.to_str().unwrap(),
+        );
+        let base = [
+            "--state-dir",
+            "/tmp/x",
+            "--listen",
+            "0.0.0.0:9000",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ];
+        let err = parse(&base).unwrap_err();
+        assert!(err.contains("no token is set"), "{err}");
+        assert!(
+            err.contains("TLS proves the dispatcher to its clients, not the clients"),
+            "{err}"
+        );
+        let mut mutual = base.to_vec();
+        mutual.extend(["--tls-client-ca", ca]);
+        let c = parse(&mutual).unwrap();
+        assert!(c.token.is_none());
+        assert!(c.tls.as_ref().is_some_and(|t| t.requires_client_certs()));
+        let c = parse(&base[..4]).unwrap_err();
+        assert!(c.contains("no token is set"), "{c}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let mut config = Config::for_state_dir("/tmp/x");
+        config.token = Some("s3cret-token".to_owned());
+        let shown = format!("{config:?} {config:#?}");
+        assert!(!shown.contains("s3cret-token"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn token_flag_is_refused() {
+        let err = parse(&["--state-dir", "/tmp/x", "--token", "s3cret"]).unwrap_err();
+        assert!(err.contains("visible to every user in `ps`"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
     }
 }

@@ -110,7 +110,14 @@ pub async fn serve(
         move |name| sup_shared.count_restart(name),
     ));
 
-    tracing::info!(listen = %local_addr, "dispatcher serving");
+    match &shared.config.tls {
+        Some(tls) if tls.requires_client_certs() => tracing::info!(
+            listen = %local_addr,
+            "dispatcher serving TLS; clients must present a certificate signed by --tls-client-ca"
+        ),
+        Some(_) => tracing::info!(listen = %local_addr, "dispatcher serving TLS"),
+        None => tracing::info!(listen = %local_addr, "dispatcher serving"),
+    }
     ready();
 
     loop {

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use subtle::ConstantTimeEq;
+use surveil_common::tls::{self, AcceptError};
 use surveil_proto::{
     CancelJob, CancelJobReply, Codec, CodecError, Connection, ConnectionError, Envelope,
     Error as ErrorMsg, FrameReader, FrameWriter, GetJobReply, GetStatusReply, Hello, JobFinished,
@@ -39,7 +40,7 @@ const LOG_CHUNK: u64 = 64 * 1024;
 /// notification (e.g. a status change recorded by another dispatcher path).
 const FOLLOW_RECHECK: Duration = Duration::from_secs(1);
 
-type Reader = FrameReader<TcpStream>;
+type Reader = FrameReader<tls::Stream>;
 type Tx = mpsc::Sender<Envelope>;
 
 /// Why a session loop stopped.
@@ -59,9 +60,47 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let _ = stream.set_nodelay(true);
+    // One deadline covers the TLS handshake and the Hello.
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let stream = match &shared.config.tls {
+        Some(server_tls) => {
+            match tokio::time::timeout_at(deadline, tls::accept(stream, Some(server_tls))).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(
+                    err @ (AcceptError::PlaintextOnTlsPort | AcceptError::TlsOnPlaintextPort),
+                )) => {
+                    tracing::warn!(error = %err, "handshake failed");
+                    return;
+                }
+                Ok(Err(err)) => {
+                    tracing::info!(error = %err, "handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(
+                        timeout = ?shared.config.handshake_timeout,
+                        "handshake failed: no TLS handshake within the handshake timeout"
+                    );
+                    return;
+                }
+            }
+        }
+        None => {
+            let _ = stream.set_nodelay(true);
+            // A silent or closing peer is left to `accept_hello`, which
+            // answers it with the right `Reject`.
+            if let Ok(Ok(Some(true))) =
+                tokio::time::timeout_at(deadline, tls::starts_tls(&stream)).await
+            {
+                tracing::warn!(error = %AcceptError::TlsOnPlaintextPort, "handshake failed");
+                return;
+            }
+            tls::Stream::Plain(stream)
+        }
+    };
     let mut conn = Connection::with_codec(stream, Codec::with_max_frame(shared.config.max_frame));
-    let hello = match conn.accept_hello(shared.config.handshake_timeout).await {
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let hello = match conn.accept_hello(remaining).await {
         Ok(hello) => hello,
         Err(err) => {
             tracing::info!(error = %err, "handshake failed");
@@ -148,7 +187,7 @@ fn millis_u32(d: Duration) -> u32 {
 /// Writes queued frames, batching what is ready into one flush. On close it
 /// still writes what was queued (an `Error` explaining the close), briefly.
 async fn write_loop(
-    mut writer: FrameWriter<TcpStream>,
+    mut writer: FrameWriter<tls::Stream>,
     mut rx: mpsc::Receiver<Envelope>,
     close: CancellationToken,
 ) {
@@ -174,7 +213,7 @@ async fn write_loop(
 }
 
 async fn write_batch(
-    writer: &mut FrameWriter<TcpStream>,
+    writer: &mut FrameWriter<tls::Stream>,
     first: Envelope,
     rx: &mut mpsc::Receiver<Envelope>,
 ) -> Result<(), surveil_proto::CodecError> {

@@ -12,9 +12,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use surveil_common::LogFormat;
+use surveil_common::tls::{ClientTls, ClientTlsArgs};
 
-/// Everything the observer needs, validated.
-#[derive(Clone, Debug)]
+/// Everything the observer needs, validated. Its `Debug` never shows the
+/// token.
+#[derive(Clone)]
 pub struct Config {
     /// The dispatcher's `host:port`.
     pub dispatch: String,
@@ -39,6 +41,27 @@ pub struct Config {
     pub retry_min: Duration,
     /// The longest delay between retries.
     pub retry_max: Duration,
+    /// TLS to the dispatcher; `None` dials plaintext.
+    pub tls: Option<ClientTls>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("dispatch", &self.dispatch)
+            .field("state_dir", &self.state_dir)
+            .field("repo", &self.repo)
+            .field("branch", &self.branch)
+            .field("interval", &self.interval)
+            .field("every_commit", &self.every_commit)
+            .field("max_backlog", &self.max_backlog)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("name", &self.name)
+            .field("retry_min", &self.retry_min)
+            .field("retry_max", &self.retry_max)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Config {
@@ -57,6 +80,7 @@ impl Config {
             name: "surveil-observer".to_owned(),
             retry_min: crate::DEFAULT_RETRY_MIN,
             retry_max: crate::DEFAULT_RETRY_MAX,
+            tls: None,
         }
     }
 }
@@ -100,6 +124,12 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, env = "SURVEIL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    // --tls-ca, --tls-cert, --tls-key, --tls-server-name.
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    // Only there to refuse `--token VALUE` with the reason.
+    #[command(flatten)]
+    pub refuse_token: surveil_common::RefuseTokenFlag,
     /// The repository: a local path or a URL gix can fetch.
     #[arg(value_name = "REPO")]
     pub repo: String,
@@ -113,6 +143,7 @@ impl Cli {
             .with_context(|| format!("REPO `{}`", self.repo))?;
         let token =
             surveil_common::read_token(self.token_file.as_deref()).context("--token-file")?;
+        let tls = self.tls.load(&self.dispatch)?;
         let host = hostname::get()
             .ok()
             .and_then(|h| h.into_string().ok())
@@ -127,6 +158,7 @@ impl Cli {
             token,
             name: format!("surveil-observer@{host}"),
             repo,
+            tls,
             ..Config::new(String::new(), PathBuf::new())
         })
     }

@@ -124,6 +124,7 @@ impl Observer {
                 name: self.config.name.clone(),
                 repo: self.config.repo.clone(),
                 token: self.config.token.clone(),
+                tls: self.config.tls.clone(),
             },
         );
         let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);

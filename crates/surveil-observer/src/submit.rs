@@ -8,11 +8,11 @@
 
 use std::time::Duration;
 
+use surveil_common::tls::{self, ClientTls};
 use surveil_proto::{
     Connection, ConnectionError, HandshakeError, Hello, Msg, Pong, RejectCode, Role, Submit,
     Welcome,
 };
-use tokio::net::TcpStream;
 
 /// How long dialing the dispatcher may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,7 +40,7 @@ pub enum SubmitError {
         addr: String,
     },
     /// The handshake failed or was refused.
-    #[error("handshake with the dispatcher failed: {0}")]
+    #[error("handshake with the dispatcher failed: {0}{hint}", hint = hint(.0))]
     Handshake(#[from] HandshakeError),
     /// Sending failed.
     #[error("sending to the dispatcher failed: {0}")]
@@ -84,8 +84,16 @@ impl SubmitError {
     }
 }
 
-/// Who the observer says it is in its `Hello`.
-#[derive(Clone, Debug)]
+/// What mismatched transports explain about a failed handshake.
+fn hint(err: &HandshakeError) -> String {
+    tls::handshake_hint(err)
+        .map(|hint| format!(" ({hint})"))
+        .unwrap_or_default()
+}
+
+/// Who the observer says it is in its `Hello`, and how it reaches the
+/// dispatcher. Its `Debug` never shows the token.
+#[derive(Clone)]
 pub struct Identity {
     /// Free-form name, for the dispatcher's logs.
     pub name: String,
@@ -93,6 +101,19 @@ pub struct Identity {
     pub repo: String,
     /// The shared secret, if the dispatcher wants one.
     pub token: Option<String>,
+    /// TLS to the dispatcher; `None` dials plaintext.
+    pub tls: Option<ClientTls>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("name", &self.name)
+            .field("repo", &self.repo)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// The connection to the dispatcher, dialed when first needed and again
@@ -100,7 +121,7 @@ pub struct Identity {
 pub struct Link {
     addr: String,
     identity: Identity,
-    conn: Option<Connection<TcpStream>>,
+    conn: Option<Connection<tls::Stream>>,
 }
 
 impl Link {
@@ -124,7 +145,8 @@ impl Link {
         if self.conn.is_some() {
             return Ok(());
         }
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+        let dial = tls::connect(&self.addr, self.identity.tls.as_ref());
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, dial)
             .await
             .map_err(|_| SubmitError::ConnectTimeout {
                 addr: self.addr.clone(),
@@ -133,8 +155,6 @@ impl Link {
                 addr: self.addr.clone(),
                 source,
             })?;
-        // Submits are small and latency matters more than batching.
-        let _ = stream.set_nodelay(true);
         let mut conn = Connection::new(stream);
         let mut hello = Hello::new(Role::Observer, self.identity.name.clone());
         hello.repos = vec![self.identity.repo.clone()];

@@ -13,11 +13,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use surveil_common::LogFormat;
+use surveil_common::tls::{ClientTls, ClientTlsArgs};
 
 use crate::executor::DEFAULT_KILL_GRACE;
 
-/// Everything the runner needs, validated.
-#[derive(Clone, Debug)]
+/// Everything the runner needs, validated. Its `Debug` shows neither the
+/// token nor the environment (which may hold secrets).
+#[derive(Clone)]
 pub struct Config {
     /// The dispatcher's `host:port`.
     pub dispatch: String,
@@ -44,6 +46,31 @@ pub struct Config {
     pub kill_grace: Duration,
     /// The longest pause between reconnect attempts.
     pub reconnect_max: Duration,
+    /// TLS to the dispatcher; `None` dials plaintext.
+    pub tls: Option<ClientTls>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("dispatch", &self.dispatch)
+            .field("work_dir", &self.work_dir)
+            .field("name", &self.name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("slots", &self.slots)
+            .field("labels", &self.labels)
+            .field("repos", &self.repos)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("keep_workdirs", &self.keep_workdirs)
+            .field(
+                "base_env",
+                &format_args!("<{} variables>", self.base_env.len()),
+            )
+            .field("kill_grace", &self.kill_grace)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// The default `--dispatch`.
@@ -70,6 +97,7 @@ impl Config {
             base_env: Vec::new(),
             kill_grace: DEFAULT_KILL_GRACE,
             reconnect_max: DEFAULT_RECONNECT_MAX,
+            tls: None,
         }
     }
 }
@@ -115,6 +143,12 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, env = "SURVEIL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    // --tls-ca, --tls-cert, --tls-key, --tls-server-name.
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    // Only there to refuse `--token VALUE` with the reason.
+    #[command(flatten)]
+    pub refuse_token: surveil_common::RefuseTokenFlag,
     /// The repositories this runner may build: local paths or URLs gix can
     /// fetch.
     #[arg(value_name = "REPO", required = true, num_args = 1..)]
@@ -136,6 +170,7 @@ impl Cli {
         }
         let token =
             surveil_common::read_token(self.token_file.as_deref()).context("--token-file")?;
+        let tls = self.tls.load(&self.dispatch)?;
         let name = match self.name {
             Some(name) => name,
             None => hostname::get()
@@ -161,6 +196,7 @@ impl Cli {
             drain_timeout: self.drain_timeout,
             keep_workdirs: self.keep_workdirs,
             base_env,
+            tls,
             ..Config::new(PathBuf::new(), Vec::new())
         })
     }

@@ -90,6 +90,7 @@ impl Runner {
             repos: config.repos,
             drain_timeout: config.drain_timeout,
             reconnect_max: config.reconnect_max,
+            tls: config.tls,
         };
         Ok(Runner {
             session: Session::new(session, ctx, pending),

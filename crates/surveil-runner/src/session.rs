@@ -24,10 +24,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use surveil_common::tls::{self, ClientTls};
 use surveil_proto::{
     Assign, Connection, Envelope, Hello, JobFinished, Lease, Log, Msg, Pong, Role,
 };
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -56,8 +56,9 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 /// sent on the next start).
 const RESULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Everything the session needs besides the job context.
-#[derive(Debug, Clone)]
+/// Everything the session needs besides the job context. Its `Debug`
+/// never shows the token.
+#[derive(Clone)]
 pub struct SessionConfig {
     /// `host:port` of the dispatcher.
     pub dispatch: String,
@@ -76,6 +77,24 @@ pub struct SessionConfig {
     pub drain_timeout: Duration,
     /// The longest wait between reconnect attempts.
     pub reconnect_max: Duration,
+    /// TLS to the dispatcher; `None` dials plaintext.
+    pub tls: Option<ClientTls>,
+}
+
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("dispatch", &self.dispatch)
+            .field("name", &self.name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("slots", &self.slots)
+            .field("labels", &self.labels)
+            .field("repos", &self.repos)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 type LeaseKey = (u64, u32);
@@ -113,14 +132,14 @@ struct Running {
 /// only decodes them after the next socket read, so a frame that arrived
 /// together with `Welcome` would wait for the one after it.
 struct Link {
-    conn: Connection<TcpStream>,
+    conn: Connection<tls::Stream>,
     /// Without any frame from the dispatcher for this long, it is presumed
     /// gone (its pings stopped).
     silence_limit: Option<Duration>,
     last_heard: Instant,
 }
 
-type Dialed = anyhow::Result<(Connection<TcpStream>, surveil_proto::Welcome)>;
+type Dialed = anyhow::Result<(Connection<tls::Stream>, surveil_proto::Welcome)>;
 
 /// The session state machine and its driver.
 pub struct Session {
@@ -205,7 +224,7 @@ impl Session {
                     None => self.disconnect("the dispatcher closed the connection"),
                 },
                 () = tokio::time::sleep_until(next_dial), if !connected && dialing.is_none() => {
-                    dialing = Some(Box::pin(dial(self.cfg.dispatch.clone(), self.hello())));
+                    dialing = Some(Box::pin(dial(self.cfg.dispatch.clone(), self.cfg.tls.clone(), self.hello())));
                 }
                 dialed = async { dialing.as_mut().expect("guarded").await }, if dialing.is_some() => {
                     dialing = None;
@@ -287,7 +306,11 @@ impl Session {
         hello
     }
 
-    async fn on_connected(&mut self, conn: Connection<TcpStream>, welcome: surveil_proto::Welcome) {
+    async fn on_connected(
+        &mut self,
+        conn: Connection<tls::Stream>,
+        welcome: surveil_proto::Welcome,
+    ) {
         tracing::info!(session = %welcome.session_id, dispatcher = %welcome.server_version, "connected to the dispatcher");
         self.failures = 0;
         // Several missed pings, and never less than the runner timeout the
@@ -558,18 +581,23 @@ async fn recv(link: &mut Option<Link>) -> Option<Msg> {
     }
 }
 
-async fn dial(addr: String, hello: Hello) -> Dialed {
+async fn dial(addr: String, tls: Option<ClientTls>, hello: Hello) -> Dialed {
     use anyhow::Context;
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&addr))
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls::connect(&addr, tls.as_ref()))
         .await
         .with_context(|| format!("connecting to {addr} timed out"))?
         .with_context(|| format!("cannot connect to {addr}"))?;
-    let _ = stream.set_nodelay(true);
     let mut conn = Connection::new(stream);
-    let welcome = conn
-        .client_handshake(hello, HANDSHAKE_TIMEOUT)
-        .await
-        .with_context(|| format!("handshake with {addr} failed"))?;
+    let welcome = match conn.client_handshake(hello, HANDSHAKE_TIMEOUT).await {
+        Ok(welcome) => welcome,
+        Err(err) => {
+            let hint = tls::handshake_hint(&err);
+            return Err(anyhow::Error::new(err).context(match hint {
+                Some(hint) => format!("handshake with {addr} failed ({hint})"),
+                None => format!("handshake with {addr} failed"),
+            }));
+        }
+    };
     Ok((conn, welcome))
 }
 
