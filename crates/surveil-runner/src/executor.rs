@@ -109,9 +109,12 @@ pub struct PipelineOutcome {
 /// tasks run repository code, which must not see the runner's credentials.
 pub fn is_secret_name(name: &str) -> bool {
     let upper = name.to_ascii_uppercase();
-    ["TOKEN", "SECRET", "PASSWORD"]
-        .iter()
-        .any(|word| upper.contains(word))
+    // The runner's own TLS settings point at its private key: a task has
+    // no business knowing where that is.
+    upper.starts_with("SURVEIL_TLS_")
+        || ["TOKEN", "SECRET", "PASSWORD"]
+            .iter()
+            .any(|word| upper.contains(word))
 }
 
 /// Runs every task of `pipeline` in `dir`, in order.
@@ -689,5 +692,7 @@ run = "echo never"
         assert!(is_secret_name("aws_secret_access_key"));
         assert!(is_secret_name("PGPASSWORD"));
         assert!(!is_secret_name("PATH"));
+        assert!(is_secret_name("SURVEIL_TLS_KEY"));
+        assert!(is_secret_name("SURVEIL_TLS_CERT"));
     }
 }
