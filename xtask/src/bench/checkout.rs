@@ -197,7 +197,7 @@ pub fn tool(args: &[String]) -> Result<()> {
             &[("GIT_INDEX_FILE", index)],
         )
     };
-    let start = Instant::now();
+    let (start, c0) = (Instant::now(), cpu_ms());
     git(
         &[
             "clone",
@@ -210,9 +210,11 @@ pub fn tool(args: &[String]) -> Result<()> {
     )?;
     checkout(&scratch.join("git-cold"), &scratch.join("git/index-cold"))?;
     let git_cold = ms(start);
-    let start = Instant::now();
+    cpu.insert("git_cold_cpu", cpu_ms() - c0);
+    let (start, c0) = (Instant::now(), cpu_ms());
     checkout(&scratch.join("git-warm"), &scratch.join("git/index-warm"))?;
     let git_warm = ms(start);
+    cpu.insert("git_warm_cpu", cpu_ms() - c0);
 
     let mut report = serde_json::json!({
         "gix_cold": gix_cold, "gix_warm": gix_warm,

@@ -59,6 +59,11 @@ fn parse(text: &str) -> Result<Vec<Figure>> {
         let Some((_, values)) = line.split_once("thrpt:") else {
             continue;
         };
+        // The `change:` block against a saved baseline repeats `thrpt:`
+        // with percentages.
+        if values.contains('%') {
+            continue;
+        }
         let words: Vec<&str> = values
             .trim()
             .trim_start_matches('[')
@@ -102,6 +107,8 @@ mod tests {
     fn reads_names_and_converts_units() {
         let text = "codec/encode/Assign     time:   [27.1 ns 27.5 ns 28.0 ns]\n\
                     \x20                       thrpt:  [2.9 GB/s 3.0 GB/s 3.1 GB/s]\n\
+                    \x20                change:\n\
+                    \x20                       thrpt:  [+15.725% +47.393% +80.600%]\n\
                     codec/decode/a-very-long-benchmark-name\n\
                     \x20                       time:   [329.69 ns 351.38 ns 373.57 ns]\n\
                     \x20                       thrpt:  [222.18 MB/s 236.21 MB/s 251.75 MB/s]\n";
