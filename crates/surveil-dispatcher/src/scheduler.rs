@@ -328,6 +328,13 @@ impl Scheduler {
         views
     }
 
+    /// The address of the connected runner called `name`, if any. O(1):
+    /// every runner connect asks it, so it must not walk all runners.
+    pub fn runner_addr(&self, name: &str) -> Option<&str> {
+        let session = self.names.get(name)?;
+        self.runners.get(session).map(|r| r.addr.as_str())
+    }
+
     /// The session currently holding `job`'s lease at `attempt`, if any.
     pub fn lease_holder(&self, job: JobId, attempt: Attempt) -> Option<SessionId> {
         let j = self.jobs.get(&job)?;

@@ -8,6 +8,7 @@
 //! scheduler lock across `.await`.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -21,11 +22,11 @@ use surveil_proto::{
 };
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::Instrument;
 
 use crate::scheduler::{CancelOutcome, JobSpec, ResultDecision, RunnerHello, SessionId};
-use crate::state::{Peer, SharedRef, now, unix_ms};
+use crate::state::{Outgoing, Peer, SharedRef, now, unix_ms};
 use crate::store::RecordOutcome;
 
 /// Frames waiting to be written to one peer. A runner whose queue fills is
@@ -41,7 +42,7 @@ const LOG_CHUNK: u64 = 64 * 1024;
 const FOLLOW_RECHECK: Duration = Duration::from_secs(1);
 
 type Reader = FrameReader<tls::Stream>;
-type Tx = mpsc::Sender<Envelope>;
+type Tx = mpsc::Sender<Outgoing>;
 
 /// Why a session loop stopped.
 enum End {
@@ -188,14 +189,19 @@ fn millis_u32(d: Duration) -> u32 {
 /// still writes what was queued (an `Error` explaining the close), briefly.
 async fn write_loop(
     mut writer: FrameWriter<tls::Stream>,
-    mut rx: mpsc::Receiver<Envelope>,
+    mut rx: mpsc::Receiver<Outgoing>,
     close: CancellationToken,
 ) {
+    // Made once: a `cancelled()` future registers with the token's
+    // notifier, and a fresh one per frame cost measurable CPU with
+    // thousands of idle runners being pinged.
+    let closed = close.cancelled();
+    tokio::pin!(closed);
     loop {
         let first = tokio::select! {
             biased;
             msg = rx.recv() => msg,
-            () = close.cancelled() => break,
+            () = &mut closed => break,
         };
         let Some(first) = first else { return };
         if write_batch(&mut writer, first, &mut rx).await.is_err() {
@@ -205,7 +211,7 @@ async fn write_loop(
     }
     let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
         while let Ok(msg) = rx.try_recv() {
-            writer.feed(msg).await?;
+            writer.feed(*msg).await?;
         }
         writer.flush().await
     })
@@ -214,13 +220,13 @@ async fn write_loop(
 
 async fn write_batch(
     writer: &mut FrameWriter<tls::Stream>,
-    first: Envelope,
-    rx: &mut mpsc::Receiver<Envelope>,
+    first: Outgoing,
+    rx: &mut mpsc::Receiver<Outgoing>,
 ) -> Result<(), surveil_proto::CodecError> {
-    writer.feed(first).await?;
+    writer.feed(*first).await?;
     for _ in 0..64 {
         match rx.try_recv() {
-            Ok(msg) => writer.feed(msg).await?,
+            Ok(msg) => writer.feed(*msg).await?,
             Err(_) => break,
         }
     }
@@ -228,15 +234,18 @@ async fn write_batch(
 }
 
 /// Waits for the next frame, or the close switch.
+///
+/// `closed` is the connection's `close.cancelled()`, made once per session
+/// (see `write_loop`).
 async fn next_frame(
     reader: &mut Reader,
     tx: &Tx,
-    close: &CancellationToken,
+    closed: Pin<&mut WaitForCancellationFuture<'_>>,
     shutdown: &CancellationToken,
 ) -> Result<Msg, End> {
     let received = tokio::select! {
         r = reader.recv() => r,
-        () = close.cancelled() => {
+        () = closed => {
             return Err(if shutdown.is_cancelled() {
                 End::Shutdown
             } else {
@@ -271,12 +280,12 @@ async fn store_failed(tx: &Tx, err: crate::store::StoreError) -> End {
 /// Sends `Error` and reports the close.
 async fn protocol_error(tx: &Tx, message: String) -> End {
     let _ = tx
-        .send(
+        .send(Box::new(
             ErrorMsg {
                 message: message.clone(),
             }
             .into(),
-        )
+        ))
         .await;
     End::Closed(message)
 }
@@ -299,19 +308,18 @@ async fn run_runner(
             close: close.clone(),
         },
     );
-    let previous = shared.with_sched(|s| s.runners().into_iter().find(|r| r.name == hello.name));
+    let previous = shared.with_sched(|s| s.runner_addr(&hello.name).map(str::to_owned));
     if let Some(previous) = previous {
         let same_host = previous
-            .addr
             .parse::<SocketAddr>()
             .is_ok_and(|addr| addr.ip() == peer.ip());
         if same_host {
-            tracing::info!(old = %previous.addr, "runner reconnected; replacing its previous session");
+            tracing::info!(old = %previous, "runner reconnected; replacing its previous session");
         } else {
             // Names must be unique: two machines sharing one would keep
             // taking each other's place.
             tracing::warn!(
-                old = %previous.addr,
+                old = %previous,
                 "a runner with this name connected from another address; it replaces the previous session"
             );
         }
@@ -335,8 +343,10 @@ async fn run_runner(
     shared.apply_effects().await;
     shared.wake.notify_one();
 
+    let closed = close.cancelled();
+    tokio::pin!(closed);
     let end = loop {
-        let msg = match next_frame(&mut reader, tx, close, shutdown).await {
+        let msg = match next_frame(&mut reader, tx, closed.as_mut(), shutdown).await {
             Ok(msg) => msg,
             Err(end) => break end,
         };
@@ -501,7 +511,7 @@ async fn runner_result(
         accepted,
         message,
     };
-    tx.send(ack.into())
+    tx.send(Box::new(ack.into()))
         .await
         .map_err(|_| End::PeerGone("writer gone".to_owned()))?;
     shared.log_appended.notify_waiters();
@@ -543,8 +553,10 @@ async fn run_client(
     close: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> End {
+    let closed = close.cancelled();
+    tokio::pin!(closed);
     loop {
-        let msg = match next_frame(&mut reader, tx, close, shutdown).await {
+        let msg = match next_frame(&mut reader, tx, closed.as_mut(), shutdown).await {
             Ok(msg) => msg,
             Err(end) => return end,
         };
@@ -617,7 +629,7 @@ async fn run_client(
         };
         match reply {
             Ok(Some(frame)) => {
-                if tx.send(frame).await.is_err() {
+                if tx.send(Box::new(frame)).await.is_err() {
                     return End::PeerGone("writer gone".to_owned());
                 }
             }
@@ -799,7 +811,7 @@ async fn read_log(
     close: &CancellationToken,
 ) -> Result<(), End> {
     let send = |reply: ReadLogReply| async move {
-        tx.send(reply.into())
+        tx.send(Box::new(reply.into()))
             .await
             .map_err(|_| End::PeerGone("writer gone".to_owned()))
     };

@@ -25,10 +25,15 @@ use crate::store::Store;
 /// `GetStatus.supervisor_restarts`.
 pub(crate) const TASK_NAMES: [&str; 3] = ["monitor", "redistributor", "spawner"];
 
+/// A frame queued for a peer. Boxed so that a queue's first block (32
+/// slots, allocated when the channel is made) stays small: with
+/// `Envelope`s inline it was ~7 KiB for every idle runner.
+pub(crate) type Outgoing = Box<Envelope>;
+
 /// A runner connection's handle: its outgoing queue and its close switch.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
-    pub tx: mpsc::Sender<Envelope>,
+    pub tx: mpsc::Sender<Outgoing>,
     pub close: CancellationToken,
 }
 
@@ -125,17 +130,22 @@ impl Shared {
     /// Queues a frame for a runner without waiting. A runner whose queue is
     /// full cannot keep up and is disconnected: its memory must not grow.
     pub fn send_to(&self, session: SessionId, msg: impl Into<Envelope>) -> bool {
-        let Some(peer) = lock(&self.runners).get(&session).cloned() else {
+        // try_send never waits, so it is done under the map lock: cloning
+        // the Peer instead would lock the cancellation tree on every ping.
+        let runners = lock(&self.runners);
+        let Some(peer) = runners.get(&session) else {
             return false;
         };
-        match peer.tx.try_send(msg.into()) {
+        match peer.tx.try_send(Box::new(msg.into())) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                let close = peer.close.clone();
+                drop(runners);
                 tracing::warn!(
                     session,
                     "runner cannot keep up with its outgoing queue; disconnecting it"
                 );
-                peer.close.cancel();
+                close.cancel();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -147,12 +157,12 @@ impl Shared {
             return;
         };
         // Best effort: the runner learns why before the connection closes.
-        let _ = peer.tx.try_send(
+        let _ = peer.tx.try_send(Box::new(
             ErrorMsg {
                 message: reason.to_owned(),
             }
             .into(),
-        );
+        ));
         peer.close.cancel();
     }
 

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio_util::codec::{Framed, FramedParts, FramedWrite};
@@ -12,6 +13,11 @@ use crate::PROTOCOL_VERSION;
 use crate::codec::{Codec, CodecError};
 use crate::v1::envelope::Msg;
 use crate::v1::{Envelope, Hello, Reject, RejectCode, Role, Welcome};
+
+/// Read buffer of a freshly split connection; it grows for larger frames.
+const INITIAL_READ_CAPACITY: usize = 512;
+/// A flushed write buffer larger than this is released.
+const RETAINED_WRITE_CAPACITY: usize = 64 * 1024;
 
 /// How long a best-effort `Reject` may take to write before the connection
 /// is dropped anyway: a peer that does not read must not hold us up.
@@ -151,10 +157,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // afterwards) decodes frames already in the buffer before reading
         // again; and the reader keeps the codec itself, which may be part
         // way through a frame whose prefix it has consumed.
+        let leftover = !parts.read_buf.is_empty();
         let mut reader = FramedParts::new::<Envelope>(read, parts.codec);
         reader.read_buf = parts.read_buf;
-        let reader = Framed::from_parts(reader);
-        let writer = FramedWrite::new(write, Codec::with_max_frame(max));
+        let mut reader = Framed::from_parts(reader);
+        // Buffers start small: a dispatcher holds thousands of idle runner
+        // connections whose frames are a few bytes, and tokio-util's 8 KiB
+        // defaults (a write buffer the reader never uses among them) made
+        // up most of a session's memory. A large frame grows its buffer:
+        // the codec reserves a frame's full length once it has read the
+        // prefix.
+        *reader.write_buffer_mut() = BytesMut::new();
+        if !leftover {
+            *reader.read_buffer_mut() = BytesMut::with_capacity(INITIAL_READ_CAPACITY);
+        }
+        let mut writer = FramedWrite::new(write, Codec::with_max_frame(max));
+        *writer.write_buffer_mut() = BytesMut::new();
         (FrameReader { inner: reader }, FrameWriter { inner: writer })
     }
 
@@ -280,6 +298,12 @@ impl<S: AsyncRead + AsyncWrite> FrameWriter<S> {
 
     /// Writes out everything queued by [`feed`](Self::feed).
     pub async fn flush(&mut self) -> Result<(), CodecError> {
-        SinkExt::<Envelope>::flush(&mut self.inner).await
+        SinkExt::<Envelope>::flush(&mut self.inner).await?;
+        // A burst (a log backlog, a long job list) must not pin its buffer
+        // for the rest of a long-lived connection.
+        if self.inner.write_buffer().capacity() > RETAINED_WRITE_CAPACITY {
+            *self.inner.write_buffer_mut() = BytesMut::new();
+        }
+        Ok(())
     }
 }

@@ -497,3 +497,53 @@ async fn split_after_an_abandoned_recv_resumes_the_frame_in_flight() {
         other => panic!("got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn split_halves_carry_frames_far_larger_than_their_first_buffers() {
+    // Split connections start with small buffers; a 1 MiB log chunk must
+    // still cross both ways, between small frames, byte for byte.
+    let (a, b) = pipe();
+    let (mut a_reader, mut a_writer) = a.split();
+    let (mut b_reader, mut b_writer) = b.split();
+    let chunk = |seed: u8| Log {
+        job_id: 9,
+        attempt: 1,
+        offset: u64::from(seed),
+        data: (0..1 << 20)
+            .map(|i: u32| (i as u8).wrapping_mul(seed))
+            .collect::<Vec<u8>>()
+            .into(),
+        ..Log::default()
+    };
+    for seed in 1..=3u8 {
+        let (sent_a, sent_b) = (chunk(seed), chunk(seed + 100));
+        let a_side = async {
+            a_writer.send(sent_a.clone()).await.unwrap();
+            a_writer.send(Ping { seq: u64::from(seed) }).await.unwrap();
+        };
+        let b_side = async {
+            b_writer.send(sent_b.clone()).await.unwrap();
+            b_writer.send(Pong { seq: u64::from(seed) }).await.unwrap();
+        };
+        let at_b = async {
+            let log = b_reader.recv().await.unwrap();
+            let ping = b_reader.recv().await.unwrap();
+            (log, ping)
+        };
+        let at_a = async {
+            let log = a_reader.recv().await.unwrap();
+            let pong = a_reader.recv().await.unwrap();
+            (log, pong)
+        };
+        let ((), (), got_b, got_a) = tokio::time::timeout(
+            TIMEOUT,
+            async { tokio::join!(a_side, b_side, at_b, at_a) },
+        )
+        .await
+        .expect("frames crossed in time");
+        assert_eq!(got_b.0, Some(Msg::Log(sent_a)));
+        assert_eq!(got_b.1, Some(Msg::Ping(Ping { seq: u64::from(seed) })));
+        assert_eq!(got_a.0, Some(Msg::Log(sent_b)));
+        assert_eq!(got_a.1, Some(Msg::Pong(Pong { seq: u64::from(seed) })));
+    }
+}
