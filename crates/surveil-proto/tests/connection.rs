@@ -519,11 +519,21 @@ async fn split_halves_carry_frames_far_larger_than_their_first_buffers() {
         let (sent_a, sent_b) = (chunk(seed), chunk(seed + 100));
         let a_side = async {
             a_writer.send(sent_a.clone()).await.unwrap();
-            a_writer.send(Ping { seq: u64::from(seed) }).await.unwrap();
+            a_writer
+                .send(Ping {
+                    seq: u64::from(seed),
+                })
+                .await
+                .unwrap();
         };
         let b_side = async {
             b_writer.send(sent_b.clone()).await.unwrap();
-            b_writer.send(Pong { seq: u64::from(seed) }).await.unwrap();
+            b_writer
+                .send(Pong {
+                    seq: u64::from(seed),
+                })
+                .await
+                .unwrap();
         };
         let at_b = async {
             let log = b_reader.recv().await.unwrap();
@@ -535,15 +545,23 @@ async fn split_halves_carry_frames_far_larger_than_their_first_buffers() {
             let pong = a_reader.recv().await.unwrap();
             (log, pong)
         };
-        let ((), (), got_b, got_a) = tokio::time::timeout(
-            TIMEOUT,
-            async { tokio::join!(a_side, b_side, at_b, at_a) },
-        )
-        .await
-        .expect("frames crossed in time");
+        let ((), (), got_b, got_a) =
+            tokio::time::timeout(TIMEOUT, async { tokio::join!(a_side, b_side, at_b, at_a) })
+                .await
+                .expect("frames crossed in time");
         assert_eq!(got_b.0, Some(Msg::Log(sent_a)));
-        assert_eq!(got_b.1, Some(Msg::Ping(Ping { seq: u64::from(seed) })));
+        assert_eq!(
+            got_b.1,
+            Some(Msg::Ping(Ping {
+                seq: u64::from(seed)
+            }))
+        );
         assert_eq!(got_a.0, Some(Msg::Log(sent_b)));
-        assert_eq!(got_a.1, Some(Msg::Pong(Pong { seq: u64::from(seed) })));
+        assert_eq!(
+            got_a.1,
+            Some(Msg::Pong(Pong {
+                seq: u64::from(seed)
+            }))
+        );
     }
 }
