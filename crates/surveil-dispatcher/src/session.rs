@@ -26,7 +26,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::Instrument;
 
 use crate::scheduler::{CancelOutcome, JobSpec, ResultDecision, RunnerHello, SessionId};
-use crate::state::{Outgoing, Peer, SharedRef, now, unix_ms};
+use crate::state::{Outgoing, Peer, SharedRef, now, outgoing, unix_ms};
 use crate::store::RecordOutcome;
 
 /// Frames waiting to be written to one peer. A runner whose queue fills is
@@ -280,12 +280,9 @@ async fn store_failed(tx: &Tx, err: crate::store::StoreError) -> End {
 /// Sends `Error` and reports the close.
 async fn protocol_error(tx: &Tx, message: String) -> End {
     let _ = tx
-        .send(Box::new(
-            ErrorMsg {
-                message: message.clone(),
-            }
-            .into(),
-        ))
+        .send(outgoing(ErrorMsg {
+            message: message.clone(),
+        }))
         .await;
     End::Closed(message)
 }
@@ -511,7 +508,7 @@ async fn runner_result(
         accepted,
         message,
     };
-    tx.send(Box::new(ack.into()))
+    tx.send(outgoing(ack))
         .await
         .map_err(|_| End::PeerGone("writer gone".to_owned()))?;
     shared.log_appended.notify_waiters();
@@ -629,7 +626,7 @@ async fn run_client(
         };
         match reply {
             Ok(Some(frame)) => {
-                if tx.send(Box::new(frame)).await.is_err() {
+                if tx.send(outgoing(frame)).await.is_err() {
                     return End::PeerGone("writer gone".to_owned());
                 }
             }
@@ -811,7 +808,7 @@ async fn read_log(
     close: &CancellationToken,
 ) -> Result<(), End> {
     let send = |reply: ReadLogReply| async move {
-        tx.send(Box::new(reply.into()))
+        tx.send(outgoing(reply))
             .await
             .map_err(|_| End::PeerGone("writer gone".to_owned()))
     };

@@ -30,6 +30,11 @@ pub(crate) const TASK_NAMES: [&str; 3] = ["monitor", "redistributor", "spawner"]
 /// `Envelope`s inline it was ~7 KiB for every idle runner.
 pub(crate) type Outgoing = Box<Envelope>;
 
+/// Wraps a message for an outgoing queue.
+pub(crate) fn outgoing(msg: impl Into<Envelope>) -> Outgoing {
+    Box::new(msg.into())
+}
+
 /// A runner connection's handle: its outgoing queue and its close switch.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
@@ -136,7 +141,7 @@ impl Shared {
         let Some(peer) = runners.get(&session) else {
             return false;
         };
-        match peer.tx.try_send(Box::new(msg.into())) {
+        match peer.tx.try_send(outgoing(msg)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let close = peer.close.clone();
@@ -157,12 +162,9 @@ impl Shared {
             return;
         };
         // Best effort: the runner learns why before the connection closes.
-        let _ = peer.tx.try_send(Box::new(
-            ErrorMsg {
-                message: reason.to_owned(),
-            }
-            .into(),
-        ));
+        let _ = peer.tx.try_send(outgoing(ErrorMsg {
+            message: reason.to_owned(),
+        }));
         peer.close.cancel();
     }
 

@@ -498,6 +498,23 @@ async fn split_after_an_abandoned_recv_resumes_the_frame_in_flight() {
     }
 }
 
+/// Sends two messages in order over a split writer.
+async fn send_two(
+    writer: &mut FrameWriter<DuplexStream>,
+    first: impl Into<Envelope>,
+    second: impl Into<Envelope>,
+) {
+    writer.send(first).await.unwrap();
+    writer.send(second).await.unwrap();
+}
+
+/// Receives the next two messages from a split reader.
+async fn recv_two(reader: &mut FrameReader<DuplexStream>) -> (Option<Msg>, Option<Msg>) {
+    let first = reader.recv().await.unwrap();
+    let second = reader.recv().await.unwrap();
+    (first, second)
+}
+
 #[tokio::test]
 async fn split_halves_carry_frames_far_larger_than_their_first_buffers() {
     // Split connections start with small buffers; a 1 MiB log chunk must
@@ -516,52 +533,21 @@ async fn split_halves_carry_frames_far_larger_than_their_first_buffers() {
         ..Log::default()
     };
     for seed in 1..=3u8 {
+        let seq = u64::from(seed);
         let (sent_a, sent_b) = (chunk(seed), chunk(seed + 100));
-        let a_side = async {
-            a_writer.send(sent_a.clone()).await.unwrap();
-            a_writer
-                .send(Ping {
-                    seq: u64::from(seed),
-                })
-                .await
-                .unwrap();
-        };
-        let b_side = async {
-            b_writer.send(sent_b.clone()).await.unwrap();
-            b_writer
-                .send(Pong {
-                    seq: u64::from(seed),
-                })
-                .await
-                .unwrap();
-        };
-        let at_b = async {
-            let log = b_reader.recv().await.unwrap();
-            let ping = b_reader.recv().await.unwrap();
-            (log, ping)
-        };
-        let at_a = async {
-            let log = a_reader.recv().await.unwrap();
-            let pong = a_reader.recv().await.unwrap();
-            (log, pong)
-        };
-        let ((), (), got_b, got_a) =
-            tokio::time::timeout(TIMEOUT, async { tokio::join!(a_side, b_side, at_b, at_a) })
-                .await
-                .expect("frames crossed in time");
+        let ((), (), got_b, got_a) = tokio::time::timeout(TIMEOUT, async {
+            tokio::join!(
+                send_two(&mut a_writer, sent_a.clone(), Ping { seq }),
+                send_two(&mut b_writer, sent_b.clone(), Pong { seq }),
+                recv_two(&mut b_reader),
+                recv_two(&mut a_reader),
+            )
+        })
+        .await
+        .expect("frames crossed in time");
         assert_eq!(got_b.0, Some(Msg::Log(sent_a)));
-        assert_eq!(
-            got_b.1,
-            Some(Msg::Ping(Ping {
-                seq: u64::from(seed)
-            }))
-        );
+        assert_eq!(got_b.1, Some(Msg::Ping(Ping { seq })));
         assert_eq!(got_a.0, Some(Msg::Log(sent_b)));
-        assert_eq!(
-            got_a.1,
-            Some(Msg::Pong(Pong {
-                seq: u64::from(seed)
-            }))
-        );
+        assert_eq!(got_a.1, Some(Msg::Pong(Pong { seq })));
     }
 }
