@@ -55,11 +55,13 @@
 //! - `api`: the axum routes of the three APIs.
 //! - `server`: the accept loop and the down mode.
 //! - [`webhook`] and `payload`: rendering, signing and sending webhooks.
+//! - [`client`]: a bare HTTP/1.1 client (webhooks; tests' status calls).
 //! - `control`: a JSON API under `/_fakeforge/` so a test driving the
 //!   `surveil-fakeforge` binary (e.g. `cargo xtask e2e`) can do all of the
 //!   above from another process.
 
 mod api;
+pub mod client;
 mod control;
 pub mod model;
 mod payload;

@@ -5,15 +5,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tokio::net::TcpStream;
 
+pub use crate::client::SendError;
 use crate::model::{ForgeKind, Repo, rfc3339};
 
 /// The sha a push names as `before` for a new branch, or `after` for a
@@ -503,81 +500,22 @@ pub struct Delivery {
     pub error: Option<String>,
 }
 
-/// Why a webhook could not be delivered.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// Only `http://host:port/path` URLs are supported.
-    #[error("webhook URL {0}: only http:// URLs are supported")]
-    Url(String),
-    /// Connecting, writing or reading failed.
-    #[error("webhook to {url}: {reason}")]
-    Io {
-        /// The URL.
-        url: String,
-        /// What failed.
-        reason: String,
-    },
-    /// No answer within the timeout.
-    #[error("webhook to {0}: no answer in time")]
-    Timeout(String),
-}
-
 /// POSTs a rendered webhook and reads the answer: `(status, body)`.
 pub async fn post(
     url: &str,
     rendered: &Rendered,
     timeout: Duration,
 ) -> Result<(u16, String), SendError> {
-    tokio::time::timeout(timeout, post_inner(url, rendered))
-        .await
-        .map_err(|_| SendError::Timeout(url.to_owned()))?
-}
-
-async fn post_inner(url: &str, rendered: &Rendered) -> Result<(u16, String), SendError> {
-    let uri: http::Uri = url.parse().map_err(|_| SendError::Url(url.to_owned()))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(SendError::Url(url.to_owned()));
-    }
-    let authority = uri
-        .authority()
-        .ok_or_else(|| SendError::Url(url.to_owned()))?
-        .clone();
-    let io_error = |e: &dyn std::fmt::Display| SendError::Io {
-        url: url.to_owned(),
-        reason: e.to_string(),
-    };
-    let addr = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(80)
-    );
-    let tcp = TcpStream::connect(&addr).await.map_err(|e| io_error(&e))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| io_error(&e))?;
-    let driver = tokio::spawn(connection);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = http::Request::post(path).header("host", authority.as_str());
-    for (name, value) in &rendered.headers {
-        request = request.header(name, value);
-    }
-    let request = request
-        .body(Full::new(Bytes::from(rendered.body.clone())))
-        .map_err(|e| io_error(&e))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| io_error(&e))?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| io_error(&e))?
-        .to_bytes();
-    driver.abort();
-    let kept = &body[..body.len().min(MAX_RESPONSE_KEPT)];
-    Ok((status, String::from_utf8_lossy(kept).into_owned()))
+    let answer = crate::client::request(
+        "POST",
+        url,
+        &rendered.headers,
+        rendered.body.clone(),
+        timeout,
+    )
+    .await?;
+    let kept = &answer.body[..answer.body.len().min(MAX_RESPONSE_KEPT)];
+    Ok((answer.status, String::from_utf8_lossy(kept).into_owned()))
 }
 
 #[cfg(test)]
