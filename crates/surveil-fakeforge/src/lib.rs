@@ -59,6 +59,23 @@
 //! - `control`: a JSON API under `/_fakeforge/` so a test driving the
 //!   `surveil-fakeforge` binary (e.g. `cargo xtask e2e`) can do all of the
 //!   above from another process.
+//!
+//! # The binary
+//!
+//! `surveil-fakeforge [--listen 127.0.0.1:0] [--repo KIND:PATH[=CLONE_URL]]…
+//! [--token-file F] [--url-file F]` prints `surveil-fakeforge listening on
+//! http://127.0.0.1:PORT` once serving and exits 0 on SIGTERM. Its control
+//! API: `GET|DELETE /_fakeforge/calls`, `GET /_fakeforge/deliveries`,
+//! `GET|POST /_fakeforge/repos` (`{"kind", "path", "write_tokens",
+//! "read_tokens", "clone_url"}`), `POST|DELETE /_fakeforge/faults`
+//! (`{"fault": {"kind": "status", "code": 500} | {"kind": "rate_limited",
+//! "retry_after": "3s"} | {"kind": "hang"}, "calls": N}` or `"for": "30s"`),
+//! `POST /_fakeforge/down` (`{"for": "30s"}`), and `POST
+//! /_fakeforge/webhooks` (`{"url", "kind", "repo", "secret", "event":
+//! "push" | "pull_request" | "delete" | "ping", "branch", "before",
+//! "after", "action", "number", "head_ref", "head_sha", "base_ref",
+//! "base_sha", "signature": "valid" | "wrong" | "missing", "delivery_id",
+//! "naming"}`), answering the [`Delivery`].
 
 mod api;
 pub mod client;

@@ -812,6 +812,16 @@ async fn the_binary_serves_the_control_api_and_stops_on_sigterm() {
     )
     .await;
     assert_eq!(fault.status, 204);
+    let limited = json!({"fault": {"kind": "rate_limited", "retry_after": "7s"}, "calls": 1});
+    assert_eq!(
+        post(control("faults"), &json_headers, limited).await.status,
+        204
+    );
+    let unclear = json!({"fault": {"kind": "hang"}, "calls": 1, "for": "1s"});
+    assert_eq!(
+        post(control("faults"), &json_headers, unclear).await.status,
+        400
+    );
     let url = format!("{base}/repos/acme/app/statuses/{SHA}");
     assert_eq!(
         post(
@@ -822,6 +832,16 @@ async fn the_binary_serves_the_control_api_and_stops_on_sigterm() {
         .await
         .status,
         502
+    );
+    let limited = post(
+        url.clone(),
+        &github_headers("ghp_file"),
+        json!({"state": "pending"}),
+    )
+    .await;
+    assert_eq!(
+        (limited.status, limited.header("retry-after")),
+        (429, Some("7"))
     );
     assert_eq!(
         post(
@@ -843,7 +863,7 @@ async fn the_binary_serves_the_control_api_and_stops_on_sigterm() {
         .iter()
         .map(|c| c["status"].clone())
         .collect();
-    assert_eq!(statuses, [json!(502), json!(201)]);
+    assert_eq!(statuses, [json!(502), json!(429), json!(201)]);
 
     let (hook_url, seen) = receiver().await;
     let hook = json!({"url": hook_url, "kind": "github", "repo": "acme/app", "secret": "k", "event": "push",
