@@ -207,11 +207,14 @@ pub(crate) struct Entry {
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     entries: Vec<Entry>,
+    /// Ids are never reused, even when a repository is registered again.
+    issued: u64,
 }
 
 impl Registry {
     pub(crate) fn add(&mut self, spec: RepoSpec, base_url: &str) -> Repo {
-        let id = 1000 + self.entries.len() as u64;
+        let id = 1000 + self.issued;
+        self.issued += 1;
         let web_url = format!("{base_url}/{}", spec.path);
         let repo = Repo {
             kind: spec.kind,
@@ -275,7 +278,8 @@ pub enum Auth {
     Forbidden,
 }
 
-/// The token a request carries, as the API reads it: `(scheme ok, token)`.
+/// The token a request carries, in the headers and schemes the API reads
+/// (`None` for none, or one in a scheme the API does not take).
 pub(crate) fn token_of(
     api: Api,
     authorization: Option<&str>,
@@ -857,6 +861,24 @@ mod tests {
         assert_eq!(
             judge(&registry, Api::GitLab, None, Some("w")),
             Auth::Unknown
+        );
+    }
+
+    #[test]
+    fn registering_again_replaces_the_repository_with_a_fresh_id() {
+        let mut registry = Registry::default();
+        let first = registry.add(RepoSpec::new(ForgeKind::GitLab, "a/one"), "http://f");
+        let second = registry.add(RepoSpec::new(ForgeKind::GitLab, "a/two"), "http://f");
+        let again = registry.add(
+            RepoSpec::new(ForgeKind::GitLab, "A/one").write_token("t"),
+            "http://f",
+        );
+        assert_eq!(registry.repos().len(), 2);
+        assert!(again.id != first.id && again.id != second.id);
+        let found = registry.find(Api::GitLab, &again.id.to_string()).unwrap();
+        assert_eq!(
+            judge(&registry, Api::GitLab, Some(found), Some("t")),
+            Auth::Ok
         );
     }
 
