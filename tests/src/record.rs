@@ -4,7 +4,7 @@
 //! dispatcher runs — SQLite's WAL lets a reader in beside the writer.
 //!
 //! It reads the dispatcher's schema (`crates/surveil-dispatcher/src/store/
-//! migrations.rs`), tables `jobs` and `attempts`.
+//! sqlite/migrations.rs`), tables `jobs` and `attempts`.
 
 use std::path::Path;
 

@@ -1,15 +1,25 @@
 //! The Surveil dispatcher: a durable job queue, a pure scheduler with
-//! fenced leases, and supervised liveness and assignment tasks.
+//! fenced leases, a service layer every protocol goes through, and
+//! supervised liveness and assignment tasks.
 //!
 //! # Code map
 //!
 //! - [`config`]: the command-line contract and the validated [`Config`].
+//! - [`domain`]: ids, statuses, jobs, results, log chunks, queries and
+//!   views: what the scheduler, the store and the service speak.
 //! - [`scheduler`]: the pure state machine (runners, queue, leases,
 //!   attempts); no IO, no clock.
-//! - [`store`]: the SQLite job store; durable before acknowledged.
-//! - `state`: what the tasks share; applies the scheduler's effects in
-//!   order, persisting each before a peer hears of it.
-//! - `session`: one task per connection: handshake, the role's messages.
+//! - [`store`]: the store interface ([`store::JobStore`], durable before
+//!   answered), its SQLite backend, and with the `testing` feature the
+//!   conformance suite every backend passes.
+//! - [`service`]: one function per operation (submit, runner reports,
+//!   cancel, logs, listings, status), each deciding, persisting, then
+//!   notifying; the ordered applier of the scheduler's effects; per-job
+//!   watches and the event stream.
+//! - [`wire`]: protocol messages to domain types and back, and which
+//!   message a role may send: the only place the two meet.
+//! - `session`: one task per connection: the handshake, then a runner's
+//!   or a client's loop, adapting frames to service calls.
 //! - `supervisor`, `monitor`, `redistributor`, `spawner`: the supervised
 //!   background tasks (liveness, assignment, local runners).
 //!
@@ -30,21 +40,23 @@ macro_rules! failpoint {
 pub(crate) use failpoint;
 
 pub mod config;
+pub mod domain;
 pub mod scheduler;
+pub mod service;
 pub mod store;
+pub mod wire;
 
 mod monitor;
 mod redistributor;
 mod session;
 mod spawner;
-mod state;
 mod supervisor;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use surveil_proto::JobStatus;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,9 +64,9 @@ use tracing::Instrument;
 
 pub use config::{Cli, Config, ConfigError};
 
-use crate::scheduler::{JobSpec, Scheduler, SchedulerConfig};
-use crate::state::{Shared, SharedRef, now};
-use crate::store::Store;
+use crate::scheduler::SchedulerConfig;
+use crate::service::Service;
+use crate::store::{JobStore, SqliteStore};
 use crate::supervisor::TaskFactory;
 
 /// How long shutdown waits for connections and tasks to finish.
@@ -62,6 +74,14 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the
 /// loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// What the sessions and the supervised tasks share.
+pub(crate) struct Daemon {
+    pub config: Config,
+    /// The address runners are told to dial (the listener's).
+    pub local_addr: SocketAddr,
+    pub service: Arc<Service>,
+}
 
 /// Runs a dispatcher on `listener` until `shutdown` is cancelled, then
 /// stops accepting, closes every connection (runners keep their leases and
@@ -85,32 +105,58 @@ pub async fn serve(
     shutdown: CancellationToken,
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
+    let store = SqliteStore::open(&config.state_dir)
+        .with_context(|| format!("opening the job store in {}", config.state_dir.display()))?;
+    serve_on(config, Arc::new(store), listener, shutdown, ready).await
+}
+
+/// [`serve`] on a store the caller opened (tests use it to reach the
+/// store's testing hooks).
+#[cfg(feature = "testing")]
+pub async fn serve_with_store(
+    config: Config,
+    store: Arc<dyn JobStore>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve_on(config, store, listener, shutdown, || {}).await
+}
+
+async fn serve_on(
+    config: Config,
+    store: Arc<dyn JobStore>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(),
+) -> anyhow::Result<()> {
     let local_addr = listener
         .local_addr()
         .context("reading the listener's address")?;
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
-    let store = Store::open(&config.state_dir)
-        .with_context(|| format!("opening the job store in {}", config.state_dir.display()))?;
-
-    let mut sched = Scheduler::new(SchedulerConfig {
+    let sched = SchedulerConfig {
         runner_timeout: config.runner_timeout,
         max_attempts: config.max_attempts,
+    };
+    let service = Service::open(store, sched)
+        .await
+        .context("reading unfinished jobs from the store")?;
+    let daemon = Arc::new(Daemon {
+        config,
+        local_addr,
+        service: Arc::new(service),
     });
-    recover(&store, &mut sched).await?;
-
-    let shared: SharedRef = Arc::new(Shared::new(config, store, local_addr, sched));
     let tracker = TaskTracker::new();
 
     let tasks_cancel = shutdown.child_token();
-    let sup_shared = shared.clone();
+    let counter = Arc::clone(&daemon.service);
     let supervisor = tracker.spawn(supervisor::supervise(
-        supervised_tasks(&shared),
+        supervised_tasks(&daemon),
         tasks_cancel.clone(),
-        move |name| sup_shared.count_restart(name),
+        move |name| counter.count_restart(name),
     ));
 
-    match &shared.config.tls {
+    match &daemon.config.tls {
         Some(tls) if tls.requires_client_certs() => tracing::info!(
             listen = %local_addr,
             "dispatcher serving TLS; clients must present a certificate signed by --tls-client-ca"
@@ -120,24 +166,7 @@ pub async fn serve(
     }
     ready();
 
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let span = tracing::info_span!("conn", %peer, runner = tracing::field::Empty);
-                tracker.spawn(
-                    session::serve(shared.clone(), stream, peer, shutdown.clone()).instrument(span),
-                );
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-            }
-        }
-    }
+    accept_loop(&daemon, &listener, &tracker, &shutdown).await;
 
     tracing::info!("shutting down: closing connections");
     drop(listener);
@@ -155,9 +184,8 @@ pub async fn serve(
     drop(supervisor);
     // Effects decided while closing (none for runners at shutdown, but a
     // client's cancel may be in flight) are made durable before we return.
-    shared.apply_effects().await;
-    shared
-        .store
+    daemon
+        .service
         .close()
         .await
         .context("finishing the store's writes")?;
@@ -165,43 +193,37 @@ pub async fn serve(
     Ok(())
 }
 
-/// Start-up is recovery: queued jobs queue again; running jobs become
-/// orphaned leases their runner may reclaim within one runner timeout.
-async fn recover(store: &Store, sched: &mut Scheduler) -> anyhow::Result<()> {
-    let unfinished = store
-        .unfinished()
-        .await
-        .context("reading unfinished jobs from the store")?;
-    let mut queued = Vec::new();
-    let mut running = Vec::new();
-    for job in unfinished {
-        let runner = job.runner.clone().unwrap_or_default();
-        let spec = JobSpec {
-            id: job.id,
-            repo: job.repo,
-            branch: job.branch,
-            commit: job.commit,
-            attempt: job.attempt,
+async fn accept_loop(
+    daemon: &Arc<Daemon>,
+    listener: &TcpListener,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
         };
-        if job.status == JobStatus::Running {
-            running.push((spec, runner));
-        } else {
-            queued.push(spec);
+        match accepted {
+            Ok((stream, peer)) => {
+                let span = tracing::info_span!("conn", %peer, runner = tracing::field::Empty);
+                tracker.spawn(
+                    session::serve(Arc::clone(daemon), stream, peer, shutdown.clone())
+                        .instrument(span),
+                );
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
         }
     }
-    tracing::info!(
-        queued = queued.len(),
-        running = running.len(),
-        "recovered unfinished jobs"
-    );
-    sched.handle_recovered(queued, running, now());
-    Ok(())
 }
 
-fn supervised_tasks(shared: &SharedRef) -> Vec<(&'static str, TaskFactory)> {
-    let monitor = shared.clone();
-    let redistributor = shared.clone();
-    let spawner = shared.clone();
+fn supervised_tasks(daemon: &Arc<Daemon>) -> Vec<(&'static str, TaskFactory)> {
+    let monitor = Arc::clone(daemon);
+    let redistributor = Arc::clone(&daemon.service);
+    let spawner = Arc::clone(daemon);
     vec![
         (
             "monitor",

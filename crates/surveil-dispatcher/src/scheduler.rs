@@ -8,11 +8,19 @@
 //! [`Scheduler::drain_effects`], in the order the decisions were made. The
 //! shell persists each effect before it tells a peer about it.
 //!
+//! A runner's result is decided in two steps, because the decision must not
+//! outrun the store: [`Scheduler::handle_result`] accepts it and leaves the
+//! job *finishing* (lease and slot held), and the shell reports the store's
+//! answer with [`Scheduler::handle_result_stored`] or
+//! [`Scheduler::handle_result_failed`] (back to running, so a resend is
+//! accepted). An assignment the store refused is undone by
+//! [`Scheduler::handle_assign_failed`]. So memory never runs ahead of disk.
+//!
 //! Architecture invariants (checked by [`Scheduler::check_invariants`] and
 //! the property tests below):
 //! - a job has at most one live lease, and a lease belongs to a connected
-//!   runner (or, for one runner timeout after start-up, to an orphan slot
-//!   waiting for its runner to reconnect);
+//!   runner (or, for one runner timeout, to an orphan slot waiting for its
+//!   runner to come back);
 //! - after [`Scheduler::schedule`], no queued job has a connected runner
 //!   for its repository with a free slot;
 //! - a job leaves the scheduler with exactly one final status;
@@ -22,20 +30,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use surveil_proto::JobStatus;
-
-/// A job's id, assigned by the store.
-pub type JobId = u64;
-/// An attempt number: 1 for the first assignment, +1 for each reassignment.
-pub type Attempt = u32;
-/// One runner connection, unique for the life of the process.
-pub type SessionId = u64;
+use crate::domain::{Assignment, Attempt, CommitId, FinalStatus, JobId, RunnerHello, SessionId};
 
 /// The scheduler's tunables, fixed at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     /// How long a runner may stay silent before its leases are revoked; also
-    /// how long an orphaned lease found at start-up waits for its runner.
+    /// how long an orphaned lease waits for its runner to come back.
     pub runner_timeout: Duration,
     /// How many attempts of a job may be lost before it ends `error`.
     pub max_attempts: u32,
@@ -51,49 +52,23 @@ pub struct JobSpec {
     /// The branch it was submitted on.
     pub branch: String,
     /// The commit to build.
-    pub commit: String,
+    pub commit: CommitId,
     /// Its last attempt (0 when never assigned); the next is one more.
     pub attempt: Attempt,
-}
-
-/// A runner's handshake, as the scheduler sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunnerHello {
-    /// The new session.
-    pub session: SessionId,
-    /// The runner's unique name.
-    pub name: String,
-    /// The peer address, for `ListRunners`.
-    pub addr: String,
-    /// Jobs it runs at once (at least 1).
-    pub slots: u32,
-    /// Repositories it may build.
-    pub repos: Vec<String>,
-    /// Free-form labels.
-    pub labels: Vec<String>,
-    /// Leases it still holds from an earlier session.
-    pub leases: Vec<(JobId, Attempt)>,
 }
 
 /// A decision the shell must persist and carry out, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Record the assignment, then send `Assign` to the session.
+    /// Record the assignment, then send it to the session. If it cannot be
+    /// recorded, tell [`Scheduler::handle_assign_failed`].
     Assign {
         /// The runner's session.
         session: SessionId,
         /// The runner's name, recorded with the job.
         runner: String,
-        /// The job.
-        job: JobId,
-        /// The new attempt.
-        attempt: Attempt,
-        /// The job's repository.
-        repo: String,
-        /// The job's branch.
-        branch: String,
-        /// The job's commit.
-        commit: String,
+        /// The job and its new attempt.
+        assignment: Assignment,
     },
     /// Send `Cancel` to the session (the job was cancelled, or the runner
     /// listed a lease that is no longer its own).
@@ -121,7 +96,7 @@ pub enum Effect {
         /// The job.
         job: JobId,
         /// Its final status.
-        status: JobStatus,
+        status: FinalStatus,
         /// Why.
         message: String,
     },
@@ -134,15 +109,17 @@ pub enum Effect {
     },
 }
 
-/// What to do with a runner's `JobFinished`.
+/// What to do with a runner's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResultDecision {
     /// The attempt holds the job's live lease: record this final status
-    /// (the runner's, or `cancelled` when a user cancelled the job) and
-    /// acknowledge. The job has left the scheduler.
+    /// (the runner's, or `cancelled` when a user cancelled the job), then
+    /// tell [`Scheduler::handle_result_stored`] or
+    /// [`Scheduler::handle_result_failed`]. Until then the job is
+    /// *finishing*: it keeps its lease and its runner's slot.
     Accept {
         /// The status to record.
-        status: JobStatus,
+        status: FinalStatus,
         /// The message to record.
         message: String,
     },
@@ -152,12 +129,15 @@ pub enum ResultDecision {
         /// Why, for the `ResultAck`.
         message: String,
     },
+    /// A result of this attempt is being recorded right now (a resend from
+    /// a new connection): decide again once that write has answered.
+    Pending,
     /// The scheduler does not know the job (finished, or never existed):
     /// only the store can tell a harmless resend from a stale result.
     Unknown,
 }
 
-/// What a `CancelJob` request did.
+/// What a cancel request did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
     /// The job was queued and is now cancelled.
@@ -165,13 +145,15 @@ pub enum CancelOutcome {
     /// The job is running: its runner was told to stop, and the job ends
     /// `cancelled` when the runner reports or is lost.
     Cancelling,
+    /// The job's result is being recorded: too late to cancel.
+    Finishing,
     /// The job is not active (finished or unknown).
     NotActive,
 }
 
-/// A connected runner, for `ListRunners`.
+/// A connected runner, as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunnerView {
+pub struct ConnectedRunner {
     /// Its session.
     pub session: SessionId,
     /// Its name.
@@ -213,11 +195,20 @@ enum JobState {
     Leased {
         session: SessionId,
     },
-    /// Running in the store at start-up; its runner may reconnect and claim
-    /// it until `deadline`.
+    /// Running, but its runner's connection is gone without the lease being
+    /// revoked (found running in the store at start-up, or the dispatcher
+    /// closed the connection after failing to record its report): its
+    /// runner may reconnect and claim it until `deadline`.
     Orphaned {
         runner: String,
         deadline: Instant,
+    },
+    /// The live attempt reported its result, which is being recorded. The
+    /// lease (and the runner's slot, while `session` is connected) is held
+    /// until the store answers.
+    Finishing {
+        session: Option<SessionId>,
+        runner: String,
     },
 }
 
@@ -257,11 +248,6 @@ impl Scheduler {
         }
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> SchedulerConfig {
-        self.config
-    }
-
     fn emit(&mut self, effect: Effect) {
         self.effects_emitted += 1;
         self.effects.push_back(effect);
@@ -272,8 +258,9 @@ impl Scheduler {
         self.effects.drain(..).collect()
     }
 
-    /// How many effects have been emitted since start; the shell compares
-    /// it with how many it has applied to wait until a decision is durable.
+    /// How many effects have been emitted since start: a caller compares
+    /// it before and after a call to learn whether the call decided
+    /// anything.
     pub fn effects_emitted(&self) -> u64 {
         self.effects_emitted
     }
@@ -283,12 +270,14 @@ impl Scheduler {
         self.reassignments
     }
 
-    /// (queued, running) jobs; orphaned leases count as running.
+    /// (queued, running) jobs; orphaned and finishing jobs count as
+    /// running.
     pub fn counts(&self) -> (usize, usize) {
         (self.queue.len(), self.jobs.len() - self.queue.len())
     }
 
-    /// Whether the scheduler tracks `job` (queued, running or orphaned).
+    /// Whether the scheduler tracks `job` (queued, running, orphaned or
+    /// finishing).
     pub fn knows_job(&self, job: JobId) -> bool {
         self.jobs.contains_key(&job)
     }
@@ -309,11 +298,11 @@ impl Scheduler {
     }
 
     /// Connected runners, ordered by name.
-    pub fn runners(&self) -> Vec<RunnerView> {
-        let mut views: Vec<RunnerView> = self
+    pub fn runners(&self) -> Vec<ConnectedRunner> {
+        let mut views: Vec<ConnectedRunner> = self
             .runners
             .iter()
-            .map(|(session, r)| RunnerView {
+            .map(|(session, r)| ConnectedRunner {
                 session: *session,
                 name: r.name.clone(),
                 addr: r.addr.clone(),
@@ -335,18 +324,21 @@ impl Scheduler {
         self.runners.get(session).map(|r| r.addr.as_str())
     }
 
-    /// The session currently holding `job`'s lease at `attempt`, if any.
+    /// The connected session holding `job`'s lease at `attempt`, if any.
     pub fn lease_holder(&self, job: JobId, attempt: Attempt) -> Option<SessionId> {
         let j = self.jobs.get(&job)?;
         match j.state {
-            JobState::Leased { session } if j.spec.attempt == attempt => Some(session),
+            JobState::Leased { session }
+            | JobState::Finishing {
+                session: Some(session),
+                ..
+            } if j.spec.attempt == attempt => Some(session),
             _ => None,
         }
     }
 
-    /// Whether `attempt` holds `job`'s live lease (leased, or orphaned and
-    /// waiting for its runner). `Started` and log chunks are accepted only
-    /// then.
+    /// Whether `attempt` holds `job`'s live lease (leased, orphaned or
+    /// finishing). `Started` and log chunks are accepted only then.
     pub fn is_live(&self, job: JobId, attempt: Attempt) -> bool {
         self.jobs
             .get(&job)
@@ -404,14 +396,19 @@ impl Scheduler {
         self.queue.insert(id);
     }
 
-    /// A runner completed its handshake. Listed leases that are still its
-    /// own (held by its previous, still live session, or orphaned under its
-    /// name) are kept; any other listed lease gets a `Cancel`. A previous
-    /// session with the same name is replaced: its leases the runner did
-    /// not list are lost (the runner does not have them).
-    pub fn handle_runner_connected(&mut self, hello: RunnerHello, now: Instant) {
+    /// A runner completed its handshake as `session`. Listed leases that
+    /// are still its own (held by its previous, still live session, or
+    /// orphaned or finishing under its name) are kept; any other listed
+    /// lease gets a `Cancel`. A previous session with the same name is
+    /// replaced: its leases the runner did not list are lost (the runner
+    /// does not have them).
+    pub fn handle_runner_connected(
+        &mut self,
+        session: SessionId,
+        hello: RunnerHello,
+        now: Instant,
+    ) {
         let RunnerHello {
-            session,
             name,
             addr,
             slots,
@@ -440,22 +437,31 @@ impl Scheduler {
                 cancels.push((job, attempt));
                 continue;
             };
-            let claim = j.spec.attempt == attempt
-                && match &j.state {
-                    JobState::Leased { session: s } => {
-                        Some(*s) == old_session && inherited.contains(&job)
-                    }
-                    JobState::Orphaned { runner, .. } => *runner == name,
-                    JobState::Queued => false,
+            let owned = match &j.state {
+                JobState::Leased { session: s } => {
+                    Some(*s) == old_session && inherited.contains(&job)
+                }
+                JobState::Orphaned { runner, .. } | JobState::Finishing { runner, .. } => {
+                    *runner == name
+                }
+                JobState::Queued => false,
+            };
+            if !owned || j.spec.attempt != attempt {
+                cancels.push((job, attempt));
+                continue;
+            }
+            kept.insert(job);
+            if let JobState::Finishing { runner, .. } = &j.state {
+                // Its result is being recorded: nothing to cancel.
+                j.state = JobState::Finishing {
+                    session: Some(session),
+                    runner: runner.clone(),
                 };
-            if claim {
+            } else {
                 j.state = JobState::Leased { session };
-                kept.insert(job);
                 if j.cancel_requested {
                     cancels.push((job, attempt));
                 }
-            } else {
-                cancels.push((job, attempt));
             }
         }
         for (job, attempt) in cancels {
@@ -488,19 +494,46 @@ impl Scheduler {
 
     /// A runner's connection closed: its leases are revoked at once.
     pub fn handle_runner_disconnected(&mut self, session: SessionId, reason: &str, _now: Instant) {
-        self.remove_runner(session, reason);
-    }
-
-    fn remove_runner(&mut self, session: SessionId, reason: &str) {
-        let Some(runner) = self.runners.remove(&session) else {
+        let Some(runner) = self.unregister(session) else {
             return;
         };
-        if self.names.get(&runner.name) == Some(&session) {
-            self.names.remove(&runner.name);
-        }
         for job in runner.leases {
             self.lose(job, &format!("runner {}: {reason}", runner.name));
         }
+    }
+
+    /// The dispatcher closed the runner's connection because it could not
+    /// record what the runner reported: the runner is not at fault, so its
+    /// leases become orphans it may claim back (and resend its reports)
+    /// within one runner timeout, as after a dispatcher restart.
+    pub fn handle_runner_released(&mut self, session: SessionId, now: Instant) {
+        let Some(runner) = self.unregister(session) else {
+            return;
+        };
+        let deadline = now + self.config.runner_timeout;
+        for job in runner.leases {
+            let Some(j) = self.jobs.get_mut(&job) else {
+                continue;
+            };
+            j.state = match &j.state {
+                JobState::Finishing { runner, .. } => JobState::Finishing {
+                    session: None,
+                    runner: runner.clone(),
+                },
+                _ => JobState::Orphaned {
+                    runner: runner.name.clone(),
+                    deadline,
+                },
+            };
+        }
+    }
+
+    fn unregister(&mut self, session: SessionId) -> Option<Runner> {
+        let runner = self.runners.remove(&session)?;
+        if self.names.get(&runner.name) == Some(&session) {
+            self.names.remove(&runner.name);
+        }
+        Some(runner)
     }
 
     /// A frame arrived from the session: the runner is alive. Returns
@@ -533,7 +566,7 @@ impl Scheduler {
                 session,
                 reason: reason.clone(),
             });
-            self.remove_runner(session, &reason);
+            self.handle_runner_disconnected(session, &reason, now);
         }
         let expired: Vec<(JobId, String)> = self
             .jobs
@@ -548,37 +581,49 @@ impl Scheduler {
         for (job, runner) in expired {
             self.lose(
                 job,
-                &format!(
-                    "runner {runner} did not reconnect within {timeout:?} of the dispatcher's start"
-                ),
+                &format!("runner {runner} did not come back within {timeout:?}"),
             );
         }
     }
 
     /// The attempt was lost (runner gone): requeue, or end the job when it
-    /// was being cancelled or has used up its attempts.
+    /// was being cancelled or has used up its attempts. A finishing job
+    /// only loses its runner: its fate is the store's answer.
     fn lose(&mut self, job: JobId, reason: &str) {
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
         };
-        if let JobState::Leased { session } = j.state
-            && let Some(r) = self.runners.get_mut(&session)
-        {
-            r.leases.remove(&job);
+        match &j.state {
+            JobState::Leased { session } => {
+                if let Some(r) = self.runners.get_mut(session) {
+                    r.leases.remove(&job);
+                }
+            }
+            JobState::Finishing { session, runner } => {
+                if let Some(r) = session.and_then(|s| self.runners.get_mut(&s)) {
+                    r.leases.remove(&job);
+                }
+                j.state = JobState::Finishing {
+                    session: None,
+                    runner: runner.clone(),
+                };
+                return;
+            }
+            JobState::Queued | JobState::Orphaned { .. } => {}
         }
         let attempt = j.spec.attempt;
         if j.cancel_requested {
             self.jobs.remove(&job);
             self.emit(Effect::Finish {
                 job,
-                status: JobStatus::Cancelled,
+                status: FinalStatus::Cancelled,
                 message: format!("cancelled by a user; its runner was lost ({reason})"),
             });
-        } else if attempt >= self.config.max_attempts {
+        } else if attempt.0 >= self.config.max_attempts {
             self.jobs.remove(&job);
             self.emit(Effect::Finish {
                 job,
-                status: JobStatus::Error,
+                status: FinalStatus::Error,
                 message: format!(
                     "gave up after {attempt} attempts: its runners were lost each time (last: {reason})"
                 ),
@@ -618,14 +663,15 @@ impl Scheduler {
         self.handle_started(session, job, attempt, now)
     }
 
-    /// A runner reported `JobFinished`. Fenced by the attempt: only the
-    /// job's live lease may finish it. `status` must be final.
+    /// A runner reported its result. Fenced by the attempt: only the job's
+    /// live lease may finish it; on [`ResultDecision::Accept`] the job is
+    /// finishing until the shell says how the store answered.
     pub fn handle_result(
         &mut self,
         session: SessionId,
         job: JobId,
         attempt: Attempt,
-        status: JobStatus,
+        status: FinalStatus,
         message: &str,
         now: Instant,
     ) -> ResultDecision {
@@ -633,22 +679,32 @@ impl Scheduler {
         let Some(j) = self.jobs.get(&job) else {
             return ResultDecision::Unknown;
         };
-        if !self.is_live(job, attempt) {
-            return ResultDecision::Revoked {
-                message: format!(
-                    "attempt {attempt} of job {job} was revoked (the job is now at attempt {}, {}); result refused",
-                    j.spec.attempt,
-                    if matches!(j.state, JobState::Queued) {
-                        "queued"
-                    } else {
-                        "running"
-                    }
-                ),
-            };
-        }
+        let live = j.spec.attempt == attempt;
+        let runner = match &j.state {
+            JobState::Finishing { .. } if live => return ResultDecision::Pending,
+            JobState::Leased { session } if live => self
+                .runners
+                .get(session)
+                .map(|r| r.name.clone())
+                .unwrap_or_default(),
+            JobState::Orphaned { runner, .. } if live => runner.clone(),
+            state => {
+                return ResultDecision::Revoked {
+                    message: format!(
+                        "attempt {attempt} of job {job} was revoked (the job is now at attempt {}, {}); result refused",
+                        j.spec.attempt,
+                        if matches!(state, JobState::Queued) {
+                            "queued"
+                        } else {
+                            "running"
+                        }
+                    ),
+                };
+            }
+        };
         let (status, message) = if j.cancel_requested {
             (
-                JobStatus::Cancelled,
+                FinalStatus::Cancelled,
                 if message.is_empty() {
                     "cancelled by a user".to_owned()
                 } else {
@@ -658,13 +714,92 @@ impl Scheduler {
         } else {
             (status, message.to_owned())
         };
-        if let JobState::Leased { session } = j.state
-            && let Some(r) = self.runners.get_mut(&session)
-        {
+        let holder = match j.state {
+            JobState::Leased { session } => Some(session),
+            _ => None,
+        };
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.state = JobState::Finishing {
+                session: holder,
+                runner,
+            };
+        }
+        ResultDecision::Accept { status, message }
+    }
+
+    /// The store answered the write of an accepted result (recorded, a
+    /// duplicate, or refused as stale: either way it holds the job's final
+    /// word): the job leaves the scheduler and its runner's slot is free.
+    pub fn handle_result_stored(&mut self, job: JobId, attempt: Attempt) {
+        let Some(j) = self.jobs.get(&job) else {
+            return;
+        };
+        let JobState::Finishing { session, .. } = &j.state else {
+            return;
+        };
+        if j.spec.attempt != attempt {
+            return;
+        }
+        if let Some(r) = session.and_then(|s| self.runners.get_mut(&s)) {
             r.leases.remove(&job);
         }
         self.jobs.remove(&job);
-        ResultDecision::Accept { status, message }
+    }
+
+    /// The write of an accepted result failed, so nothing of it is
+    /// durable: the job is running again as before, so that the runner's
+    /// resend is accepted. If the runner is gone meanwhile, the lease waits
+    /// one runner timeout for it as an orphan.
+    pub fn handle_result_failed(&mut self, job: JobId, attempt: Attempt, now: Instant) {
+        let deadline = now + self.config.runner_timeout;
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let JobState::Finishing { session, runner } = &j.state else {
+            return;
+        };
+        if j.spec.attempt != attempt {
+            return;
+        }
+        j.state = match session {
+            Some(session) => JobState::Leased { session: *session },
+            None => JobState::Orphaned {
+                runner: runner.clone(),
+                deadline,
+            },
+        };
+    }
+
+    /// An [`Effect::Assign`] could not be recorded, so it was never sent:
+    /// the job is queued again at its previous attempt, as if the
+    /// assignment had not been decided (or, when a user cancelled it
+    /// meanwhile, ends cancelled). Returns whether it applied.
+    pub fn handle_assign_failed(&mut self, job: JobId, attempt: Attempt) -> bool {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return false;
+        };
+        let JobState::Leased { session } = j.state else {
+            return false;
+        };
+        if j.spec.attempt != attempt {
+            return false;
+        }
+        if let Some(r) = self.runners.get_mut(&session) {
+            r.leases.remove(&job);
+        }
+        j.spec.attempt = Attempt(attempt.0.saturating_sub(1));
+        if j.cancel_requested {
+            self.jobs.remove(&job);
+            self.emit(Effect::Finish {
+                job,
+                status: FinalStatus::Cancelled,
+                message: "cancelled by a user while queued".to_owned(),
+            });
+        } else {
+            j.state = JobState::Queued;
+            self.queue.insert(job);
+        }
+        true
     }
 
     /// A user asked to cancel `job`.
@@ -678,7 +813,7 @@ impl Scheduler {
                 self.queue.remove(&job);
                 self.emit(Effect::Finish {
                     job,
-                    status: JobStatus::Cancelled,
+                    status: FinalStatus::Cancelled,
                     message: "cancelled by a user while queued".to_owned(),
                 });
                 CancelOutcome::Cancelled
@@ -699,6 +834,7 @@ impl Scheduler {
                 j.cancel_requested = true;
                 CancelOutcome::Cancelling
             }
+            JobState::Finishing { .. } => CancelOutcome::Finishing,
         }
     }
 
@@ -733,45 +869,51 @@ impl Scheduler {
             runner.leases.insert(job);
             let runner_name = runner.name.clone();
             let j = self.jobs.get_mut(&job).expect("checked above");
-            j.spec.attempt += 1;
+            j.spec.attempt = j.spec.attempt.next();
             j.state = JobState::Leased { session };
-            let effect = Effect::Assign {
-                session,
-                runner: runner_name,
+            let assignment = Assignment {
                 job,
                 attempt: j.spec.attempt,
                 repo: j.spec.repo.clone(),
                 branch: j.spec.branch.clone(),
                 commit: j.spec.commit.clone(),
             };
-            self.emit(effect);
+            self.emit(Effect::Assign {
+                session,
+                runner: runner_name,
+                assignment,
+            });
         }
     }
 
     /// Checks the structural invariants; `Err` names the first broken one.
-    /// Used by tests; cheap enough for debug assertions.
+    /// Used by tests and the fuzz target.
     pub fn check_invariants(&self) -> Result<(), String> {
         for (id, j) in &self.jobs {
-            match &j.state {
+            let holder = match &j.state {
                 JobState::Queued => {
                     if !self.queue.contains(id) {
                         return Err(format!("job {id} queued but not in the queue"));
                     }
+                    None
                 }
-                JobState::Leased { session } => {
-                    let Some(r) = self.runners.get(session) else {
-                        return Err(format!("job {id} leased to gone session {session}"));
-                    };
-                    if !r.leases.contains(id) {
-                        return Err(format!(
-                            "job {id} leased to {session} which does not list it"
-                        ));
-                    }
-                    if j.spec.attempt == 0 {
-                        return Err(format!("job {id} leased at attempt 0"));
-                    }
+                JobState::Leased { session }
+                | JobState::Finishing {
+                    session: Some(session),
+                    ..
+                } => Some(*session),
+                JobState::Orphaned { .. } | JobState::Finishing { session: None, .. } => None,
+            };
+            if !matches!(j.state, JobState::Queued) && j.spec.attempt == Attempt(0) {
+                return Err(format!("job {id} running at attempt 0"));
+            }
+            if let Some(session) = holder {
+                let Some(r) = self.runners.get(&session) else {
+                    return Err(format!("job {id} held by gone session {session}"));
+                };
+                if !r.leases.contains(id) {
+                    return Err(format!("job {id} held by {session} which does not list it"));
                 }
-                JobState::Orphaned { .. } => {}
             }
         }
         for id in &self.queue {
@@ -779,6 +921,10 @@ impl Scheduler {
                 return Err(format!("job {id} in the queue but not queued"));
             }
         }
+        self.check_runners()
+    }
+
+    fn check_runners(&self) -> Result<(), String> {
         let mut holders: HashMap<JobId, SessionId> = HashMap::new();
         for (session, r) in &self.runners {
             if self.names.get(&r.name) != Some(session) {
@@ -794,7 +940,12 @@ impl Scheduler {
                     ));
                 }
                 match self.jobs.get(job).map(|j| &j.state) {
-                    Some(JobState::Leased { session: s }) if s == session => {}
+                    Some(
+                        JobState::Leased { session: s }
+                        | JobState::Finishing {
+                            session: Some(s), ..
+                        },
+                    ) if s == session => {}
                     other => {
                         return Err(format!(
                             "session {session} lists job {job} whose state is {other:?}"

@@ -8,6 +8,7 @@
 //! shell and whatever it started — is signalled, never anything else.
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -16,7 +17,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::SharedRef;
+use crate::Daemon;
 
 /// How long spawned runners get to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -43,11 +44,11 @@ impl Drop for Spawned {
 }
 
 /// Runs until `cancel` fires; does nothing unless spawning is configured.
-pub(crate) async fn run(shared: SharedRef, cancel: CancellationToken) {
-    let wanted = shared.config.spawn_runners as usize;
-    let command = shared.config.runner_command.clone().filter(|_| wanted > 0);
-    let timeout = shared.config.runner_timeout;
-    let mut ticker = tokio::time::interval(shared.config.heartbeat_interval);
+pub(crate) async fn run(daemon: Arc<Daemon>, cancel: CancellationToken) {
+    let wanted = daemon.config.spawn_runners as usize;
+    let command = daemon.config.runner_command.clone().filter(|_| wanted > 0);
+    let timeout = daemon.config.runner_timeout;
+    let mut ticker = tokio::time::interval(daemon.config.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut children: Vec<Spawned> = Vec::new();
     let mut runner_last_seen = Instant::now();
@@ -73,7 +74,7 @@ pub(crate) async fn run(shared: SharedRef, cancel: CancellationToken) {
                 true
             }
         });
-        let (runners, queued) = shared.with_sched(|s| (s.runner_count(), s.has_queued()));
+        let (runners, queued) = daemon.service.fleet();
         if runners > 0 {
             runner_last_seen = Instant::now();
         }
@@ -85,7 +86,7 @@ pub(crate) async fn run(shared: SharedRef, cancel: CancellationToken) {
             continue;
         }
         while children.len() < wanted {
-            match spawn(command, &shared.local_addr.to_string()) {
+            match spawn(command, &daemon.local_addr.to_string()) {
                 Ok(child) => {
                     tracing::info!(pid = ?child.pgid, "spawned a local runner");
                     children.push(child);

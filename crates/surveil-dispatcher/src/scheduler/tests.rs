@@ -18,19 +18,30 @@ fn sched(max_attempts: u32) -> Scheduler {
     })
 }
 
-fn job(id: JobId, repo: &str) -> JobSpec {
+fn j(n: u64) -> JobId {
+    JobId(n)
+}
+
+fn a(n: u32) -> Attempt {
+    Attempt(n)
+}
+
+fn sid(n: u64) -> SessionId {
+    SessionId(n)
+}
+
+fn job(id: u64, repo: &str) -> JobSpec {
     JobSpec {
-        id,
+        id: j(id),
         repo: repo.to_owned(),
         branch: "main".to_owned(),
-        commit: format!("{id:040x}"),
-        attempt: 0,
+        commit: CommitId::parse(&format!("{id:040x}")).unwrap(),
+        attempt: a(0),
     }
 }
 
-fn runner(session: SessionId, name: &str, slots: u32) -> RunnerHello {
+fn runner(name: &str, slots: u32) -> RunnerHello {
     RunnerHello {
-        session,
         name: name.to_owned(),
         addr: "127.0.0.1:1".to_owned(),
         slots,
@@ -40,19 +51,24 @@ fn runner(session: SessionId, name: &str, slots: u32) -> RunnerHello {
     }
 }
 
-fn assigns(effects: &[Effect]) -> Vec<(SessionId, JobId, Attempt)> {
+fn assigns(effects: &[Effect]) -> Vec<(u64, u64, u32)> {
     effects
         .iter()
         .filter_map(|e| match e {
             Effect::Assign {
                 session,
-                job,
-                attempt,
+                assignment,
                 ..
-            } => Some((*session, *job, *attempt)),
+            } => Some((session.0, assignment.job.0, assignment.attempt.0)),
             _ => None,
         })
         .collect()
+}
+
+fn requeued(effects: &[Effect], job: u64) -> bool {
+    effects
+        .iter()
+        .any(|e| matches!(e, Effect::Requeue { job: id, .. } if *id == j(job)))
 }
 
 #[test]
@@ -60,7 +76,7 @@ fn silent_runner_job_is_requeued_and_reassigned_after_the_timeout() {
     let t0 = Instant::now();
     let mut s = sched(3);
     for (session, name) in [(1, "a"), (2, "b"), (3, "c")] {
-        s.handle_runner_connected(runner(session, name, 1), t0);
+        s.handle_runner_connected(sid(session), runner(name, 1), t0);
     }
     for id in 1..=3 {
         s.handle_job_submitted(job(id, REPO), t0);
@@ -73,28 +89,27 @@ fn silent_runner_job_is_requeued_and_reassigned_after_the_timeout() {
 
     // Runners 1 and 2 keep talking; runner 3 goes silent.
     let later = t0 + TIMEOUT - Duration::from_millis(1);
-    s.handle_frame(1, later);
-    s.handle_frame(2, later);
+    s.handle_frame(sid(1), later);
+    s.handle_frame(sid(2), later);
     s.handle_tick(later);
     assert!(s.drain_effects().is_empty(), "nobody is late yet");
 
     let expired = t0 + TIMEOUT;
     s.handle_tick(expired);
-    let (silent_job, _) = first.iter().find(|a| a.0 == 3).map(|a| (a.1, a.2)).unwrap();
+    let silent_job = first.iter().find(|a| a.0 == 3).unwrap().1;
     let effects = s.drain_effects();
     assert!(effects.contains(&Effect::Disconnect {
-        session: 3,
+        session: sid(3),
         reason: format!("no frame for {TIMEOUT:?} (runner timeout)"),
     }));
-    assert!(
-        effects
-            .iter()
-            .any(|e| matches!(e, Effect::Requeue { job, attempt: 1, .. } if *job == silent_job))
-    );
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Requeue { job, attempt: Attempt(1), .. } if job.0 == silent_job
+    )));
     assert_eq!(s.counts(), (1, 2));
 
     // A fourth runner arrives and gets the job as attempt 2.
-    s.handle_runner_connected(runner(4, "d", 1), expired);
+    s.handle_runner_connected(sid(4), runner("d", 1), expired);
     s.schedule(expired);
     assert_eq!(assigns(&s.drain_effects()), vec![(4, silent_job, 2)]);
     assert_eq!(s.reassignments(), 1);
@@ -105,34 +120,183 @@ fn silent_runner_job_is_requeued_and_reassigned_after_the_timeout() {
 fn revoked_attempt_result_is_refused_and_live_one_accepted() {
     let t = Instant::now();
     let mut s = sched(3);
-    s.handle_runner_connected(runner(1, "a", 1), t);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
     s.handle_job_submitted(job(7, REPO), t);
     s.schedule(t);
-    s.handle_runner_disconnected(1, "connection closed", t);
-    s.handle_runner_connected(runner(2, "b", 1), t);
+    s.handle_runner_disconnected(sid(1), "connection closed", t);
+    s.handle_runner_connected(sid(2), runner("b", 1), t);
     s.schedule(t);
     assert!(assigns(&s.drain_effects()).contains(&(2, 7, 2)));
 
-    assert!(!s.handle_started(1, 7, 1, t));
-    assert!(!s.handle_log(1, 7, 1, t));
+    assert!(!s.handle_started(sid(1), j(7), a(1), t));
+    assert!(!s.handle_log(sid(1), j(7), a(1), t));
     assert!(matches!(
-        s.handle_result(1, 7, 1, JobStatus::Passed, "", t),
+        s.handle_result(sid(1), j(7), a(1), FinalStatus::Passed, "", t),
         ResultDecision::Revoked { .. }
     ));
-    assert!(s.handle_started(2, 7, 2, t));
+    assert!(s.handle_started(sid(2), j(7), a(2), t));
     assert_eq!(
-        s.handle_result(2, 7, 2, JobStatus::Failed, "", t),
+        s.handle_result(sid(2), j(7), a(2), FinalStatus::Failed, "", t),
         ResultDecision::Accept {
-            status: JobStatus::Failed,
+            status: FinalStatus::Failed,
             message: String::new()
         }
     );
-    // A failure is final: nothing is requeued, and a resend is left to the store.
-    assert!(!s.knows_job(7));
+    // Finishing: a second report of the same attempt waits for the store.
     assert_eq!(
-        s.handle_result(2, 7, 2, JobStatus::Failed, "", t),
+        s.handle_result(sid(2), j(7), a(2), FinalStatus::Failed, "", t),
+        ResultDecision::Pending
+    );
+    s.handle_result_stored(j(7), a(2));
+    // A failure is final: nothing is requeued, and a resend is left to the store.
+    assert!(!s.knows_job(j(7)));
+    assert_eq!(
+        s.handle_result(sid(2), j(7), a(2), FinalStatus::Failed, "", t),
         ResultDecision::Unknown
     );
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_finishing_job_keeps_its_slot_until_the_store_answers() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.handle_job_submitted(job(2, REPO), t);
+    s.schedule(t);
+    assert_eq!(assigns(&s.drain_effects()), vec![(1, 1, 1)]);
+    assert!(matches!(
+        s.handle_result(sid(1), j(1), a(1), FinalStatus::Passed, "", t),
+        ResultDecision::Accept { .. }
+    ));
+    // Not durable yet: the slot stays taken, the job counts as running,
+    // and a cancel is too late.
+    s.schedule(t);
+    assert!(s.drain_effects().is_empty());
+    assert_eq!(s.counts(), (1, 1));
+    assert_eq!(s.lease_holder(j(1), a(1)), Some(sid(1)));
+    assert_eq!(s.handle_cancel(j(1), t), CancelOutcome::Finishing);
+    s.check_invariants().unwrap();
+    s.handle_result_stored(j(1), a(1));
+    s.schedule(t);
+    assert_eq!(assigns(&s.drain_effects()), vec![(1, 2, 1)]);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_failed_result_write_leaves_the_job_running_so_the_resend_is_accepted() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.schedule(t);
+    s.drain_effects();
+    let accepted = s.handle_result(sid(1), j(1), a(1), FinalStatus::Passed, "ok", t);
+    assert!(matches!(accepted, ResultDecision::Accept { .. }));
+    s.handle_result_failed(j(1), a(1), t);
+    assert!(s.is_live(j(1), a(1)));
+    assert_eq!(s.lease_holder(j(1), a(1)), Some(sid(1)));
+    s.check_invariants().unwrap();
+    assert_eq!(
+        s.handle_result(sid(1), j(1), a(1), FinalStatus::Passed, "ok", t),
+        accepted,
+        "the resend is accepted like the first"
+    );
+    assert!(s.drain_effects().is_empty(), "nothing was requeued");
+}
+
+#[test]
+fn a_finishing_job_whose_runner_leaves_waits_for_the_store_then_for_the_runner() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.schedule(t);
+    s.drain_effects();
+    s.handle_result(sid(1), j(1), a(1), FinalStatus::Passed, "", t);
+    s.handle_runner_disconnected(sid(1), "connection reset", t);
+    assert!(
+        s.drain_effects().is_empty(),
+        "a finishing job is not requeued"
+    );
+    assert_eq!(s.counts(), (0, 1));
+    s.check_invariants().unwrap();
+
+    // The write failed: the job is an orphan its runner may claim.
+    s.handle_result_failed(j(1), a(1), t);
+    let mut back = runner("a", 1);
+    back.leases = vec![(j(1), a(1))];
+    s.handle_runner_connected(sid(2), back, t + Duration::from_secs(1));
+    assert!(s.drain_effects().is_empty(), "claimed, not cancelled");
+    assert_eq!(s.lease_holder(j(1), a(1)), Some(sid(2)));
+    assert!(matches!(
+        s.handle_result(sid(2), j(1), a(1), FinalStatus::Passed, "", t),
+        ResultDecision::Accept { .. }
+    ));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_released_runner_keeps_its_leases_for_a_runner_timeout() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 2), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.handle_job_submitted(job(2, REPO), t);
+    s.schedule(t);
+    s.drain_effects();
+    s.handle_runner_released(sid(1), t);
+    assert!(s.drain_effects().is_empty(), "nothing revoked");
+    assert_eq!(s.runner_count(), 0);
+    assert!(s.is_live(j(1), a(1)) && s.is_live(j(2), a(1)));
+    s.check_invariants().unwrap();
+
+    // It comes back listing job 1 only: job 1 is kept, job 2 expires.
+    let mut back = runner("a", 2);
+    back.leases = vec![(j(1), a(1))];
+    s.handle_runner_connected(sid(2), back, t + Duration::from_millis(10));
+    assert_eq!(s.lease_holder(j(1), a(1)), Some(sid(2)));
+    s.handle_frame(sid(2), t + TIMEOUT);
+    s.handle_tick(t + TIMEOUT);
+    let effects = s.drain_effects();
+    assert!(
+        requeued(&effects, 2) && !requeued(&effects, 1),
+        "{effects:?}"
+    );
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn an_assignment_the_store_refused_is_undone() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.schedule(t);
+    assert_eq!(assigns(&s.drain_effects()), vec![(1, 1, 1)]);
+    assert!(s.handle_assign_failed(j(1), a(1)));
+    assert_eq!(s.counts(), (1, 0));
+    assert!(!s.is_live(j(1), a(1)));
+    s.check_invariants().unwrap();
+    // The next pass assigns it again with the same attempt number.
+    s.schedule(t);
+    assert_eq!(assigns(&s.drain_effects()), vec![(1, 1, 1)]);
+    assert!(!s.handle_assign_failed(j(1), a(2)), "not that attempt");
+
+    // Cancelled before the failure was known: it ends cancelled.
+    assert_eq!(s.handle_cancel(j(1), t), CancelOutcome::Cancelling);
+    s.drain_effects();
+    assert!(s.handle_assign_failed(j(1), a(1)));
+    assert!(matches!(
+        s.drain_effects().as_slice(),
+        [Effect::Finish {
+            status: FinalStatus::Cancelled,
+            ..
+        }]
+    ));
+    assert!(!s.knows_job(j(1)));
+    s.check_invariants().unwrap();
 }
 
 #[test]
@@ -141,64 +305,58 @@ fn lost_max_attempts_times_ends_error_saying_runners_were_lost() {
     let mut s = sched(2);
     s.handle_job_submitted(job(1, REPO), t);
     for session in 1..=2 {
-        s.handle_runner_connected(runner(session, "a", 1), t);
+        s.handle_runner_connected(sid(session), runner("a", 1), t);
         s.schedule(t);
-        s.handle_runner_disconnected(session, "connection reset", t);
+        s.handle_runner_disconnected(sid(session), "connection reset", t);
     }
     let effects = s.drain_effects();
     let finish = effects
         .iter()
         .find_map(|e| match e {
             Effect::Finish {
-                job: 1,
+                job: JobId(1),
                 status,
                 message,
             } => Some((*status, message.clone())),
             _ => None,
         })
         .expect("job finished");
-    assert_eq!(finish.0, JobStatus::Error);
+    assert_eq!(finish.0, FinalStatus::Error);
     assert!(finish.1.contains("runners were lost"), "{}", finish.1);
-    assert!(!s.knows_job(1));
+    assert!(!s.knows_job(j(1)));
 }
 
 #[test]
 fn reconnect_while_old_session_alive_keeps_listed_lease_and_cancels_others() {
     let t = Instant::now();
     let mut s = sched(3);
-    s.handle_runner_connected(runner(1, "a", 2), t);
+    s.handle_runner_connected(sid(1), runner("a", 2), t);
     s.handle_job_submitted(job(1, REPO), t);
     s.handle_job_submitted(job(2, REPO), t);
     s.schedule(t);
     s.drain_effects();
 
-    let mut again = runner(2, "a", 2);
-    again.leases = vec![(1, 1), (99, 4)];
-    s.handle_runner_connected(again, t);
+    let mut again = runner("a", 2);
+    again.leases = vec![(j(1), a(1)), (j(99), a(4))];
+    s.handle_runner_connected(sid(2), again, t);
     let effects = s.drain_effects();
-    assert!(
-        effects
-            .iter()
-            .any(|e| matches!(e, Effect::Disconnect { session: 1, .. }))
-    );
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Disconnect {
+            session: SessionId(1),
+            ..
+        }
+    )));
     assert!(effects.contains(&Effect::Cancel {
-        session: 2,
-        job: 99,
-        attempt: 4
+        session: sid(2),
+        job: j(99),
+        attempt: a(4)
     }));
     // Job 1 stays with attempt 1; job 2, not listed, is requeued and then
     // assigned to the new session as attempt 2.
-    assert!(
-        !effects
-            .iter()
-            .any(|e| matches!(e, Effect::Assign { job: 1, .. }))
-    );
-    assert!(
-        effects
-            .iter()
-            .any(|e| matches!(e, Effect::Requeue { job: 2, .. }))
-    );
-    assert!(s.is_live(1, 1));
+    assert!(assigns(&effects).is_empty());
+    assert!(requeued(&effects, 2));
+    assert!(s.is_live(j(1), a(1)));
     s.schedule(t);
     assert_eq!(assigns(&s.drain_effects()), vec![(2, 2, 2)]);
     s.check_invariants().unwrap();
@@ -209,9 +367,9 @@ fn orphan_claimed_by_its_runner_within_the_grace_or_requeued_after() {
     let t0 = Instant::now();
     let mut s = sched(3);
     let mut running = job(1, REPO);
-    running.attempt = 1;
+    running.attempt = a(1);
     let mut other = job(2, REPO);
-    other.attempt = 2;
+    other.attempt = a(2);
     s.handle_recovered(
         vec![job(3, REPO)],
         vec![(running, "a".into()), (other, "b".into())],
@@ -219,21 +377,21 @@ fn orphan_claimed_by_its_runner_within_the_grace_or_requeued_after() {
     );
     assert_eq!(s.counts(), (1, 2));
 
-    let mut a = runner(1, "a", 3);
-    a.leases = vec![(1, 1)];
-    s.handle_runner_connected(a, t0 + Duration::from_secs(1));
+    let mut hello = runner("a", 3);
+    hello.leases = vec![(j(1), a(1))];
+    s.handle_runner_connected(sid(1), hello, t0 + Duration::from_secs(1));
     s.schedule(t0 + Duration::from_secs(1));
     // Job 1 kept (no Assign), job 3 assigned; job 2 still waits for "b".
     assert_eq!(assigns(&s.drain_effects()), vec![(1, 3, 1)]);
-    assert!(s.is_live(1, 1));
-    s.handle_frame(1, t0 + TIMEOUT);
+    assert!(s.is_live(j(1), a(1)));
+    s.handle_frame(sid(1), t0 + TIMEOUT);
     s.handle_tick(t0 + TIMEOUT);
     let effects = s.drain_effects();
     assert!(effects.iter().any(|e| matches!(
         e,
         Effect::Requeue {
-            job: 2,
-            attempt: 2,
+            job: JobId(2),
+            attempt: Attempt(2),
             ..
         }
     )));
@@ -245,14 +403,14 @@ fn orphan_claimed_by_its_runner_within_the_grace_or_requeued_after() {
 fn only_runners_of_the_repo_get_its_jobs() {
     let t = Instant::now();
     let mut s = sched(3);
-    s.handle_runner_connected(runner(1, "a", 4), t);
+    s.handle_runner_connected(sid(1), runner("a", 4), t);
     s.handle_job_submitted(job(1, "/elsewhere"), t);
     s.schedule(t);
     assert!(s.drain_effects().is_empty());
     s.check_no_idle_match().unwrap();
-    let mut b = runner(2, "b", 1);
+    let mut b = runner("b", 1);
     b.repos = vec!["/elsewhere".into()];
-    s.handle_runner_connected(b, t);
+    s.handle_runner_connected(sid(2), b, t);
     s.schedule(t);
     assert_eq!(assigns(&s.drain_effects()), vec![(2, 1, 1)]);
 }
@@ -262,50 +420,51 @@ fn cancel_queued_and_running() {
     let t = Instant::now();
     let mut s = sched(3);
     s.handle_job_submitted(job(1, REPO), t);
-    assert_eq!(s.handle_cancel(1, t), CancelOutcome::Cancelled);
+    assert_eq!(s.handle_cancel(j(1), t), CancelOutcome::Cancelled);
     assert_eq!(
         s.drain_effects(),
         vec![Effect::Finish {
-            job: 1,
-            status: JobStatus::Cancelled,
+            job: j(1),
+            status: FinalStatus::Cancelled,
             message: "cancelled by a user while queued".into()
         }]
     );
-    assert_eq!(s.handle_cancel(1, t), CancelOutcome::NotActive);
+    assert_eq!(s.handle_cancel(j(1), t), CancelOutcome::NotActive);
 
-    s.handle_runner_connected(runner(1, "a", 1), t);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
     s.handle_job_submitted(job(2, REPO), t);
     s.schedule(t);
     s.drain_effects();
-    assert_eq!(s.handle_cancel(2, t), CancelOutcome::Cancelling);
+    assert_eq!(s.handle_cancel(j(2), t), CancelOutcome::Cancelling);
     assert_eq!(
         s.drain_effects(),
         vec![Effect::Cancel {
-            session: 1,
-            job: 2,
-            attempt: 1
+            session: sid(1),
+            job: j(2),
+            attempt: a(1)
         }]
     );
     // Whatever the runner reports, the job ends cancelled.
     assert!(matches!(
-        s.handle_result(1, 2, 1, JobStatus::Passed, "", t),
+        s.handle_result(sid(1), j(2), a(1), FinalStatus::Passed, "", t),
         ResultDecision::Accept {
-            status: JobStatus::Cancelled,
+            status: FinalStatus::Cancelled,
             ..
         }
     ));
+    s.handle_result_stored(j(2), a(1));
 
     // A cancelled job whose runner is lost ends cancelled, not requeued.
     s.handle_job_submitted(job(3, REPO), t);
     s.schedule(t);
     s.drain_effects();
-    s.handle_cancel(3, t);
-    s.handle_runner_disconnected(1, "connection closed", t);
+    s.handle_cancel(j(3), t);
+    s.handle_runner_disconnected(sid(1), "connection closed", t);
     assert!(s.drain_effects().iter().any(|e| matches!(
         e,
         Effect::Finish {
-            job: 3,
-            status: JobStatus::Cancelled,
+            job: JobId(3),
+            status: FinalStatus::Cancelled,
             ..
         }
     )));
@@ -315,13 +474,13 @@ fn cancel_queued_and_running() {
 fn assignment_spreads_over_least_loaded_runners() {
     let t = Instant::now();
     let mut s = sched(3);
-    s.handle_runner_connected(runner(1, "a", 4), t);
-    s.handle_runner_connected(runner(2, "b", 4), t);
+    s.handle_runner_connected(sid(1), runner("a", 4), t);
+    s.handle_runner_connected(sid(2), runner("b", 4), t);
     for id in 1..=4 {
         s.handle_job_submitted(job(id, REPO), t);
     }
     s.schedule(t);
-    let per: BTreeMap<SessionId, usize> =
+    let per: BTreeMap<u64, usize> =
         assigns(&s.drain_effects())
             .into_iter()
             .fold(BTreeMap::new(), |mut m, a| {
@@ -350,6 +509,10 @@ enum Event {
     Disconnect {
         name: usize,
     },
+    /// The dispatcher closed the runner for its own store failure.
+    Release {
+        name: usize,
+    },
     Frame {
         name: usize,
     },
@@ -362,6 +525,12 @@ enum Event {
         delta: i8,
         status: u8,
     },
+    /// The store answers the oldest result write in flight.
+    StoreAnswer {
+        ok: bool,
+    },
+    /// The store refuses the oldest assignment in flight.
+    AssignFails,
     Started {
         name: usize,
         job: usize,
@@ -379,10 +548,13 @@ fn event() -> impl Strategy<Value = Event> {
         2 => (0..NAMES.len(), 1u32..3, 1u8..4, prop::collection::vec((0usize..8, -1i8..2), 0..3))
             .prop_map(|(name, slots, repos, list)| Event::Connect { name, slots, repos, list }),
         1 => (0..NAMES.len()).prop_map(|name| Event::Disconnect { name }),
+        1 => (0..NAMES.len()).prop_map(|name| Event::Release { name }),
         3 => (0..NAMES.len()).prop_map(|name| Event::Frame { name }),
         2 => (0u64..4000).prop_map(|ms| Event::Advance { ms }),
         3 => (0..NAMES.len(), 0usize..8, -1i8..2, 0u8..4)
             .prop_map(|(name, job, delta, status)| Event::Result { name, job, delta, status }),
+        3 => any::<bool>().prop_map(|ok| Event::StoreAnswer { ok }),
+        1 => Just(Event::AssignFails),
         1 => (0..NAMES.len(), 0usize..8, -1i8..2)
             .prop_map(|(name, job, delta)| Event::Started { name, job, delta }),
         1 => (0usize..8).prop_map(|job| Event::Cancel { job }),
@@ -393,31 +565,41 @@ fn event() -> impl Strategy<Value = Event> {
 /// What the test knows from the outside: the effects and decisions seen.
 #[derive(Default)]
 struct Model {
-    /// job → (session, attempt) per the last Assign not since revoked.
+    /// job → attempt per the last Assign not since revoked.
     live: HashMap<JobId, Attempt>,
-    /// Highest attempt ever assigned per job.
+    /// Highest attempt ever assigned per job (the store's).
     assigned: HashMap<JobId, Attempt>,
-    finals: HashMap<JobId, JobStatus>,
+    finals: HashMap<JobId, FinalStatus>,
     sessions: HashMap<usize, SessionId>,
-    next_session: SessionId,
+    next_session: u64,
     jobs: Vec<JobSpec>,
+    /// Accepted results whose store write has not answered yet.
+    writing: Vec<(JobId, Attempt, FinalStatus)>,
+    /// Assignments emitted whose store write the test may still fail.
+    assigning: Vec<(JobId, Attempt)>,
 }
 
 impl Model {
     fn absorb(&mut self, effects: Vec<Effect>) -> Result<(), TestCaseError> {
         for e in effects {
             match e {
-                Effect::Assign { job, attempt, .. } => {
-                    let prev = self.assigned.insert(job, attempt).unwrap_or(0);
+                Effect::Assign { assignment, .. } => {
+                    let (job, attempt) = (assignment.job, assignment.attempt);
+                    let prev = self.assigned.insert(job, attempt).unwrap_or(a(0));
                     prop_assert!(attempt > prev, "attempts grow: {prev} then {attempt}");
                     prop_assert!(!self.finals.contains_key(&job), "assigned after final");
                     self.live.insert(job, attempt);
+                    self.assigning.push((job, attempt));
                 }
                 Effect::Requeue { job, attempt, .. } => {
                     prop_assert_eq!(self.live.remove(&job), Some(attempt));
+                    prop_assert!(
+                        !self.writing.iter().any(|w| w.0 == job),
+                        "job {} requeued while its result is being written",
+                        job
+                    );
                 }
                 Effect::Finish { job, status, .. } => {
-                    prop_assert!(status.is_final());
                     self.live.remove(&job);
                     let prev = self.finals.insert(job, status);
                     prop_assert!(prev.is_none(), "job {} finished twice", job);
@@ -427,167 +609,252 @@ impl Model {
         }
         Ok(())
     }
+
+    fn attempt_of(&self, job: JobId, delta: i8) -> Attempt {
+        let current = self.assigned.get(&job).copied().unwrap_or(a(1));
+        a(current.0.saturating_add_signed(i32::from(delta)))
+    }
+}
+
+fn connect(
+    s: &mut Scheduler,
+    m: &mut Model,
+    now: Instant,
+    name: usize,
+    slots: u32,
+    repos: u8,
+    list: Vec<(usize, i8)>,
+) {
+    let session = sid(m.next_session);
+    m.next_session += 1;
+    let leases = list
+        .into_iter()
+        .map(|(job, delta)| {
+            let id = j(job as u64 + 1);
+            (id, a(m.attempt_of(id, delta).0.max(1)))
+        })
+        .collect();
+    let repos = REPOS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| repos & (1 << i) != 0)
+        .map(|(_, r)| (*r).to_owned())
+        .collect();
+    m.sessions.insert(name, session);
+    s.handle_runner_connected(
+        session,
+        RunnerHello {
+            name: NAMES[name].to_owned(),
+            addr: String::new(),
+            slots,
+            repos,
+            labels: vec![],
+            leases,
+        },
+        now,
+    );
+}
+
+fn result(
+    s: &mut Scheduler,
+    m: &mut Model,
+    now: Instant,
+    (name, job, delta, status): (usize, usize, i8, u8),
+) -> Result<(), TestCaseError> {
+    let session = m.sessions.get(&name).copied().unwrap_or(sid(999));
+    let id = j(job as u64 + 1);
+    let attempt = m.attempt_of(id, delta);
+    let status = [
+        FinalStatus::Passed,
+        FinalStatus::Failed,
+        FinalStatus::Error,
+        FinalStatus::Cancelled,
+    ][status as usize];
+    // Effects emitted before the result are applied first, as the service
+    // does.
+    m.absorb(s.drain_effects())?;
+    let was_live = m.live.get(&id) == Some(&attempt);
+    let in_flight = m.writing.iter().any(|w| w.0 == id && w.1 == attempt);
+    match s.handle_result(session, id, attempt, status, "", now) {
+        ResultDecision::Accept { status, .. } => {
+            prop_assert!(
+                was_live && !in_flight,
+                "accepted job {} attempt {}",
+                id,
+                attempt
+            );
+            m.writing.push((id, attempt, status));
+        }
+        ResultDecision::Pending => prop_assert!(in_flight, "pending without a write"),
+        ResultDecision::Revoked { .. } => {
+            prop_assert!(!was_live, "refused the live lease of job {}", id);
+        }
+        ResultDecision::Unknown => {
+            prop_assert!(!was_live);
+            prop_assert!(
+                m.finals.contains_key(&id) || id.0 > m.jobs.len() as u64,
+                "active job {} unknown",
+                id
+            );
+        }
+    }
+    Ok(())
+}
+
+fn store_answer(
+    s: &mut Scheduler,
+    m: &mut Model,
+    now: Instant,
+    ok: bool,
+) -> Result<(), TestCaseError> {
+    if m.writing.is_empty() {
+        return Ok(());
+    }
+    let (id, attempt, status) = m.writing.remove(0);
+    if ok {
+        s.handle_result_stored(id, attempt);
+        m.live.remove(&id);
+        let prev = m.finals.insert(id, status);
+        prop_assert!(prev.is_none(), "job {} finished twice", id);
+        prop_assert!(!s.knows_job(id));
+    } else {
+        s.handle_result_failed(id, attempt, now);
+        prop_assert!(s.is_live(id, attempt), "job {} not running again", id);
+    }
+    Ok(())
+}
+
+fn assign_fails(s: &mut Scheduler, m: &mut Model) -> Result<(), TestCaseError> {
+    m.absorb(s.drain_effects())?;
+    let Some((id, attempt)) = m.assigning.pop() else {
+        return Ok(());
+    };
+    // Only the newest assignment may still be unrecorded; older ones were
+    // written (the applier goes in order).
+    m.assigning.clear();
+    if s.handle_assign_failed(id, attempt) {
+        prop_assert_eq!(m.live.remove(&id), Some(attempt));
+        let previous = a(attempt.0 - 1);
+        if previous.0 == 0 {
+            m.assigned.remove(&id);
+        } else {
+            m.assigned.insert(id, previous);
+        }
+    }
+    m.absorb(s.drain_effects())
+}
+
+/// The dispatcher restarts: the store (the model) says which jobs are
+/// queued or running; runners are all gone, writes in flight are lost.
+fn restart(s: &mut Scheduler, m: &mut Model, now: Instant) -> Result<(), TestCaseError> {
+    m.absorb(s.drain_effects())?;
+    m.writing.clear();
+    m.assigning.clear();
+    let mut queued = vec![];
+    let mut running = vec![];
+    for spec in &m.jobs {
+        if m.finals.contains_key(&spec.id) {
+            continue;
+        }
+        let mut spec = spec.clone();
+        spec.attempt = m.assigned.get(&spec.id).copied().unwrap_or(a(0));
+        if m.live.contains_key(&spec.id) {
+            let name = NAMES[spec.id.0 as usize % NAMES.len()].to_owned();
+            running.push((spec, name));
+        } else {
+            queued.push(spec);
+        }
+    }
+    *s = sched(2);
+    s.handle_recovered(queued, running, now);
+    m.sessions.clear();
+    Ok(())
+}
+
+fn step(
+    s: &mut Scheduler,
+    m: &mut Model,
+    now: &mut Instant,
+    ev: Event,
+) -> Result<(), TestCaseError> {
+    match ev {
+        Event::Submit { repo } => {
+            let spec = job(m.jobs.len() as u64 + 1, REPOS[repo]);
+            m.jobs.push(spec.clone());
+            s.handle_job_submitted(spec, *now);
+        }
+        Event::Connect {
+            name,
+            slots,
+            repos,
+            list,
+        } => connect(s, m, *now, name, slots, repos, list),
+        Event::Disconnect { name } => {
+            if let Some(session) = m.sessions.remove(&name) {
+                s.handle_runner_disconnected(session, "closed", *now);
+            }
+        }
+        Event::Release { name } => {
+            if let Some(session) = m.sessions.remove(&name) {
+                s.handle_runner_released(session, *now);
+                prop_assert!(s.drain_effects().is_empty(), "a release decided something");
+            }
+        }
+        Event::Frame { name } => {
+            if let Some(session) = m.sessions.get(&name) {
+                s.handle_frame(*session, *now);
+            }
+        }
+        Event::Advance { ms } => {
+            *now += Duration::from_millis(ms);
+            s.handle_tick(*now);
+        }
+        Event::Result {
+            name,
+            job,
+            delta,
+            status,
+        } => result(s, m, *now, (name, job, delta, status))?,
+        Event::StoreAnswer { ok } => store_answer(s, m, *now, ok)?,
+        Event::AssignFails => assign_fails(s, m)?,
+        Event::Started { name, job, delta } => {
+            let session = m.sessions.get(&name).copied().unwrap_or(sid(999));
+            let id = j(job as u64 + 1);
+            let attempt = m.attempt_of(id, delta);
+            m.absorb(s.drain_effects())?;
+            let accepted = s.handle_started(session, id, attempt, *now);
+            prop_assert_eq!(accepted, m.live.get(&id) == Some(&attempt));
+        }
+        Event::Cancel { job } => {
+            s.handle_cancel(j(job as u64 + 1), *now);
+        }
+        Event::Restart => restart(s, m, *now)?,
+    }
+    Ok(())
 }
 
 fn run_events(events: Vec<Event>) -> Result<(), TestCaseError> {
-    let start = Instant::now();
-    let mut now = start;
+    let mut now = Instant::now();
     let mut s = sched(2);
     let mut m = Model {
         next_session: 1,
         ..Model::default()
     };
     for ev in events {
-        match ev {
-            Event::Submit { repo } => {
-                let id = m.jobs.len() as JobId + 1;
-                let spec = job(id, REPOS[repo]);
-                m.jobs.push(spec.clone());
-                s.handle_job_submitted(spec, now);
-            }
-            Event::Connect {
-                name,
-                slots,
-                repos,
-                list,
-            } => {
-                let session = m.next_session;
-                m.next_session += 1;
-                let leases = list
-                    .into_iter()
-                    .map(|(j, d)| {
-                        let id = j as JobId + 1;
-                        let a = m.assigned.get(&id).copied().unwrap_or(1);
-                        (id, a.saturating_add_signed(i32::from(d)).max(1))
-                    })
-                    .collect();
-                let repos = REPOS
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| repos & (1 << i) != 0)
-                    .map(|(_, r)| (*r).to_owned())
-                    .collect();
-                m.sessions.insert(name, session);
-                s.handle_runner_connected(
-                    RunnerHello {
-                        session,
-                        name: NAMES[name].to_owned(),
-                        addr: String::new(),
-                        slots,
-                        repos,
-                        labels: vec![],
-                        leases,
-                    },
-                    now,
-                );
-            }
-            Event::Disconnect { name } => {
-                if let Some(session) = m.sessions.remove(&name) {
-                    s.handle_runner_disconnected(session, "closed", now);
-                }
-            }
-            Event::Frame { name } => {
-                if let Some(session) = m.sessions.get(&name) {
-                    s.handle_frame(*session, now);
-                }
-            }
-            Event::Advance { ms } => {
-                now += Duration::from_millis(ms);
-                s.handle_tick(now);
-            }
-            Event::Result {
-                name,
-                job,
-                delta,
-                status,
-            } => {
-                let session = m.sessions.get(&name).copied().unwrap_or(999);
-                let id = job as JobId + 1;
-                let attempt = m
-                    .assigned
-                    .get(&id)
-                    .copied()
-                    .unwrap_or(1)
-                    .saturating_add_signed(i32::from(delta));
-                let status = [
-                    JobStatus::Passed,
-                    JobStatus::Failed,
-                    JobStatus::Error,
-                    JobStatus::Cancelled,
-                ][status as usize];
-                // Effects emitted before the result are applied first, as
-                // the shell does.
-                m.absorb(s.drain_effects())?;
-                let was_live = m.live.get(&id) == Some(&attempt);
-                match s.handle_result(session, id, attempt, status, "", now) {
-                    ResultDecision::Accept { status, .. } => {
-                        prop_assert!(was_live, "accepted job {} attempt {} not live", id, attempt);
-                        m.live.remove(&id);
-                        let prev = m.finals.insert(id, status);
-                        prop_assert!(prev.is_none(), "job {} finished twice", id);
-                    }
-                    ResultDecision::Revoked { .. } => {
-                        prop_assert!(!was_live, "refused the live lease of job {}", id);
-                    }
-                    ResultDecision::Unknown => {
-                        prop_assert!(!was_live);
-                        prop_assert!(
-                            m.finals.contains_key(&id) || id > m.jobs.len() as JobId,
-                            "active job {} unknown",
-                            id
-                        );
-                    }
-                }
-            }
-            Event::Started { name, job, delta } => {
-                let session = m.sessions.get(&name).copied().unwrap_or(999);
-                let id = job as JobId + 1;
-                let attempt = m
-                    .assigned
-                    .get(&id)
-                    .copied()
-                    .unwrap_or(1)
-                    .saturating_add_signed(i32::from(delta));
-                m.absorb(s.drain_effects())?;
-                let accepted = s.handle_started(session, id, attempt, now);
-                prop_assert_eq!(accepted, m.live.get(&id) == Some(&attempt));
-            }
-            Event::Cancel { job } => {
-                s.handle_cancel(job as JobId + 1, now);
-            }
-            Event::Restart => {
-                // The dispatcher restarts: the store (the model) says which
-                // jobs are queued or running; runners are all gone.
-                m.absorb(s.drain_effects())?;
-                let mut queued = vec![];
-                let mut running = vec![];
-                for spec in &m.jobs {
-                    if m.finals.contains_key(&spec.id) {
-                        continue;
-                    }
-                    let mut spec = spec.clone();
-                    spec.attempt = m.assigned.get(&spec.id).copied().unwrap_or(0);
-                    if m.live.contains_key(&spec.id) {
-                        let name = NAMES[spec.id as usize % NAMES.len()].to_owned();
-                        running.push((spec, name));
-                    } else {
-                        queued.push(spec);
-                    }
-                }
-                s = sched(2);
-                s.handle_recovered(queued, running, now);
-                m.sessions.clear();
-            }
-        }
+        step(&mut s, &mut m, &mut now, ev)?;
         s.check_invariants().map_err(TestCaseError::fail)?;
         s.schedule(now);
         s.check_invariants().map_err(TestCaseError::fail)?;
         s.check_no_idle_match().map_err(TestCaseError::fail)?;
         m.absorb(s.drain_effects())?;
     }
-    // Every job is either still active in the scheduler or final, never both.
+    // Every job is either still active in the scheduler or final, never
+    // both; a job whose result is being written is still active.
     for spec in &m.jobs {
         prop_assert_ne!(s.knows_job(spec.id), m.finals.contains_key(&spec.id));
+    }
+    for (id, attempt, _) in &m.writing {
+        prop_assert!(s.is_live(*id, *attempt), "job {} left while finishing", id);
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use surveil_dispatcher::Config;
+use surveil_dispatcher::store::JobStore;
 use surveil_proto::*;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -47,6 +48,24 @@ impl Dispatcher {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(surveil_dispatcher::run(config, listener, shutdown.clone()));
+        Dispatcher {
+            addr,
+            shutdown,
+            handle,
+        }
+    }
+
+    /// A dispatcher on a store the test opened (to reach its hooks).
+    pub async fn start_on(config: Config, store: Arc<dyn JobStore>) -> Dispatcher {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(surveil_dispatcher::serve_with_store(
+            config,
+            store,
+            listener,
+            shutdown.clone(),
+        ));
         Dispatcher {
             addr,
             shutdown,

@@ -9,3 +9,4 @@ mod liveness;
 mod queries;
 mod restart;
 mod spawner;
+mod store_faults;

@@ -6,11 +6,12 @@
 //! crash mid-migration leaves the previous version intact. Scripts are
 //! append-only: never edit or reorder one that has shipped; add a new one.
 //! This file must not hold queries used at run time (those are in
-//! `store/sql.rs`).
+//! `sql.rs` beside it).
 
 use rusqlite::Connection;
 
-use super::{Ctx, StoreError};
+use super::Ctx;
+use crate::store::StoreError;
 
 /// The schema scripts, oldest first. Script `i` takes a database from
 /// version `i` to version `i + 1`.
@@ -105,10 +106,7 @@ pub fn migrate(conn: &mut Connection) -> Result<u32, StoreError> {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
             .ctx("starting a schema migration")?;
         tx.execute_batch(script)
-            .map_err(|source| StoreError::Sqlite {
-                context: format!("applying schema migration {}", version + 1),
-                source,
-            })?;
+            .ctx(&format!("applying schema migration {}", version + 1))?;
         tx.pragma_update(None, "user_version", version + 1)
             .ctx("recording the schema version")?;
         tx.commit().ctx("committing a schema migration")?;

@@ -11,6 +11,8 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+#[cfg(feature = "testing")]
+use std::sync::atomic::AtomicU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{Connection, TransactionBehavior};
@@ -22,7 +24,9 @@ use super::StoreError;
 /// so the latency of the first request in it and the WAL growth per commit.
 pub const MAX_BATCH: usize = 256;
 
-/// Counters the writer keeps, read by `Store::commit_count` and friends.
+/// What the writer shares with the store's handle: counters read by
+/// `SqliteStore::commit_count` and friends, and with the `testing`
+/// feature, the hooks that hold it or make its commits fail.
 #[derive(Default)]
 pub struct Stats {
     /// Transactions committed.
@@ -31,6 +35,12 @@ pub struct Stats {
     pub requests: AtomicU64,
     /// The most requests seen in one transaction.
     pub largest_batch: AtomicU64,
+    /// Held by tests to let requests pile up before the next batch.
+    #[cfg(feature = "testing")]
+    pub pause: tokio::sync::Mutex<()>,
+    /// How many batches still to roll back instead of committing.
+    #[cfg(feature = "testing")]
+    pub fail_commits: AtomicU32,
 }
 
 /// What the writer receives.
@@ -122,33 +132,18 @@ pub fn spawn(
     conn: Connection,
     requests: mpsc::Receiver<Request>,
     stats: Arc<Stats>,
-    #[cfg(test)] pause: Arc<tokio::sync::Mutex<()>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("surveil-store-writer".into())
-        .spawn(move || {
-            run(
-                conn,
-                requests,
-                &stats,
-                #[cfg(test)]
-                &pause,
-            )
-        })
+        .spawn(move || run(conn, requests, &stats))
 }
 
-fn run(
-    mut conn: Connection,
-    mut requests: mpsc::Receiver<Request>,
-    stats: &Stats,
-    #[cfg(test)] pause: &tokio::sync::Mutex<()>,
-) {
+fn run(mut conn: Connection, mut requests: mpsc::Receiver<Request>, stats: &Stats) {
     let mut batch: Vec<Box<dyn Pending>> = Vec::with_capacity(MAX_BATCH);
     let mut closing = None;
     while let Some(first) = requests.blocking_recv() {
-        // Tests hold this lock to let requests pile up deterministically.
-        #[cfg(test)]
-        let _paused = pause.blocking_lock();
+        #[cfg(feature = "testing")]
+        let _paused = stats.pause.blocking_lock();
         let mut next = Some(first);
         while let Some(request) = next.take() {
             match request {
@@ -180,7 +175,17 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Box<dyn Pending>>, stats:
     let size = batch.len() as u64;
     stats.requests.fetch_add(size, Ordering::Relaxed);
     stats.largest_batch.fetch_max(size, Ordering::Relaxed);
-    let outcome = apply_all(conn, batch);
+    // The testing hook makes a batch fail at its commit, as a full disk does.
+    #[cfg(feature = "testing")]
+    let fail_commit = || {
+        stats
+            .fail_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    };
+    #[cfg(not(feature = "testing"))]
+    let fail_commit = || false;
+    let outcome = apply_all(conn, batch, fail_commit);
     match &outcome {
         Ok(()) => {
             stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -194,7 +199,11 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Box<dyn Pending>>, stats:
 
 /// Applies every request in its own savepoint and commits the whole; an
 /// error here means the batch did not commit.
-fn apply_all(conn: &mut Connection, batch: &mut [Box<dyn Pending>]) -> Result<(), String> {
+fn apply_all(
+    conn: &mut Connection,
+    batch: &mut [Box<dyn Pending>],
+    fail_commit: impl FnOnce() -> bool,
+) -> Result<(), String> {
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| format!("beginning a transaction: {e}"))?;
@@ -211,6 +220,10 @@ fn apply_all(conn: &mut Connection, batch: &mut [Box<dyn Pending>]) -> Result<()
             savepoint.finish()
         }
         .map_err(|e| format!("closing a savepoint: {e}"))?;
+    }
+    if fail_commit() {
+        // Dropping the transaction rolls it back, as a failed COMMIT does.
+        return Err("committing: failure injected by the testing hook".to_owned());
     }
     tx.commit().map_err(|e| format!("committing: {e}"))
 }

@@ -1,18 +1,22 @@
-//! The store's statements: each write as a function run by the writer
-//! inside its own savepoint, each read as a function run on a read-only
-//! connection.
+//! The SQLite store's statements: each write as a function run by the
+//! writer inside its own savepoint, each read as a function run on a
+//! read-only connection.
 //!
 //! Fencing lives here because it must be re-checked in the same
 //! transaction as the write it guards. This file must not open
 //! connections, start threads or begin/commit transactions (the writer and
-//! `Store::read` do).
+//! `SqliteStore::read` do).
 
 use bytes::Bytes;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
-use surveil_proto::{JobFinished, JobStatus, Stream, TaskResult, TaskStatus};
 
-use super::{Attempt, Ctx, JobId, JobRecord, RecordOutcome, StoreError};
+use super::Ctx;
+use crate::domain::{
+    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
+    Submitted, TaskResult, TaskStatus,
+};
+use crate::store::{RecordOutcome, StoreError};
 
 const JOB_COLUMNS: &str = "id, repo, branch, commit_id, status, attempt, runner, message, \
                            queued_at_ms, started_at_ms, finished_at_ms";
@@ -21,6 +25,11 @@ const JOB_COLUMNS: &str = "id, repo, branch, commit_id, status, attempt, runner,
 fn int(value: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(value)
         .map_err(|_| StoreError::Invalid(format!("{what} {value} is beyond the store's range")))
+}
+
+/// A job id as a SQLite integer; ids beyond SQLite's range match no row.
+fn id_of(job: JobId) -> i64 {
+    i64::try_from(job.0).unwrap_or(-1)
 }
 
 /// A non-negative SQLite integer as u64; a negative one means the file was
@@ -37,50 +46,33 @@ fn get_opt_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<u64>> {
         .transpose()
 }
 
-fn bad_label(idx: usize, label: &str) -> rusqlite::Error {
+fn get_attempt(row: &Row<'_>, idx: usize) -> rusqlite::Result<Attempt> {
+    row.get(idx).map(Attempt)
+}
+
+fn bad_value(idx: usize, what: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
         idx,
         rusqlite::types::Type::Text,
-        format!("unknown status {label:?}").into(),
+        what.to_owned().into(),
     )
 }
 
 fn job_status(row: &Row<'_>, idx: usize) -> rusqlite::Result<JobStatus> {
     let label: String = row.get(idx)?;
-    JobStatus::from_label(&label).ok_or_else(|| bad_label(idx, &label))
-}
-
-fn task_status_label(status: i32) -> &'static str {
-    TaskStatus::try_from(status)
-        .unwrap_or(TaskStatus::Unspecified)
-        .label()
+    JobStatus::from_label(&label)
+        .ok_or_else(|| bad_value(idx, &format!("unknown status {label:?}")))
 }
 
 fn task_status(row: &Row<'_>, idx: usize) -> rusqlite::Result<TaskStatus> {
     let label: String = row.get(idx)?;
-    [
-        TaskStatus::Unspecified,
-        TaskStatus::Passed,
-        TaskStatus::Failed,
-        TaskStatus::TimedOut,
-        TaskStatus::Cancelled,
-        TaskStatus::Error,
-        TaskStatus::Skipped,
-    ]
-    .into_iter()
-    .find(|s| s.label() == label)
-    .ok_or_else(|| bad_label(idx, &label))
+    TaskStatus::from_label(&label)
+        .ok_or_else(|| bad_value(idx, &format!("unknown task status {label:?}")))
 }
 
-fn final_status(status: JobStatus, what: &str) -> Result<JobStatus, StoreError> {
-    if status.is_final() {
-        Ok(status)
-    } else {
-        Err(StoreError::Invalid(format!(
-            "{what} status must be passed, failed, error or cancelled, not {}",
-            status.label()
-        )))
-    }
+fn commit_id(row: &Row<'_>, idx: usize) -> rusqlite::Result<CommitId> {
+    let text: String = row.get(idx)?;
+    CommitId::parse(&text).map_err(|e| bad_value(idx, &e.0))
 }
 
 fn none_if_empty(text: &str) -> Option<&str> {
@@ -91,8 +83,8 @@ fn none_if_empty(text: &str) -> Option<&str> {
 fn job_state(c: &Connection, job: JobId) -> Result<(JobStatus, Attempt), StoreError> {
     c.prepare_cached("SELECT status, attempt FROM jobs WHERE id = ?1")
         .and_then(|mut stmt| {
-            stmt.query_row([int(job, "job id").unwrap_or(-1)], |row| {
-                Ok((job_status(row, 0)?, row.get(1)?))
+            stmt.query_row([id_of(job)], |row| {
+                Ok((job_status(row, 0)?, get_attempt(row, 1)?))
             })
             .optional()
         })
@@ -106,18 +98,17 @@ pub fn submit(
     c: &Connection,
     repo: &str,
     branch: &str,
-    commits: &[String],
+    commits: &[CommitId],
     now_ms: u64,
-) -> Result<Vec<JobId>, StoreError> {
+) -> Result<Vec<Submitted>, StoreError> {
     if repo.is_empty() {
         return Err(StoreError::Invalid("a submit needs a repository".into()));
     }
-    if commits.iter().any(String::is_empty) {
-        return Err(StoreError::Invalid("a submitted commit id is empty".into()));
-    }
     let now = int(now_ms, "time")?;
     let mut find = c
-        .prepare_cached("SELECT id FROM jobs WHERE repo = ?1 AND commit_id = ?2")
+        .prepare_cached(
+            "SELECT id, status, branch, attempt FROM jobs WHERE repo = ?1 AND commit_id = ?2",
+        )
         .ctx("preparing submit")?;
     let mut insert = c
         .prepare_cached(
@@ -125,25 +116,39 @@ pub fn submit(
              VALUES (?1, ?2, ?3, 'queued', 0, ?4)",
         )
         .ctx("preparing submit")?;
-    let mut ids = Vec::with_capacity(commits.len());
+    let mut out = Vec::with_capacity(commits.len());
     for commit in commits {
-        let existing: Option<i64> = find
-            .query_row(params![repo, commit], |row| row.get(0))
+        let existing = find
+            .query_row(params![repo, commit.as_str()], |row| {
+                Ok(Submitted {
+                    id: JobId(get_u64(row, 0)?),
+                    created: false,
+                    status: job_status(row, 1)?,
+                    branch: row.get(2)?,
+                    attempt: get_attempt(row, 3)?,
+                })
+            })
             .optional()
             .ctx("looking up a submitted commit")?;
-        let id = match existing {
-            Some(id) => id,
+        let submitted = match existing {
+            Some(known) => known,
             None => {
                 insert
-                    .execute(params![repo, branch, commit, now])
+                    .execute(params![repo, branch, commit.as_str(), now])
                     .ctx("inserting a job")?;
-                c.last_insert_rowid()
+                Submitted {
+                    // Row ids are positive: AUTOINCREMENT starts at 1.
+                    id: JobId(u64::try_from(c.last_insert_rowid()).unwrap_or_default()),
+                    created: true,
+                    status: JobStatus::Queued,
+                    branch: branch.to_owned(),
+                    attempt: Attempt(0),
+                }
             }
         };
-        // Row ids are positive: AUTOINCREMENT starts at 1.
-        ids.push(u64::try_from(id).unwrap_or_default());
+        out.push(submitted);
     }
-    Ok(ids)
+    Ok(out)
 }
 
 pub fn assign(
@@ -156,13 +161,14 @@ pub fn assign(
     let (status, current) = job_state(c, job)?;
     let conflict = |reason: String| Err(StoreError::Conflict { job, reason });
     if status.is_final() {
-        return conflict(format!("it is {} and cannot be assigned", status.label()));
+        return conflict(format!("it is {status} and cannot be assigned"));
     }
+    let id = id_of(job);
     if attempt == current && status == JobStatus::Running {
         let holder: Option<String> = c
             .query_row(
                 "SELECT runner FROM attempts WHERE job_id = ?1 AND attempt = ?2",
-                params![int(job, "job id")?, attempt],
+                params![id, attempt.0],
                 |row| row.get(0),
             )
             .optional()
@@ -181,24 +187,24 @@ pub fn assign(
             "attempt {attempt} is not newer than its current attempt {current}"
         ));
     }
-    let (id, now) = (int(job, "job id")?, int(now_ms, "time")?);
+    let now = int(now_ms, "time")?;
     if status == JobStatus::Running {
         c.execute(
             "UPDATE attempts SET ended_reason = ?3 \
              WHERE job_id = ?1 AND attempt = ?2 AND ended_reason IS NULL AND result_status IS NULL",
-            params![id, current, format!("superseded by attempt {attempt}")],
+            params![id, current.0, format!("superseded by attempt {attempt}")],
         )
         .ctx("revoking a superseded attempt")?;
     }
     c.execute(
         "INSERT INTO attempts (job_id, attempt, runner, assigned_at_ms) VALUES (?1, ?2, ?3, ?4)",
-        params![id, attempt, runner, now],
+        params![id, attempt.0, runner, now],
     )
     .ctx("inserting an attempt")?;
     c.execute(
         "UPDATE jobs SET status = 'running', attempt = ?2, runner = ?3, started_at_ms = ?4, \
          message = NULL WHERE id = ?1",
-        params![id, attempt, runner, now],
+        params![id, attempt.0, runner, now],
     )
     .ctx("marking a job running")?;
     Ok(())
@@ -218,7 +224,7 @@ pub fn started(
     c.execute(
         "UPDATE attempts SET started_at_ms = ?3 \
          WHERE job_id = ?1 AND attempt = ?2 AND started_at_ms IS NULL",
-        params![int(job, "job id")?, attempt, int(now_ms, "time")?],
+        params![id_of(job), attempt.0, int(now_ms, "time")?],
     )
     .ctx("recording Started")?;
     Ok(())
@@ -228,10 +234,7 @@ pub fn append_log(
     c: &Connection,
     job: JobId,
     attempt: Attempt,
-    task: u32,
-    stream: Stream,
-    offset: u64,
-    data: &Bytes,
+    chunk: &LogChunk,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job)?;
     // Accepted: the job's current attempt unless it was requeued. That
@@ -240,13 +243,18 @@ pub fn append_log(
     // that job's log; an attempt revoked to give the job to another runner
     // is refused. Logs are keyed by attempt, so this guards storage, not
     // another attempt's bytes.
-    if attempt != current || attempt == 0 || status == JobStatus::Queued || data.is_empty() {
+    if attempt != current
+        || attempt == Attempt(0)
+        || status == JobStatus::Queued
+        || chunk.data.is_empty()
+    {
         return Ok(());
     }
-    let id = int(job, "job id")?;
+    let id = id_of(job);
+    let offset = chunk.offset;
     let start = int(offset, "log offset")?;
     let end = offset
-        .checked_add(data.len() as u64)
+        .checked_add(chunk.data.len() as u64)
         .and_then(|end| i64::try_from(end).ok())
         .ok_or_else(|| {
             StoreError::Invalid(format!("log offset {offset} is beyond the store's range"))
@@ -254,7 +262,7 @@ pub fn append_log(
     let log_end: Option<i64> = c
         .prepare_cached("SELECT log_end FROM attempts WHERE job_id = ?1 AND attempt = ?2")
         .and_then(|mut stmt| {
-            stmt.query_row(params![id, attempt], |row| row.get(0))
+            stmt.query_row(params![id, attempt.0], |row| row.get(0))
                 .optional()
         })
         .ctx("reading an attempt's log end")?;
@@ -267,16 +275,33 @@ pub fn append_log(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (job_id, attempt, log_offset) DO NOTHING",
         )
         .and_then(|mut stmt| {
-            stmt.execute(params![id, attempt, start, task, stream as i32, &data[..]])
+            stmt.execute(params![
+                id,
+                attempt.0,
+                start,
+                chunk.task,
+                chunk.stream.code(),
+                &chunk.data[..]
+            ])
         })
         .ctx("inserting a log chunk")?;
     if inserted == 0 || start > log_end || end <= log_end {
         return Ok(());
     }
-    // The chunk extends the contiguous prefix. Invariant kept by this loop:
-    // no chunk starting at or before log_end ends after it. So only chunks
-    // starting in (scanned, new_end] can extend it further: ones that
-    // arrived early, out of order.
+    advance_log_end(c, id, attempt, log_end, end)
+}
+
+/// The chunk just stored ends at `end` past the contiguous prefix
+/// `log_end`. Invariant kept here: no chunk starting at or before the
+/// recorded end reaches past it. So only chunks starting in (scanned,
+/// new_end] can extend it further: ones that arrived early, out of order.
+fn advance_log_end(
+    c: &Connection,
+    id: i64,
+    attempt: Attempt,
+    log_end: i64,
+    end: i64,
+) -> Result<(), StoreError> {
     let (mut scanned, mut new_end) = (log_end, end);
     let mut reach = c
         .prepare_cached(
@@ -286,7 +311,7 @@ pub fn append_log(
         .ctx("preparing the log end scan")?;
     loop {
         let further: Option<i64> = reach
-            .query_row(params![id, attempt, scanned, new_end], |row| row.get(0))
+            .query_row(params![id, attempt.0, scanned, new_end], |row| row.get(0))
             .ctx("scanning for contiguous log chunks")?;
         match further {
             Some(further) if further > new_end => (scanned, new_end) = (new_end, further),
@@ -294,7 +319,7 @@ pub fn append_log(
         }
     }
     c.prepare_cached("UPDATE attempts SET log_end = ?3 WHERE job_id = ?1 AND attempt = ?2")
-        .and_then(|mut stmt| stmt.execute(params![id, attempt, new_end]))
+        .and_then(|mut stmt| stmt.execute(params![id, attempt.0, new_end]))
         .ctx("advancing an attempt's log end")?;
     Ok(())
 }
@@ -303,15 +328,15 @@ pub fn record_result(
     c: &Connection,
     job: JobId,
     attempt: Attempt,
-    result: &JobFinished,
+    result: &JobResult,
     now_ms: u64,
 ) -> Result<RecordOutcome, StoreError> {
     let (status, current) = job_state(c, job)?;
-    let id = int(job, "job id")?;
+    let id = id_of(job);
     let row: Option<(Option<String>, Option<String>)> = c
         .query_row(
             "SELECT result_status, ended_reason FROM attempts WHERE job_id = ?1 AND attempt = ?2",
-            params![id, attempt],
+            params![id, attempt.0],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()
@@ -321,16 +346,13 @@ pub fn record_result(
         Some((None, None)) if attempt == current && status == JobStatus::Running => {}
         _ => return Ok(RecordOutcome::Stale),
     }
-    let new_status = final_status(
-        JobStatus::try_from(result.status).unwrap_or(JobStatus::Unspecified),
-        "a result's",
-    )?;
     let now = int(now_ms, "time")?;
+    let label = result.status.label();
     let message = none_if_empty(&result.message);
     c.execute(
         "UPDATE attempts SET result_status = ?3, result_message = ?4, finished_at_ms = ?5 \
          WHERE job_id = ?1 AND attempt = ?2",
-        params![id, attempt, new_status.label(), message, now],
+        params![id, attempt.0, label, message, now],
     )
     .ctx("recording an attempt's result")?;
     let mut insert = c
@@ -344,10 +366,10 @@ pub fn record_result(
         insert
             .execute(params![
                 id,
-                attempt,
+                attempt.0,
                 idx,
                 task.name,
-                task_status_label(task.status),
+                task.status.label(),
                 task.exit_code,
                 task.signal,
                 int(task.duration_ms, "task duration")?,
@@ -357,22 +379,27 @@ pub fn record_result(
     }
     c.execute(
         "UPDATE jobs SET status = ?2, message = ?3, finished_at_ms = ?4 WHERE id = ?1",
-        params![id, new_status.label(), message, now],
+        params![id, label, message, now],
     )
     .ctx("recording a job's result")?;
     Ok(RecordOutcome::Recorded)
 }
 
-pub fn requeue(c: &Connection, job: JobId, reason: &str) -> Result<(), StoreError> {
+pub fn requeue(
+    c: &Connection,
+    job: JobId,
+    attempt: Attempt,
+    reason: &str,
+) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job)?;
-    if status != JobStatus::Running {
+    if status != JobStatus::Running || current != attempt {
         return Ok(());
     }
-    let id = int(job, "job id")?;
+    let id = id_of(job);
     c.execute(
         "UPDATE attempts SET ended_reason = ?3 \
          WHERE job_id = ?1 AND attempt = ?2 AND ended_reason IS NULL",
-        params![id, current, reason],
+        params![id, attempt.0, reason],
     )
     .ctx("revoking an attempt")?;
     c.execute(
@@ -386,22 +413,21 @@ pub fn requeue(c: &Connection, job: JobId, reason: &str) -> Result<(), StoreErro
 pub fn finish(
     c: &Connection,
     job: JobId,
-    status: JobStatus,
+    new_status: FinalStatus,
     message: &str,
     now_ms: u64,
 ) -> Result<(), StoreError> {
-    let new_status = final_status(status, "a finished job's")?;
     let (status, current) = job_state(c, job)?;
     if status.is_final() {
         return Ok(());
     }
-    let id = int(job, "job id")?;
+    let id = id_of(job);
     if status == JobStatus::Running {
         let reason = none_if_empty(message).unwrap_or(new_status.label());
         c.execute(
             "UPDATE attempts SET ended_reason = ?3 \
              WHERE job_id = ?1 AND attempt = ?2 AND ended_reason IS NULL",
-            params![id, current, reason],
+            params![id, current.0, reason],
         )
         .ctx("ending an attempt")?;
     }
@@ -420,14 +446,14 @@ pub fn finish(
 
 // ---- reads ----
 
-fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
-    Ok(JobRecord {
-        id: get_u64(row, 0)?,
+fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
+    Ok(Job {
+        id: JobId(get_u64(row, 0)?),
         repo: row.get(1)?,
         branch: row.get(2)?,
-        commit: row.get(3)?,
+        commit: commit_id(row, 3)?,
         status: job_status(row, 4)?,
-        attempt: row.get(5)?,
+        attempt: get_attempt(row, 5)?,
         runner: row.get(6)?,
         message: row.get(7)?,
         queued_at_ms: get_u64(row, 8)?,
@@ -439,8 +465,8 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
 
 /// Fills in the task results of the job's recorded result: only the
 /// current attempt can have one.
-fn with_tasks(c: &Connection, mut job: JobRecord) -> Result<JobRecord, StoreError> {
-    if job.attempt == 0 || !job.status.is_final() {
+fn with_tasks(c: &Connection, mut job: Job) -> Result<Job, StoreError> {
+    if job.attempt == Attempt(0) || !job.status.is_final() {
         return Ok(job);
     }
     let mut stmt = c
@@ -450,10 +476,10 @@ fn with_tasks(c: &Connection, mut job: JobRecord) -> Result<JobRecord, StoreErro
         )
         .ctx("preparing task results")?;
     job.tasks = stmt
-        .query_map(params![int(job.id, "job id")?, job.attempt], |row| {
+        .query_map(params![id_of(job.id), job.attempt.0], |row| {
             Ok(TaskResult {
                 name: row.get(0)?,
-                status: task_status(row, 1)? as i32,
+                status: task_status(row, 1)?,
                 exit_code: row.get(2)?,
                 signal: row.get(3)?,
                 duration_ms: get_u64(row, 4)?,
@@ -469,7 +495,7 @@ fn query_jobs(
     c: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
-) -> Result<Vec<JobRecord>, StoreError> {
+) -> Result<Vec<Job>, StoreError> {
     let jobs = c
         .prepare_cached(sql)
         .and_then(|mut stmt| {
@@ -480,65 +506,53 @@ fn query_jobs(
     jobs.into_iter().map(|job| with_tasks(c, job)).collect()
 }
 
-pub fn get_job(c: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreError> {
-    let Ok(id) = i64::try_from(id) else {
+pub fn get_job(c: &Connection, id: JobId) -> Result<Option<Job>, StoreError> {
+    let Ok(id) = i64::try_from(id.0) else {
         return Ok(None);
     };
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
     Ok(query_jobs(c, &sql, [id])?.pop())
 }
 
-pub fn list_jobs(
-    c: &Connection,
-    repo: Option<&str>,
-    status: Option<JobStatus>,
-    limit: u32,
-) -> Result<Vec<JobRecord>, StoreError> {
-    let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs");
+pub fn list_jobs(c: &Connection, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
     let mut params = Vec::new();
     let mut filters = Vec::new();
-    if let Some(repo) = repo {
-        params.push(Value::Text(repo.to_owned()));
-        filters.push(format!("repo = ?{}", params.len()));
+    let mut add = |clause: &str, value: Value| {
+        params.push(value);
+        filters.push(format!("{clause} ?{}", params.len()));
+    };
+    if let Some(repo) = &filter.repo {
+        add("repo =", Value::Text(repo.clone()));
     }
-    if let Some(status) = status {
-        params.push(Value::Text(status.label().to_owned()));
-        filters.push(format!("status = ?{}", params.len()));
+    if let Some(branch) = &filter.branch {
+        add("branch =", Value::Text(branch.clone()));
     }
+    if let Some(status) = filter.status {
+        add("status =", Value::Text(status.label().to_owned()));
+    }
+    if let Some(before) = filter.before {
+        // An id beyond SQLite's range is after every job.
+        add(
+            "id <",
+            Value::Integer(i64::try_from(before.0).unwrap_or(i64::MAX)),
+        );
+    }
+    let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs");
     if !filters.is_empty() {
         sql.push_str(" WHERE ");
         sql.push_str(&filters.join(" AND "));
     }
     sql.push_str(" ORDER BY id DESC");
-    if limit > 0 {
+    if let Some(limit) = filter.limit {
         sql.push_str(&format!(" LIMIT {limit}"));
     }
     query_jobs(c, &sql, rusqlite::params_from_iter(params))
 }
 
-pub fn unfinished(c: &Connection) -> Result<Vec<JobRecord>, StoreError> {
+pub fn unfinished(c: &Connection) -> Result<Vec<Job>, StoreError> {
     let sql =
         format!("SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ('queued', 'running') ORDER BY id");
     query_jobs(c, &sql, [])
-}
-
-pub fn counts(c: &Connection) -> Result<(u64, u64), StoreError> {
-    let mut stmt = c
-        .prepare_cached(
-            "SELECT status, COUNT(*) FROM jobs WHERE status IN ('queued', 'running') \
-             GROUP BY status",
-        )
-        .ctx("preparing counts")?;
-    let rows = stmt
-        .query_map([], |row| Ok((job_status(row, 0)?, get_u64(row, 1)?)))
-        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-        .ctx("counting jobs")?;
-    let count = |wanted| {
-        rows.iter()
-            .find(|(status, _)| *status == wanted)
-            .map_or(0, |(_, n)| *n)
-    };
-    Ok((count(JobStatus::Queued), count(JobStatus::Running)))
 }
 
 pub fn read_log(
@@ -548,7 +562,7 @@ pub fn read_log(
     offset: u64,
     max_bytes: usize,
 ) -> Result<Bytes, StoreError> {
-    let (Ok(id), Ok(from)) = (i64::try_from(job), i64::try_from(offset)) else {
+    let (Ok(id), Ok(from)) = (i64::try_from(job.0), i64::try_from(offset)) else {
         return Ok(Bytes::new());
     };
     if max_bytes == 0 {
@@ -559,7 +573,7 @@ pub fn read_log(
     // or before the contiguous end reaches past it (see `append_log`), so
     // past that end only chunks starting after it can cover `offset`: that
     // keeps a follower polling at the end from scanning the whole log.
-    let log_end = i64::try_from(log_len(c, job, attempt)?).unwrap_or(i64::MAX);
+    let log_end = i64::try_from(log_len(c, id, attempt)?).unwrap_or(i64::MAX);
     let after = if from >= log_end { log_end } else { -1 };
     let first: Option<i64> = c
         .prepare_cached(
@@ -568,7 +582,7 @@ pub fn read_log(
              ORDER BY log_offset DESC LIMIT 1",
         )
         .and_then(|mut stmt| {
-            stmt.query_row(params![id, attempt, from, after], |row| row.get(0))
+            stmt.query_row(params![id, attempt.0, from, after], |row| row.get(0))
                 .optional()
         })
         .ctx("finding a log chunk")?;
@@ -582,7 +596,7 @@ pub fn read_log(
         )
         .ctx("preparing a log read")?;
     let mut rows = stmt
-        .query(params![id, attempt, first])
+        .query(params![id, attempt.0, first])
         .ctx("reading log chunks")?;
     let mut out = Vec::new();
     let mut pos = offset;
@@ -609,14 +623,13 @@ pub fn read_log(
     Ok(Bytes::from(out))
 }
 
-pub fn log_len(c: &Connection, job: JobId, attempt: Attempt) -> Result<u64, StoreError> {
-    let Ok(id) = i64::try_from(job) else {
-        return Ok(0);
-    };
+/// The end of the contiguous log of (job, attempt) from offset 0: the
+/// offset the next expected chunk starts at. 0 for an unknown attempt.
+fn log_len(c: &Connection, id: i64, attempt: Attempt) -> Result<u64, StoreError> {
     let end: Option<u64> = c
         .prepare_cached("SELECT log_end FROM attempts WHERE job_id = ?1 AND attempt = ?2")
         .and_then(|mut stmt| {
-            stmt.query_row(params![id, attempt], |row| get_u64(row, 0))
+            stmt.query_row(params![id, attempt.0], |row| get_u64(row, 0))
                 .optional()
         })
         .ctx("reading a log's length")?;

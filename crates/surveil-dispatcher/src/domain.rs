@@ -1,0 +1,512 @@
+//! The dispatcher's own vocabulary: ids, statuses, jobs, results, log
+//! chunks, queries and the views the service answers with.
+//!
+//! These are what the scheduler, the store and the service speak; no
+//! protobuf type appears here or in them. `wire.rs` converts to and from
+//! the protocol at the session edge, and an HTTP layer maps the same types
+//! to JSON. This file holds data and its validation only: no IO, no clock.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident($inner:ty)) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(pub $inner);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type! {
+    /// A job's id, handed out by the store and never reused.
+    JobId(u64)
+}
+
+id_type! {
+    /// An attempt number: 0 before the first assignment, 1 for the first,
+    /// one more for each reassignment. It is the fencing token: only the
+    /// job's live attempt may report on it.
+    Attempt(u32)
+}
+
+id_type! {
+    /// One runner connection, unique for the life of the process.
+    SessionId(u64)
+}
+
+impl Attempt {
+    /// The attempt after this one.
+    pub fn next(self) -> Attempt {
+        Attempt(self.0.saturating_add(1))
+    }
+}
+
+/// Why a value from outside (a peer, a user, a stored row) was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// A full commit id: 40 hex digits, lower-case.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommitId(String);
+
+impl CommitId {
+    /// Accepts 40 hex digits in either case and keeps them lower-case.
+    pub fn parse(text: &str) -> Result<CommitId, Invalid> {
+        if text.len() == 40 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(CommitId(text.to_ascii_lowercase()))
+        } else {
+            Err(Invalid(format!("`{text}` is not a full 40-hex commit id")))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A job's status. Queued and running jobs are active; the others are
+/// final and never change again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobStatus {
+    /// Waiting for a runner.
+    Queued,
+    /// Held by a runner (or an orphaned lease waiting for one).
+    Running,
+    /// Final: see [`FinalStatus`].
+    Final(FinalStatus),
+}
+
+/// How a job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FinalStatus {
+    /// Every task passed (or was allowed to fail).
+    Passed,
+    /// A task failed.
+    Failed,
+    /// The job could not be run (bad pipeline file, runners lost too often).
+    Error,
+    /// A user cancelled it.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Every status, in the contract's order.
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Final(FinalStatus::Passed),
+        JobStatus::Final(FinalStatus::Failed),
+        JobStatus::Final(FinalStatus::Error),
+        JobStatus::Final(FinalStatus::Cancelled),
+    ];
+
+    /// The lower-case label of the JSON contract and the store
+    /// (`queued`, `running`, `passed`, `failed`, `error`, `cancelled`).
+    pub fn label(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Final(status) => status.label(),
+        }
+    }
+
+    /// The status with this label.
+    pub fn from_label(label: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|s| s.label() == label)
+    }
+
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobStatus::Final(_))
+    }
+}
+
+impl FinalStatus {
+    /// The lower-case label (`passed`, `failed`, `error`, `cancelled`).
+    pub fn label(self) -> &'static str {
+        match self {
+            FinalStatus::Passed => "passed",
+            FinalStatus::Failed => "failed",
+            FinalStatus::Error => "error",
+            FinalStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl From<FinalStatus> for JobStatus {
+    fn from(status: FinalStatus) -> JobStatus {
+        JobStatus::Final(status)
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// How one task of a pipeline ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TaskStatus {
+    /// Exit code 0.
+    Passed,
+    /// A non-zero exit or a signal.
+    Failed,
+    /// Killed at its timeout.
+    TimedOut,
+    /// Stopped because the job was cancelled.
+    Cancelled,
+    /// Could not be started.
+    Error,
+    /// Not run because an earlier task failed.
+    Skipped,
+}
+
+impl TaskStatus {
+    /// Every status, in the contract's order.
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Passed,
+        TaskStatus::Failed,
+        TaskStatus::TimedOut,
+        TaskStatus::Cancelled,
+        TaskStatus::Error,
+        TaskStatus::Skipped,
+    ];
+
+    /// The lower-case label of the JSON contract and the store.
+    pub fn label(self) -> &'static str {
+        match self {
+            TaskStatus::Passed => "passed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::TimedOut => "timed_out",
+            TaskStatus::Cancelled => "cancelled",
+            TaskStatus::Error => "error",
+            TaskStatus::Skipped => "skipped",
+        }
+    }
+
+    /// The status with this label.
+    pub fn from_label(label: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|s| s.label() == label)
+    }
+}
+
+/// Which output a log chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogStream {
+    /// A task's standard output.
+    Stdout,
+    /// A task's standard error.
+    Stderr,
+    /// The runner's own lines (checkout, pipeline errors).
+    System,
+}
+
+impl LogStream {
+    /// The number the store keeps (the protocol's numbering, so rows
+    /// written by earlier versions read the same).
+    pub fn code(self) -> u8 {
+        match self {
+            LogStream::Stdout => 1,
+            LogStream::Stderr => 2,
+            LogStream::System => 3,
+        }
+    }
+}
+
+/// One task's result, as a runner reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskResult {
+    /// The task's name in the pipeline file.
+    pub name: String,
+    /// How it ended.
+    pub status: TaskStatus,
+    /// Its exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// How long it ran.
+    pub duration_ms: u64,
+    /// The runner's note (empty for none).
+    pub message: String,
+}
+
+/// What a runner reports when an attempt ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobResult {
+    /// How the job ended.
+    pub status: FinalStatus,
+    /// Why (empty for none).
+    pub message: String,
+    /// Each task's result, in pipeline order.
+    pub tasks: Vec<TaskResult>,
+}
+
+/// A piece of an attempt's combined log (all tasks and streams, in order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogChunk {
+    /// The task that wrote it (its index in the pipeline).
+    pub task: u32,
+    /// The stream it came from.
+    pub stream: LogStream,
+    /// The byte position of `data` in the attempt's combined log: a resent
+    /// chunk is recognised by it.
+    pub offset: u64,
+    /// The bytes.
+    pub data: Bytes,
+}
+
+/// A job as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    /// Its id.
+    pub id: JobId,
+    /// The repository, as submitted.
+    pub repo: String,
+    /// The branch it was first submitted on.
+    pub branch: String,
+    /// The commit to build.
+    pub commit: CommitId,
+    /// Its status.
+    pub status: JobStatus,
+    /// The current (or last) attempt.
+    pub attempt: Attempt,
+    /// The runner holding it, or the one that produced its result.
+    pub runner: Option<String>,
+    /// Why it ended (or the runner's message).
+    pub message: Option<String>,
+    /// When it was first submitted (unix ms).
+    pub queued_at_ms: u64,
+    /// When its current attempt was assigned (unix ms).
+    pub started_at_ms: Option<u64>,
+    /// When it reached its final status (unix ms).
+    pub finished_at_ms: Option<u64>,
+    /// The task results of its recorded result; empty otherwise.
+    pub tasks: Vec<TaskResult>,
+}
+
+/// Commits to build, as an observer or a user submits them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submission {
+    /// The repository, named exactly as runners list it.
+    pub repo: String,
+    /// The branch the commits are on.
+    pub branch: String,
+    /// The commits, oldest first.
+    pub commits: Vec<CommitId>,
+}
+
+/// What a submit did with one commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// The commit's job.
+    pub id: JobId,
+    /// Whether this submit created it (false: the commit was known).
+    pub created: bool,
+    /// Its status now.
+    pub status: JobStatus,
+    /// The branch it is recorded on (the first one it was submitted on).
+    pub branch: String,
+    /// Its current attempt.
+    pub attempt: Attempt,
+}
+
+/// Which jobs a listing returns: newest first (id descending), every
+/// filter given must match, keyset-paged by `before`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Only this repository.
+    pub repo: Option<String>,
+    /// Only this branch.
+    pub branch: Option<String>,
+    /// Only jobs with this status.
+    pub status: Option<JobStatus>,
+    /// Only jobs older than this one (ids below it): the next page after a
+    /// page whose last job this was.
+    pub before: Option<JobId>,
+    /// At most this many; `None` for all.
+    pub limit: Option<u32>,
+}
+
+/// A connected runner, as `runners` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerView {
+    /// Its unique name.
+    pub name: String,
+    /// Its peer address.
+    pub addr: String,
+    /// Jobs it runs at once.
+    pub slots: u32,
+    /// The jobs it holds.
+    pub running: Vec<JobId>,
+    /// When a frame last arrived from it (unix ms).
+    pub last_seen_ms: u64,
+    /// Its labels.
+    pub labels: Vec<String>,
+    /// The repositories it builds.
+    pub repos: Vec<String>,
+}
+
+/// The dispatcher's health and counters, as `status` shows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusView {
+    /// The dispatcher's version.
+    pub version: String,
+    /// Seconds since it started.
+    pub uptime_s: u64,
+    /// Connected runners.
+    pub runners: u32,
+    /// Jobs waiting for a runner.
+    pub queued: u64,
+    /// Jobs held by runners (or orphaned leases).
+    pub running: u64,
+    /// Restarts of each supervised task.
+    pub supervisor_restarts: BTreeMap<String, u64>,
+    /// Jobs requeued because their runner was lost.
+    pub reassignments: u64,
+    /// Results refused because their attempt was revoked.
+    pub refused_results: u64,
+}
+
+/// What a runner's handshake tells the dispatcher.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerHello {
+    /// Its unique name (not blank).
+    pub name: String,
+    /// Its peer address.
+    pub addr: String,
+    /// Jobs it runs at once (at least 1).
+    pub slots: u32,
+    /// Repositories it may build.
+    pub repos: Vec<String>,
+    /// Free-form labels.
+    pub labels: Vec<String>,
+    /// Leases it still holds from an earlier session.
+    pub leases: Vec<(JobId, Attempt)>,
+}
+
+/// A report a runner sends about its work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunnerReport {
+    /// Nothing but a sign of life (a `Pong`).
+    Alive,
+    /// It started the attempt.
+    Started {
+        /// The job.
+        job: JobId,
+        /// The attempt.
+        attempt: Attempt,
+    },
+    /// Output of the attempt.
+    Log {
+        /// The job.
+        job: JobId,
+        /// The attempt.
+        attempt: Attempt,
+        /// The bytes and where they go.
+        chunk: LogChunk,
+    },
+    /// The attempt ended.
+    Finished {
+        /// The job.
+        job: JobId,
+        /// The attempt.
+        attempt: Attempt,
+        /// Its result.
+        result: JobResult,
+    },
+}
+
+/// The dispatcher's answer to a runner's result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultAck {
+    /// Whether the result is (now or already) the job's recorded result;
+    /// `false`: the attempt was revoked, drop the result.
+    pub accepted: bool,
+    /// Why, when there is something to say.
+    pub message: String,
+}
+
+/// A job a runner is told to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    /// The job.
+    pub job: JobId,
+    /// Its new attempt.
+    pub attempt: Attempt,
+    /// Its repository.
+    pub repo: String,
+    /// Its branch.
+    pub branch: String,
+    /// Its commit.
+    pub commit: CommitId,
+}
+
+/// What the dispatcher tells a runner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToRunner {
+    /// Run this attempt (already recorded).
+    Assign(Assignment),
+    /// Stop this attempt.
+    Cancel {
+        /// The job.
+        job: JobId,
+        /// The attempt.
+        attempt: Attempt,
+    },
+    /// Are you there?
+    Ping {
+        /// Echoed in the `Pong`.
+        seq: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_round_trip_and_only_ended_jobs_are_final() {
+        for status in JobStatus::ALL {
+            assert_eq!(JobStatus::from_label(status.label()), Some(status));
+            assert_eq!(
+                status.is_final(),
+                !matches!(status, JobStatus::Queued | JobStatus::Running)
+            );
+        }
+        for status in TaskStatus::ALL {
+            assert_eq!(TaskStatus::from_label(status.label()), Some(status));
+        }
+        assert_eq!(JobStatus::from_label("unspecified"), None);
+        assert_eq!(TaskStatus::from_label("PASSED"), None);
+    }
+
+    #[test]
+    fn commit_ids_are_40_hex_digits_kept_lower_case() {
+        let upper = "ABCDEF0123456789ABCDEF0123456789ABCDEF01";
+        assert_eq!(
+            CommitId::parse(upper).unwrap().as_str(),
+            upper.to_ascii_lowercase()
+        );
+        for bad in ["", "abc", &"g".repeat(40), &"a".repeat(41)] {
+            let err = CommitId::parse(bad).unwrap_err();
+            assert!(err.0.contains("not a full 40-hex commit id"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The dispatcher's operations, one per thing a peer or a user can ask:
+//! submit, a runner's arrival, reports and departure, cancel, reading and
+//! following a log, listing jobs and runners, status.
+//!
+//! Each operation *decides* (the scheduler, under its lock, for one
+//! synchronous call), *persists* (the store, awaited without the lock),
+//! then *notifies* (the job's followers, the event stream, the runner, the
+//! assignment pass), in that order and through this one path: a protocol
+//! session and an HTTP handler call the same functions with domain types,
+//! and neither touches the scheduler or the store.
+//!
+//! Layout: [`decide`] holds the synchronous halves (shared with the fuzz
+//! target), `runner` the runner-facing operations, `effects` the ordered
+//! applier of the scheduler's effects and the runner links, [`notify`] the
+//! per-job watches and the event broadcast, [`follow`] log reading.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, broadcast};
+
+use crate::domain::{Job, JobFilter, JobId, RunnerView, SessionId, StatusView, Submission};
+use crate::scheduler::{CancelOutcome, Scheduler, SchedulerConfig};
+use crate::store::{JobStore, StoreError};
+
+pub mod decide;
+mod effects;
+pub mod follow;
+pub mod notify;
+mod runner;
+#[cfg(test)]
+mod tests;
+
+pub use effects::RunnerLink;
+pub use follow::{LogEvent, LogFollow};
+pub use notify::{Event, JobChange, RunnerChange};
+
+/// The supervised tasks, by the names used in logs, failpoints and
+/// `status`'s `supervisor_restarts`.
+pub const TASK_NAMES: [&str; 3] = ["monitor", "redistributor", "spawner"];
+
+/// Why an operation failed. Nothing was acknowledged: a peer may retry.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request itself is wrong (a bad argument): retrying it as it is
+    /// fails again.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed; nothing of the operation is durable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a cancel did, with the job as recorded afterwards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CancelReply {
+    /// Whether the job is (or will end) cancelled.
+    pub ok: bool,
+    /// What happened, for a person.
+    pub message: String,
+    /// The job after the request; `None` when there is no such job.
+    pub job: Option<Job>,
+}
+
+/// The dispatcher's service layer. See the module documentation.
+pub struct Service {
+    store: Arc<dyn JobStore>,
+    sched: Mutex<Scheduler>,
+    /// Serialises effect application so effects are persisted in the order
+    /// the scheduler decided them.
+    applier: tokio::sync::Mutex<()>,
+    links: Mutex<HashMap<SessionId, effects::Registered>>,
+    next_session: AtomicU64,
+    /// Wakes the assignment pass: a job was queued, a runner came or went,
+    /// a slot was freed.
+    wake: Notify,
+    /// Set when an assignment could not be recorded: the pass waits before
+    /// trying again instead of spinning against a failing store.
+    assign_failed: AtomicBool,
+    notifier: Arc<notify::Notifier>,
+    refused_results: AtomicU64,
+    restarts: Mutex<BTreeMap<&'static str, u64>>,
+    started: tokio::time::Instant,
+}
+
+/// Unix time in milliseconds, for the store's timestamps.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The scheduler's clock: tokio's, so paused-time tests move it.
+pub(crate) fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock (a bug) must not wedge the daemon: the
+    // state is still consistent between calls, so keep using it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Service {
+    /// Start-up is recovery: rebuilds the scheduler from the store's
+    /// unfinished jobs (queued jobs queue again; running jobs become
+    /// orphaned leases their runner may reclaim within one runner timeout).
+    pub async fn open(
+        store: Arc<dyn JobStore>,
+        config: SchedulerConfig,
+    ) -> Result<Service, StoreError> {
+        let unfinished = store.unfinished().await?;
+        let mut sched = Scheduler::new(config);
+        let (queued, running) = decide::recover(&mut sched, unfinished, now());
+        tracing::info!(queued, running, "recovered unfinished jobs");
+        Ok(Service {
+            store,
+            sched: Mutex::new(sched),
+            applier: tokio::sync::Mutex::new(()),
+            links: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            wake: Notify::new(),
+            assign_failed: AtomicBool::new(false),
+            notifier: notify::Notifier::new(),
+            refused_results: AtomicU64::new(0),
+            restarts: Mutex::new(TASK_NAMES.iter().map(|n| (*n, 0)).collect()),
+            started: tokio::time::Instant::now(),
+        })
+    }
+
+    /// Runs one synchronous scheduler call under the lock.
+    fn with_sched<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
+        f(&mut lock(&self.sched))
+    }
+
+    fn wake_assigner(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Records submitted commits as queued jobs (or finds the known ones)
+    /// and returns their ids in order; new jobs wait for a runner. One
+    /// store write whatever the number of commits.
+    pub async fn submit(&self, submission: &Submission) -> Result<Vec<JobId>, ServiceError> {
+        let Submission {
+            repo,
+            branch,
+            commits,
+        } = submission;
+        if repo.trim().is_empty() {
+            return Err(ServiceError::Invalid(
+                "a submit needs a repository, named as runners list it".to_owned(),
+            ));
+        }
+        let rows = self.store.submit(repo, branch, commits, unix_ms()).await?;
+        let queued = self.with_sched(|s| decide::submitted(s, repo, commits, &rows, now()));
+        for row in rows.iter().filter(|r| r.created) {
+            self.notifier.event(|| Event::Job {
+                id: row.id,
+                change: JobChange::Queued,
+            });
+        }
+        let ids: Vec<JobId> = rows.iter().map(|r| r.id).collect();
+        tracing::info!(repo = %repo, branch = %branch, jobs = ?ids, "submitted");
+        if queued {
+            self.wake_assigner();
+        }
+        Ok(ids)
+    }
+
+    /// Cancels a job: a queued one ends at once, a running one's runner is
+    /// told to stop and the job ends `cancelled` when it reports or is
+    /// lost. The reply shows the job as recorded after the decision.
+    pub async fn cancel(&self, job: JobId) -> Result<CancelReply, ServiceError> {
+        let outcome = self.with_sched(|s| s.handle_cancel(job, now()));
+        // The reply reflects the durable state: apply the decision first.
+        self.apply_effects().await;
+        if outcome == CancelOutcome::Cancelling {
+            self.notifier.event(|| Event::Job {
+                id: job,
+                change: JobChange::CancelRequested,
+            });
+        }
+        let record = self.store.get_job(job).await?;
+        let (ok, message) = match (outcome, &record) {
+            (CancelOutcome::Cancelled, _) => (true, "cancelled".to_owned()),
+            (CancelOutcome::Cancelling, _) => (
+                true,
+                "the runner was told to stop; the job ends cancelled when it reports".to_owned(),
+            ),
+            (CancelOutcome::Finishing, _) => (
+                false,
+                format!("job {job} is finishing: its result is being recorded"),
+            ),
+            (CancelOutcome::NotActive, None) => (false, format!("no job {job}")),
+            (CancelOutcome::NotActive, Some(j)) => {
+                (false, format!("job {job} already ended {}", j.status))
+            }
+        };
+        Ok(CancelReply {
+            ok,
+            message,
+            job: record,
+        })
+    }
+
+    /// One job, as recorded.
+    pub async fn get_job(&self, job: JobId) -> Result<Option<Job>, ServiceError> {
+        Ok(self.store.get_job(job).await?)
+    }
+
+    /// Jobs matching `filter`, newest first.
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, ServiceError> {
+        Ok(self.store.list_jobs(filter).await?)
+    }
+
+    /// Reads `job`'s log (its latest attempt) from `offset`; with
+    /// `follow`, waits for more until the job is final. See [`LogFollow`].
+    pub fn follow_log(&self, job: JobId, offset: u64, follow: bool) -> LogFollow {
+        let watch = follow.then(|| self.notifier.watch(job));
+        LogFollow::new(Arc::clone(&self.store), job, offset, watch)
+    }
+
+    /// Job and runner changes as they happen, for pages and streams. A
+    /// receiver that falls more than the channel's capacity behind gets
+    /// `Lagged` and should read the state again.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.notifier.subscribe_events()
+    }
+
+    /// The connected runners, ordered by name.
+    pub fn runners(&self) -> Vec<RunnerView> {
+        let (views, at) = self.with_sched(|s| (s.runners(), now()));
+        let wall = unix_ms();
+        views
+            .into_iter()
+            .map(|r| RunnerView {
+                last_seen_ms: wall.saturating_sub(
+                    u64::try_from(at.saturating_duration_since(r.last_seen).as_millis())
+                        .unwrap_or(u64::MAX),
+                ),
+                name: r.name,
+                addr: r.addr,
+                slots: r.slots,
+                running: r.running,
+                labels: r.labels,
+                repos: r.repos,
+            })
+            .collect()
+    }
+
+    /// The dispatcher's counters.
+    pub fn status(&self) -> StatusView {
+        let (runners, (queued, running), reassignments) =
+            self.with_sched(|s| (s.runner_count(), s.counts(), s.reassignments()));
+        StatusView {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_s: self.started.elapsed().as_secs(),
+            runners: u32::try_from(runners).unwrap_or(u32::MAX),
+            queued: queued as u64,
+            running: running as u64,
+            supervisor_restarts: lock(&self.restarts)
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            reassignments,
+            refused_results: self.refused_results.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a restart of a supervised task, for `status`.
+    pub(crate) fn count_restart(&self, task: &'static str) {
+        *lock(&self.restarts).entry(task).or_default() += 1;
+    }
+
+    /// (connected runners, whether jobs wait): what the spawner needs.
+    pub(crate) fn fleet(&self) -> (usize, bool) {
+        self.with_sched(|s| (s.runner_count(), s.has_queued()))
+    }
+
+    /// The monitor's beat: pings every runner and expires silent runners
+    /// and orphaned leases past their grace.
+    pub(crate) async fn heartbeat(&self, seq: u64) {
+        let decided = self.with_sched(|s| {
+            let before = s.effects_emitted();
+            s.handle_tick(now());
+            s.effects_emitted() != before
+        });
+        self.ping_all(seq);
+        if decided {
+            self.apply_effects().await;
+            self.wake_assigner();
+        }
+    }
+
+    /// The assignment pass: assigns what can be assigned, records each
+    /// assignment and tells its runner. Returns whether an assignment could
+    /// not be recorded (then the caller waits before the next pass).
+    pub(crate) async fn assign_pass(&self) -> bool {
+        self.with_sched(|s| s.schedule(now()));
+        self.apply_effects().await;
+        self.assign_failed.swap(false, Ordering::Relaxed)
+    }
+
+    /// Resolves once a pass may find something to do.
+    pub(crate) async fn work_may_wait(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Applies what is still decided but not yet done, then closes the
+    /// store: every acknowledged write is durable when it returns.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.apply_effects().await;
+        self.store.close().await
+    }
+}

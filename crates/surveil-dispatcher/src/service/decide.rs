@@ -1,0 +1,167 @@
+//! The synchronous halves of the service's operations: what each does with
+//! the scheduler under its lock, between reading the request and
+//! persisting, or between the store's answer and the reply.
+//!
+//! Pure like the scheduler (no IO, no clock, no tokio), and public so that
+//! the fuzz target drives exactly the decisions the service makes rather
+//! than a copy of them. The service calls nothing else on the scheduler
+//! for these operations.
+
+use std::time::Instant;
+
+use crate::domain::{
+    Attempt, CommitId, Job, JobId, JobResult, JobStatus, ResultAck, RunnerReport, SessionId,
+    Submitted,
+};
+use crate::scheduler::{JobSpec, ResultDecision, Scheduler};
+use crate::store::RecordOutcome;
+
+/// What the service must do with a runner's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportDecision {
+    /// Nothing: a sign of life, or a `Started`/log chunk of an attempt that
+    /// is not live (ignored, as the protocol says).
+    Ignore,
+    /// Persist the `Started` or the log chunk.
+    Persist,
+    /// What to do with the result.
+    Result(ResultDecision),
+}
+
+/// Start-up recovery from the store's unfinished jobs: queued jobs queue
+/// again; running ones become orphans their runner may claim. Returns
+/// (queued, running).
+pub fn recover(sched: &mut Scheduler, unfinished: Vec<Job>, now: Instant) -> (usize, usize) {
+    let mut queued = Vec::new();
+    let mut running = Vec::new();
+    for job in unfinished {
+        let runner = job.runner.clone().unwrap_or_default();
+        let spec = JobSpec {
+            id: job.id,
+            repo: job.repo,
+            branch: job.branch,
+            commit: job.commit,
+            attempt: job.attempt,
+        };
+        if job.status == JobStatus::Running {
+            running.push((spec, runner));
+        } else {
+            queued.push(spec);
+        }
+    }
+    let counts = (queued.len(), running.len());
+    sched.handle_recovered(queued, running, now);
+    counts
+}
+
+/// After the store recorded a submit: new jobs, and known ones still
+/// queued that the scheduler does not track, wait for a runner; a known
+/// job that is running or final is left as it is. `rows` are the store's
+/// answer, one per commit in `commits`. Returns whether any job waits.
+pub fn submitted(
+    sched: &mut Scheduler,
+    repo: &str,
+    commits: &[CommitId],
+    rows: &[Submitted],
+    now: Instant,
+) -> bool {
+    let mut queued = false;
+    for (commit, row) in commits.iter().zip(rows) {
+        if row.status != JobStatus::Queued || sched.knows_job(row.id) {
+            continue;
+        }
+        sched.handle_job_submitted(
+            JobSpec {
+                id: row.id,
+                repo: repo.to_owned(),
+                branch: row.branch.clone(),
+                commit: commit.clone(),
+                attempt: row.attempt,
+            },
+            now,
+        );
+        queued = true;
+    }
+    queued
+}
+
+/// A report from `session`: any report shows the runner is alive; what
+/// else it needs depends on whether its attempt is live.
+pub fn report(
+    sched: &mut Scheduler,
+    session: SessionId,
+    report: &RunnerReport,
+    now: Instant,
+) -> ReportDecision {
+    let live = match report {
+        RunnerReport::Alive => {
+            sched.handle_frame(session, now);
+            return ReportDecision::Ignore;
+        }
+        RunnerReport::Started { job, attempt } => {
+            sched.handle_started(session, *job, *attempt, now)
+        }
+        RunnerReport::Log { job, attempt, .. } => sched.handle_log(session, *job, *attempt, now),
+        RunnerReport::Finished {
+            job,
+            attempt,
+            result,
+        } => {
+            return ReportDecision::Result(self::result(
+                sched, session, *job, *attempt, result, now,
+            ));
+        }
+    };
+    if live {
+        ReportDecision::Persist
+    } else {
+        ReportDecision::Ignore
+    }
+}
+
+/// A result from `session`, decided (again, after a
+/// [`ResultDecision::Pending`]).
+pub fn result(
+    sched: &mut Scheduler,
+    session: SessionId,
+    job: JobId,
+    attempt: Attempt,
+    result: &JobResult,
+    now: Instant,
+) -> ResultDecision {
+    sched.handle_result(session, job, attempt, result.status, &result.message, now)
+}
+
+/// The store answered a result write with `outcome` (after an accepted or
+/// an unknown decision alike): the scheduler lets the job go, and this is
+/// the acknowledgement to send.
+pub fn result_recorded(
+    sched: &mut Scheduler,
+    job: JobId,
+    attempt: Attempt,
+    outcome: RecordOutcome,
+) -> ResultAck {
+    sched.handle_result_stored(job, attempt);
+    match outcome {
+        RecordOutcome::Recorded => ResultAck {
+            accepted: true,
+            message: String::new(),
+        },
+        RecordOutcome::Duplicate => ResultAck {
+            accepted: true,
+            message: "already recorded".to_owned(),
+        },
+        RecordOutcome::Stale => ResultAck {
+            accepted: false,
+            message: format!(
+                "attempt {attempt} of job {job} is not the job's live attempt; result refused"
+            ),
+        },
+    }
+}
+
+/// A result write failed, so nothing of it is durable: the job runs again
+/// as before (no acknowledgement is sent; the runner resends).
+pub fn result_failed(sched: &mut Scheduler, job: JobId, attempt: Attempt, now: Instant) {
+    sched.handle_result_failed(job, attempt, now);
+}

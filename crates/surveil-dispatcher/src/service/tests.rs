@@ -1,0 +1,620 @@
+//! Tests of the service over a real SQLite store, with runners replaced by
+//! recording links and the store wrapped to count what it is asked: no
+//! sockets, no supervised tasks (the tests run the passes themselves).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tempfile::TempDir;
+
+use super::*;
+use crate::domain::{
+    Attempt, CommitId, FinalStatus, JobResult, JobStatus, LogChunk, LogStream, ResultAck,
+    RunnerHello, RunnerReport, TaskResult, TaskStatus, ToRunner,
+};
+use crate::store::{RecordOutcome, SqliteStore, StoreFuture};
+
+const REPO: &str = "/srv/git/app";
+
+/// The SQLite store, counting the reads and writes asked of it (when they
+/// are asked, not when they finish).
+struct Counting {
+    inner: SqliteStore,
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl Counting {
+    fn read(&self) {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn write(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl JobStore for Counting {
+    fn submit<'a>(
+        &'a self,
+        repo: &'a str,
+        branch: &'a str,
+        commits: &'a [CommitId],
+        now_ms: u64,
+    ) -> StoreFuture<'a, Vec<crate::domain::Submitted>> {
+        self.write();
+        self.inner.submit(repo, branch, commits, now_ms)
+    }
+
+    fn assign<'a>(
+        &'a self,
+        job: JobId,
+        attempt: Attempt,
+        runner: &'a str,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        self.write();
+        self.inner.assign(job, attempt, runner, now_ms)
+    }
+
+    fn started(&self, job: JobId, attempt: Attempt, now_ms: u64) -> StoreFuture<'_, ()> {
+        self.write();
+        self.inner.started(job, attempt, now_ms)
+    }
+
+    fn append_log(&self, job: JobId, attempt: Attempt, chunk: LogChunk) -> StoreFuture<'_, ()> {
+        self.write();
+        self.inner.append_log(job, attempt, chunk)
+    }
+
+    fn record_result<'a>(
+        &'a self,
+        job: JobId,
+        attempt: Attempt,
+        result: &'a JobResult,
+        now_ms: u64,
+    ) -> StoreFuture<'a, RecordOutcome> {
+        self.write();
+        self.inner.record_result(job, attempt, result, now_ms)
+    }
+
+    fn requeue<'a>(&'a self, job: JobId, attempt: Attempt, reason: &'a str) -> StoreFuture<'a, ()> {
+        self.write();
+        self.inner.requeue(job, attempt, reason)
+    }
+
+    fn finish<'a>(
+        &'a self,
+        job: JobId,
+        status: FinalStatus,
+        message: &'a str,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        self.write();
+        self.inner.finish(job, status, message, now_ms)
+    }
+
+    fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>> {
+        self.read();
+        self.inner.get_job(id)
+    }
+
+    fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> StoreFuture<'a, Vec<Job>> {
+        self.read();
+        self.inner.list_jobs(filter)
+    }
+
+    fn read_log(
+        &self,
+        job: JobId,
+        attempt: Attempt,
+        offset: u64,
+        max_bytes: usize,
+    ) -> StoreFuture<'_, Bytes> {
+        self.read();
+        self.inner.read_log(job, attempt, offset, max_bytes)
+    }
+
+    fn unfinished(&self) -> StoreFuture<'_, Vec<Job>> {
+        self.read();
+        self.inner.unfinished()
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        self.inner.close()
+    }
+}
+
+/// A runner as the service sees it: what it was sent, whether it was
+/// closed.
+#[derive(Default)]
+struct Recorder {
+    sent: Mutex<Vec<ToRunner>>,
+    closed: Mutex<Option<String>>,
+}
+
+struct Link(Arc<Recorder>);
+
+impl RunnerLink for Link {
+    fn send(&self, msg: ToRunner) -> bool {
+        self.0.sent.lock().unwrap().push(msg);
+        true
+    }
+
+    fn close(&self, reason: &str) {
+        *self.0.closed.lock().unwrap() = Some(reason.to_owned());
+    }
+}
+
+impl Recorder {
+    /// The jobs and attempts assigned so far.
+    fn assigned(&self) -> Vec<(JobId, Attempt)> {
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|m| match m {
+                ToRunner::Assign(a) => Some((a.job, a.attempt)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+struct Harness {
+    _dir: TempDir,
+    sqlite: SqliteStore,
+    store: Arc<Counting>,
+    service: Service,
+}
+
+impl Harness {
+    async fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(dir.path()).unwrap();
+        let store = Arc::new(Counting {
+            inner: sqlite.clone(),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        });
+        let config = SchedulerConfig {
+            runner_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+        };
+        let service = Service::open(store.clone(), config).await.unwrap();
+        Harness {
+            _dir: dir,
+            sqlite,
+            store,
+            service,
+        }
+    }
+
+    fn reads(&self) -> u64 {
+        self.store.reads.load(Ordering::SeqCst)
+    }
+
+    fn writes(&self) -> u64 {
+        self.store.writes.load(Ordering::SeqCst)
+    }
+
+    async fn submit(&self, from: u32, n: u32) -> Vec<JobId> {
+        let submission = Submission {
+            repo: REPO.to_owned(),
+            branch: "main".to_owned(),
+            commits: (from..from + n)
+                .map(|i| CommitId::parse(&format!("{i:040x}")).unwrap())
+                .collect(),
+        };
+        self.service.submit(&submission).await.unwrap()
+    }
+
+    /// Connects a runner and runs the assignment pass.
+    async fn runner(
+        &self,
+        name: &str,
+        slots: u32,
+        leases: Vec<(JobId, Attempt)>,
+    ) -> (SessionId, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let session = self.service.new_session();
+        let hello = RunnerHello {
+            name: name.to_owned(),
+            addr: "127.0.0.1:1".to_owned(),
+            slots,
+            repos: vec![REPO.to_owned()],
+            labels: vec![],
+            leases,
+        };
+        self.service
+            .runner_connected(session, hello, Box::new(Link(recorder.clone())))
+            .await;
+        assert!(!self.service.assign_pass().await, "assignments recorded");
+        (session, recorder)
+    }
+
+    async fn job(&self, id: JobId) -> Job {
+        self.service.get_job(id).await.unwrap().unwrap()
+    }
+
+    /// How many results the store holds for `job`, read from the file.
+    fn results_of(&self, job: JobId) -> i64 {
+        let conn = rusqlite::Connection::open(self.sqlite.path()).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM attempts WHERE job_id = ?1 AND result_status IS NOT NULL",
+            [i64::try_from(job.0).unwrap()],
+            |row| row.get(0),
+        )
+        .unwrap()
+    }
+}
+
+fn finished(job: JobId, attempt: Attempt) -> RunnerReport {
+    RunnerReport::Finished {
+        job,
+        attempt,
+        result: JobResult {
+            status: FinalStatus::Passed,
+            message: String::new(),
+            tasks: vec![TaskResult {
+                name: "unit".into(),
+                status: TaskStatus::Passed,
+                exit_code: Some(0),
+                signal: None,
+                duration_ms: 3,
+                message: String::new(),
+            }],
+        },
+    }
+}
+
+fn log(job: JobId, offset: u64, data: &'static [u8]) -> RunnerReport {
+    RunnerReport::Log {
+        job,
+        attempt: Attempt(1),
+        chunk: LogChunk {
+            task: 0,
+            stream: LogStream::Stdout,
+            offset,
+            data: Bytes::from_static(data),
+        },
+    }
+}
+
+fn accepted(message: &str) -> Option<ResultAck> {
+    Some(ResultAck {
+        accepted: true,
+        message: message.to_owned(),
+    })
+}
+
+#[tokio::test]
+async fn a_result_whose_write_fails_is_not_acked_and_its_resend_is_recorded_once() {
+    let h = Harness::new().await;
+    let id = h.submit(1, 1).await[0];
+    let (session, runner) = h.runner("ci-1", 1, vec![]).await;
+    assert_eq!(runner.assigned(), vec![(id, Attempt(1))]);
+
+    h.sqlite.fail_next_commits(1);
+    let err = h
+        .service
+        .runner_report(session, finished(id, Attempt(1)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ServiceError::Store(StoreError::Commit(_))),
+        "{err}"
+    );
+    // Memory and disk agree: the job still runs, on the same runner.
+    let job = h.job(id).await;
+    assert_eq!((job.status, job.tasks.len()), (JobStatus::Running, 0));
+    assert_eq!((h.service.status().running, h.results_of(id)), (1, 0));
+
+    let ack = h
+        .service
+        .runner_report(session, finished(id, Attempt(1)))
+        .await;
+    assert_eq!(ack.unwrap(), accepted(""));
+    let job = h.job(id).await;
+    assert_eq!(job.status, JobStatus::Final(FinalStatus::Passed));
+    assert_eq!(job.tasks.len(), 1);
+    let again = h
+        .service
+        .runner_report(session, finished(id, Attempt(1)))
+        .await;
+    assert_eq!(again.unwrap(), accepted("already recorded"));
+    assert_eq!(h.results_of(id), 1, "recorded once");
+    assert_eq!(h.service.status().refused_results, 0);
+
+    // Its slot is free again: the next job goes to the same runner.
+    let next = h.submit(2, 1).await[0];
+    assert!(!h.service.assign_pass().await);
+    assert_eq!(
+        runner.assigned(),
+        vec![(id, Attempt(1)), (next, Attempt(1))]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_while_the_first_write_is_in_flight_waits_for_it() {
+    let h = Arc::new(Harness::new().await);
+    let id = h.submit(1, 1).await[0];
+    let (first, _) = h.runner("ci-1", 1, vec![]).await;
+    let paused = h.sqlite.pause_writer().await;
+    let writing = {
+        let h = Arc::clone(&h);
+        tokio::spawn(async move {
+            h.service
+                .runner_report(first, finished(id, Attempt(1)))
+                .await
+        })
+    };
+    // The connection is lost meanwhile; the runner comes back with the
+    // lease and resends.
+    for _ in 0..1_000 {
+        if h.writes() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(h.writes(), 3, "submit, assign and the result were asked");
+    h.service.runner_released(first);
+    let (second, runner) = h.runner("ci-1", 1, vec![(id, Attempt(1))]).await;
+    assert!(
+        runner.sent.lock().unwrap().is_empty(),
+        "lease kept, no Cancel"
+    );
+    let resend = {
+        let h = Arc::clone(&h);
+        tokio::spawn(async move {
+            h.service
+                .runner_report(second, finished(id, Attempt(1)))
+                .await
+        })
+    };
+    // The resend waits on the job's watch for the first write's answer.
+    for _ in 0..1_000 {
+        if h.service.notifier.watched_jobs() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        h.service.notifier.watched_jobs(),
+        1,
+        "the resend is waiting"
+    );
+    drop(paused);
+    assert_eq!(writing.await.unwrap().unwrap(), accepted(""));
+    assert_eq!(resend.await.unwrap().unwrap(), accepted("already recorded"));
+    assert_eq!(h.results_of(id), 1);
+    assert_eq!(h.service.status().running, 0);
+}
+
+#[tokio::test]
+async fn an_assignment_the_store_refuses_is_not_sent_and_is_tried_again() {
+    let h = Harness::new().await;
+    let id = h.submit(1, 1).await[0];
+    h.sqlite.fail_next_commits(1);
+    let recorder = Arc::new(Recorder::default());
+    let session = h.service.new_session();
+    let hello = RunnerHello {
+        name: "ci-1".into(),
+        addr: "127.0.0.1:1".into(),
+        slots: 1,
+        repos: vec![REPO.into()],
+        labels: vec![],
+        leases: vec![],
+    };
+    h.service
+        .runner_connected(session, hello, Box::new(Link(recorder.clone())))
+        .await;
+    assert!(
+        h.service.assign_pass().await,
+        "the pass reports the failure"
+    );
+    assert!(recorder.sent.lock().unwrap().is_empty(), "nothing sent");
+    assert_eq!(
+        recorder.closed.lock().unwrap().as_deref(),
+        None,
+        "not disconnected"
+    );
+    let status = h.service.status();
+    assert_eq!((status.queued, status.running), (1, 0));
+    assert_eq!(h.job(id).await.status, JobStatus::Queued);
+    assert!(!h.service.assign_pass().await);
+    assert_eq!(recorder.assigned(), vec![(id, Attempt(1))]);
+}
+
+#[tokio::test]
+async fn a_submit_of_many_commits_is_one_store_write_and_no_reads() {
+    let h = Harness::new().await;
+    let (reads, writes, commits) = (h.reads(), h.writes(), h.sqlite.write_count());
+    let ids = h.submit(1, 1_000).await;
+    assert_eq!(ids.len(), 1_000);
+    assert_eq!(h.writes() - writes, 1);
+    assert_eq!(h.sqlite.write_count() - commits, 1);
+    assert_eq!(h.reads() - reads, 0);
+    assert_eq!(h.service.status().queued, 1_000);
+    // Known commits again: still one write, nothing queued twice.
+    let again = h.submit(1, 1_000).await;
+    assert_eq!(again, ids);
+    assert_eq!((h.writes() - writes, h.reads() - reads), (2, 0));
+    assert_eq!(h.service.status().queued, 1_000);
+}
+
+/// Polls `follow` until `h` has seen `reads` reads, keeping `follow`
+/// polled so it can park; bounded.
+async fn park<F: std::future::Future + Unpin>(h: &Harness, follow: &mut F, reads: u64) {
+    for _ in 0..100_000 {
+        if h.reads() >= reads {
+            break;
+        }
+        tokio::select! {
+            biased;
+            _ = &mut *follow => panic!("the follower returned before parking"),
+            () = tokio::task::yield_now() => {}
+        }
+    }
+    assert_eq!(h.reads(), reads, "the follower read its job and log once");
+}
+
+#[tokio::test]
+async fn a_follower_is_not_woken_by_another_jobs_log() {
+    let h = Harness::new().await;
+    let ids = h.submit(1, 2).await;
+    let (a, b) = (ids[0], ids[1]);
+    let (session, _) = h.runner("ci-1", 2, vec![]).await;
+    let mut follow = h.service.follow_log(a, 0, true);
+    let start = h.reads();
+    {
+        let next = follow.next();
+        tokio::pin!(next);
+        park(&h, &mut next, start + 2).await;
+        for n in 0..50 {
+            let report = log(b, n, b"x");
+            tokio::select! {
+                biased;
+                _ = &mut next => panic!("job A's follower returned for job B's log"),
+                r = h.service.runner_report(session, report) => {
+                    r.unwrap();
+                }
+            }
+        }
+        // A follower woken by mistake would read again: give it the chance.
+        tokio::select! {
+            _ = &mut next => panic!("job A's follower returned for job B's log"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        assert_eq!(h.reads(), start + 2, "job B's chunks woke job A's follower");
+        h.service
+            .runner_report(session, log(a, 0, b"mine"))
+            .await
+            .unwrap();
+        let event = next.await.unwrap();
+        assert!(
+            matches!(&event, LogEvent::Bytes { offset: 0, data, .. } if data == &b"mine"[..]),
+            "{event:?}"
+        );
+        assert_eq!(h.reads(), start + 4);
+    }
+    drop(follow);
+    assert_eq!(
+        h.service.notifier.watched_jobs(),
+        0,
+        "the watch went with its follower"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_sees_the_final_status_without_a_timed_recheck() {
+    let h = Harness::new().await;
+    let id = h.submit(1, 1).await[0];
+    let (session, _) = h.runner("ci-1", 1, vec![]).await;
+    h.service
+        .runner_report(session, log(id, 0, b"hello\n"))
+        .await
+        .unwrap();
+    let mut follow = h.service.follow_log(id, 0, true);
+    let event = follow.next().await.unwrap();
+    assert!(
+        matches!(
+            event,
+            LogEvent::Bytes {
+                status: JobStatus::Running,
+                ..
+            }
+        ),
+        "{event:?}"
+    );
+
+    let start = h.reads();
+    let next = follow.next();
+    tokio::pin!(next);
+    park(&h, &mut next, start + 2).await;
+    // Ten idle seconds (of paused, auto-advanced time): nothing changed, so
+    // nothing is read.
+    tokio::select! {
+        _ = &mut next => panic!("the follower returned with nothing new"),
+        () = tokio::time::sleep(Duration::from_secs(10)) => {}
+    }
+    assert_eq!(
+        h.reads(),
+        start + 2,
+        "the follower read the store on a timer"
+    );
+
+    // No timer may be pending while the store writes (its writer is a
+    // thread the paused clock cannot see): the result is recorded first,
+    // then the follower is polled.
+    let ack = h
+        .service
+        .runner_report(session, finished(id, Attempt(1)))
+        .await;
+    assert_eq!(ack.unwrap(), accepted(""));
+    let end = tokio::time::timeout(Duration::from_secs(60), next)
+        .await
+        .expect("the follower woke for the result")
+        .unwrap();
+    assert_eq!(
+        end,
+        LogEvent::End {
+            attempt: Attempt(1),
+            offset: 6,
+            status: JobStatus::Final(FinalStatus::Passed),
+        }
+    );
+}
+
+#[tokio::test]
+async fn events_tell_a_jobs_story_in_order() {
+    let h = Harness::new().await;
+    let mut events = h.service.events();
+    let id = h.submit(1, 1).await[0];
+    let (session, _) = h.runner("ci-1", 1, vec![]).await;
+    h.service
+        .runner_report(
+            session,
+            RunnerReport::Started {
+                job: id,
+                attempt: Attempt(1),
+            },
+        )
+        .await
+        .unwrap();
+    h.service
+        .runner_report(session, finished(id, Attempt(1)))
+        .await
+        .unwrap();
+    h.service.runner_disconnected(session, "bye").await;
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push(event);
+    }
+    let job = |change| Event::Job { id, change };
+    let runner = |change| Event::Runner {
+        name: "ci-1".into(),
+        session,
+        change,
+    };
+    assert_eq!(
+        seen,
+        vec![
+            job(JobChange::Queued),
+            runner(RunnerChange::Connected),
+            job(JobChange::Assigned {
+                attempt: Attempt(1),
+                runner: "ci-1".into()
+            }),
+            job(JobChange::Started {
+                attempt: Attempt(1)
+            }),
+            job(JobChange::Finished {
+                status: FinalStatus::Passed
+            }),
+            runner(RunnerChange::Disconnected),
+        ]
+    );
+}

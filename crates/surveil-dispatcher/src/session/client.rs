@@ -1,0 +1,130 @@
+//! An observer's or a client's session: each request, turned into a domain
+//! request by `wire`, is answered in turn by the service. An observer may
+//! only submit. `ReadLog` with `follow` streams replies until the job is
+//! final, or the peer leaves.
+
+use surveil_proto::{Envelope, GetJobReply, ListJobsReply, Role, SubmitAck};
+
+use super::{End, Io, next_frame};
+use crate::domain::JobId;
+use crate::service::{Service, ServiceError};
+use crate::wire::{self, ClientRequest};
+
+pub(super) async fn run(service: &Service, role: Role, mut io: Io) -> End {
+    let close = io.close.clone();
+    let closed = close.cancelled();
+    tokio::pin!(closed);
+    loop {
+        let msg = match next_frame(&mut io, closed.as_mut()).await {
+            Ok(msg) => msg,
+            Err(end) => return end,
+        };
+        let request = match wire::client_request(role, msg) {
+            Ok(request) => request,
+            Err(err) => return io.refuse(err).await,
+        };
+        let reply = match answer(service, request, &io).await {
+            Ok(reply) => reply,
+            Err(end) => return end,
+        };
+        if let Some(frame) = reply
+            && let Err(end) = io.send(frame).await
+        {
+            return end;
+        }
+    }
+}
+
+/// Answers one request: the reply frame, or `None` when the answer was
+/// already streamed (a log).
+async fn answer(
+    service: &Service,
+    request: ClientRequest,
+    io: &Io,
+) -> Result<Option<Envelope>, End> {
+    let reply: Envelope = match request {
+        ClientRequest::Ignore => return Ok(None),
+        ClientRequest::Submit(submission) => match service.submit(&submission).await {
+            Ok(ids) => SubmitAck {
+                job_ids: ids.into_iter().map(|id| id.0).collect(),
+            }
+            .into(),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot store submitted jobs");
+                return Err(io
+                    .protocol_error(format!("the dispatcher could not store the jobs: {err}"))
+                    .await);
+            }
+        },
+        ClientRequest::ListJobs(filter) => {
+            let jobs = read(service.list_jobs(&filter).await, io).await?;
+            ListJobsReply {
+                jobs: jobs.into_iter().map(wire::job_info).collect(),
+            }
+            .into()
+        }
+        ClientRequest::GetJob(id) => {
+            let job = read(service.get_job(id).await, io).await?;
+            GetJobReply {
+                job: job.map(wire::job_info),
+            }
+            .into()
+        }
+        ClientRequest::ReadLog {
+            job,
+            offset,
+            follow,
+        } => {
+            read_log(service, job, offset, follow, io).await?;
+            return Ok(None);
+        }
+        ClientRequest::ListRunners => wire::runners_reply(service.runners()).into(),
+        ClientRequest::GetStatus => wire::status_reply(service.status()).into(),
+        ClientRequest::Cancel(id) => {
+            wire::cancel_reply(read(service.cancel(id).await, io).await?).into()
+        }
+    };
+    Ok(Some(reply))
+}
+
+/// A store read failed: the request cannot be answered. Logged, and the
+/// peer told, then the connection closes.
+async fn read<T>(result: Result<T, ServiceError>, io: &Io) -> Result<T, End> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(err) => {
+            tracing::error!(error = %err, "store read failed");
+            Err(io
+                .protocol_error(format!("the dispatcher could not read its store: {err}"))
+                .await)
+        }
+    }
+}
+
+/// Answers `ReadLog`: the latest attempt's log from the offset, and with
+/// `follow` new pieces as they are stored until the job is final.
+async fn read_log(
+    service: &Service,
+    job: JobId,
+    offset: u64,
+    follow: bool,
+    io: &Io,
+) -> Result<(), End> {
+    let mut log = service.follow_log(job, offset, follow);
+    loop {
+        let event = tokio::select! {
+            event = log.next() => read(event.map_err(ServiceError::from), io).await?,
+            () = io.close.cancelled() => {
+                return Err(End::Closed("closed while following a log".to_owned()));
+            }
+            () = io.tx.closed() => {
+                return Err(End::PeerGone("peer left while following a log".to_owned()));
+            }
+        };
+        let last = event.is_last();
+        io.send(wire::read_log_reply(job, event)).await?;
+        if last {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,754 @@
+//! The store conformance suite: what every [`JobStore`] backend must do,
+//! written against the interface alone (with the `testing` feature).
+//!
+//! A backend runs the whole suite with one line in its tests:
+//!
+//! ```text
+//! surveil_dispatcher::store_conformance_tests!(MyFactory::new());
+//! ```
+//!
+//! which expands to one `#[tokio::test]` per case, each on fresh stores
+//! made by the [`StoreFactory`]. The cases are also public functions, for
+//! a backend that needs to run them its own way. Nothing here may depend
+//! on a backend's internals (files, SQL, threads): what the suite cannot
+//! see through [`JobStore`] is the backend's own tests' business.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{JobStore, RecordOutcome, StoreError};
+use crate::domain::{
+    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
+    LogStream, TaskResult, TaskStatus,
+};
+
+/// Makes the stores the suite runs on.
+pub trait StoreFactory: Sync {
+    /// Where one store lives (a directory, a database); dropping it
+    /// removes it.
+    type Place: Send + Sync;
+
+    /// A new, empty place of its own.
+    fn place(&self) -> impl Future<Output = Self::Place> + Send;
+
+    /// Opens the store at `place`, creating it on first use. Opening a
+    /// place again after [`JobStore::close`] must show every write that
+    /// was acknowledged before.
+    fn open(&self, place: &Self::Place) -> impl Future<Output = Arc<dyn JobStore>> + Send;
+}
+
+/// Runs every conformance case as its own `#[tokio::test]`, on stores made
+/// by the given [`StoreFactory`] expression (evaluated once per case).
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($factory:expr) => {
+        $crate::store_conformance_tests!(@cases $factory;
+            submit_keeps_order_and_is_idempotent,
+            concurrent_submits_get_distinct_ids,
+            results_are_fenced_by_attempt,
+            assign_checks_attempt_order_and_is_idempotent,
+            requeue_needs_the_live_attempt,
+            finish_is_final,
+            started_is_fenced,
+            logs_are_idempotent_and_read_up_to_a_gap,
+            listing_filters_newest_first,
+            listing_pages_by_before_without_gaps_or_repeats,
+            unfinished_jobs_are_what_recovery_needs,
+            acknowledged_writes_survive_a_reopen,
+            writes_after_close_fail_and_reads_still_work,
+        );
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::store::conformance::$case(&$factory).await;
+            }
+        )*
+    };
+}
+
+const REPO: &str = "/srv/git/app";
+const NOW: u64 = 1_000;
+
+/// The commit id numbered `n`.
+fn commit(n: u32) -> CommitId {
+    CommitId::parse(&format!("{n:040x}")).expect("40 hex digits")
+}
+
+fn commits(ns: &[u32]) -> Vec<CommitId> {
+    ns.iter().map(|n| commit(*n)).collect()
+}
+
+fn result(status: FinalStatus) -> JobResult {
+    JobResult {
+        status,
+        message: String::new(),
+        tasks: vec![
+            TaskResult {
+                name: "build".into(),
+                status: TaskStatus::Passed,
+                exit_code: Some(0),
+                signal: None,
+                duration_ms: 1_200,
+                message: String::new(),
+            },
+            TaskResult {
+                name: "unit".into(),
+                status: TaskStatus::TimedOut,
+                exit_code: None,
+                signal: Some(9),
+                duration_ms: 30,
+                message: "killed".into(),
+            },
+        ],
+    }
+}
+
+fn chunk(offset: u64, data: &'static [u8]) -> LogChunk {
+    LogChunk {
+        task: 0,
+        stream: LogStream::Stdout,
+        offset,
+        data: Bytes::from_static(data),
+    }
+}
+
+async fn fresh<F: StoreFactory>(factory: &F) -> (F::Place, Arc<dyn JobStore>) {
+    let place = factory.place().await;
+    let store = factory.open(&place).await;
+    (place, store)
+}
+
+async fn submit(store: &dyn JobStore, ns: &[u32]) -> Vec<JobId> {
+    let ids = store
+        .submit(REPO, "main", &commits(ns), NOW)
+        .await
+        .expect("submit");
+    ids.into_iter().map(|s| s.id).collect()
+}
+
+async fn job(store: &dyn JobStore, id: JobId) -> Job {
+    store
+        .get_job(id)
+        .await
+        .expect("get_job")
+        .unwrap_or_else(|| panic!("job {id} exists"))
+}
+
+async fn log(store: &dyn JobStore, id: JobId, attempt: u32, offset: u64, data: &'static [u8]) {
+    store
+        .append_log(id, Attempt(attempt), chunk(offset, data))
+        .await
+        .expect("append_log");
+}
+
+async fn read_all(store: &dyn JobStore, id: JobId, attempt: u32) -> Bytes {
+    store
+        .read_log(id, Attempt(attempt), 0, 1 << 20)
+        .await
+        .expect("read_log")
+}
+
+async fn record(
+    store: &dyn JobStore,
+    id: JobId,
+    attempt: u32,
+    status: FinalStatus,
+) -> RecordOutcome {
+    store
+        .record_result(id, Attempt(attempt), &result(status), NOW)
+        .await
+        .expect("record_result")
+}
+
+fn ids(jobs: &[Job]) -> Vec<JobId> {
+    jobs.iter().map(|j| j.id).collect()
+}
+
+/// Submit returns one entry per commit in order, says which it created,
+/// and leaves known jobs as they are.
+pub async fn submit_keeps_order_and_is_idempotent<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let first = store
+        .submit(REPO, "main", &commits(&[1, 2, 3]), NOW)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 3);
+    assert!(
+        first
+            .iter()
+            .all(|s| s.created && s.status == JobStatus::Queued)
+    );
+    assert!(
+        first
+            .iter()
+            .all(|s| s.attempt == Attempt(0) && s.branch == "main")
+    );
+    assert!(
+        first[0].id < first[1].id && first[1].id < first[2].id,
+        "{first:?}"
+    );
+
+    // Known commits keep their ids and state (not re-queued, branch kept);
+    // a new one gets a fresh id, in the order given.
+    store
+        .assign(first[1].id, Attempt(1), "ci-1", 2_000)
+        .await
+        .unwrap();
+    let again = store
+        .submit(REPO, "other-branch", &commits(&[3, 4, 2]), 5_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again[0].id, again[0].created, again[0].branch.as_str()),
+        (first[2].id, false, "main")
+    );
+    assert!(again[1].created && again[1].id > first[2].id);
+    assert_eq!(again[1].branch, "other-branch");
+    assert_eq!(
+        (
+            again[2].id,
+            again[2].created,
+            again[2].status,
+            again[2].attempt
+        ),
+        (first[1].id, false, JobStatus::Running, Attempt(1))
+    );
+    let old = job(&*store, first[2].id).await;
+    assert_eq!((old.branch.as_str(), old.queued_at_ms), ("main", NOW));
+    assert_eq!(old.commit, commit(3));
+
+    // The same commit in another repository is another job; within one
+    // submit, a repeated commit is one job.
+    let other = store
+        .submit("/srv/git/lib", "main", &commits(&[1]), NOW)
+        .await
+        .unwrap();
+    assert!(other[0].created && first.iter().all(|s| s.id != other[0].id));
+    let twice = store
+        .submit(REPO, "main", &commits(&[9, 9]), NOW)
+        .await
+        .unwrap();
+    assert_eq!(twice[0].id, twice[1].id);
+    assert_eq!((twice[0].created, twice[1].created), (true, false));
+
+    let err = store
+        .submit("", "main", &commits(&[5]), NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    assert!(
+        store
+            .submit(REPO, "main", &[], NOW)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Concurrent submits each land, with distinct ids.
+pub async fn concurrent_submits_get_distinct_ids<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..200 {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move {
+            let ids = store.submit(REPO, "main", &[commit(n)], NOW).await.unwrap();
+            (ids[0].id, n)
+        });
+    }
+    let mut by_id = BTreeMap::new();
+    while let Some(done) = tasks.join_next().await {
+        let (id, n) = done.unwrap();
+        assert!(by_id.insert(id, n).is_none(), "job {id} handed out twice");
+    }
+    let all = store.list_jobs(&JobFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 200);
+    for j in all {
+        assert_eq!(j.commit, commit(by_id[&j.id]));
+    }
+}
+
+/// Only the job's live attempt records a result; a resend is a duplicate;
+/// anything else is stale and changes nothing.
+pub async fn results_are_fenced_by_attempt<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let id = submit(store, &[1]).await[0];
+
+    assert_eq!(
+        record(store, id, 1, FinalStatus::Passed).await,
+        RecordOutcome::Stale
+    );
+    store.assign(id, Attempt(1), "ci-1", 100).await.unwrap();
+    let running = job(store, id).await;
+    assert_eq!(running.status, JobStatus::Running);
+    assert_eq!(
+        (running.attempt, running.runner.as_deref()),
+        (Attempt(1), Some("ci-1"))
+    );
+    assert_eq!(running.started_at_ms, Some(100));
+
+    // ci-1 is lost; the job is requeued and goes to ci-2 as attempt 2.
+    store
+        .requeue(id, Attempt(1), "runner ci-1 lost")
+        .await
+        .unwrap();
+    let queued = job(store, id).await;
+    assert_eq!(queued.status, JobStatus::Queued);
+    assert_eq!(
+        (queued.attempt, queued.runner, queued.started_at_ms),
+        (Attempt(1), None, None)
+    );
+    store.assign(id, Attempt(2), "ci-2", 200).await.unwrap();
+
+    // ci-1's late result and logs change nothing.
+    assert_eq!(
+        record(store, id, 1, FinalStatus::Failed).await,
+        RecordOutcome::Stale
+    );
+    log(store, id, 1, 0, b"old").await;
+    assert!(read_all(store, id, 1).await.is_empty());
+    let still = job(store, id).await;
+    assert_eq!(still.status, JobStatus::Running);
+    assert_eq!(
+        (still.attempt, still.runner.as_deref()),
+        (Attempt(2), Some("ci-2"))
+    );
+    assert!(still.tasks.is_empty());
+
+    // ci-2's result is recorded once; a resend, whatever it says, is a
+    // duplicate and changes nothing.
+    assert_eq!(
+        record(store, id, 2, FinalStatus::Passed).await,
+        RecordOutcome::Recorded
+    );
+    assert_eq!(
+        record(store, id, 2, FinalStatus::Failed).await,
+        RecordOutcome::Duplicate
+    );
+    let done = job(store, id).await;
+    assert_eq!(done.status, JobStatus::Final(FinalStatus::Passed));
+    assert_eq!(done.finished_at_ms, Some(NOW));
+    assert_eq!(done.tasks, result(FinalStatus::Passed).tasks);
+    assert_eq!(done.message, None, "an empty message is none");
+    assert_eq!(
+        record(store, id, 1, FinalStatus::Failed).await,
+        RecordOutcome::Stale
+    );
+
+    // A final job cannot be assigned again, nor requeued.
+    let err = store.assign(id, Attempt(3), "ci-3", 700).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    store.requeue(id, Attempt(2), "late loss").await.unwrap();
+    assert_eq!(job(store, id).await, done);
+
+    let err = store
+        .record_result(JobId(404), Attempt(1), &result(FinalStatus::Passed), NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoSuchJob(JobId(404))), "{err}");
+}
+
+/// Assignments move forward one attempt at a time; the same one again is
+/// a no-op; a newer one fences the older.
+pub async fn assign_checks_attempt_order_and_is_idempotent<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let id = submit(store, &[1]).await[0];
+    let err = store.assign(id, Attempt(0), "ci-1", 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    store.assign(id, Attempt(1), "ci-1", 100).await.unwrap();
+    store.assign(id, Attempt(1), "ci-1", 150).await.unwrap();
+    assert_eq!(job(store, id).await.started_at_ms, Some(100));
+    let err = store.assign(id, Attempt(1), "ci-2", 150).await.unwrap_err();
+    assert!(
+        err.to_string().contains("already held by runner ci-1"),
+        "{err}"
+    );
+    store.assign(id, Attempt(2), "ci-2", 200).await.unwrap();
+    assert_eq!(
+        record(store, id, 1, FinalStatus::Passed).await,
+        RecordOutcome::Stale
+    );
+    let err = store.assign(id, Attempt(2), "ci-3", 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let err = store
+        .assign(JobId(77), Attempt(1), "ci-1", 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoSuchJob(JobId(77))), "{err}");
+}
+
+/// A requeue names the attempt it revokes; for any other attempt it is a
+/// no-op.
+pub async fn requeue_needs_the_live_attempt<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let id = submit(store, &[1]).await[0];
+    store.requeue(id, Attempt(0), "not running").await.unwrap();
+    assert_eq!(job(store, id).await.status, JobStatus::Queued);
+    store.assign(id, Attempt(1), "ci-1", 100).await.unwrap();
+    store.requeue(id, Attempt(2), "not this one").await.unwrap();
+    let running = job(store, id).await;
+    assert_eq!(
+        (running.status, running.attempt),
+        (JobStatus::Running, Attempt(1))
+    );
+    store.requeue(id, Attempt(1), "runner lost").await.unwrap();
+    assert_eq!(job(store, id).await.status, JobStatus::Queued);
+    // The revoked attempt's result is refused after the requeue too.
+    assert_eq!(
+        record(store, id, 1, FinalStatus::Passed).await,
+        RecordOutcome::Stale
+    );
+}
+
+/// A job ended without a result stays ended; its last attempt's late
+/// output still lands, its late result does not.
+pub async fn finish_is_final<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let queued = submit(store, &[1]).await[0];
+    store
+        .finish(queued, FinalStatus::Cancelled, "cancelled by a user", 50)
+        .await
+        .unwrap();
+    let ended = job(store, queued).await;
+    assert_eq!(ended.status, JobStatus::Final(FinalStatus::Cancelled));
+    assert_eq!(ended.message.as_deref(), Some("cancelled by a user"));
+    assert_eq!(ended.finished_at_ms, Some(50));
+    store
+        .finish(queued, FinalStatus::Error, "other", 60)
+        .await
+        .unwrap();
+    let resubmitted = store.submit(REPO, "main", &[commit(1)], 70).await.unwrap();
+    assert_eq!(
+        (resubmitted[0].created, resubmitted[0].status),
+        (false, JobStatus::Final(FinalStatus::Cancelled))
+    );
+    store.requeue(queued, Attempt(0), "x").await.unwrap();
+    assert_eq!(job(store, queued).await, ended);
+
+    let running = submit(store, &[2]).await[0];
+    store
+        .assign(running, Attempt(3), "ci-1", 100)
+        .await
+        .unwrap();
+    store
+        .finish(running, FinalStatus::Error, "runners lost 3 times", 200)
+        .await
+        .unwrap();
+    log(store, running, 3, 0, b"tail").await;
+    assert_eq!(read_all(store, running, 3).await, &b"tail"[..]);
+    assert_eq!(
+        record(store, running, 3, FinalStatus::Passed).await,
+        RecordOutcome::Stale
+    );
+    let ended = job(store, running).await;
+    assert_eq!(ended.status, JobStatus::Final(FinalStatus::Error));
+    assert_eq!(ended.message.as_deref(), Some("runners lost 3 times"));
+    assert_eq!(ended.runner.as_deref(), Some("ci-1"));
+    assert!(ended.tasks.is_empty());
+    store
+        .finish(JobId(404), FinalStatus::Error, "", 1)
+        .await
+        .unwrap_err();
+}
+
+/// `Started` is taken from the live attempt only, and changes no job.
+pub async fn started_is_fenced<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let id = submit(store, &[1]).await[0];
+    store.started(id, Attempt(1), 10).await.unwrap();
+    assert_eq!(job(store, id).await.status, JobStatus::Queued);
+    store.assign(id, Attempt(1), "ci-1", 100).await.unwrap();
+    store.started(id, Attempt(1), 110).await.unwrap();
+    store.started(id, Attempt(1), 120).await.unwrap();
+    store.started(id, Attempt(7), 130).await.unwrap();
+    let running = job(store, id).await;
+    assert_eq!(
+        (running.status, running.started_at_ms),
+        (JobStatus::Running, Some(100))
+    );
+    let err = store.started(JobId(404), Attempt(1), 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::NoSuchJob(JobId(404))), "{err}");
+}
+
+/// Log chunks are keyed by offset: resends are ignored, reads follow
+/// contiguous bytes up to a gap, and a gap that fills joins the parts.
+pub async fn logs_are_idempotent_and_read_up_to_a_gap<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let id = submit(store, &[1]).await[0];
+    log(store, id, 1, 0, b"early").await;
+    assert!(read_all(store, id, 1).await.is_empty(), "not assigned yet");
+    store.assign(id, Attempt(1), "ci-1", 1).await.unwrap();
+    log(store, id, 1, 0, b"abcd").await;
+    log(store, id, 1, 4, b"efgh").await;
+    log(store, id, 1, 4, b"XXXX").await;
+    log(store, id, 1, 12, b"mnop").await;
+    let read = |offset, max| store.read_log(id, Attempt(1), offset, max);
+    assert_eq!(read(0, 100).await.unwrap(), &b"abcdefgh"[..]);
+    assert_eq!(read(2, 100).await.unwrap(), &b"cdefgh"[..]);
+    assert_eq!(read(3, 3).await.unwrap(), &b"def"[..]);
+    assert_eq!(read(8, 100).await.unwrap(), &b""[..]);
+    assert_eq!(read(13, 100).await.unwrap(), &b"nop"[..]);
+    assert_eq!(read(0, 0).await.unwrap(), &b""[..]);
+    assert_eq!(read(99, 10).await.unwrap(), &b""[..]);
+
+    log(store, id, 1, 8, b"ijkl").await;
+    assert_eq!(read(0, 100).await.unwrap(), &b"abcdefghijklmnop"[..]);
+    // An overlapping resend with other boundaries is read consistently.
+    log(store, id, 1, 14, b"opqr").await;
+    assert_eq!(read(10, 100).await.unwrap(), &b"klmnopqr"[..]);
+    assert_eq!(read(17, 100).await.unwrap(), &b"r"[..]);
+
+    // Empty chunks and other attempts store nothing.
+    log(store, id, 1, 18, b"").await;
+    log(store, id, 7, 0, b"nope").await;
+    assert!(read_all(store, id, 7).await.is_empty());
+    assert_eq!(read_all(store, id, 1).await.len(), 18);
+
+    let err = store
+        .append_log(id, Attempt(1), chunk(u64::MAX - 1, b"xx"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    assert!(
+        store
+            .read_log(JobId(404), Attempt(1), 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Listing: newest first, filters combine, a limit caps.
+pub async fn listing_filters_newest_first<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let app = submit(store, &[1, 2, 3]).await;
+    let lib = store
+        .submit("/srv/git/lib", "main", &commits(&[4]), NOW)
+        .await
+        .unwrap()[0]
+        .id;
+    let dev = store
+        .submit(REPO, "dev", &commits(&[5]), NOW)
+        .await
+        .unwrap()[0]
+        .id;
+    store.assign(app[1], Attempt(1), "ci-1", 3).await.unwrap();
+
+    let list = |filter: JobFilter| async move { ids(&store.list_jobs(&filter).await.unwrap()) };
+    let repo = || Some(REPO.to_owned());
+    assert_eq!(
+        list(JobFilter::default()).await,
+        vec![dev, lib, app[2], app[1], app[0]]
+    );
+    assert_eq!(
+        list(JobFilter {
+            repo: repo(),
+            ..JobFilter::default()
+        })
+        .await,
+        vec![dev, app[2], app[1], app[0]]
+    );
+    assert_eq!(
+        list(JobFilter {
+            repo: repo(),
+            branch: Some("main".into()),
+            ..JobFilter::default()
+        })
+        .await,
+        vec![app[2], app[1], app[0]]
+    );
+    assert_eq!(
+        list(JobFilter {
+            branch: Some("dev".into()),
+            ..JobFilter::default()
+        })
+        .await,
+        vec![dev]
+    );
+    assert_eq!(
+        list(JobFilter {
+            status: Some(JobStatus::Running),
+            ..JobFilter::default()
+        })
+        .await,
+        vec![app[1]]
+    );
+    assert_eq!(
+        list(JobFilter {
+            repo: repo(),
+            status: Some(JobStatus::Queued),
+            ..JobFilter::default()
+        })
+        .await,
+        vec![dev, app[2], app[0]]
+    );
+    assert_eq!(
+        list(JobFilter {
+            limit: Some(2),
+            ..JobFilter::default()
+        })
+        .await,
+        vec![dev, lib]
+    );
+    assert_eq!(
+        list(JobFilter {
+            limit: Some(0),
+            ..JobFilter::default()
+        })
+        .await,
+        vec![]
+    );
+    assert_eq!(
+        list(JobFilter {
+            repo: Some("/nope".into()),
+            ..JobFilter::default()
+        })
+        .await,
+        vec![]
+    );
+    assert_eq!(
+        list(JobFilter {
+            before: Some(JobId(u64::MAX)),
+            ..JobFilter::default()
+        })
+        .await
+        .len(),
+        5
+    );
+
+    assert_eq!(store.get_job(JobId(9_999)).await.unwrap(), None);
+}
+
+/// Paging by `before`: every job is seen exactly once, newest first, even
+/// while new jobs arrive between pages (they are after the first page).
+pub async fn listing_pages_by_before_without_gaps_or_repeats<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let mut existing = submit(store, &[1, 2, 3, 4, 5]).await;
+    existing.reverse();
+    let mut seen = Vec::new();
+    let mut before = None;
+    let mut n = 100;
+    loop {
+        let filter = JobFilter {
+            before,
+            limit: Some(2),
+            ..JobFilter::default()
+        };
+        let page = ids(&store.list_jobs(&filter).await.unwrap());
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        seen.extend_from_slice(&page);
+        before = page.last().copied();
+        n += 1;
+        submit(store, &[n]).await;
+    }
+    assert_eq!(seen, existing);
+    let filter = JobFilter {
+        before: Some(existing[0]),
+        ..JobFilter::default()
+    };
+    assert_eq!(ids(&store.list_jobs(&filter).await.unwrap()), existing[1..]);
+}
+
+/// `unfinished` returns queued and running jobs, oldest first, with what
+/// the scheduler needs to take them back.
+pub async fn unfinished_jobs_are_what_recovery_needs<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let ids = submit(store, &[1, 2, 3, 4, 5]).await;
+    store.assign(ids[0], Attempt(1), "ci-1", 2).await.unwrap();
+    store.assign(ids[2], Attempt(1), "ci-2", 2).await.unwrap();
+    record(store, ids[2], 1, FinalStatus::Passed).await;
+    store
+        .finish(ids[3], FinalStatus::Cancelled, "", 3)
+        .await
+        .unwrap();
+    store.assign(ids[4], Attempt(1), "ci-2", 2).await.unwrap();
+    store.requeue(ids[4], Attempt(1), "lost").await.unwrap();
+
+    let open: Vec<_> = store
+        .unfinished()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.id, j.status, j.attempt, j.runner, j.commit))
+        .collect();
+    assert_eq!(
+        open,
+        vec![
+            (
+                ids[0],
+                JobStatus::Running,
+                Attempt(1),
+                Some("ci-1".to_owned()),
+                commit(1)
+            ),
+            (ids[1], JobStatus::Queued, Attempt(0), None, commit(2)),
+            (ids[4], JobStatus::Queued, Attempt(1), None, commit(5)),
+        ]
+    );
+    assert_eq!(job(store, ids[3]).await.message, None);
+}
+
+/// Every acknowledged write is there after the store is closed and opened
+/// again, and ids keep growing.
+pub async fn acknowledged_writes_survive_a_reopen<F: StoreFactory>(factory: &F) {
+    let place = factory.place().await;
+    let (a, b, before);
+    {
+        let store = factory.open(&place).await;
+        let ids = submit(&*store, &[1, 2]).await;
+        (a, b) = (ids[0], ids[1]);
+        store.assign(a, Attempt(1), "ci-1", 2_000).await.unwrap();
+        log(&*store, a, 1, 0, b"hello ").await;
+        log(&*store, a, 1, 6, b"world").await;
+        assert_eq!(
+            record(&*store, a, 1, FinalStatus::Failed).await,
+            RecordOutcome::Recorded
+        );
+        before = job(&*store, a).await;
+        store.close().await.unwrap();
+    }
+    let store = factory.open(&place).await;
+    let store = &*store;
+    assert_eq!(job(store, a).await, before);
+    assert_eq!(before.tasks, result(FinalStatus::Failed).tasks);
+    assert_eq!(job(store, b).await.status, JobStatus::Queued);
+    assert_eq!(read_all(store, a, 1).await, &b"hello world"[..]);
+    assert_eq!(
+        record(store, a, 1, FinalStatus::Failed).await,
+        RecordOutcome::Duplicate
+    );
+    let c = submit(store, &[3]).await[0];
+    assert!(c > b, "ids are never handed out again");
+    store.close().await.unwrap();
+}
+
+/// After `close`, writes fail with [`StoreError::Closed`]; reads work.
+pub async fn writes_after_close_fail_and_reads_still_work<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let id = submit(&*store, &[1]).await[0];
+    store.close().await.unwrap();
+    let err = store
+        .submit(REPO, "main", &[commit(2)], 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Closed), "{err}");
+    assert_eq!(job(&*store, id).await.status, JobStatus::Queued);
+    store.close().await.unwrap();
+}

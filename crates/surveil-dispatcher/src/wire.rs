@@ -1,0 +1,642 @@
+//! The only place where protocol messages and domain types meet: incoming
+//! frames become domain requests and reports (a missing or invalid field
+//! is refused here, with a message naming it), and domain answers become
+//! frames. Also which message a role may send.
+//!
+//! Pure functions, no IO: the sessions call them, and so does the fuzz
+//! target, so what it feeds the service is what a peer would.
+
+use surveil_proto as proto;
+use surveil_proto::{Envelope, Msg, Role};
+
+use crate::domain::{
+    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
+    LogStream, ResultAck, RunnerHello, RunnerReport, RunnerView, StatusView, Submission,
+    TaskResult, TaskStatus, ToRunner,
+};
+use crate::service::{CancelReply, LogEvent};
+
+/// Why a frame cannot be taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// The peer sent `Error`: it is leaving, with this reason.
+    Peer(String),
+    /// The frame breaks the protocol: answer `Error` with this text and
+    /// close.
+    Protocol(String),
+}
+
+/// What an observer or a client asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientRequest {
+    /// Nothing to answer (a `Pong`).
+    Ignore,
+    /// Submit commits.
+    Submit(Submission),
+    /// List jobs.
+    ListJobs(JobFilter),
+    /// One job.
+    GetJob(JobId),
+    /// Read (and perhaps follow) a job's log.
+    ReadLog {
+        /// The job.
+        job: JobId,
+        /// Where to start in its latest attempt's log.
+        offset: u64,
+        /// Whether to keep reading until the job is final.
+        follow: bool,
+    },
+    /// The connected runners.
+    ListRunners,
+    /// The dispatcher's counters.
+    GetStatus,
+    /// Cancel a job.
+    Cancel(JobId),
+}
+
+fn protocol(text: String) -> FrameError {
+    FrameError::Protocol(text)
+}
+
+// ---- runners ----
+
+/// A runner's `Hello`, checked: a name and at least one slot.
+pub fn runner_hello(hello: &proto::Hello, addr: String) -> Result<RunnerHello, &'static str> {
+    if hello.name.trim().is_empty() {
+        return Err("a runner's Hello needs a name (its unique --name)");
+    }
+    if hello.slots == 0 {
+        return Err("a runner's Hello needs slots of at least 1");
+    }
+    Ok(RunnerHello {
+        name: hello.name.clone(),
+        addr,
+        slots: hello.slots,
+        repos: hello.repos.clone(),
+        labels: hello.labels.clone(),
+        leases: hello
+            .leases
+            .iter()
+            .map(|l| (JobId(l.job_id), Attempt(l.attempt)))
+            .collect(),
+    })
+}
+
+/// A frame from a runner, as a report.
+pub fn runner_report(msg: Msg) -> Result<RunnerReport, FrameError> {
+    match msg {
+        Msg::Pong(_) => Ok(RunnerReport::Alive),
+        Msg::Started(s) => Ok(RunnerReport::Started {
+            job: JobId(s.job_id),
+            attempt: Attempt(s.attempt),
+        }),
+        Msg::Log(log) => log_report(log),
+        Msg::JobFinished(finished) => result_report(finished),
+        Msg::Error(err) => Err(FrameError::Peer(format!(
+            "runner reported an error: {}",
+            err.message
+        ))),
+        Msg::Hello(_) => Err(second_hello()),
+        other @ (Msg::Welcome(_)
+        | Msg::Reject(_)
+        | Msg::Submit(_)
+        | Msg::SubmitAck(_)
+        | Msg::Assign(_)
+        | Msg::Ping(_)
+        | Msg::Cancel(_)
+        | Msg::ResultAck(_)
+        | Msg::ListJobs(_)
+        | Msg::ListJobsReply(_)
+        | Msg::GetJob(_)
+        | Msg::GetJobReply(_)
+        | Msg::ReadLog(_)
+        | Msg::ReadLogReply(_)
+        | Msg::ListRunners(_)
+        | Msg::ListRunnersReply(_)
+        | Msg::GetStatus(_)
+        | Msg::GetStatusReply(_)
+        | Msg::CancelJob(_)
+        | Msg::CancelJobReply(_)) => Err(protocol(format!(
+            "a runner may not send {}; runners send Pong, Started, Log and JobFinished",
+            other.name()
+        ))),
+    }
+}
+
+fn second_hello() -> FrameError {
+    protocol("a second Hello on one connection is not allowed".to_owned())
+}
+
+fn log_report(log: proto::Log) -> Result<RunnerReport, FrameError> {
+    let stream = match proto::Stream::try_from(log.stream) {
+        Ok(proto::Stream::Stdout) => LogStream::Stdout,
+        Ok(proto::Stream::Stderr) => LogStream::Stderr,
+        Ok(proto::Stream::System) => LogStream::System,
+        Ok(proto::Stream::Unspecified) | Err(_) => {
+            return Err(protocol(format!(
+                "Log for job {} has stream {}; it must be STDOUT, STDERR or SYSTEM",
+                log.job_id, log.stream
+            )));
+        }
+    };
+    Ok(RunnerReport::Log {
+        job: JobId(log.job_id),
+        attempt: Attempt(log.attempt),
+        chunk: LogChunk {
+            task: log.task,
+            stream,
+            offset: log.offset,
+            data: log.data,
+        },
+    })
+}
+
+fn result_report(finished: proto::JobFinished) -> Result<RunnerReport, FrameError> {
+    let job = finished.job_id;
+    let status = match proto::JobStatus::try_from(finished.status) {
+        Ok(proto::JobStatus::Passed) => FinalStatus::Passed,
+        Ok(proto::JobStatus::Failed) => FinalStatus::Failed,
+        Ok(proto::JobStatus::Error) => FinalStatus::Error,
+        Ok(proto::JobStatus::Cancelled) => FinalStatus::Cancelled,
+        _ => {
+            return Err(protocol(format!(
+                "JobFinished for job {job} has status {} (a final status is needed: PASSED, FAILED, ERROR or CANCELLED)",
+                finished.status
+            )));
+        }
+    };
+    let tasks = finished
+        .tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, task)| {
+            task_from_proto(task).map_err(|status| {
+                protocol(format!(
+                    "JobFinished for job {job}: task {i} has status {status}; it must be PASSED, FAILED, TIMED_OUT, CANCELLED, ERROR or SKIPPED"
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(RunnerReport::Finished {
+        job: JobId(job),
+        attempt: Attempt(finished.attempt),
+        result: JobResult {
+            status,
+            message: finished.message,
+            tasks,
+        },
+    })
+}
+
+/// A task result from the wire; `Err` carries the unknown status number.
+fn task_from_proto(task: proto::TaskResult) -> Result<TaskResult, i32> {
+    let status = match proto::TaskStatus::try_from(task.status) {
+        Ok(proto::TaskStatus::Passed) => TaskStatus::Passed,
+        Ok(proto::TaskStatus::Failed) => TaskStatus::Failed,
+        Ok(proto::TaskStatus::TimedOut) => TaskStatus::TimedOut,
+        Ok(proto::TaskStatus::Cancelled) => TaskStatus::Cancelled,
+        Ok(proto::TaskStatus::Error) => TaskStatus::Error,
+        Ok(proto::TaskStatus::Skipped) => TaskStatus::Skipped,
+        Ok(proto::TaskStatus::Unspecified) | Err(_) => return Err(task.status),
+    };
+    Ok(TaskResult {
+        name: task.name,
+        status,
+        exit_code: task.exit_code,
+        signal: task.signal,
+        duration_ms: task.duration_ms,
+        message: task.message,
+    })
+}
+
+/// What the dispatcher tells a runner, as a frame.
+pub fn to_runner(msg: ToRunner) -> Envelope {
+    match msg {
+        ToRunner::Assign(a) => proto::Assign {
+            job_id: a.job.0,
+            attempt: a.attempt.0,
+            repo: a.repo,
+            branch: a.branch,
+            commit: a.commit.as_str().to_owned(),
+        }
+        .into(),
+        ToRunner::Cancel { job, attempt } => proto::Cancel {
+            job_id: job.0,
+            attempt: attempt.0,
+        }
+        .into(),
+        ToRunner::Ping { seq } => proto::Ping { seq }.into(),
+    }
+}
+
+/// The answer to a runner's result.
+pub fn result_ack(job: JobId, attempt: Attempt, ack: ResultAck) -> proto::ResultAck {
+    proto::ResultAck {
+        job_id: job.0,
+        attempt: attempt.0,
+        accepted: ack.accepted,
+        message: ack.message,
+    }
+}
+
+// ---- observers and clients ----
+
+/// A frame from an observer (which may only submit) or a client.
+pub fn client_request(role: Role, msg: Msg) -> Result<ClientRequest, FrameError> {
+    let queries = role == Role::Client;
+    match msg {
+        Msg::Pong(_) => Ok(ClientRequest::Ignore),
+        Msg::Submit(submit) => submission(submit).map(ClientRequest::Submit),
+        Msg::Error(err) => Err(FrameError::Peer(format!(
+            "peer reported an error: {}",
+            err.message
+        ))),
+        Msg::Hello(_) => Err(second_hello()),
+        Msg::ListJobs(q) if queries => Ok(ClientRequest::ListJobs(job_filter(&q))),
+        Msg::GetJob(q) if queries => Ok(ClientRequest::GetJob(JobId(q.job_id))),
+        Msg::ReadLog(q) if queries => Ok(ClientRequest::ReadLog {
+            job: JobId(q.job_id),
+            offset: q.offset,
+            follow: q.follow,
+        }),
+        Msg::ListRunners(_) if queries => Ok(ClientRequest::ListRunners),
+        Msg::GetStatus(_) if queries => Ok(ClientRequest::GetStatus),
+        Msg::CancelJob(q) if queries => Ok(ClientRequest::Cancel(JobId(q.job_id))),
+        other @ (Msg::ListJobs(_)
+        | Msg::GetJob(_)
+        | Msg::ReadLog(_)
+        | Msg::ListRunners(_)
+        | Msg::GetStatus(_)
+        | Msg::CancelJob(_)
+        | Msg::Welcome(_)
+        | Msg::Reject(_)
+        | Msg::SubmitAck(_)
+        | Msg::Assign(_)
+        | Msg::Ping(_)
+        | Msg::Cancel(_)
+        | Msg::Started(_)
+        | Msg::Log(_)
+        | Msg::JobFinished(_)
+        | Msg::ResultAck(_)
+        | Msg::ListJobsReply(_)
+        | Msg::GetJobReply(_)
+        | Msg::ReadLogReply(_)
+        | Msg::ListRunnersReply(_)
+        | Msg::GetStatusReply(_)
+        | Msg::CancelJobReply(_)) => {
+            let allowed = if queries {
+                "clients send Submit, ListJobs, GetJob, ReadLog, ListRunners, GetStatus and CancelJob"
+            } else {
+                "observers send Submit"
+            };
+            Err(protocol(format!(
+                "a {} may not send {}; {allowed}",
+                role_name(role),
+                other.name()
+            )))
+        }
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Runner => "runner",
+        Role::Observer => "observer",
+        Role::Client => "client",
+        Role::Unspecified => "peer without a role",
+    }
+}
+
+fn submission(submit: proto::Submit) -> Result<Submission, FrameError> {
+    let proto::Submit {
+        repo,
+        branch,
+        commits,
+    } = submit;
+    if repo.trim().is_empty() {
+        return Err(protocol(
+            "Submit.repo is empty; name the repository as runners list it".to_owned(),
+        ));
+    }
+    let commits = commits
+        .iter()
+        .map(|c| {
+            CommitId::parse(c).map_err(|_| {
+                protocol(format!(
+                    "Submit.commits holds `{c}`, which is not a full 40-hex commit id"
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Submission {
+        repo,
+        branch,
+        commits,
+    })
+}
+
+/// `ListJobs`: an unset (or unknown) status and a zero limit mean any and
+/// all, as the CLI sends them.
+fn job_filter(q: &proto::ListJobs) -> JobFilter {
+    JobFilter {
+        repo: q.repo.clone(),
+        status: proto::JobStatus::try_from(q.status)
+            .ok()
+            .and_then(job_status_from_proto),
+        limit: (q.limit > 0).then_some(q.limit),
+        ..JobFilter::default()
+    }
+}
+
+fn job_status_from_proto(status: proto::JobStatus) -> Option<JobStatus> {
+    Some(match status {
+        proto::JobStatus::Unspecified => return None,
+        proto::JobStatus::Queued => JobStatus::Queued,
+        proto::JobStatus::Running => JobStatus::Running,
+        proto::JobStatus::Passed => FinalStatus::Passed.into(),
+        proto::JobStatus::Failed => FinalStatus::Failed.into(),
+        proto::JobStatus::Error => FinalStatus::Error.into(),
+        proto::JobStatus::Cancelled => FinalStatus::Cancelled.into(),
+    })
+}
+
+fn job_status(status: JobStatus) -> i32 {
+    let status = match status {
+        JobStatus::Queued => proto::JobStatus::Queued,
+        JobStatus::Running => proto::JobStatus::Running,
+        JobStatus::Final(FinalStatus::Passed) => proto::JobStatus::Passed,
+        JobStatus::Final(FinalStatus::Failed) => proto::JobStatus::Failed,
+        JobStatus::Final(FinalStatus::Error) => proto::JobStatus::Error,
+        JobStatus::Final(FinalStatus::Cancelled) => proto::JobStatus::Cancelled,
+    };
+    status.into()
+}
+
+fn task_status(status: TaskStatus) -> i32 {
+    let status = match status {
+        TaskStatus::Passed => proto::TaskStatus::Passed,
+        TaskStatus::Failed => proto::TaskStatus::Failed,
+        TaskStatus::TimedOut => proto::TaskStatus::TimedOut,
+        TaskStatus::Cancelled => proto::TaskStatus::Cancelled,
+        TaskStatus::Error => proto::TaskStatus::Error,
+        TaskStatus::Skipped => proto::TaskStatus::Skipped,
+    };
+    status.into()
+}
+
+/// A job as client replies carry it.
+pub fn job_info(job: Job) -> proto::JobInfo {
+    proto::JobInfo {
+        id: job.id.0,
+        repo: job.repo,
+        branch: job.branch,
+        commit: job.commit.as_str().to_owned(),
+        status: job_status(job.status),
+        attempt: job.attempt.0,
+        runner: job.runner,
+        message: job.message,
+        queued_at_ms: job.queued_at_ms,
+        started_at_ms: job.started_at_ms,
+        finished_at_ms: job.finished_at_ms,
+        tasks: job
+            .tasks
+            .into_iter()
+            .map(|t| proto::TaskResult {
+                name: t.name,
+                status: task_status(t.status),
+                exit_code: t.exit_code,
+                signal: t.signal,
+                duration_ms: t.duration_ms,
+                message: t.message,
+            })
+            .collect(),
+    }
+}
+
+/// The answer to `ListRunners`.
+pub fn runners_reply(runners: Vec<RunnerView>) -> proto::ListRunnersReply {
+    proto::ListRunnersReply {
+        runners: runners
+            .into_iter()
+            .map(|r| proto::RunnerInfo {
+                name: r.name,
+                addr: r.addr,
+                slots: r.slots,
+                running: r.running.into_iter().map(|j| j.0).collect(),
+                last_seen_ms: r.last_seen_ms,
+                labels: r.labels,
+                repos: r.repos,
+            })
+            .collect(),
+    }
+}
+
+/// The answer to `GetStatus`.
+pub fn status_reply(status: StatusView) -> proto::GetStatusReply {
+    proto::GetStatusReply {
+        version: status.version,
+        uptime_s: status.uptime_s,
+        runners: status.runners,
+        queued: status.queued,
+        running: status.running,
+        supervisor_restarts: status.supervisor_restarts.into_iter().collect(),
+        reassignments: status.reassignments,
+        refused_results: status.refused_results,
+    }
+}
+
+/// The answer to `CancelJob`.
+pub fn cancel_reply(reply: CancelReply) -> proto::CancelJobReply {
+    proto::CancelJobReply {
+        ok: reply.ok,
+        message: reply.message,
+        job: reply.job.map(job_info),
+    }
+}
+
+/// One `ReadLogReply` for what reading `job`'s log found.
+pub fn read_log_reply(job: JobId, event: LogEvent) -> proto::ReadLogReply {
+    let base = proto::ReadLogReply {
+        job_id: job.0,
+        ..proto::ReadLogReply::default()
+    };
+    match event {
+        LogEvent::Bytes {
+            attempt,
+            offset,
+            data,
+            status,
+        } => proto::ReadLogReply {
+            attempt: attempt.0,
+            offset,
+            data,
+            status: job_status(status),
+            ..base
+        },
+        LogEvent::End {
+            attempt,
+            offset,
+            status,
+        } => proto::ReadLogReply {
+            attempt: attempt.0,
+            offset,
+            end: true,
+            status: job_status(status),
+            ..base
+        },
+        LogEvent::NotFound => proto::ReadLogReply {
+            end: true,
+            not_found: true,
+            ..base
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(status: i32, task_status: i32) -> Msg {
+        Msg::JobFinished(proto::JobFinished {
+            job_id: 7,
+            attempt: 2,
+            status,
+            message: "m".into(),
+            tasks: vec![proto::TaskResult {
+                name: "unit".into(),
+                status: task_status,
+                exit_code: Some(1),
+                signal: None,
+                duration_ms: 5,
+                message: String::new(),
+            }],
+        })
+    }
+
+    #[test]
+    fn results_need_final_job_and_known_task_statuses() {
+        let ok = runner_report(finished(proto::JobStatus::Failed.into(), 2)).unwrap();
+        let RunnerReport::Finished {
+            job,
+            attempt,
+            result,
+        } = ok
+        else {
+            panic!("{ok:?}");
+        };
+        assert_eq!((job, attempt), (JobId(7), Attempt(2)));
+        assert_eq!(result.status, FinalStatus::Failed);
+        assert_eq!(result.tasks[0].status, TaskStatus::Failed);
+        for status in [0, 1, 2, 99, -1] {
+            let err = runner_report(finished(status, 1)).unwrap_err();
+            assert_eq!(
+                err,
+                protocol(format!(
+                    "JobFinished for job 7 has status {status} (a final status is needed: PASSED, FAILED, ERROR or CANCELLED)"
+                ))
+            );
+        }
+        let FrameError::Protocol(text) = runner_report(finished(3, 0)).unwrap_err() else {
+            panic!("not a protocol error");
+        };
+        assert!(text.contains("task 0 has status 0"), "{text}");
+    }
+
+    #[test]
+    fn every_status_maps_to_its_protocol_value() {
+        for status in JobStatus::ALL {
+            let back = proto::JobStatus::try_from(job_status(status)).unwrap();
+            assert_eq!(job_status_from_proto(back), Some(status));
+            assert_eq!(back.label(), status.label());
+        }
+        for status in TaskStatus::ALL {
+            let back = proto::TaskStatus::try_from(task_status(status)).unwrap();
+            assert_eq!(back.label(), status.label());
+        }
+    }
+
+    #[test]
+    fn a_log_needs_a_known_stream_and_roles_send_only_their_messages() {
+        let log = |stream| {
+            Msg::Log(proto::Log {
+                job_id: 1,
+                attempt: 1,
+                task: 0,
+                stream,
+                offset: 0,
+                data: "x".into(),
+            })
+        };
+        assert!(matches!(
+            runner_report(log(3)),
+            Ok(RunnerReport::Log { .. })
+        ));
+        assert!(matches!(
+            runner_report(log(0)),
+            Err(FrameError::Protocol(_))
+        ));
+        assert_eq!(
+            client_request(Role::Observer, Msg::GetStatus(proto::GetStatus {})),
+            Err(protocol(
+                "a observer may not send GetStatus; observers send Submit".into()
+            ))
+        );
+        assert_eq!(
+            client_request(Role::Client, Msg::GetStatus(proto::GetStatus {})),
+            Ok(ClientRequest::GetStatus)
+        );
+        assert!(matches!(
+            runner_report(Msg::Submit(proto::Submit::default())),
+            Err(FrameError::Protocol(text)) if text.starts_with("a runner may not send Submit")
+        ));
+    }
+
+    #[test]
+    fn submits_need_a_repository_and_full_commit_ids() {
+        let submit = |repo: &str, commits: &[&str]| {
+            client_request(
+                Role::Observer,
+                Msg::Submit(proto::Submit {
+                    repo: repo.into(),
+                    branch: "main".into(),
+                    commits: commits.iter().map(|c| (*c).to_owned()).collect(),
+                }),
+            )
+        };
+        let upper = "ABCDEF0123456789ABCDEF0123456789ABCDEF01";
+        let Ok(ClientRequest::Submit(s)) = submit("/r", &[upper]) else {
+            panic!("refused");
+        };
+        assert_eq!(s.commits[0].as_str(), upper.to_ascii_lowercase());
+        assert!(
+            matches!(submit(" ", &[upper]), Err(FrameError::Protocol(t)) if t.contains("Submit.repo is empty"))
+        );
+        assert!(
+            matches!(submit("/r", &["abc"]), Err(FrameError::Protocol(t)) if t.contains("`abc`"))
+        );
+    }
+
+    #[test]
+    fn list_jobs_takes_unset_values_as_any() {
+        let q = proto::ListJobs {
+            repo: None,
+            status: 0,
+            limit: 0,
+        };
+        assert_eq!(job_filter(&q), JobFilter::default());
+        let q = proto::ListJobs {
+            repo: Some("/r".into()),
+            status: proto::JobStatus::Running.into(),
+            limit: 5,
+        };
+        assert_eq!(
+            job_filter(&q),
+            JobFilter {
+                repo: Some("/r".into()),
+                status: Some(JobStatus::Running),
+                limit: Some(5),
+                ..JobFilter::default()
+            }
+        );
+    }
+}
