@@ -162,29 +162,7 @@ impl Cli {
 }
 
 fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Option<Config> {
-    for (flag, value) in [
-        ("--heartbeat-interval", cli.heartbeat_interval),
-        ("--runner-timeout", cli.runner_timeout),
-        ("--handshake-timeout", cli.handshake_timeout),
-    ] {
-        if value.is_zero() {
-            problems.push(format!("{flag} must be greater than 0"));
-        }
-    }
-    if cli.heartbeat_interval >= cli.runner_timeout && !cli.runner_timeout.is_zero() {
-        problems.push(format!(
-            "--heartbeat-interval ({:?}) must be shorter than --runner-timeout ({:?}), or every runner would time out between pings",
-            cli.heartbeat_interval, cli.runner_timeout
-        ));
-    }
-    for (flag, value) in [
-        ("--runner-timeout", cli.runner_timeout),
-        ("--heartbeat-interval", cli.heartbeat_interval),
-    ] {
-        if value.as_millis() > u128::from(u32::MAX) {
-            problems.push(format!("{flag} is too long (at most {} ms)", u32::MAX));
-        }
-    }
+    check_intervals(cli, problems);
     if cli.max_attempts == 0 {
         problems.push("--max-attempts must be at least 1".to_owned());
     }
@@ -208,14 +186,64 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
     if cli.state_dir.as_os_str().is_empty() {
         problems.push("--state-dir must not be empty".to_owned());
     }
-    let listen = match cli.listen.to_socket_addrs() {
-        Ok(mut addrs) => match addrs.next() {
-            Some(addr) => Some(addr),
-            None => {
+    let listen = listen_addr(cli, problems);
+    let tls = server_tls(cli, problems);
+    if let Some(addr) = listen {
+        check_exposure(cli, addr, token.is_some(), problems);
+    }
+    if !problems.is_empty() {
+        return None;
+    }
+    Some(Config {
+        listen: listen?,
+        state_dir: cli.state_dir.clone(),
+        token,
+        heartbeat_interval: cli.heartbeat_interval,
+        runner_timeout: cli.runner_timeout,
+        max_attempts: cli.max_attempts,
+        handshake_timeout: cli.handshake_timeout,
+        max_frame: usize::try_from(cli.max_frame).ok()?,
+        spawn_runners: cli.spawn_runners,
+        runner_command,
+        tls,
+    })
+}
+
+fn check_intervals(cli: &Cli, problems: &mut Vec<String>) {
+    for (flag, value) in [
+        ("--heartbeat-interval", cli.heartbeat_interval),
+        ("--runner-timeout", cli.runner_timeout),
+        ("--handshake-timeout", cli.handshake_timeout),
+    ] {
+        if value.is_zero() {
+            problems.push(format!("{flag} must be greater than 0"));
+        }
+    }
+    if cli.heartbeat_interval >= cli.runner_timeout && !cli.runner_timeout.is_zero() {
+        problems.push(format!(
+            "--heartbeat-interval ({:?}) must be shorter than --runner-timeout ({:?}), or every runner would time out between pings",
+            cli.heartbeat_interval, cli.runner_timeout
+        ));
+    }
+    for (flag, value) in [
+        ("--runner-timeout", cli.runner_timeout),
+        ("--heartbeat-interval", cli.heartbeat_interval),
+    ] {
+        if value.as_millis() > u128::from(u32::MAX) {
+            problems.push(format!("{flag} is too long (at most {} ms)", u32::MAX));
+        }
+    }
+}
+
+fn listen_addr(cli: &Cli, problems: &mut Vec<String>) -> Option<SocketAddr> {
+    match cli.listen.to_socket_addrs() {
+        Ok(mut addrs) => {
+            let addr = addrs.next();
+            if addr.is_none() {
                 problems.push(format!("--listen {}: resolves to no address", cli.listen));
-                None
             }
-        },
+            addr
+        }
         Err(err) => {
             problems.push(format!(
                 "--listen {}: not an address (write host:port, e.g. 127.0.0.1:9000): {err}",
@@ -223,8 +251,11 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
             ));
             None
         }
-    };
-    let tls = match (&cli.tls_cert, &cli.tls_key) {
+    }
+}
+
+fn server_tls(cli: &Cli, problems: &mut Vec<String>) -> Option<ServerTls> {
+    match (&cli.tls_cert, &cli.tls_key) {
         (Some(cert), Some(key)) => match ServerTls::new(cert, key, cli.tls_client_ca.as_deref()) {
             Ok(tls) => Some(tls),
             Err(err) => {
@@ -248,39 +279,25 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
             }
             None
         }
-    };
-    // TLS alone authenticates the dispatcher to its clients, not the
-    // clients to it; only mutual TLS (or a token) keeps strangers out.
-    let clients_authenticated = token.is_some() || cli.tls_client_ca.is_some();
-    if let Some(addr) = listen
-        && !addr.ip().is_loopback()
-        && !clients_authenticated
-    {
-        problems.push(format!(
-            "--listen {addr} is not a loopback address and no token is set: anyone who can reach it could submit jobs or pose as a runner; set --token-file (or SURVEIL_TOKEN), require client certificates with --tls-client-ca, or listen on 127.0.0.1{}",
-            if cli.tls_cert.is_some() {
-                " (TLS proves the dispatcher to its clients, not the clients to the dispatcher)"
-            } else {
-                ""
-            }
-        ));
     }
-    if !problems.is_empty() {
-        return None;
+}
+
+/// A non-loopback listener needs clients to authenticate. TLS alone
+/// authenticates the dispatcher to its clients, not the clients to it;
+/// only mutual TLS (or a token) keeps strangers out.
+fn check_exposure(cli: &Cli, addr: SocketAddr, has_token: bool, problems: &mut Vec<String>) {
+    let clients_authenticated = has_token || cli.tls_client_ca.is_some();
+    if addr.ip().is_loopback() || clients_authenticated {
+        return;
     }
-    Some(Config {
-        listen: listen?,
-        state_dir: cli.state_dir.clone(),
-        token,
-        heartbeat_interval: cli.heartbeat_interval,
-        runner_timeout: cli.runner_timeout,
-        max_attempts: cli.max_attempts,
-        handshake_timeout: cli.handshake_timeout,
-        max_frame: usize::try_from(cli.max_frame).ok()?,
-        spawn_runners: cli.spawn_runners,
-        runner_command,
-        tls,
-    })
+    problems.push(format!(
+        "--listen {addr} is not a loopback address and no token is set: anyone who can reach it could submit jobs or pose as a runner; set --token-file (or SURVEIL_TOKEN), require client certificates with --tls-client-ca, or listen on 127.0.0.1{}",
+        if cli.tls_cert.is_some() {
+            " (TLS proves the dispatcher to its clients, not the clients to the dispatcher)"
+        } else {
+            ""
+        }
+    ));
 }
 
 #[cfg(test)]

@@ -26,6 +26,10 @@
 //! [`run`] serves on a listener the caller bound, so tests start a whole
 //! dispatcher on `127.0.0.1:0` in-process.
 
+// Production functions stay under 100 lines (clippy.toml); tests may run
+// longer stories.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
+
 /// A failpoint in a supervised loop; compiled in only with the
 /// `failpoints` feature (armed through the `FAILPOINTS` environment
 /// variable, or `fail::cfg` in tests).
