@@ -1,23 +1,25 @@
-//! Fuzzes the dispatcher's session handling of a frame sequence, at its
-//! pure core: the input is decoded into a sequence of events — runners
-//! connecting (name, slots, repositories, listed leases), disconnecting,
-//! sending frames (`Pong`, `Started`, `Log`, `JobFinished` with any status,
-//! or a message a runner may not send), jobs submitted, users cancelling,
-//! the clock advancing, scheduling passes and dispatcher restarts — and
-//! each event is applied to `surveil_dispatcher::scheduler::Scheduler`
-//! exactly as `session.rs`, the monitor and start-up recovery apply them.
+//! Fuzzes the dispatcher's handling of runner sessions through the very
+//! code the service runs, minus its IO: the input is decoded into a
+//! sequence of events — runners connecting (a `Hello`, possibly invalid),
+//! disconnecting, sending frames (`Pong`, `Started`, `Log`, `JobFinished`
+//! with any status numbers, `Error`, or a message a runner may not send),
+//! commits submitted (new or known), store writes answering late or
+//! failing, users cancelling, the clock advancing, scheduling passes and
+//! dispatcher restarts.
+//!
+//! Frames go through `surveil_dispatcher::wire` (what a runner may send,
+//! which fields are valid) and then `service::decide` and the scheduler,
+//! exactly as the service calls them; the store's answers (the one part
+//! replaced) come from a model of its rules: a result is recorded for the
+//! live attempt, a resend is a duplicate, anything else is stale; writes
+//! may fail or answer after other events.
 //!
 //! After every event it checks the scheduler's own invariants and, against
-//! a model built only from what the scheduler said (its effects and
-//! decisions): at most one live lease per job, every lease held by a
+//! the model: at most one live lease per job, every lease held by a
 //! connected runner, a final status given once and never changed, a
 //! revoked attempt's `Started`, `Log` or result refused and the live one
-//! accepted, a cancelled job ending `cancelled`. It does no IO: the store,
-//! the sockets and the async tasks around the scheduler are not exercised.
-//!
-//! Which message a role may send is decided inline in the private
-//! `session` module (not a function this crate can call), so that part of
-//! the session is not fuzzed here.
+//! accepted, a cancelled job ending `cancelled`, a job whose result is
+//! being written neither requeued nor forgotten.
 
 #![no_main]
 
@@ -26,18 +28,24 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use surveil_dispatcher::scheduler::{
-    Attempt, CancelOutcome, Effect, JobId, JobSpec, ResultDecision, RunnerHello, Scheduler,
-    SchedulerConfig, SessionId,
+use surveil_dispatcher::domain::{
+    Attempt, CommitId, FinalStatus, Job, JobId, JobStatus, RunnerReport, SessionId, Submitted,
 };
-use surveil_proto::JobStatus;
+use surveil_dispatcher::scheduler::{
+    CancelOutcome, Effect, ResultDecision, Scheduler, SchedulerConfig,
+};
+use surveil_dispatcher::service::decide::{self, ReportDecision};
+use surveil_dispatcher::store::RecordOutcome;
+use surveil_dispatcher::wire::{self, ClientRequest};
+use surveil_proto as proto;
+use surveil_proto::{Msg, Role};
 
 const NAMES: [&str; 3] = ["r0", "r1", "r2"];
 const REPOS: [&str; 3] = ["/src/a", "/src/b", "https://example.com/c.git"];
 /// Bounds that keep one input fast (the checks after each event are linear
 /// in jobs and runners) while leaving room for long stories.
 const MAX_EVENTS: usize = 96;
-const MAX_JOBS: JobId = 24;
+const MAX_JOBS: u64 = 24;
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
@@ -52,22 +60,27 @@ struct Model {
     now: Instant,
     config: SchedulerConfig,
     /// Jobs submitted so far have ids `1..next_job`.
-    next_job: JobId,
-    next_session: SessionId,
+    next_job: u64,
+    next_session: u64,
     /// Sessions the scheduler has not disconnected, and their names.
     connected: HashMap<SessionId, &'static str>,
     /// The latest session of each runner name.
     by_name: HashMap<&'static str, SessionId>,
     /// job → its live attempt (assigned and neither requeued nor final).
     live: HashMap<JobId, Attempt>,
-    /// job → highest attempt ever assigned (the store's `attempt`).
+    /// job → highest attempt recorded as assigned (the store's `attempt`).
     assigned: HashMap<JobId, Attempt>,
     /// job → the runner named in its last `Assign` (the store's `runner`).
     runner_of: HashMap<JobId, String>,
     /// Running jobs a user asked to cancel (the scheduler forgets these on
     /// restart, and so does the model).
     cancelling: HashSet<JobId>,
-    finals: HashMap<JobId, JobStatus>,
+    finals: HashMap<JobId, FinalStatus>,
+    /// job → the attempt whose result the store holds.
+    recorded: HashMap<JobId, Attempt>,
+    /// Accepted results whose store write has not answered yet, oldest
+    /// first.
+    writing: Vec<(JobId, Attempt, FinalStatus)>,
     repo_of: HashMap<JobId, &'static str>,
 }
 
@@ -93,6 +106,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         runner_of: HashMap::new(),
         cancelling: HashSet::new(),
         finals: HashMap::new(),
+        recorded: HashMap::new(),
+        writing: Vec::new(),
         repo_of: HashMap::new(),
     };
     let mut s = Scheduler::new(config);
@@ -108,77 +123,10 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
 }
 
 fn step(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()> {
-    match u.int_in_range(0..=9u8)? {
-        // A job is durable in the store: submit it (or, as the redistributor
-        // may, tell the scheduler about an active job again).
-        0 | 1 => {
-            if u.ratio(1, 8)? && m.next_job > 1 {
-                let id = u.int_in_range(1..=m.next_job - 1)?;
-                if s.knows_job(id) {
-                    let before = s.counts();
-                    let spec = spec(m, id, m.repo_of[&id]);
-                    s.handle_job_submitted(spec, m.now);
-                    assert_eq!(s.counts(), before, "a resubmitted job changed the queue");
-                }
-            } else if m.next_job <= MAX_JOBS {
-                let id = m.next_job;
-                m.next_job += 1;
-                let repo = *u.choose(&REPOS)?;
-                m.repo_of.insert(id, repo);
-                let spec = spec(m, id, repo);
-                s.handle_job_submitted(spec, m.now);
-            }
-        }
-        // A runner completes its handshake (session.rs rejects a blank name
-        // or zero slots before the scheduler hears of it).
-        2 => {
-            let name = *u.choose(&NAMES)?;
-            let slots = match u.int_in_range(0..=4u8)? {
-                0 => u32::MAX,
-                n => u32::from(n),
-            };
-            let mask = u.int_in_range(0..=7u8)?;
-            let repos = REPOS
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| mask & (1 << i) != 0)
-                .map(|(_, r)| (*r).to_owned())
-                .collect();
-            let mut leases = Vec::new();
-            for _ in 0..u.int_in_range(0..=4u8)? {
-                let job = pick_job(u, m)?;
-                leases.push((job, pick_attempt(u, m, job)?));
-            }
-            let session = m.next_session;
-            m.next_session += 1;
-            let old = m.by_name.insert(name, session);
-            m.connected.insert(session, name);
-            s.handle_runner_connected(
-                RunnerHello {
-                    session,
-                    name: name.to_owned(),
-                    addr: format!("127.0.0.1:{}", 40000 + session),
-                    slots,
-                    repos,
-                    labels: vec![],
-                    leases,
-                },
-                m.now,
-            );
-            let effects = s.drain_effects();
-            if let Some(old) = old.filter(|o| m.connected.contains_key(o)) {
-                assert!(
-                    effects.contains(&Effect::Disconnect {
-                        session: old,
-                        reason: format!("replaced by a new session of runner {name}"),
-                    }),
-                    "session {old} of {name} not disconnected when replaced"
-                );
-            }
-            absorb(m, effects);
-        }
-        // A connection closes (or the peer said Error, or broke the
-        // protocol): its leases are revoked at once.
+    match u.int_in_range(0..=11u8)? {
+        0 | 1 => submit(u, s, m)?,
+        2 => connect(u, s, m)?,
+        // A connection closes (or broke): its leases are revoked at once.
         3 => {
             let session = pick_session(u, m)?;
             let was_connected = m.connected.contains_key(&session);
@@ -191,7 +139,6 @@ fn step(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()
                 );
             }
         }
-        // A frame arrives from a session, handled as `run_runner` does.
         4..=6 => frame(u, s, m)?,
         // The monitor's tick, after some time.
         7 => {
@@ -200,13 +147,15 @@ fn step(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()
             m.now += Duration::from_millis(ms);
             s.handle_tick(m.now);
         }
-        // The redistributor's scheduling pass.
-        8 => {
-            s.schedule(m.now);
-            absorb(m, s.drain_effects());
-            if let Err(e) = s.check_no_idle_match() {
-                panic!("after schedule: {e}");
-            }
+        8 => schedule(u, s, m)?,
+        9 => store_answers(u, s, m)?,
+        // The dispatcher closed a runner after failing to record its
+        // report: its leases wait for it.
+        10 => {
+            let session = pick_session(u, m)?;
+            s.handle_runner_released(session, m.now);
+            disconnected(m, session);
+            assert!(s.drain_effects().is_empty(), "a release decided something");
         }
         // A user cancels a job, or (rarely) the dispatcher restarts.
         _ => {
@@ -220,135 +169,312 @@ fn step(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()
     Ok(())
 }
 
-fn spec(m: &Model, id: JobId, repo: &str) -> JobSpec {
-    JobSpec {
-        id,
+fn commit(id: JobId) -> String {
+    format!("{:040x}", id.0)
+}
+
+/// The store's state of a known job, as the model knows it.
+fn stored_status(m: &Model, id: JobId) -> JobStatus {
+    match m.finals.get(&id) {
+        Some(status) => JobStatus::Final(*status),
+        None if m.live.contains_key(&id) => JobStatus::Running,
+        None => JobStatus::Queued,
+    }
+}
+
+/// An observer's `Submit` of new commits (or, sometimes, known ones),
+/// through the wire and the service's decision, the store answering as
+/// the model says.
+fn submit(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()> {
+    let known = u.ratio(1, 4)? && m.next_job > 1;
+    let repo = if known {
+        None
+    } else {
+        Some(*u.choose(&REPOS)?)
+    };
+    let ids: Vec<JobId> = match repo {
+        None => {
+            let id = JobId(u.int_in_range(1..=m.next_job - 1)?);
+            vec![id]
+        }
+        Some(_) => {
+            let room = (MAX_JOBS + 1).saturating_sub(m.next_job);
+            let n = u.int_in_range(1..=3u64)?.min(room);
+            (m.next_job..m.next_job + n).map(JobId).collect()
+        }
+    };
+    let Some(&first) = ids.first() else {
+        return Ok(());
+    };
+    let repo = repo.unwrap_or_else(|| m.repo_of[&first]);
+    let msg = Msg::Submit(proto::Submit {
         repo: repo.to_owned(),
         branch: "main".to_owned(),
-        commit: format!("{id:040x}"),
-        attempt: m.assigned.get(&id).copied().unwrap_or(0),
+        commits: ids.iter().map(|id| commit(*id)).collect(),
+    });
+    let Ok(ClientRequest::Submit(submission)) = wire::client_request(Role::Observer, msg) else {
+        panic!("a valid Submit was refused");
+    };
+    let rows: Vec<Submitted> = ids
+        .iter()
+        .map(|id| {
+            let created = !m.repo_of.contains_key(id);
+            Submitted {
+                id: *id,
+                created,
+                status: if created {
+                    JobStatus::Queued
+                } else {
+                    stored_status(m, *id)
+                },
+                branch: "main".to_owned(),
+                attempt: m.assigned.get(id).copied().unwrap_or_default(),
+            }
+        })
+        .collect();
+    for row in rows.iter().filter(|r| r.created) {
+        m.repo_of.insert(row.id, repo);
+        m.next_job = m.next_job.max(row.id.0 + 1);
     }
+    let before = s.counts();
+    let queued = decide::submitted(s, &submission.repo, &submission.commits, &rows, m.now);
+    if !rows.iter().any(|r| r.created) {
+        assert!(
+            !queued && s.counts() == before,
+            "a known job was queued again"
+        );
+    }
+    Ok(())
+}
+
+/// A runner's `Hello` through the handshake's checks, then the scheduler.
+fn connect(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()> {
+    let name = *u.choose(&NAMES)?;
+    let mut hello = proto::Hello::new(Role::Runner, name);
+    hello.slots = match u.int_in_range(0..=5u8)? {
+        0 => u32::MAX,
+        n => u32::from(n - 1),
+    };
+    if u.ratio(1, 16)? {
+        hello.name = " ".to_owned();
+    }
+    let mask = u.int_in_range(0..=7u8)?;
+    hello.repos = REPOS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, r)| (*r).to_owned())
+        .collect();
+    for _ in 0..u.int_in_range(0..=4u8)? {
+        let job = pick_job(u, m)?;
+        let attempt = pick_attempt(u, m, job)?;
+        hello.leases.push(proto::Lease {
+            job_id: job.0,
+            attempt: attempt.0,
+        });
+    }
+    let Ok(checked) = wire::runner_hello(&hello, "127.0.0.1:40000".to_owned()) else {
+        assert!(
+            hello.slots == 0 || hello.name.trim().is_empty(),
+            "a valid Hello refused"
+        );
+        return Ok(());
+    };
+    let session = SessionId(m.next_session);
+    m.next_session += 1;
+    let old = m.by_name.insert(name, session);
+    m.connected.insert(session, name);
+    s.handle_runner_connected(session, checked, m.now);
+    let effects = s.drain_effects();
+    if let Some(old) = old.filter(|o| m.connected.contains_key(o)) {
+        assert!(
+            effects.contains(&Effect::Disconnect {
+                session: old,
+                reason: format!("replaced by a new session of runner {name}"),
+            }),
+            "session {old} of {name} not disconnected when replaced"
+        );
+    }
+    absorb(m, effects);
+    Ok(())
 }
 
 /// A job id: usually one submitted (or the next), sometimes one no store
 /// would hand out.
 fn pick_job(u: &mut Unstructured<'_>, m: &Model) -> Result<JobId> {
-    Ok(match u.int_in_range(0..=9u8)? {
+    Ok(JobId(match u.int_in_range(0..=9u8)? {
         0 => 0,
         1 => u64::MAX,
         2 => u.arbitrary()?,
         _ => u.int_in_range(1..=m.next_job)?,
-    })
+    }))
 }
 
 /// An attempt around the job's current one, or any value at all.
 fn pick_attempt(u: &mut Unstructured<'_>, m: &Model, job: JobId) -> Result<Attempt> {
-    let current = m.assigned.get(&job).copied().unwrap_or(1);
-    Ok(match u.int_in_range(0..=7u8)? {
+    let current = m.assigned.get(&job).copied().unwrap_or(Attempt(1)).0;
+    Ok(Attempt(match u.int_in_range(0..=7u8)? {
         0 => 0,
         1 => u32::MAX,
         2 => u.arbitrary()?,
         3 => current.saturating_sub(1),
         4 => current.saturating_add(1),
         _ => current,
-    })
+    }))
 }
 
 /// A connected runner's session, or a stale or never-seen one (a frame
 /// already read from a connection the scheduler has since dropped).
 fn pick_session(u: &mut Unstructured<'_>, m: &Model) -> Result<SessionId> {
     if u.ratio(1, 5)? {
-        return u.int_in_range(0..=m.next_session);
+        return Ok(SessionId(u.int_in_range(0..=m.next_session)?));
     }
     let name = *u.choose(&NAMES)?;
-    Ok(m.by_name.get(name).copied().unwrap_or(0))
+    Ok(m.by_name.get(name).copied().unwrap_or(SessionId(0)))
 }
 
+/// A frame a runner might send, as the protocol carries it.
+fn runner_frame(u: &mut Unstructured<'_>, m: &Model) -> Result<Msg> {
+    let job = pick_job(u, m)?;
+    let attempt = pick_attempt(u, m, job)?;
+    let status = |u: &mut Unstructured<'_>| -> Result<i32> {
+        Ok(match u.int_in_range(0..=3u8)? {
+            0 => u.arbitrary()?,
+            _ => u.int_in_range(-1..=8)?,
+        })
+    };
+    Ok(match u.int_in_range(0..=9u8)? {
+        0 => Msg::Pong(proto::Pong { seq: 1 }),
+        1 => Msg::Started(proto::Started {
+            job_id: job.0,
+            attempt: attempt.0,
+        }),
+        2 | 3 => Msg::Log(proto::Log {
+            job_id: job.0,
+            attempt: attempt.0,
+            task: 0,
+            stream: u.int_in_range(0..=4)?,
+            offset: u.int_in_range(0..=64)?,
+            data: bytes::Bytes::from_static(b"output\n"),
+        }),
+        4..=6 => {
+            let mut tasks = Vec::new();
+            for _ in 0..u.int_in_range(0..=2u8)? {
+                tasks.push(proto::TaskResult {
+                    name: "unit".to_owned(),
+                    status: u.int_in_range(0..=7)?,
+                    ..proto::TaskResult::default()
+                });
+            }
+            Msg::JobFinished(proto::JobFinished {
+                job_id: job.0,
+                attempt: attempt.0,
+                status: status(u)?,
+                message: "exit 1".to_owned(),
+                tasks,
+            })
+        }
+        7 => Msg::Error(proto::Error {
+            message: "bye".to_owned(),
+        }),
+        8 => Msg::Submit(proto::Submit::default()),
+        _ => Msg::Ping(proto::Ping { seq: 1 }),
+    })
+}
+
+/// A frame arrives from a session, handled as the runner session and the
+/// service handle it.
 fn frame(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()> {
     let session = pick_session(u, m)?;
-    let alive = s.handle_frame(session, m.now);
-    assert_eq!(
-        alive,
-        m.connected.contains_key(&session),
-        "handle_frame({session}) disagrees with the sessions connected"
-    );
-    match u.int_in_range(0..=7u8)? {
-        // Pong: the frame itself was the point.
-        0 => {}
-        // Started or Log: accepted only from the live attempt.
-        1 | 2 => {
-            let job = pick_job(u, m)?;
-            let attempt = pick_attempt(u, m, job)?;
-            let accepted = if u.arbitrary()? {
-                s.handle_started(session, job, attempt, m.now)
-            } else {
-                s.handle_log(session, job, attempt, m.now)
-            };
-            assert_eq!(
-                accepted,
-                m.live.get(&job) == Some(&attempt),
-                "Started/Log of job {job} attempt {attempt}: live is {:?}",
-                m.live.get(&job)
-            );
-        }
-        // JobFinished with any status number; a non-final one is a protocol
-        // error that closes the connection.
-        3..=5 => {
-            let job = pick_job(u, m)?;
-            let attempt = pick_attempt(u, m, job)?;
-            let raw: i32 = match u.int_in_range(0..=3u8)? {
-                0 => u.arbitrary()?,
-                _ => u.int_in_range(-1..=8)?,
-            };
-            match JobStatus::try_from(raw).ok().filter(|st| st.is_final()) {
-                Some(status) => result(s, m, session, job, attempt, status),
-                None => {
-                    s.handle_runner_disconnected(session, "protocol error", m.now);
-                    disconnected(m, session);
-                }
-            }
-        }
-        // Error from the runner, or a message a runner may not send: the
-        // session ends.
-        _ => {
+    let msg = runner_frame(u, m)?;
+    let report = match wire::runner_report(msg) {
+        Ok(report) => report,
+        // A protocol error or the runner's Error: the session ends and its
+        // leases are revoked.
+        Err(_) => {
             s.handle_runner_disconnected(session, "protocol error", m.now);
             disconnected(m, session);
+            return Ok(());
         }
+    };
+    // As the service does: effects decided before the report are applied
+    // first.
+    absorb(m, s.drain_effects());
+    let alive = m.connected.contains_key(&session);
+    let decision = decide::report(s, session, &report, m.now);
+    if alive {
+        let views = s.runners();
+        let view = views
+            .iter()
+            .find(|v| v.session == session)
+            .expect("connected");
+        assert_eq!(view.last_seen, m.now, "a frame is a sign of life");
+    }
+    match (&report, decision) {
+        (RunnerReport::Alive, decision) => assert_eq!(decision, ReportDecision::Ignore),
+        (RunnerReport::Started { job, attempt } | RunnerReport::Log { job, attempt, .. }, d) => {
+            let live = m.live.get(job) == Some(attempt);
+            assert_eq!(
+                d == ReportDecision::Persist,
+                live,
+                "Started/Log of job {job} attempt {attempt}: live is {:?}",
+                m.live.get(job)
+            );
+        }
+        (
+            RunnerReport::Finished {
+                job,
+                attempt,
+                result,
+            },
+            ReportDecision::Result(decision),
+        ) => {
+            result_decided(
+                s,
+                m,
+                *job,
+                *attempt,
+                result.status,
+                &result.message,
+                decision,
+            );
+        }
+        (report, decision) => panic!("{report:?} decided {decision:?}"),
     }
     Ok(())
 }
 
-fn result(
+fn result_decided(
     s: &mut Scheduler,
     m: &mut Model,
-    session: SessionId,
     job: JobId,
     attempt: Attempt,
-    status: JobStatus,
+    status: FinalStatus,
+    message: &str,
+    decision: ResultDecision,
 ) {
-    // As the shell does: effects decided before the result are applied
-    // first.
-    absorb(m, s.drain_effects());
     let was_live = m.live.get(&job) == Some(&attempt);
-    let message = "exit 1";
-    match s.handle_result(session, job, attempt, status, message, m.now) {
+    let in_flight = m.writing.iter().any(|w| w.0 == job && w.1 == attempt);
+    match decision {
         ResultDecision::Accept {
             status: recorded,
             message: recorded_message,
         } => {
-            assert!(was_live, "accepted job {job} attempt {attempt}, not live");
-            let expected = if m.cancelling.remove(&job) {
+            assert!(
+                was_live && !in_flight,
+                "accepted job {job} attempt {attempt}"
+            );
+            let expected = if m.cancelling.contains(&job) {
                 assert_eq!(recorded_message, format!("cancelled by a user: {message}"));
-                JobStatus::Cancelled
+                FinalStatus::Cancelled
             } else {
                 assert_eq!(recorded_message, message);
                 status
             };
             assert_eq!(recorded, expected, "job {job} recorded with another status");
-            m.live.remove(&job);
-            let previous = m.finals.insert(job, recorded);
-            assert!(previous.is_none(), "job {job} finished twice");
+            m.writing.push((job, attempt, recorded));
         }
+        ResultDecision::Pending => assert!(in_flight, "job {job}: pending without a write"),
         ResultDecision::Revoked { message } => {
             assert!(!was_live, "refused the live attempt {attempt} of job {job}");
             assert!(!m.finals.contains_key(&job), "final job {job} not Unknown");
@@ -357,22 +483,89 @@ fn result(
         ResultDecision::Unknown => {
             assert!(!was_live, "live job {job} unknown");
             assert!(
-                m.finals.contains_key(&job) || !(1..m.next_job).contains(&job),
+                m.finals.contains_key(&job) || !(1..m.next_job).contains(&job.0),
                 "active job {job} unknown"
             );
+            // The store's answer, and the service's ack for it.
+            let outcome = if m.recorded.get(&job) == Some(&attempt) {
+                RecordOutcome::Duplicate
+            } else {
+                RecordOutcome::Stale
+            };
+            let ack = decide::result_recorded(s, job, attempt, outcome);
+            assert_eq!(ack.accepted, outcome == RecordOutcome::Duplicate);
         }
     }
+}
+
+/// The scheduling pass; the store refuses some of its assignments.
+fn schedule(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()> {
+    s.schedule(m.now);
+    let mut kept = Vec::new();
+    let mut refused = false;
+    for effect in s.drain_effects() {
+        if let Effect::Assign { assignment, .. } = &effect
+            && u.ratio(1, 8)?
+        {
+            assert!(
+                s.handle_assign_failed(assignment.job, assignment.attempt),
+                "a fresh assignment of job {} could not be undone",
+                assignment.job
+            );
+            refused = true;
+            continue;
+        }
+        kept.push(effect);
+    }
+    absorb(m, kept);
+    absorb(m, s.drain_effects());
+    // A refused assignment leaves its job queued until the next pass.
+    if !refused && let Err(e) = s.check_no_idle_match() {
+        panic!("after schedule: {e}");
+    }
+    Ok(())
+}
+
+/// The store answers the oldest result write in flight: recorded, or
+/// failed (nothing durable; the job runs again).
+fn store_answers(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()> {
+    if m.writing.is_empty() {
+        return Ok(());
+    }
+    let (job, attempt, status) = m.writing.remove(0);
+    if u.ratio(1, 3)? {
+        decide::result_failed(s, job, attempt, m.now);
+        assert!(
+            s.is_live(job, attempt),
+            "job {job} not running again after a failed write"
+        );
+    } else {
+        let ack = decide::result_recorded(s, job, attempt, RecordOutcome::Recorded);
+        assert!(ack.accepted && ack.message.is_empty());
+        assert!(
+            !s.knows_job(job),
+            "job {job} still tracked after its result"
+        );
+        m.cancelling.remove(&job);
+        m.live.remove(&job);
+        m.recorded.insert(job, attempt);
+        let previous = m.finals.insert(job, status);
+        assert!(previous.is_none(), "job {job} finished twice");
+    }
+    Ok(())
 }
 
 fn cancel(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<()> {
     let job = pick_job(u, m)?;
     let known = s.knows_job(job);
     let live = m.live.contains_key(&job);
+    let writing = m.writing.iter().any(|w| w.0 == job);
     let outcome = s.handle_cancel(job, m.now);
-    let expected = match (known, live) {
-        (false, _) => CancelOutcome::NotActive,
-        (true, false) => CancelOutcome::Cancelled,
-        (true, true) => CancelOutcome::Cancelling,
+    let expected = match (known, live, writing) {
+        (false, _, _) => CancelOutcome::NotActive,
+        (true, false, _) => CancelOutcome::Cancelled,
+        (true, true, true) => CancelOutcome::Finishing,
+        (true, true, false) => CancelOutcome::Cancelling,
     };
     assert_eq!(outcome, expected, "cancel of job {job}");
     if outcome == CancelOutcome::Cancelling {
@@ -381,7 +574,7 @@ fn cancel(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<
     if outcome == CancelOutcome::Cancelled {
         let effects = s.drain_effects();
         assert!(
-            matches!(effects.as_slice(), [Effect::Finish { job: j, status: JobStatus::Cancelled, .. }] if *j == job),
+            matches!(effects.as_slice(), [Effect::Finish { job: j, status: FinalStatus::Cancelled, .. }] if *j == job),
             "cancel of queued job {job}: {effects:?}"
         );
         absorb(m, effects);
@@ -389,25 +582,40 @@ fn cancel(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<
     Ok(())
 }
 
-/// The dispatcher restarts on the same store: every connection is gone;
-/// jobs recorded running become orphans their runner may reclaim.
+/// The dispatcher restarts on the same store: every connection is gone,
+/// writes in flight never committed; recovery runs as the service runs it.
 fn restart(s: &mut Scheduler, m: &mut Model) {
     absorb(m, s.drain_effects());
-    let mut queued = Vec::new();
-    let mut running = Vec::new();
-    for id in 1..m.next_job {
+    m.writing.clear();
+    let mut unfinished = Vec::new();
+    for id in (1..m.next_job).map(JobId) {
         if m.finals.contains_key(&id) {
             continue;
         }
-        let spec = spec(m, id, m.repo_of[&id]);
-        if m.live.contains_key(&id) {
-            running.push((spec, m.runner_of[&id].clone()));
-        } else {
-            queued.push(spec);
-        }
+        let running = m.live.contains_key(&id);
+        unfinished.push(Job {
+            id,
+            repo: m.repo_of[&id].to_owned(),
+            branch: "main".to_owned(),
+            commit: CommitId::parse(&commit(id)).expect("40 hex digits"),
+            status: if running {
+                JobStatus::Running
+            } else {
+                JobStatus::Queued
+            },
+            attempt: m.assigned.get(&id).copied().unwrap_or_default(),
+            runner: running.then(|| m.runner_of[&id].clone()),
+            message: None,
+            queued_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+            tasks: Vec::new(),
+        });
     }
     *s = Scheduler::new(m.config);
-    s.handle_recovered(queued, running, m.now);
+    let (queued, running) = decide::recover(s, unfinished, m.now);
+    assert_eq!(running, m.live.len(), "running jobs recovered");
+    assert_eq!(queued + running, (1..m.next_job).count() - m.finals.len());
     m.connected.clear();
     m.by_name.clear();
     m.cancelling.clear();
@@ -421,18 +629,18 @@ fn disconnected(m: &mut Model, session: SessionId) {
     }
 }
 
-/// Applies effects to the model, checking each as the shell would meet it.
+/// Applies effects to the model, checking each as the service would meet
+/// it (every assignment recorded).
 fn absorb(m: &mut Model, effects: Vec<Effect>) {
     for effect in effects {
         match effect {
             Effect::Assign {
                 session,
                 runner,
-                job,
-                attempt,
-                repo,
-                ..
+                assignment,
             } => {
+                let job = assignment.job;
+                let attempt = assignment.attempt;
                 let name = m.connected.get(&session);
                 assert_eq!(
                     name.copied(),
@@ -444,14 +652,15 @@ fn absorb(m: &mut Model, effects: Vec<Effect>) {
                     "job {job} assigned after final"
                 );
                 assert!(!m.live.contains_key(&job), "job {job} assigned while live");
-                assert_eq!(repo, m.repo_of[&job]);
-                let previous = m.assigned.insert(job, attempt).unwrap_or(0);
+                assert_eq!(assignment.repo, m.repo_of[&job]);
+                assert_eq!(assignment.commit.as_str(), commit(job));
+                let previous = m.assigned.insert(job, attempt).unwrap_or_default();
                 assert_eq!(
                     attempt,
-                    previous + 1,
+                    previous.next(),
                     "job {job}: attempt {previous} then {attempt}"
                 );
-                assert!(attempt <= m.config.max_attempts);
+                assert!(attempt.0 <= m.config.max_attempts);
                 m.live.insert(job, attempt);
                 m.runner_of.insert(job, runner);
             }
@@ -459,15 +668,22 @@ fn absorb(m: &mut Model, effects: Vec<Effect>) {
                 assert_eq!(m.live.remove(&job), Some(attempt), "requeue of job {job}");
                 assert!(!m.cancelling.contains(&job), "cancelled job {job} requeued");
                 assert!(
-                    attempt < m.config.max_attempts,
+                    !m.writing.iter().any(|w| w.0 == job),
+                    "job {job} requeued while its result is being written"
+                );
+                assert!(
+                    attempt.0 < m.config.max_attempts,
                     "job {job} requeued at the limit"
                 );
             }
             Effect::Finish { job, status, .. } => {
-                assert!(status.is_final(), "job {job} finished {status:?}");
                 if m.cancelling.remove(&job) {
-                    assert_eq!(status, JobStatus::Cancelled, "cancelled job {job}");
+                    assert_eq!(status, FinalStatus::Cancelled, "cancelled job {job}");
                 }
+                assert!(
+                    !m.writing.iter().any(|w| w.0 == job),
+                    "job {job} finished while its result is being written"
+                );
                 m.live.remove(&job);
                 let previous = m.finals.insert(job, status);
                 assert!(previous.is_none(), "job {job} finished twice");
@@ -522,7 +738,7 @@ fn check(s: &Scheduler, m: &Model) {
         }
     }
     let mut active = 0;
-    for id in 1..m.next_job {
+    for id in (1..m.next_job).map(JobId) {
         let final_ = m.finals.contains_key(&id);
         assert_ne!(
             s.knows_job(id),
@@ -538,6 +754,9 @@ fn check(s: &Scheduler, m: &Model) {
                 "job {id} attempt {attempt} not live"
             );
         }
+    }
+    for (job, attempt, _) in &m.writing {
+        assert!(s.is_live(*job, *attempt), "job {job} left while finishing");
     }
     let (queued, running) = s.counts();
     assert_eq!(running, m.live.len(), "running jobs");
