@@ -47,17 +47,16 @@ pub(super) async fn accept(
             return None;
         }
     };
-    if let Err((code, problem)) = check(daemon, &hello, peer, shutdown) {
-        if code == RejectCode::BadToken {
-            tracing::warn!(name = %hello.name, "wrong token");
+    let runner = match check(daemon, &hello, peer, shutdown) {
+        Ok(runner) => runner,
+        Err((code, problem)) => {
+            if code == RejectCode::BadToken {
+                tracing::warn!(name = %hello.name, "wrong token");
+            }
+            conn.reject(code, problem).await;
+            return None;
         }
-        conn.reject(code, problem).await;
-        return None;
-    }
-    let role = hello.role();
-    let runner = (role == Role::Runner)
-        .then(|| wire::runner_hello(&hello, peer.to_string()).ok())
-        .flatten();
+    };
     let session = daemon.service.new_session();
     let welcome = Welcome {
         session_id: format!("s-{session}"),
@@ -71,20 +70,20 @@ pub(super) async fn accept(
     }
     Some(Accepted {
         conn,
-        role,
+        role: hello.role(),
         runner,
         session,
     })
 }
 
 /// What is wrong with a well-formed `Hello`, if anything: the reject to
-/// answer with.
+/// answer with. For a runner, its checked `Hello`.
 fn check(
     daemon: &Daemon,
     hello: &Hello,
     peer: SocketAddr,
     shutdown: &CancellationToken,
-) -> Result<(), (RejectCode, &'static str)> {
+) -> Result<Option<RunnerHello>, (RejectCode, &'static str)> {
     if let Some(expected) = &daemon.config.token
         && !bool::from(expected.as_bytes().ct_eq(hello.token.as_bytes()))
     {
@@ -93,16 +92,18 @@ fn check(
             "the token does not match the dispatcher's; check --token-file or SURVEIL_TOKEN",
         ));
     }
-    if hello.role() == Role::Runner {
-        wire::runner_hello(hello, peer.to_string()).map_err(|p| (RejectCode::BadRole, p))?;
-    }
+    let runner = if hello.role() == Role::Runner {
+        Some(wire::runner_hello(hello, peer.to_string()).map_err(|p| (RejectCode::BadRole, p))?)
+    } else {
+        None
+    };
     if shutdown.is_cancelled() {
         return Err((
             RejectCode::ShuttingDown,
             "the dispatcher is shutting down; retry later",
         ));
     }
-    Ok(())
+    Ok(runner)
 }
 
 /// TLS when configured; on a plaintext port, a TLS hello is refused at
