@@ -19,7 +19,8 @@ pub struct Cli {
         long,
         env = "SURVEIL_DISPATCH",
         default_value = "127.0.0.1:9000",
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = surveil_common::parse_addr
     )]
     pub dispatch: String,
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::{Context, bail};
-use surveil_common::tls;
+use surveil_common::{Secret, tls};
 use surveil_proto::{JobStatus, ListJobs};
 
 use crate::args::{Cli, Command};
@@ -22,9 +22,9 @@ use crate::output::{self, JobJson, LogPrinter, RunnerJson, StatusJson, SubmitJso
 /// `out`. `colour` says whether statuses may be coloured (stdout is a
 /// terminal and `NO_COLOR` is unset).
 pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<()> {
-    let token = surveil_common::read_token(cli.token_file.as_deref())?;
+    let token = surveil_common::read_token(cli.token_file.as_deref())?.map(Secret::from);
     let tls = cli.tls.load(&cli.dispatch)?;
-    let mut client = Client::connect(&cli.dispatch, token.as_deref(), tls.as_ref()).await?;
+    let mut client = Client::connect(&cli.dispatch, token.as_ref(), tls.as_ref()).await?;
     let json = cli.json;
     match cli.command {
         Command::Jobs {

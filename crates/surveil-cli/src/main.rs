@@ -11,7 +11,6 @@ mod client;
 mod commands;
 mod output;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -22,8 +21,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let stdout = std::io::stdout();
-    let colour =
-        stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+    let colour = surveil_common::logging::colour(&stdout);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

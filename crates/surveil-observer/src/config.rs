@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use surveil_common::LogFormat;
 use surveil_common::tls::{ClientTls, ClientTlsArgs};
+use surveil_common::{LogFormat, Secret};
 
 /// Everything the observer needs, validated. Its `Debug` never shows the
 /// token.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// The dispatcher's `host:port`.
     pub dispatch: String,
@@ -34,7 +34,7 @@ pub struct Config {
     /// The most commits submitted for one move of the branch.
     pub max_backlog: usize,
     /// The shared secret sent in `Hello`.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// The name sent in `Hello`, for the dispatcher's logs.
     pub name: String,
     /// The first delay before retrying the dispatcher.
@@ -43,25 +43,6 @@ pub struct Config {
     pub retry_max: Duration,
     /// TLS to the dispatcher; `None` dials plaintext.
     pub tls: Option<ClientTls>,
-}
-
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("dispatch", &self.dispatch)
-            .field("state_dir", &self.state_dir)
-            .field("repo", &self.repo)
-            .field("branch", &self.branch)
-            .field("interval", &self.interval)
-            .field("every_commit", &self.every_commit)
-            .field("max_backlog", &self.max_backlog)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("name", &self.name)
-            .field("retry_min", &self.retry_min)
-            .field("retry_max", &self.retry_max)
-            .field("tls", &self.tls)
-            .finish()
-    }
 }
 
 impl Config {
@@ -96,7 +77,7 @@ const DEFAULT_DISPATCH: &str = "127.0.0.1:9000";
 )]
 pub struct Cli {
     /// The dispatcher's address.
-    #[arg(long, env = "SURVEIL_DISPATCH", default_value = DEFAULT_DISPATCH, value_parser = parse_addr)]
+    #[arg(long, env = "SURVEIL_DISPATCH", default_value = DEFAULT_DISPATCH, value_parser = surveil_common::parse_addr)]
     pub dispatch: String,
     /// Directory for the cursor file and URL mirrors (created if missing).
     #[arg(long, env = "SURVEIL_STATE_DIR")]
@@ -141,8 +122,9 @@ impl Cli {
     pub fn into_config(self) -> anyhow::Result<Config> {
         let repo = surveil_common::canonical_repo(&self.repo)
             .with_context(|| format!("REPO `{}`", self.repo))?;
-        let token =
-            surveil_common::read_token(self.token_file.as_deref()).context("--token-file")?;
+        let token = surveil_common::read_token(self.token_file.as_deref())
+            .context("--token-file")?
+            .map(Secret::from);
         let tls = self.tls.load(&self.dispatch)?;
         let host = hostname::get()
             .ok()
@@ -161,15 +143,6 @@ impl Cli {
             tls,
             ..Config::new(String::new(), PathBuf::new())
         })
-    }
-}
-
-fn parse_addr(text: &str) -> Result<String, String> {
-    match text.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-            Ok(text.to_owned())
-        }
-        _ => Err(format!("`{text}` is not HOST:PORT (e.g. 127.0.0.1:9000)")),
     }
 }
 
