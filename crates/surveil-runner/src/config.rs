@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use surveil_common::LogFormat;
 use surveil_common::tls::{ClientTls, ClientTlsArgs};
+use surveil_common::{LogFormat, Secret};
 
 use crate::executor::DEFAULT_KILL_GRACE;
 
 /// Everything the runner needs, validated. Its `Debug` shows neither the
 /// token nor the environment (which may hold secrets).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// The dispatcher's `host:port`.
     pub dispatch: String,
@@ -28,7 +28,7 @@ pub struct Config {
     /// The runner's unique name.
     pub name: String,
     /// The shared secret sent in `Hello`.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Jobs run at once.
     pub slots: u32,
     /// Free-form labels sent in `Hello`.
@@ -41,36 +41,13 @@ pub struct Config {
     pub keep_workdirs: bool,
     /// The environment tasks start from (secrets are removed by the
     /// executor); `main` passes the process's own.
-    pub base_env: Vec<(OsString, OsString)>,
+    pub base_env: Secret<Vec<(OsString, OsString)>>,
     /// Between SIGTERM and SIGKILL of a task's process group.
     pub kill_grace: Duration,
     /// The longest pause between reconnect attempts.
     pub reconnect_max: Duration,
     /// TLS to the dispatcher; `None` dials plaintext.
     pub tls: Option<ClientTls>,
-}
-
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("dispatch", &self.dispatch)
-            .field("work_dir", &self.work_dir)
-            .field("name", &self.name)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("slots", &self.slots)
-            .field("labels", &self.labels)
-            .field("repos", &self.repos)
-            .field("drain_timeout", &self.drain_timeout)
-            .field("keep_workdirs", &self.keep_workdirs)
-            .field(
-                "base_env",
-                &format_args!("<{} variables>", self.base_env.len()),
-            )
-            .field("kill_grace", &self.kill_grace)
-            .field("reconnect_max", &self.reconnect_max)
-            .field("tls", &self.tls)
-            .finish()
-    }
 }
 
 /// The default `--dispatch`.
@@ -94,7 +71,7 @@ impl Config {
             repos,
             drain_timeout: Duration::from_secs(300),
             keep_workdirs: false,
-            base_env: Vec::new(),
+            base_env: Secret::default(),
             kill_grace: DEFAULT_KILL_GRACE,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             tls: None,
@@ -111,7 +88,7 @@ impl Config {
 )]
 pub struct Cli {
     /// The dispatcher's address.
-    #[arg(long, env = "SURVEIL_DISPATCH", default_value = DEFAULT_DISPATCH, value_parser = parse_addr)]
+    #[arg(long, env = "SURVEIL_DISPATCH", default_value = DEFAULT_DISPATCH, value_parser = surveil_common::parse_addr)]
     pub dispatch: String,
     /// Directory for mirrors, job checkouts and the result outbox (created
     /// if missing).
@@ -168,8 +145,9 @@ impl Cli {
                 repos.push(canonical);
             }
         }
-        let token =
-            surveil_common::read_token(self.token_file.as_deref()).context("--token-file")?;
+        let token = surveil_common::read_token(self.token_file.as_deref())
+            .context("--token-file")?
+            .map(Secret::from);
         let tls = self.tls.load(&self.dispatch)?;
         let name = match self.name {
             Some(name) => name,
@@ -195,19 +173,10 @@ impl Cli {
             repos,
             drain_timeout: self.drain_timeout,
             keep_workdirs: self.keep_workdirs,
-            base_env,
+            base_env: Secret::new(base_env),
             tls,
             ..Config::new(PathBuf::new(), Vec::new())
         })
-    }
-}
-
-fn parse_addr(text: &str) -> Result<String, String> {
-    match text.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-            Ok(text.to_owned())
-        }
-        _ => Err(format!("`{text}` is not HOST:PORT (e.g. 127.0.0.1:9000)")),
     }
 }
 

@@ -3,8 +3,10 @@
 //!
 //! Code map:
 //! - [`config`]: flags and the validated [`Config`].
-//! - [`session`]: the protocol across connections (Hello with leases,
-//!   pings, assignments, cancels, acks, reconnects, drain).
+//! - [`core`]: the protocol across connections as a pure state machine
+//!   (leases, resends, reconnect backoff, drain); no IO, no clock.
+//! - [`session`]: the I/O shell around the core (the connection, dials,
+//!   job tasks, timers).
 //! - [`job`]: one attempt from `Assign` to a stored result.
 //! - [`workspace`]: gix mirrors and per-job checkouts.
 //! - [`pipeline`]: the `.surveil.toml` file.
@@ -16,6 +18,7 @@
 //! it is sent, and leaves it only on `ResultAck`.
 
 pub mod config;
+pub mod core;
 pub mod executor;
 pub mod job;
 pub mod joblog;
@@ -27,10 +30,12 @@ pub mod workspace;
 use std::sync::Arc;
 
 use anyhow::Context;
+use surveil_common::shutdown::Shutdown;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
+use crate::core::CoreConfig;
 use crate::executor::ExecOptions;
 use crate::job::JobContext;
 use crate::outbox::Outbox;
@@ -76,21 +81,23 @@ impl Runner {
             workspace: Arc::new(workspace),
             outbox,
             exec: ExecOptions {
-                base_env: Arc::new(config.base_env),
+                base_env: Arc::new(config.base_env.into_inner()),
                 kill_grace: config.kill_grace,
             },
             keep_workdirs: config.keep_workdirs,
         });
         let session = SessionConfig {
             dispatch: config.dispatch,
-            name: config.name,
-            token: config.token,
-            slots: config.slots,
-            labels: config.labels,
-            repos: config.repos,
-            drain_timeout: config.drain_timeout,
-            reconnect_max: config.reconnect_max,
             tls: config.tls,
+            reconnect_max: config.reconnect_max,
+            core: CoreConfig {
+                name: config.name,
+                token: config.token,
+                slots: config.slots,
+                labels: config.labels,
+                repos: config.repos,
+                drain_timeout: config.drain_timeout,
+            },
         };
         Ok(Runner {
             session: Session::new(session, ctx, pending),
@@ -108,9 +115,20 @@ impl Runner {
 /// Prepares the work directory and runs until `shutdown` is cancelled and
 /// the drain is over.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let shutdown = Shutdown {
+        graceful: shutdown,
+        immediate: CancellationToken::new(),
+    };
+    serve(config, shutdown, || {}).await
+}
+
+/// [`run`] with both shutdown stages ([`Runner::run`]), calling `ready`
+/// once the work directory is ready (the daemon's systemd `READY=1`).
+pub async fn serve(config: Config, shutdown: Shutdown, ready: impl FnOnce()) -> anyhow::Result<()> {
     let runner = tokio::task::spawn_blocking(move || Runner::prepare(config))
         .await
         .context("preparing the runner")??;
-    runner.run(shutdown, CancellationToken::new()).await;
+    ready();
+    runner.run(shutdown.graceful, shutdown.immediate).await;
     Ok(())
 }

@@ -157,9 +157,11 @@ fn config(dispatch: &str, work: &Path, repos: Vec<String>) -> Config {
     let mut config = Config::new(work, repos);
     config.dispatch = dispatch.to_owned();
     config.name = "ci-test".into();
-    config.base_env = std::env::var_os("PATH")
-        .map(|p| vec![("PATH".into(), p)])
-        .unwrap_or_default();
+    config.base_env = surveil_common::Secret::new(
+        std::env::var_os("PATH")
+            .map(|p| vec![("PATH".into(), p)])
+            .unwrap_or_default(),
+    );
     config.kill_grace = Duration::from_millis(300);
     config.reconnect_max = Duration::from_millis(200);
     config
