@@ -241,7 +241,7 @@ impl Observer {
             let repo = match source.open() {
                 Ok(repo) => repo,
                 // A mirror that was never fetched is not a problem yet.
-                Err(_) if fetch_pending(&source) => return Ok(Selection::default()),
+                Err(_) if source.fetch_pending() => return Ok(Selection::default()),
                 Err(error) => return Err(error.to_string()),
             };
             match watch::resolve_tip(&repo, &branch).map_err(|e| e.to_string())? {
@@ -350,12 +350,6 @@ enum Delivery {
     Retry(SubmitError),
     /// Stop the observer.
     Fatal(anyhow::Error),
-}
-
-/// A remote source whose mirror has not been created yet (the first fetch
-/// has not succeeded).
-fn fetch_pending(source: &Source) -> bool {
-    matches!(source, Source::Remote { mirror, .. } if !mirror.exists())
 }
 
 async fn sleep_until(at: Option<Instant>) {
