@@ -32,7 +32,6 @@ pub struct Backoff {
     first: Duration,
     cap: Duration,
     step: Duration,
-    failures: u32,
     random: Random,
 }
 
@@ -56,7 +55,6 @@ impl Backoff {
             first,
             cap: cap.max(first),
             step: first,
-            failures: 0,
             random: Box::new(random),
         }
     }
@@ -66,7 +64,6 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let step = self.step;
         self.step = step.saturating_mul(2).min(self.cap);
-        self.failures = self.failures.saturating_add(1);
         let random = (self.random)();
         let jitter = if random.is_nan() {
             0.0
@@ -80,17 +77,6 @@ impl Backoff {
     /// Back to the first step, after a success.
     pub fn reset(&mut self) {
         self.step = self.first;
-        self.failures = 0;
-    }
-
-    /// Delays handed out since the last reset.
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-
-    /// The largest delay it can give.
-    pub fn cap(&self) -> Duration {
-        self.cap
     }
 }
 
@@ -100,7 +86,6 @@ impl fmt::Debug for Backoff {
             .field("first", &self.first)
             .field("cap", &self.cap)
             .field("step", &self.step)
-            .field("failures", &self.failures)
             .finish_non_exhaustive()
     }
 }
@@ -119,9 +104,7 @@ mod tests {
             top,
             [100, 200, 400, 800, 1600, 3000, 3000, 3000].map(|ms| ms * MS)
         );
-        assert_eq!(b.failures(), 8);
         b.reset();
-        assert_eq!(b.failures(), 0);
         assert_eq!(b.next_delay(), 100 * MS);
 
         let mut b = Backoff::with_random(100 * MS, 3000 * MS, || 0.0);
@@ -159,7 +142,7 @@ mod tests {
     fn degenerate_bounds_still_back_off() {
         let mut b = Backoff::with_random(Duration::ZERO, Duration::ZERO, || 1.0);
         assert_eq!(b.next_delay(), MS);
-        assert_eq!(b.cap(), MS);
+        assert_eq!(b.next_delay(), MS, "capped at the first step");
         let mut b = Backoff::with_random(500 * MS, 100 * MS, || 1.0);
         assert_eq!(
             b.next_delay(),

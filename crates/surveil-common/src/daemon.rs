@@ -4,10 +4,10 @@
 //! `STATUS=`, `WATCHDOG=1`, `STOPPING=1`), print the error chain of a
 //! failure and pick the exit code (0 after a clean stop, 1 on failure).
 //!
-//! A daemon's `main.rs` names its [`Daemon`] and hands over three things:
-//! where its log format is, how its command line becomes a validated
-//! config, and its `serve(config, shutdown, ready)`. What the daemon does
-//! lives in its library; this module knows none of it.
+//! A daemon's `main.rs` describes its [`Daemon`] and hands over three
+//! things: where its log format is, how its command line becomes a
+//! validated config, and its `serve(config, shutdown, ready)`. What the
+//! daemon does lives in its library; this module knows none of it.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -35,11 +35,11 @@ pub enum SecondSignal {
 #[derive(Debug, Clone, Copy)]
 pub struct Daemon {
     /// Worker threads of the runtime; `None`: one per core.
-    pub worker_threads: Option<usize>,
+    worker_threads: Option<usize>,
     /// What a second signal does.
-    pub second_signal: SecondSignal,
+    second_signal: SecondSignal,
     /// The `STATUS=` line sent with `READY=1`, shown by `systemctl status`.
-    pub ready_status: &'static str,
+    ready_status: &'static str,
 }
 
 /// Handed to `serve`, which calls [`Ready::notify`] once it is serving (its
@@ -58,6 +58,28 @@ impl Ready {
 }
 
 impl Daemon {
+    /// A daemon that tells systemd `ready_status` once serving, runs one
+    /// worker thread per core, and exits at once on a second signal.
+    pub const fn new(ready_status: &'static str) -> Self {
+        Daemon {
+            worker_threads: None,
+            second_signal: SecondSignal::Exit,
+            ready_status,
+        }
+    }
+
+    /// Runs `threads` worker threads instead.
+    pub const fn worker_threads(mut self, threads: usize) -> Self {
+        self.worker_threads = Some(threads);
+        self
+    }
+
+    /// Leaves a second signal to `serve`: [`SecondSignal::Immediate`].
+    pub const fn immediate_on_second_signal(mut self) -> Self {
+        self.second_signal = SecondSignal::Immediate;
+        self
+    }
+
     /// Runs the daemon whose command line is `C` and returns its exit code.
     ///
     /// `log_format` reads the `--log-format` flag; `into_config` validates

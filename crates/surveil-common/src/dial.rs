@@ -7,11 +7,52 @@
 //! its own crate's business. It never retries; callers own their
 //! [`Backoff`](crate::Backoff).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use surveil_proto::{Connection, HandshakeError, Hello, RejectCode, Welcome};
 
-use crate::tls::{self, ClientTls};
+use crate::Secret;
+use crate::tls::{self, ClientTls, ClientTlsArgs, TlsError};
+
+/// The default `--dispatch`.
+pub const DEFAULT_DISPATCH: &str = "127.0.0.1:9000";
+
+/// The flags with which every client (runner, observer, `surveil`) says
+/// where the dispatcher is and how to prove who it is; flatten it into the
+/// binary's command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DispatchArgs {
+    /// The dispatcher's address, `host:port`.
+    #[arg(long, env = "SURVEIL_DISPATCH", default_value = DEFAULT_DISPATCH,
+          value_name = "ADDR", value_parser = parse_addr)]
+    pub dispatch: String,
+    /// File holding the dispatcher's shared secret (surrounding whitespace
+    /// trimmed); without it, the SURVEIL_TOKEN environment variable.
+    #[arg(long, env = "SURVEIL_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    // --tls-ca, --tls-cert, --tls-key, --tls-server-name.
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    // Only there to refuse `--token VALUE` with the reason.
+    #[command(flatten)]
+    pub refuse_token: crate::RefuseTokenFlag,
+}
+
+impl DispatchArgs {
+    /// The token from `--token-file` or `SURVEIL_TOKEN`; errors name the
+    /// flag.
+    pub fn token(&self) -> anyhow::Result<Option<Secret>> {
+        let token = crate::read_token(self.token_file.as_deref()).context("--token-file")?;
+        Ok(token.map(Secret::from))
+    }
+
+    /// The TLS the flags ask for, `None` without `--tls-ca`.
+    pub fn tls(&self) -> Result<Option<ClientTls>, TlsError> {
+        self.tls.load(&self.dispatch)
+    }
+}
 
 /// A handshaken connection to the dispatcher.
 pub type Dialed = (Connection<tls::Stream>, Welcome);

@@ -10,6 +10,9 @@
 //! read it themselves. Nothing here knows what a role does after its
 //! handshake.
 
+// Production functions stay under 100 lines (clippy.toml); tests may be longer.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
+
 pub mod backoff;
 pub mod config;
 pub mod daemon;
@@ -26,7 +29,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 pub use backoff::Backoff;
-pub use dial::{DialError, dial, parse_addr};
+pub use dial::{DialError, DispatchArgs, dial, parse_addr};
 pub use logging::LogFormat;
 pub use secret::Secret;
 

@@ -33,18 +33,6 @@ impl<T> Secret<T> {
     pub fn expose(&self) -> &T {
         &self.0
     }
-
-    /// Unwraps the value.
-    pub fn into_inner(self) -> T {
-        self.0
-    }
-}
-
-impl Secret<String> {
-    /// The token as a `&str`.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 impl<T> fmt::Debug for Secret<T> {
@@ -103,7 +91,6 @@ mod tests {
     fn display_redacts_too() {
         let token = Secret::new("x".to_owned());
         assert_eq!(format!("token={token}"), "token=<redacted>");
-        assert_eq!(token.as_str(), "x");
-        assert_eq!(token.into_inner(), "x");
+        assert_eq!(token.expose(), "x");
     }
 }

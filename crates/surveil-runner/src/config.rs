@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use surveil_common::tls::{ClientTls, ClientTlsArgs};
-use surveil_common::{LogFormat, Secret};
+use surveil_common::tls::ClientTls;
+use surveil_common::{DispatchArgs, LogFormat, Secret};
 
 use crate::executor::DEFAULT_KILL_GRACE;
 
@@ -50,9 +50,6 @@ pub struct Config {
     pub tls: Option<ClientTls>,
 }
 
-/// The default `--dispatch`.
-pub const DEFAULT_DISPATCH: &str = "127.0.0.1:9000";
-
 /// The reconnect backoff's cap: a few seconds, so a restarted dispatcher
 /// sees its runners again quickly.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(3);
@@ -62,7 +59,7 @@ impl Config {
     /// canonical) and `work_dir`; the environment is empty.
     pub fn new(work_dir: impl Into<PathBuf>, repos: Vec<String>) -> Self {
         Config {
-            dispatch: DEFAULT_DISPATCH.to_owned(),
+            dispatch: surveil_common::dial::DEFAULT_DISPATCH.to_owned(),
             work_dir: work_dir.into(),
             name: "surveil-runner".to_owned(),
             token: None,
@@ -87,9 +84,9 @@ impl Config {
     about = "Runs the pipelines of commits the Surveil dispatcher assigns to it"
 )]
 pub struct Cli {
-    /// The dispatcher's address.
-    #[arg(long, env = "SURVEIL_DISPATCH", default_value = DEFAULT_DISPATCH, value_parser = surveil_common::parse_addr)]
-    pub dispatch: String,
+    // --dispatch, --token-file, the TLS flags.
+    #[command(flatten)]
+    pub connect: DispatchArgs,
     /// Directory for mirrors, job checkouts and the result outbox (created
     /// if missing).
     #[arg(long, env = "SURVEIL_WORK_DIR")]
@@ -104,9 +101,6 @@ pub struct Cli {
     /// Labels describing this runner, comma-separated.
     #[arg(long, env = "SURVEIL_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
-    /// File holding the dispatcher's shared secret (else SURVEIL_TOKEN).
-    #[arg(long, env = "SURVEIL_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
     /// After SIGTERM, how long running jobs may take before they are
     /// cancelled.
     #[arg(long, env = "SURVEIL_DRAIN_TIMEOUT", default_value = "5m", value_parser = surveil_common::parse_duration)]
@@ -120,12 +114,6 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, env = "SURVEIL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    // --tls-ca, --tls-cert, --tls-key, --tls-server-name.
-    #[command(flatten)]
-    pub tls: ClientTlsArgs,
-    // Only there to refuse `--token VALUE` with the reason.
-    #[command(flatten)]
-    pub refuse_token: surveil_common::RefuseTokenFlag,
     /// The repositories this runner may build: local paths or URLs gix can
     /// fetch.
     #[arg(value_name = "REPO", required = true, num_args = 1..)]
@@ -145,10 +133,8 @@ impl Cli {
                 repos.push(canonical);
             }
         }
-        let token = surveil_common::read_token(self.token_file.as_deref())
-            .context("--token-file")?
-            .map(Secret::from);
-        let tls = self.tls.load(&self.dispatch)?;
+        let token = self.connect.token()?;
+        let tls = self.connect.tls()?;
         let name = match self.name {
             Some(name) => name,
             None => hostname::get()
@@ -164,7 +150,7 @@ impl Cli {
             .filter(|l| !l.is_empty())
             .collect();
         Ok(Config {
-            dispatch: self.dispatch,
+            dispatch: self.connect.dispatch,
             work_dir: self.work_dir,
             name,
             token,
@@ -205,7 +191,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_contract() {
         let cli = parse(&["--work-dir", "/w", "/r"]).unwrap();
-        assert_eq!(cli.dispatch, "127.0.0.1:9000");
+        assert_eq!(cli.connect.dispatch, "127.0.0.1:9000");
         assert_eq!(cli.slots, 1);
         assert_eq!(cli.drain_timeout, Duration::from_secs(300));
         assert!(!cli.keep_workdirs);

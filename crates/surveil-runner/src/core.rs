@@ -39,6 +39,7 @@ use surveil_proto::{
     Assign, Envelope, Hello, JobFinished, JobStatus, Lease, Log, Msg, Pong, Role, Started, Welcome,
 };
 
+use crate::Config;
 use crate::job;
 use crate::joblog::JobEvent;
 
@@ -58,24 +59,6 @@ pub const RESULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`RESULT_FLUSH_TIMEOUT`] after a second shutdown signal: the operator
 /// wants the runner gone, the outbox keeps the results.
 pub const RESULT_FLUSH_TIMEOUT_IMMEDIATE: Duration = Duration::from_secs(1);
-
-/// What the core needs to know about the runner.
-#[derive(Debug, Clone)]
-pub struct CoreConfig {
-    /// The runner's unique name, sent in `Hello`.
-    pub name: String,
-    /// The shared secret sent in `Hello`, if any.
-    pub token: Option<Secret>,
-    /// Jobs at once.
-    pub slots: u32,
-    /// Free-form labels.
-    pub labels: Vec<String>,
-    /// Canonical repository strings this runner builds.
-    pub repos: Vec<String>,
-    /// How long running jobs may take to finish after the first shutdown
-    /// signal.
-    pub drain_timeout: Duration,
-}
 
 /// Which shutdown signal arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,10 +188,15 @@ enum Phase {
     Done,
 }
 
-/// The runner's session state machine. See the module documentation.
+/// The runner's session state machine. See the module documentation. Its
+/// `Debug` shows no token.
 #[derive(Debug)]
 pub struct RunnerCore {
-    config: CoreConfig,
+    /// Who the runner is (name, slots, labels, repositories); the token and
+    /// the leases are added at each dial.
+    hello: Hello,
+    token: Option<Secret>,
+    drain_timeout: Duration,
     backoff: Backoff,
     link: Link,
     phase: Phase,
@@ -223,16 +211,18 @@ pub struct RunnerCore {
 }
 
 impl RunnerCore {
-    /// A core whose unacknowledged results are `pending` (from the outbox
-    /// at start-up); it dials at once.
-    pub fn new(
-        config: CoreConfig,
-        backoff: Backoff,
-        pending: Vec<JobFinished>,
-        now: Instant,
-    ) -> Self {
+    /// A core for the runner `config` describes, whose unacknowledged
+    /// results are `pending` (from the outbox at start-up); it dials at
+    /// once.
+    pub fn new(config: &Config, backoff: Backoff, pending: Vec<JobFinished>, now: Instant) -> Self {
+        let mut hello = Hello::new(Role::Runner, config.name.clone());
+        hello.slots = config.slots;
+        hello.labels = config.labels.clone();
+        hello.repos = config.repos.clone();
         let mut core = RunnerCore {
-            config,
+            hello,
+            token: config.token.clone(),
+            drain_timeout: config.drain_timeout,
             backoff,
             link: Link::Down { next_dial: now },
             phase: Phase::Serving,
@@ -301,7 +291,7 @@ impl RunnerCore {
 
     /// Whether `key` is held in any state (queued, running, being stored,
     /// waiting for its ack).
-    pub fn holds(&self, key: LeaseKey) -> bool {
+    fn holds(&self, key: LeaseKey) -> bool {
         self.running.contains_key(&key)
             || self.storing.contains(&key)
             || self.results.contains_key(&key)
@@ -309,7 +299,7 @@ impl RunnerCore {
     }
 
     /// Every lease held, sorted: what a `Hello` lists.
-    pub fn leases(&self) -> Vec<LeaseKey> {
+    fn leases(&self) -> Vec<LeaseKey> {
         let mut leases: Vec<LeaseKey> = self
             .running
             .keys()
@@ -323,28 +313,24 @@ impl RunnerCore {
         leases
     }
 
-    /// Leases of running jobs.
-    pub fn running(&self) -> Vec<LeaseKey> {
-        self.running.keys().copied().collect()
-    }
-
     /// Leases whose results wait for their `ResultAck`.
-    pub fn unacknowledged(&self) -> Vec<LeaseKey> {
+    #[cfg(test)]
+    fn unacknowledged(&self) -> Vec<LeaseKey> {
         self.results.keys().copied().collect()
     }
 
-    /// Whether a connection is up.
-    pub fn is_connected(&self) -> bool {
+    fn is_connected(&self) -> bool {
         matches!(self.link, Link::Up { .. })
     }
 
     /// Panics when an invariant of the module documentation is broken.
-    pub fn check_invariants(&self) {
+    #[cfg(test)]
+    fn check_invariants(&self) {
         assert!(
-            self.running.len() <= self.config.slots as usize,
+            self.running.len() <= self.hello.slots as usize,
             "{} jobs run on {} slots",
             self.running.len(),
-            self.config.slots
+            self.hello.slots
         );
         let mut seen = BTreeSet::new();
         let all = self
@@ -364,13 +350,10 @@ impl RunnerCore {
     }
 
     fn hello(&self) -> Hello {
-        let mut hello = Hello::new(Role::Runner, self.config.name.clone());
-        if let Some(token) = &self.config.token {
+        let mut hello = self.hello.clone();
+        if let Some(token) = &self.token {
             hello.token = token.expose().clone();
         }
-        hello.slots = self.config.slots;
-        hello.labels = self.config.labels.clone();
-        hello.repos = self.config.repos.clone();
         hello.leases = self
             .leases()
             .into_iter()
@@ -540,13 +523,13 @@ impl RunnerCore {
             tracing::info!("assignment of a job already held: not run again");
             return;
         }
-        if !self.config.repos.contains(&assign.repo) {
+        if !self.hello.repos.contains(&assign.repo) {
             tracing::warn!(repo = %assign.repo, "refused: repository not in this runner's REPO list");
             let message = format!(
                 "runner {} does not build repository {} (its REPO list: {})",
-                self.config.name,
+                self.hello.name,
                 assign.repo,
-                self.config.repos.join(", ")
+                self.hello.repos.join(", ")
             );
             self.store(job::error_result(key.0, key.1, message));
             return;
@@ -655,11 +638,11 @@ impl RunnerCore {
         tracing::info!(
             running = self.running.len(),
             not_started = self.queued.len(),
-            drain_timeout = ?self.config.drain_timeout,
+            drain_timeout = ?self.drain_timeout,
             "draining: running jobs may finish, no new job starts"
         );
         self.phase = Phase::Draining {
-            deadline: Some(now + self.config.drain_timeout),
+            deadline: Some(now + self.drain_timeout),
             immediate: false,
         };
     }
@@ -715,7 +698,7 @@ impl RunnerCore {
             };
             let reason = format!(
                 "runner shut down: the job did not finish within the drain timeout ({})",
-                humantime::format_duration(self.config.drain_timeout)
+                humantime::format_duration(self.drain_timeout)
             );
             self.cancel_all(&reason);
         }
@@ -731,7 +714,7 @@ impl RunnerCore {
     }
 
     fn start_queued(&mut self) {
-        while self.phase == Phase::Serving && self.running.len() < self.config.slots as usize {
+        while self.phase == Phase::Serving && self.running.len() < self.hello.slots as usize {
             let Some(assign) = self.queued.pop_front() else {
                 return;
             };

@@ -17,12 +17,19 @@
 //! Architecture invariant: a finished job's result is in the outbox before
 //! it is sent, and leaves it only on `ResultAck`.
 
+// Production functions stay under 100 lines (clippy.toml); tests may be longer.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
+
 pub mod config;
 pub mod core;
+// `run_task` and `parse` are over the limit; the task sandbox (issue 14)
+// is rewriting both modules and splits them there.
+#[allow(clippy::too_many_lines)]
 pub mod executor;
 pub mod job;
 pub mod joblog;
 pub mod outbox;
+#[allow(clippy::too_many_lines)]
 pub mod pipeline;
 pub mod session;
 pub mod workspace;
@@ -35,11 +42,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-use crate::core::CoreConfig;
 use crate::executor::ExecOptions;
 use crate::job::JobContext;
 use crate::outbox::Outbox;
-use crate::session::{Session, SessionConfig};
+use crate::session::Session;
 use crate::workspace::Workspace;
 
 /// A runner whose work directory is ready; [`Runner::run`] connects.
@@ -81,26 +87,13 @@ impl Runner {
             workspace: Arc::new(workspace),
             outbox,
             exec: ExecOptions {
-                base_env: Arc::new(config.base_env.into_inner()),
+                base_env: Arc::new(config.base_env.expose().clone()),
                 kill_grace: config.kill_grace,
             },
             keep_workdirs: config.keep_workdirs,
         });
-        let session = SessionConfig {
-            dispatch: config.dispatch,
-            tls: config.tls,
-            reconnect_max: config.reconnect_max,
-            core: CoreConfig {
-                name: config.name,
-                token: config.token,
-                slots: config.slots,
-                labels: config.labels,
-                repos: config.repos,
-                drain_timeout: config.drain_timeout,
-            },
-        };
         Ok(Runner {
-            session: Session::new(session, ctx, pending),
+            session: Session::new(&config, ctx, pending),
         })
     }
 

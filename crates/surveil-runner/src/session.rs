@@ -25,7 +25,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::core::{Action, CoreConfig, Event, LeaseKey, RunnerCore, Stop};
+use crate::Config;
+use crate::core::{Action, Event, LeaseKey, RunnerCore, Stop};
 use crate::executor::CancelSignal;
 use crate::job::{self, JobContext};
 use crate::joblog::{JobEvent, JobLog};
@@ -38,19 +39,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// First reconnect delay; doubled per failure up to the configured cap.
 const BACKOFF_START: Duration = Duration::from_millis(100);
-
-/// Everything the session needs besides the job context.
-#[derive(Clone, Debug)]
-pub struct SessionConfig {
-    /// `host:port` of the dispatcher.
-    pub dispatch: String,
-    /// TLS to the dispatcher; `None` dials plaintext.
-    pub tls: Option<ClientTls>,
-    /// The longest wait between reconnect attempts.
-    pub reconnect_max: Duration,
-    /// Who the runner is and how it drains.
-    pub core: CoreConfig,
-}
 
 type Dialing = Pin<Box<dyn Future<Output = Result<Dialed, DialError>> + Send>>;
 
@@ -73,15 +61,15 @@ fn now() -> std::time::Instant {
 }
 
 impl Session {
-    /// A session whose unacknowledged results are `pending` (from the
-    /// outbox at start-up).
-    pub fn new(cfg: SessionConfig, ctx: Arc<JobContext>, pending: Vec<JobFinished>) -> Self {
+    /// A session of the runner `config` describes, whose unacknowledged
+    /// results are `pending` (from the outbox at start-up).
+    pub fn new(config: &Config, ctx: Arc<JobContext>, pending: Vec<JobFinished>) -> Self {
         let (events_tx, events_rx) = mpsc::channel(256);
-        let backoff = Backoff::new(BACKOFF_START, cfg.reconnect_max);
+        let backoff = Backoff::new(BACKOFF_START, config.reconnect_max);
         Session {
-            core: RunnerCore::new(cfg.core, backoff, pending, now()),
-            dispatch: cfg.dispatch,
-            tls: cfg.tls,
+            core: RunnerCore::new(config, backoff, pending, now()),
+            dispatch: config.dispatch.clone(),
+            tls: config.tls.clone(),
             ctx,
             events_tx,
             events_rx,

@@ -86,11 +86,6 @@ impl Workspace {
         })
     }
 
-    /// The work directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// `WORK_DIR/outbox`.
     pub fn outbox_dir(&self) -> PathBuf {
         self.root.join("outbox")

@@ -12,15 +12,14 @@ const REPO: &str = "/srv/git/app";
 const MS: Duration = Duration::from_millis(1);
 const DRAIN: Duration = Duration::from_secs(2);
 
-fn config(slots: u32) -> CoreConfig {
-    CoreConfig {
-        name: "ci-1".into(),
-        token: Some("tok".into()),
-        slots,
-        labels: vec!["linux".into()],
-        repos: vec![REPO.into()],
-        drain_timeout: DRAIN,
-    }
+fn config(slots: u32) -> Config {
+    let mut config = Config::new("/work", vec![REPO.into()]);
+    config.name = "ci-1".into();
+    config.token = Some("tok".into());
+    config.slots = slots;
+    config.labels = vec!["linux".into()];
+    config.drain_timeout = DRAIN;
+    config
 }
 
 /// Jitter pinned to the top of each step: delays are 100, 200, 400… ms.
@@ -29,7 +28,7 @@ fn backoff() -> Backoff {
 }
 
 fn core(slots: u32, pending: Vec<JobFinished>, t0: Instant) -> RunnerCore {
-    RunnerCore::new(config(slots), backoff(), pending, t0)
+    RunnerCore::new(&config(slots), backoff(), pending, t0)
 }
 
 fn actions(core: &mut RunnerCore) -> Vec<Action> {
