@@ -14,7 +14,7 @@ use surveil_proto::{Assign, JobFinished, JobStatus, Started};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::executor::{self, CancelSignal, ExecOptions, JobInfo};
+use crate::executor::{self, CancelSignal, ExecOptions, JobEnv};
 use crate::joblog::{JobEvent, JobLog};
 use crate::outbox::Outbox;
 use crate::pipeline;
@@ -134,6 +134,8 @@ async fn checkout_and_run(
     let (job_id, attempt) = (assign.job_id, assign.attempt);
     // A directory of the same attempt can only be a leftover.
     remove_dir(dir.to_owned()).await;
+    log.system(0, &format!("isolation: {}", ctx.exec.isolation.describe()))
+        .await;
     log.system(
         0,
         &format!("checking out {} of {}", assign.commit, assign.repo),
@@ -191,6 +193,19 @@ async fn checkout_and_run(
             return error_result(job_id, attempt, message);
         }
     }
+    let handed = {
+        let (isolation, dir) = (ctx.exec.isolation.clone(), dir.to_owned());
+        tokio::task::spawn_blocking(move || isolation.hand_over(&dir)).await
+    };
+    if let Some(problem) = match handed {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(e) => Some(e.to_string()),
+    } {
+        let message = format!("cannot give the checkout to the task user: {problem}");
+        log.system(0, &message).await;
+        return error_result(job_id, attempt, message);
+    }
     let loaded = {
         let dir = dir.to_owned();
         tokio::task::spawn_blocking(move || pipeline::load(&dir)).await
@@ -208,7 +223,7 @@ async fn checkout_and_run(
             return error_result(job_id, attempt, message);
         }
     };
-    let info = JobInfo {
+    let info = JobEnv {
         job_id,
         attempt,
         repo: assign.repo.clone(),

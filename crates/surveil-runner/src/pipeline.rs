@@ -41,6 +41,9 @@ pub struct Task {
     pub env: BTreeMap<String, String>,
     /// A failure of this task does not end the job.
     pub allow_failure: bool,
+    /// `false` (`network = false`): the task gets a network namespace of
+    /// its own, with only a loopback device. Default `true`.
+    pub network: bool,
 }
 
 /// Why a pipeline file was refused. Its `Display` is the whole message a
@@ -84,6 +87,8 @@ struct RawTask {
     env: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     allow_failure: bool,
+    // Any TOML value, so that a wrong type gets our message and position.
+    network: Option<Spanned<toml::Value>>,
 }
 
 /// Reads and parses `dir/.surveil.toml`; a missing file is an error too.
@@ -227,15 +232,45 @@ pub fn parse(bytes: &[u8], file: &str) -> Result<Pipeline, PipelineError> {
                 }
             }
         }
+        let network = network(task.network.as_ref(), name)
+            .map_err(|(offset, problem)| at(text, offset, problem))?;
         tasks.push(Task {
             name: task.name.into_inner(),
             run: task.run.into_inner(),
             timeout,
             env: task.env.map(Spanned::into_inner).unwrap_or_default(),
             allow_failure: task.allow_failure,
+            network,
         });
     }
     Ok(Pipeline { tasks })
+}
+
+/// The `network` key: a boolean, `true` when absent; a wrong type is the
+/// byte offset of the value and the problem.
+fn network(value: Option<&Spanned<toml::Value>>, task: &str) -> Result<bool, (usize, String)> {
+    let Some(spanned) = value else {
+        return Ok(true);
+    };
+    match spanned.get_ref() {
+        toml::Value::Boolean(network) => Ok(*network),
+        other => Err((
+            spanned.span().start,
+            format!(
+                "task `{task}`: `network` must be true or false, not {} {other}",
+                article(other.type_str())
+            ),
+        )),
+    }
+}
+
+/// "a string", "an integer": for messages about a value's type.
+fn article(type_name: &str) -> String {
+    if type_name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {type_name}")
+    } else {
+        format!("a {type_name}")
+    }
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
@@ -286,6 +321,29 @@ run = "cargo clippy"
         assert_eq!(p.tasks[1].timeout, DEFAULT_TIMEOUT);
         assert!(p.tasks[1].env.is_empty());
         assert!(!p.tasks[1].allow_failure);
+    }
+
+    #[test]
+    fn network_is_a_boolean_defaulting_to_true() {
+        let p = parse(
+            b"[[task]]\nname = \"offline\"\nrun = \"make\"\nnetwork = false\n[[task]]\nname = \"online\"\nrun = \"curl\"\nnetwork = true\n[[task]]\nname = \"default\"\nrun = \"true\"\n",
+            PIPELINE_FILE,
+        )
+        .unwrap();
+        let network: Vec<bool> = p.tasks.iter().map(|t| t.network).collect();
+        assert_eq!(network, [false, true, true]);
+    }
+
+    #[test]
+    fn network_of_the_wrong_type_names_file_line_and_value() {
+        assert_eq!(
+            err("[[task]]\nname = \"a\"\nrun = \"true\"\nnetwork = \"off\"\n"),
+            ".surveil.toml: line 4, column 11: task `a`: `network` must be true or false, not a string \"off\""
+        );
+        assert_eq!(
+            err("[[task]]\nname = \"a\"\nrun = \"true\"\n\nnetwork = 0\n"),
+            ".surveil.toml: line 5, column 11: task `a`: `network` must be true or false, not an integer 0"
+        );
     }
 
     #[test]
