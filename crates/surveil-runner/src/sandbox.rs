@@ -1030,7 +1030,7 @@ mod tests {
             (PathBuf::from("relative/tools"), "absolute"),
             (dir.path().join("missing"), "cannot be used"),
         ] {
-            let err = check_read_only(&[path.clone()], &private)
+            let err = check_read_only(std::slice::from_ref(&path), &private)
                 .unwrap_err()
                 .to_string();
             assert!(
