@@ -104,7 +104,8 @@ impl CancelSignal {
 /// What running the pipeline produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineOutcome {
-    /// PASSED, FAILED or CANCELLED.
+    /// PASSED, FAILED or CANCELLED; ERROR when the checkout could not be
+    /// handed to the task user.
     pub status: JobStatus,
     /// Why, for CANCELLED; empty otherwise.
     pub message: String,
@@ -121,6 +122,17 @@ pub async fn run_pipeline(
     log: &mut JobLog,
     cancel: &CancelSignal,
 ) -> PipelineOutcome {
+    log.system(0, &format!("isolation: {}", options.isolation.describe()))
+        .await;
+    if let Err(problem) = hand_over(options, dir).await {
+        let message = format!("cannot give the checkout to the task user: {problem}");
+        log.system(0, &message).await;
+        return PipelineOutcome {
+            status: JobStatus::Error,
+            message,
+            tasks: pipeline.tasks.iter().map(skipped).collect(),
+        };
+    }
     let mut results = Vec::with_capacity(pipeline.tasks.len());
     let mut status = JobStatus::Passed;
     let mut message = String::new();
@@ -163,6 +175,18 @@ pub async fn run_pipeline(
         status,
         message,
         tasks: results,
+    }
+}
+
+/// Gives the checkout to the task user, if the runner has one. The job has
+/// read its pipeline file by now, while the checkout was still the
+/// runner's, so no task could have swapped it for a symlink.
+async fn hand_over(options: &ExecOptions, dir: &Path) -> Result<(), String> {
+    let (isolation, dir) = (options.isolation.clone(), dir.to_owned());
+    match tokio::task::spawn_blocking(move || isolation.hand_over(&dir)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

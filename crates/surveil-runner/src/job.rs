@@ -134,8 +134,6 @@ async fn checkout_and_run(
     let (job_id, attempt) = (assign.job_id, assign.attempt);
     // A directory of the same attempt can only be a leftover.
     remove_dir(dir.to_owned()).await;
-    log.system(0, &format!("isolation: {}", ctx.exec.isolation.describe()))
-        .await;
     log.system(
         0,
         &format!("checking out {} of {}", assign.commit, assign.repo),
@@ -192,19 +190,6 @@ async fn checkout_and_run(
             log.system(0, &message).await;
             return error_result(job_id, attempt, message);
         }
-    }
-    let handed = {
-        let (isolation, dir) = (ctx.exec.isolation.clone(), dir.to_owned());
-        tokio::task::spawn_blocking(move || isolation.hand_over(&dir)).await
-    };
-    if let Some(problem) = match handed {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(e) => Some(e.to_string()),
-    } {
-        let message = format!("cannot give the checkout to the task user: {problem}");
-        log.system(0, &message).await;
-        return error_result(job_id, attempt, message);
     }
     let loaded = {
         let dir = dir.to_owned();

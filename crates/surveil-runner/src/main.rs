@@ -15,8 +15,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 fn main() -> ExitCode {
     let cli: Cli = surveil_common::config::parse();
     surveil_common::logging::init(cli.log_format);
-    // Tasks start from the runner's environment; the executor removes
-    // SURVEIL_TOKEN and anything else that looks like a secret.
+    // Tasks get only an allowlist of the runner's environment (see
+    // `sandbox::TASK_ENV`), never SURVEIL_TOKEN or other secrets.
     let config = match cli.into_config(std::env::vars_os().collect()) {
         Ok(config) => config,
         Err(error) => {

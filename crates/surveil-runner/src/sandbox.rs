@@ -727,18 +727,26 @@ impl Isolation {
 
     /// Gives the task user the checkout (recursively, never following
     /// symlinks); nothing to do without one. Blocking.
+    ///
+    /// Children are handed over before their directory: until a directory
+    /// is the task user's, no task (another job of the same user) can swap
+    /// an entry in it for a symlink that this walk would then follow.
     pub fn hand_over(&self, dir: &Path) -> std::io::Result<()> {
         let Some(user) = self.task_user() else {
             return Ok(());
         };
+        let mut parents_first = Vec::new();
         let mut stack = vec![dir.to_owned()];
         while let Some(path) = stack.pop() {
-            std::os::unix::fs::lchown(&path, Some(user.uid), Some(user.gid))?;
             if std::fs::symlink_metadata(&path)?.is_dir() {
                 for entry in std::fs::read_dir(&path)? {
                     stack.push(entry?.path());
                 }
             }
+            parents_first.push(path);
+        }
+        for path in parents_first.iter().rev() {
+            std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
         }
         Ok(())
     }
@@ -1072,6 +1080,47 @@ mod tests {
         for option in ["bubblewrap", "--task-user USER", "--unsandboxed"] {
             assert!(err.contains(option), "{err}");
         }
+    }
+
+    #[test]
+    fn the_checkout_is_handed_over_whole_and_symlinks_are_not_followed() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI runs as root and must run this test"
+            );
+            eprintln!("SKIPPED: handing a checkout to another uid needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let checkout = dir.path().join("jobs/1-1");
+        std::fs::create_dir_all(checkout.join("src/deep")).unwrap();
+        std::fs::write(checkout.join("src/deep/main.c"), "int main;\n").unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "the runner's\n").unwrap();
+        std::os::unix::fs::symlink(&outside, checkout.join("src/link")).unwrap();
+        let isolation = Isolation::TaskUser {
+            user: TaskUser {
+                name: "t".into(),
+                uid: 4242,
+                gid: 4343,
+                home: "/nonexistent".into(),
+            },
+            no_sandbox: "test".into(),
+        };
+        isolation.hand_over(&checkout).unwrap();
+        for path in ["", "src", "src/deep", "src/deep/main.c", "src/link"] {
+            let meta = std::fs::symlink_metadata(checkout.join(path)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (4242, 4343), "{path}");
+        }
+        assert_eq!(
+            std::fs::metadata(&outside).unwrap().uid(),
+            0,
+            "followed a symlink"
+        );
+        // Without a task user there is nothing to hand over.
+        Isolation::Unsandboxed.hand_over(&outside).unwrap();
+        assert_eq!(std::fs::metadata(&outside).unwrap().uid(), 0);
     }
 
     #[test]
