@@ -4,6 +4,7 @@
 //! crate's `tests/` directory and in `xtask`.
 
 pub mod cluster;
+pub mod githttp;
 pub mod probe;
 pub mod record;
 pub mod relay;

@@ -26,6 +26,7 @@ pub mod config;
 pub mod cursor;
 pub mod submit;
 pub mod watch;
+pub mod webhook;
 
 #[cfg(test)]
 mod test_repo;

@@ -15,8 +15,8 @@ fn main() -> ExitCode {
     // (their process groups are killed) instead of orphaning them.
     Daemon::new("running").immediate_on_second_signal().main(
         |cli: &Cli| cli.log_format,
-        // Tasks start from the runner's environment; the executor removes
-        // SURVEIL_TOKEN and anything else that looks like a secret.
+        // Tasks get only an allowlist of the runner's environment (see
+        // `sandbox::TASK_ENV`), never SURVEIL_TOKEN or other secrets.
         |cli| cli.into_config(std::env::vars_os().collect()),
         |config, shutdown, ready| surveil_runner::serve(config, shutdown, || ready.notify()),
     )

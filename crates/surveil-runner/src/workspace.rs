@@ -86,6 +86,11 @@ impl Workspace {
         })
     }
 
+    /// The work directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// `WORK_DIR/outbox`.
     pub fn outbox_dir(&self) -> PathBuf {
         self.root.join("outbox")
