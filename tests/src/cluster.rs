@@ -6,6 +6,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -62,6 +63,25 @@ pub fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
+}
+
+/// The isolation flags every runner a harness starts gets: none where the
+/// bubblewrap sandbox works on this machine (the runner's default), else
+/// `--unsandboxed`, said once on stderr, so that a fresh machine with only
+/// Rust still runs the cluster.
+pub fn runner_isolation_args() -> Vec<String> {
+    static ARGS: OnceLock<Vec<String>> = OnceLock::new();
+    ARGS.get_or_init(|| {
+        let path = std::env::var_os("PATH");
+        match surveil_runner::sandbox::Isolation::detect(path.as_deref()) {
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                eprintln!("NOTE: starting runners with --unsandboxed: {e}");
+                vec!["--unsandboxed".to_owned()]
+            }
+        }
+    })
+    .clone()
 }
 
 /// A daemon the cluster started. Killed when dropped, so a failing run

@@ -117,8 +117,11 @@ fn daemons_notify_ready_watchdog_and_stopping() {
             runner_dir.display().to_string(),
             "--name".into(),
             "notify-test".into(),
-            repo.display().to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(cluster::runner_isolation_args())
+        .chain([repo.display().to_string()])
+        .collect::<Vec<_>>(),
         &runner_dir,
     );
 

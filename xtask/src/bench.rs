@@ -266,6 +266,7 @@ impl Env {
             "--name".to_owned(),
             name.to_owned(),
         ];
+        args.extend(cluster::runner_isolation_args());
         args.extend(repos.iter().map(|s| (*s).to_owned()));
         Daemon::start(
             name,

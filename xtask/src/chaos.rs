@@ -448,8 +448,11 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
                     name.into(),
                     "--drain-timeout".into(),
                     "5s".into(),
-                    repo_arg.clone(),
-                ],
+                ]
+                .into_iter()
+                .chain(cluster::runner_isolation_args())
+                .chain([repo_arg.clone()])
+                .collect(),
                 vec![],
                 dir.join(format!("{name}.log")),
             )?,

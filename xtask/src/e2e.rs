@@ -175,8 +175,11 @@ fn start(dir: &Path, repo: PathBuf, bins: Bins, story: &mut Story) -> Result<Clu
                 work.display().to_string(),
                 "--name".into(),
                 name.into(),
-                repo.display().to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(cluster::runner_isolation_args())
+            .chain([repo.display().to_string()])
+            .collect(),
             vec![],
             dir.join(format!("{name}.log")),
         )?);

@@ -14,32 +14,14 @@ use surveil_proto::JobStatus;
 #[derive(Debug, Parser)]
 #[command(name = "surveil", version, about)]
 pub struct Cli {
-    /// The dispatcher's client address, `host:port`.
-    #[arg(
-        long,
-        env = "SURVEIL_DISPATCH",
-        default_value = "127.0.0.1:9000",
-        value_name = "ADDR"
-    )]
-    pub dispatch: String,
-
-    /// A file holding the shared secret (surrounding whitespace trimmed);
-    /// without it the `SURVEIL_TOKEN` environment variable is used.
-    #[arg(long, env = "SURVEIL_TOKEN_FILE", value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
+    // --dispatch, --token-file, the TLS flags.
+    #[command(flatten)]
+    pub connect: surveil_common::DispatchArgs,
 
     /// A TOML file with settings for the flags above (`dispatch`,
     /// `token_file`, `json`); flags and environment win over it.
     #[arg(long, env = "SURVEIL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-
-    // --tls-ca, --tls-cert, --tls-key, --tls-server-name.
-    #[command(flatten)]
-    pub tls: surveil_common::tls::ClientTlsArgs,
-
-    // Only there to refuse `--token VALUE` with the reason.
-    #[command(flatten)]
-    pub refuse_token: surveil_common::RefuseTokenFlag,
 
     /// Print JSON (the contract's fields) instead of tables.
     #[arg(long, global = true, env = "SURVEIL_JSON")]

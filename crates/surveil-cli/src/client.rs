@@ -9,63 +9,32 @@
 use std::time::Duration;
 
 use surveil_common::tls::{self, ClientTls};
+use surveil_common::{DialError, Secret};
 use surveil_proto::{
     CancelJob, CancelJobReply, CodecError, Connection, ConnectionError, GetJob, GetStatus,
-    GetStatusReply, HandshakeError, Hello, JobInfo, ListJobs, ListRunners, Msg, ReadLog,
-    ReadLogReply, Role, RunnerInfo, Submit,
+    GetStatusReply, Hello, JobInfo, ListJobs, ListRunners, Msg, ReadLog, ReadLogReply, Role,
+    RunnerInfo, Submit,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The name the CLI gives in its `Hello`, shown in the dispatcher's logs.
 pub const CLIENT_NAME: &str = "surveil-cli";
 
-/// How long connecting and the handshake may take together: a dispatcher
-/// that accepts but never answers must not hang a script.
+/// How long connecting, and then the handshake, may each take: a
+/// dispatcher that accepts but never answers must not hang a script.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a one-shot reply may take. Following a log has no such limit:
 /// a task may print nothing for a long time.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What mismatched transports explain about a failed handshake.
-fn hint(err: &HandshakeError) -> String {
-    tls::handshake_hint(err)
-        .map(|hint| format!(" ({hint})"))
-        .unwrap_or_default()
-}
-
 /// What went wrong talking to the dispatcher. Messages leave out their
 /// `source`: `main` prints the whole chain (`{:#}`), so it is said once.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The TCP connection could not be made.
-    #[error("cannot reach dispatcher at {addr}")]
-    Connect {
-        /// The address dialled.
-        addr: String,
-        /// Why it failed.
-        source: std::io::Error,
-    },
-    /// Connecting took longer than [`CONNECT_TIMEOUT`].
-    #[error("cannot reach dispatcher at {addr}: no answer within {timeout:?}")]
-    ConnectTimeout {
-        /// The address dialled.
-        addr: String,
-        /// The limit.
-        timeout: Duration,
-    },
-    /// The dispatcher answered the `Hello` with a `Reject`; its display is
-    /// the proto crate's "dispatcher rejected the connection (CODE): …".
+    /// Connecting or the handshake failed, or the dispatcher refused us.
     #[error(transparent)]
-    Rejected(HandshakeError),
-    /// The handshake failed some other way.
-    #[error("handshake with dispatcher at {addr} failed{hint}", hint = hint(.source))]
-    Handshake {
-        /// The address dialled.
-        addr: String,
-        /// Why it failed.
-        source: HandshakeError,
-    },
+    Dial(#[from] DialError),
     /// Writing the request failed.
     #[error("sending {request} to the dispatcher failed")]
     Send {
@@ -129,30 +98,15 @@ impl Client<tls::Stream> {
     /// With `tls` the connection is TLS, checked against its CA.
     pub async fn connect(
         addr: &str,
-        token: Option<&str>,
+        token: Option<&Secret>,
         tls: Option<&ClientTls>,
     ) -> Result<Self, ClientError> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls::connect(addr, tls))
-            .await
-            .map_err(|_| ClientError::ConnectTimeout {
-                addr: addr.to_owned(),
-                timeout: CONNECT_TIMEOUT,
-            })?
-            .map_err(|source| ClientError::Connect {
-                addr: addr.to_owned(),
-                source,
-            })?;
-        let mut conn = Connection::new(stream);
         let mut hello = Hello::new(Role::Client, CLIENT_NAME);
-        hello.token = token.unwrap_or_default().to_owned();
-        match conn.client_handshake(hello, CONNECT_TIMEOUT).await {
-            Ok(_welcome) => Ok(Client { conn }),
-            Err(err @ HandshakeError::Rejected { .. }) => Err(ClientError::Rejected(err)),
-            Err(source) => Err(ClientError::Handshake {
-                addr: addr.to_owned(),
-                source,
-            }),
+        if let Some(token) = token {
+            hello.token = token.expose().clone();
         }
+        let (conn, _welcome) = surveil_common::dial(addr, tls, hello, CONNECT_TIMEOUT).await?;
+        Ok(Client { conn })
     }
 }
 

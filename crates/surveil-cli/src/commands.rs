@@ -22,9 +22,9 @@ use crate::output::{self, JobJson, LogPrinter, RunnerJson, StatusJson, SubmitJso
 /// `out`. `colour` says whether statuses may be coloured (stdout is a
 /// terminal and `NO_COLOR` is unset).
 pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<()> {
-    let token = surveil_common::read_token(cli.token_file.as_deref())?;
-    let tls = cli.tls.load(&cli.dispatch)?;
-    let mut client = Client::connect(&cli.dispatch, token.as_deref(), tls.as_ref()).await?;
+    let token = cli.connect.token()?;
+    let tls = cli.connect.tls()?;
+    let mut client = Client::connect(&cli.connect.dispatch, token.as_ref(), tls.as_ref()).await?;
     let json = cli.json;
     match cli.command {
         Command::Jobs {
@@ -77,53 +77,71 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
             repo,
             commit,
             branch,
-        } => {
-            let ids = client.submit(&repo, &branch, vec![commit.clone()]).await?;
-            if json {
-                return write(out, &output::to_json(&SubmitJson { job_ids: ids })?);
-            }
-            let Some(id) = ids.first() else {
-                bail!("the dispatcher acknowledged the submission without a job id");
-            };
-            write(
-                out,
-                &format!("job {id}: {commit} of {repo} on branch {branch}\n"),
-            )
-        }
-        Command::Cancel { id } => {
-            let reply = client.cancel(id).await?;
-            if !reply.ok {
-                let Some(job) = reply.job else {
-                    bail!("no job {id}");
-                };
-                let why = if reply.message.is_empty() {
-                    format!("it is {}", job.status().label())
-                } else {
-                    reply.message
-                };
-                bail!("cannot cancel job {id}: {why}");
-            }
-            // The reply should carry the job; if a dispatcher leaves it
-            // out, ask for it so the output is the same either way.
-            let job = match reply.job {
-                Some(job) => job,
-                None => client
-                    .get_job(id)
-                    .await?
-                    .with_context(|| format!("job {id} vanished after it was cancelled"))?,
-            };
-            if json {
-                write(out, &output::to_json(&JobJson::from(&job))?)
-            } else {
-                write(
-                    out,
-                    &format!(
-                        "job {id}: cancel requested (status now {})\n",
-                        job.status().label()
-                    ),
-                )
-            }
-        }
+        } => submit(&mut client, &repo, &branch, commit, json, out).await,
+        Command::Cancel { id } => cancel(&mut client, id, json, out).await,
+    }
+}
+
+/// Queues one commit and prints its job id.
+async fn submit(
+    client: &mut Client<tls::Stream>,
+    repo: &str,
+    branch: &str,
+    commit: String,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let ids = client.submit(repo, branch, vec![commit.clone()]).await?;
+    if json {
+        return write(out, &output::to_json(&SubmitJson { job_ids: ids })?);
+    }
+    let Some(id) = ids.first() else {
+        bail!("the dispatcher acknowledged the submission without a job id");
+    };
+    write(
+        out,
+        &format!("job {id}: {commit} of {repo} on branch {branch}\n"),
+    )
+}
+
+/// Asks for a job to be cancelled and prints what became of it.
+async fn cancel(
+    client: &mut Client<tls::Stream>,
+    id: u64,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let reply = client.cancel(id).await?;
+    if !reply.ok {
+        let Some(job) = reply.job else {
+            bail!("no job {id}");
+        };
+        let why = if reply.message.is_empty() {
+            format!("it is {}", job.status().label())
+        } else {
+            reply.message
+        };
+        bail!("cannot cancel job {id}: {why}");
+    }
+    // The reply should carry the job; if a dispatcher leaves it out, ask
+    // for it so the output is the same either way.
+    let job = match reply.job {
+        Some(job) => job,
+        None => client
+            .get_job(id)
+            .await?
+            .with_context(|| format!("job {id} vanished after it was cancelled"))?,
+    };
+    if json {
+        write(out, &output::to_json(&JobJson::from(&job))?)
+    } else {
+        write(
+            out,
+            &format!(
+                "job {id}: cancel requested (status now {})\n",
+                job.status().label()
+            ),
+        )
     }
 }
 

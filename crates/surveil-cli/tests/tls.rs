@@ -90,6 +90,12 @@ async fn cli_and_runner_get_a_job_done_over_mutual_tls_and_mistakes_are_explaine
     let mut runner = surveil_runner::Config::new(dir.path().join("work"), vec![repo.clone()]);
     runner.dispatch = addr.clone();
     runner.name = "tls-runner".to_owned();
+    runner.isolation =
+        surveil_runner::sandbox::Isolation::detect(std::env::var_os("PATH").as_deref())
+            .unwrap_or_else(|e| {
+                eprintln!("NOTE: the runner runs its tasks with --unsandboxed: {e}");
+                surveil_runner::sandbox::Isolation::Unsandboxed
+            });
     runner.tls = Some(
         ClientTls::new(
             &certs.ca,

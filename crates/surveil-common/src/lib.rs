@@ -1,15 +1,25 @@
 //! What the Surveil daemons and the CLI share beyond the wire: reading
 //! configuration (flags, `SURVEIL_*` environment, TOML file), value parsers
-//! for durations and sizes, tokens, repository names, signals, systemd
-//! notification and logging set-up.
+//! for durations, sizes and addresses, tokens ([`Secret`]), repository
+//! names; the clients' way to the dispatcher ([`dial`], [`Backoff`]); and
+//! the daemons' one entry point ([`daemon`]: signals, systemd
+//! notification, logging, exit codes).
 //!
-//! Only binaries' `main.rs` and config code call into this crate; the daemon
-//! libraries receive already-validated values and never read the
-//! environment themselves.
+//! Binaries' `main.rs` and config code read the environment through this
+//! crate; the daemon libraries receive already-validated values and never
+//! read it themselves. Nothing here knows what a role does after its
+//! handshake.
 
+// Production functions stay under 100 lines (clippy.toml); tests may be longer.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
+
+pub mod backoff;
 pub mod config;
+pub mod daemon;
+pub mod dial;
 pub mod logging;
 pub mod notify;
+pub mod secret;
 pub mod shutdown;
 pub mod tls;
 
@@ -18,7 +28,23 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+pub use backoff::Backoff;
+pub use dial::{DialError, DispatchArgs, dial, parse_addr};
 pub use logging::LogFormat;
+pub use secret::Secret;
+
+/// `err` and its sources, `: `-separated, as anyhow's `{:#}` prints them:
+/// for log lines of typed errors whose `Display` leaves the cause out.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 /// Parses a duration such as `500ms`, `5s`, `10m` or `1h 30m`; a clap
 /// `value_parser` for every duration flag.
@@ -131,6 +157,18 @@ pub fn canonical_repo(repo: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chain_names_every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot reach dispatcher at x:1")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::other("connection refused"));
+        assert_eq!(
+            error_chain(&err),
+            "cannot reach dispatcher at x:1: connection refused"
+        );
+    }
 
     #[test]
     fn durations_in_the_contract_forms() {

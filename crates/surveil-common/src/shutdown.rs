@@ -1,7 +1,7 @@
-//! Signals → cancellation. A daemon gets one token; SIGTERM or SIGINT
-//! cancels it (and tells systemd `STOPPING=1`). What a second signal does is
-//! the caller's choice: end the process at once, or cancel a second token
-//! for daemons that have a "stop now" mode (the runner cancels its jobs).
+//! Signals → cancellation. A daemon gets two tokens: the first SIGTERM or
+//! SIGINT cancels `graceful` (and tells systemd `STOPPING=1`), a second
+//! cancels `immediate`. What "immediate" means is the daemon's choice
+//! ([`crate::daemon::SecondSignal`]): exit at once, or cancel running work.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -15,26 +15,11 @@ pub struct Shutdown {
     pub immediate: CancellationToken,
 }
 
-/// Installs the handlers; the first signal cancels the returned token, a
-/// second one ends the process at once with exit code 1.
-///
-/// Must be called inside a tokio runtime.
-pub fn install() -> CancellationToken {
-    let shutdown = install_two_stage();
-    let immediate = shutdown.immediate.clone();
-    tokio::spawn(async move {
-        immediate.cancelled().await;
-        eprintln!("second signal during shutdown: exiting at once");
-        std::process::exit(1);
-    });
-    shutdown.graceful
-}
-
 /// Installs the handlers; the first signal cancels `graceful`, the second
-/// `immediate`, and the process is left to the caller.
+/// `immediate`.
 ///
 /// Must be called inside a tokio runtime.
-pub fn install_two_stage() -> Shutdown {
+pub fn install() -> Shutdown {
     let shutdown = Shutdown::default();
     let tokens = shutdown.clone();
     let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");

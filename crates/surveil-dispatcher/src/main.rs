@@ -1,50 +1,26 @@
-//! The `surveil-dispatcher` binary: flags, logging, signals, systemd
-//! notification and the exit code. Everything else is the library's.
+//! The `surveil-dispatcher` binary: the daemon entry shared by all three
+//! daemons (`surveil_common::daemon`) around [`surveil_dispatcher::serve`],
+//! plus binding `--listen`. Everything else is the library's.
+
+// Production functions stay under 100 lines (clippy.toml); tests may be longer.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 use std::process::ExitCode;
 
-use surveil_dispatcher::Cli;
+use anyhow::Context;
+use surveil_common::daemon::{Daemon, Ready};
+use surveil_common::shutdown::Shutdown;
+use surveil_dispatcher::{Cli, Config};
 
 fn main() -> ExitCode {
-    let cli: Cli = surveil_common::config::parse();
-    surveil_common::logging::init(cli.log_format);
-    let config = match cli.into_config() {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
-    };
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
+    Daemon::new("serving").main(|cli: &Cli| cli.log_format, Cli::into_config, serve)
+}
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    let result = runtime.block_on(async move {
-        let shutdown = surveil_common::shutdown::install();
-        surveil_common::notify::spawn_watchdog(shutdown.clone());
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on --listen {}: {e}", config.listen))?;
-        surveil_dispatcher::serve(config, listener, shutdown, || {
-            surveil_common::notify::ready();
-            surveil_common::notify::status("serving");
-        })
+async fn serve(config: Config, shutdown: Shutdown, ready: Ready) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::from(1)
-        }
-    }
+        .with_context(|| format!("cannot listen on --listen {}", config.listen))?;
+    surveil_dispatcher::serve(config, listener, shutdown.graceful, || ready.notify()).await
 }

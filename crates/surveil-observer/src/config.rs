@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use surveil_common::LogFormat;
-use surveil_common::tls::{ClientTls, ClientTlsArgs};
+use surveil_common::tls::ClientTls;
+use surveil_common::{DispatchArgs, LogFormat, Secret};
 
 /// Everything the observer needs, validated. Its `Debug` never shows the
 /// token.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// The dispatcher's `host:port`.
     pub dispatch: String,
@@ -34,7 +34,7 @@ pub struct Config {
     /// The most commits submitted for one move of the branch.
     pub max_backlog: usize,
     /// The shared secret sent in `Hello`.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// The name sent in `Hello`, for the dispatcher's logs.
     pub name: String,
     /// The first delay before retrying the dispatcher.
@@ -45,31 +45,12 @@ pub struct Config {
     pub tls: Option<ClientTls>,
 }
 
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("dispatch", &self.dispatch)
-            .field("state_dir", &self.state_dir)
-            .field("repo", &self.repo)
-            .field("branch", &self.branch)
-            .field("interval", &self.interval)
-            .field("every_commit", &self.every_commit)
-            .field("max_backlog", &self.max_backlog)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("name", &self.name)
-            .field("retry_min", &self.retry_min)
-            .field("retry_max", &self.retry_max)
-            .field("tls", &self.tls)
-            .finish()
-    }
-}
-
 impl Config {
     /// A configuration with the contract's defaults for `repo` (already
     /// canonical) and `state_dir`.
     pub fn new(repo: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
         Config {
-            dispatch: DEFAULT_DISPATCH.to_owned(),
+            dispatch: surveil_common::dial::DEFAULT_DISPATCH.to_owned(),
             state_dir: state_dir.into(),
             repo: repo.into(),
             branch: "main".to_owned(),
@@ -85,8 +66,6 @@ impl Config {
     }
 }
 
-const DEFAULT_DISPATCH: &str = "127.0.0.1:9000";
-
 /// `surveil-observer`'s command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -95,9 +74,9 @@ const DEFAULT_DISPATCH: &str = "127.0.0.1:9000";
     about = "Watches a branch and submits its new commits to the Surveil dispatcher"
 )]
 pub struct Cli {
-    /// The dispatcher's address.
-    #[arg(long, env = "SURVEIL_DISPATCH", default_value = DEFAULT_DISPATCH, value_parser = parse_addr)]
-    pub dispatch: String,
+    // --dispatch, --token-file, the TLS flags.
+    #[command(flatten)]
+    pub connect: DispatchArgs,
     /// Directory for the cursor file and URL mirrors (created if missing).
     #[arg(long, env = "SURVEIL_STATE_DIR")]
     pub state_dir: PathBuf,
@@ -115,21 +94,12 @@ pub struct Cli {
     #[arg(long, env = "SURVEIL_MAX_BACKLOG", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_backlog: u32,
-    /// File holding the dispatcher's shared secret (else SURVEIL_TOKEN).
-    #[arg(long, env = "SURVEIL_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
     /// TOML file with any of these settings (names with `_`).
     #[arg(long, env = "SURVEIL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Log line format.
     #[arg(long, env = "SURVEIL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    // --tls-ca, --tls-cert, --tls-key, --tls-server-name.
-    #[command(flatten)]
-    pub tls: ClientTlsArgs,
-    // Only there to refuse `--token VALUE` with the reason.
-    #[command(flatten)]
-    pub refuse_token: surveil_common::RefuseTokenFlag,
     /// The repository: a local path or a URL gix can fetch.
     #[arg(value_name = "REPO")]
     pub repo: String,
@@ -141,15 +111,14 @@ impl Cli {
     pub fn into_config(self) -> anyhow::Result<Config> {
         let repo = surveil_common::canonical_repo(&self.repo)
             .with_context(|| format!("REPO `{}`", self.repo))?;
-        let token =
-            surveil_common::read_token(self.token_file.as_deref()).context("--token-file")?;
-        let tls = self.tls.load(&self.dispatch)?;
+        let token = self.connect.token()?;
+        let tls = self.connect.tls()?;
         let host = hostname::get()
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "localhost".to_owned());
         Ok(Config {
-            dispatch: self.dispatch,
+            dispatch: self.connect.dispatch,
             state_dir: self.state_dir,
             branch: self.branch,
             interval: self.interval,
@@ -161,15 +130,6 @@ impl Cli {
             tls,
             ..Config::new(String::new(), PathBuf::new())
         })
-    }
-}
-
-fn parse_addr(text: &str) -> Result<String, String> {
-    match text.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-            Ok(text.to_owned())
-        }
-        _ => Err(format!("`{text}` is not HOST:PORT (e.g. 127.0.0.1:9000)")),
     }
 }
 
@@ -207,7 +167,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_contract() {
         let cli = parse(&["--state-dir", "/s", "/r"]).unwrap();
-        assert_eq!(cli.dispatch, "127.0.0.1:9000");
+        assert_eq!(cli.connect.dispatch, "127.0.0.1:9000");
         assert_eq!(cli.branch, "main");
         assert_eq!(cli.interval, Duration::from_secs(1));
         assert!(!cli.every_commit);

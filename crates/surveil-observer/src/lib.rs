@@ -9,8 +9,7 @@
 //! - [`commits`]: which commits a branch move yields (tip, or every commit
 //!   with a backlog cap; force pushes).
 //! - [`cursor`]: the atomic `cursor.json`.
-//! - [`submit`]: the connection to the dispatcher, `Submit` → `SubmitAck`,
-//!   backoff.
+//! - [`submit`]: the connection to the dispatcher, `Submit` → `SubmitAck`.
 //! - [`config`]: the command line, turned into a validated [`Config`].
 //! - this file: the loop tying them together ([`Observer::run`]).
 //!
@@ -18,6 +17,9 @@
 //! pending is always recomputed as `cursor..tip`, so a failed send can
 //! delay a commit but never lose it. A resubmit after a crash between ack
 //! and cursor write is answered by the dispatcher with the existing job ids.
+
+// Production functions stay under 100 lines (clippy.toml); tests may be longer.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 pub mod commits;
 pub mod config;
@@ -35,6 +37,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use gix::ObjectId;
+use surveil_common::Backoff;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -42,7 +45,7 @@ use tracing::Instrument;
 
 use crate::commits::{Mode, Selection};
 use crate::cursor::CursorFile;
-use crate::submit::{Backoff, Identity, Link, SubmitError};
+use crate::submit::{Identity, Link, SubmitError};
 use crate::watch::{RefWatch, Source};
 
 pub use crate::config::Config;
@@ -128,13 +131,15 @@ impl Observer {
                 tls: self.config.tls.clone(),
             },
         );
-        let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
+        // Dial at once: a wrong token or address shows up at start, not at
+        // the first commit.
+        let mut retry = Retry {
+            backoff: Backoff::new(self.config.retry_min, self.config.retry_max),
+            at: Some(Instant::now()),
+        };
         let mut poll = tokio::time::interval(self.config.interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         poll.tick().await; // the first tick is immediate; we look right away anyway
-        // Dial at once: a wrong token or address shows up at start, not at
-        // the first commit.
-        let mut retry_at: Option<Instant> = Some(Instant::now());
         let mut fetch_due = true;
         let mut reported = Reported::default();
 
@@ -144,37 +149,23 @@ impl Observer {
                 detected = self.detect(fetch_due, interrupt.clone()) => detected,
             };
             fetch_due = false;
-            let pending = match detected {
-                Err(problem) => {
-                    reported.problem(problem);
-                    Vec::new()
-                }
-                Ok(selection) => {
-                    reported.clear();
-                    reported.selection(&selection, self.cursor, self.config.max_backlog);
-                    selection.commits
-                }
-            };
+            let pending = reported.detected(detected, self.cursor, self.config.max_backlog);
             // While backing off, ref changes and polls only look; the retry
             // deadline is what sends again.
-            let backing_off = retry_at.is_some_and(|at| at > Instant::now());
-            if !pending.is_empty() && !backing_off {
+            if !pending.is_empty() && !retry.backing_off() {
                 let delivered = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     delivered = self.deliver(&mut link, &pending) => delivered,
                 };
                 match delivered {
                     Ok(()) => {
-                        backoff.reset();
-                        retry_at = None;
+                        retry.succeeded();
                         // The tip may have moved while we were sending.
                         continue;
                     }
                     Err(Delivery::Fatal(error)) => return Err(error),
                     Err(Delivery::Retry(error)) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(error = %error, retry_in = ?delay, "submit failed; will retry");
-                        retry_at = Some(Instant::now() + delay);
+                        retry.failed("submit failed; will retry", &error)
                     }
                 }
             }
@@ -183,14 +174,14 @@ impl Observer {
                 _ = shutdown.cancelled() => break,
                 _ = wake.notified() => Event::RefChanged,
                 _ = poll.tick() => Event::Poll,
-                _ = sleep_until(retry_at), if retry_at.is_some() => Event::Retry,
+                _ = sleep_until(retry.at), if retry.at.is_some() => Event::Retry,
                 error = link.closed(), if link.is_connected() => Event::Lost(error),
             };
             match event {
                 Event::RefChanged => {}
                 Event::Poll => fetch_due = true,
                 Event::Retry => {
-                    retry_at = None;
+                    retry.at = None;
                     // Reconnect even with nothing pending, so the link is
                     // up (and a bad token reported) before the next commit.
                     let connected = tokio::select! {
@@ -198,19 +189,13 @@ impl Observer {
                         connected = link.connect() => connected,
                     };
                     match connected {
-                        Ok(()) => backoff.reset(),
+                        Ok(()) => retry.succeeded(),
                         Err(error) if error.is_fatal() => return Err(error.into()),
-                        Err(error) => {
-                            let delay = backoff.next_delay();
-                            tracing::warn!(error = %error, retry_in = ?delay, "dispatcher unreachable; will retry");
-                            retry_at = Some(Instant::now() + delay);
-                        }
+                        Err(error) => retry.failed("dispatcher unreachable; will retry", &error),
                     }
                 }
                 Event::Lost(error) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %error, retry_in = ?delay, "lost the dispatcher connection; will reconnect");
-                    retry_at = Some(Instant::now() + delay);
+                    retry.failed("lost the dispatcher connection; will reconnect", &error);
                 }
             }
         }
@@ -260,7 +245,7 @@ impl Observer {
             let repo = match source.open() {
                 Ok(repo) => repo,
                 // A mirror that was never fetched is not a problem yet.
-                Err(_) if fetch_pending(&source) => return Ok(Selection::default()),
+                Err(_) if source.fetch_pending() => return Ok(Selection::default()),
                 Err(error) => return Err(error.to_string()),
             };
             match watch::resolve_tip(&repo, &branch).map_err(|e| e.to_string())? {
@@ -310,9 +295,20 @@ impl Observer {
 /// Watches and submits until `shutdown` is cancelled: [`Observer::open`]
 /// then [`Observer::run`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    serve(config, shutdown, || {}).await
+}
+
+/// [`run`], calling `ready` once the cursor is loaded (the daemon's systemd
+/// `READY=1`).
+pub async fn serve(
+    config: Config,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(),
+) -> anyhow::Result<()> {
     let observer = tokio::task::spawn_blocking(move || Observer::open(config))
         .await
         .context("opening the observer panicked")??;
+    ready();
     observer.run(shutdown).await
 }
 
@@ -328,18 +324,36 @@ enum Event {
     Lost(SubmitError),
 }
 
+/// When to dial or submit again after a failure.
+struct Retry {
+    backoff: Backoff,
+    /// The next attempt; `None` while nothing failed.
+    at: Option<Instant>,
+}
+
+impl Retry {
+    fn backing_off(&self) -> bool {
+        self.at.is_some_and(|at| at > Instant::now())
+    }
+
+    fn succeeded(&mut self) {
+        self.backoff.reset();
+        self.at = None;
+    }
+
+    fn failed(&mut self, what: &str, error: &SubmitError) {
+        let delay = self.backoff.next_delay();
+        tracing::warn!(error = %surveil_common::error_chain(error), retry_in = ?delay, "{what}");
+        self.at = Some(Instant::now() + delay);
+    }
+}
+
 /// Why a delivery stopped.
 enum Delivery {
     /// Try again later: the dispatcher was unreachable or misbehaved.
     Retry(SubmitError),
     /// Stop the observer.
     Fatal(anyhow::Error),
-}
-
-/// A remote source whose mirror has not been created yet (the first fetch
-/// has not succeeded).
-fn fetch_pending(source: &Source) -> bool {
-    matches!(source, Source::Remote { mirror, .. } if !mirror.exists())
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -358,6 +372,26 @@ struct Reported {
 }
 
 impl Reported {
+    /// What a detection leaves to submit, logging what changed.
+    fn detected(
+        &mut self,
+        detected: Result<Selection, String>,
+        cursor: Option<ObjectId>,
+        max_backlog: usize,
+    ) -> Vec<ObjectId> {
+        match detected {
+            Err(problem) => {
+                self.problem(problem);
+                Vec::new()
+            }
+            Ok(selection) => {
+                self.clear();
+                self.selection(&selection, cursor, max_backlog);
+                selection.commits
+            }
+        }
+    }
+
     fn problem(&mut self, problem: String) {
         if self.problem.as_ref() != Some(&problem) {
             tracing::warn!(problem = %problem, "cannot read the branch; will retry");

@@ -1,52 +1,35 @@
-//! The observer's one connection to the dispatcher: dial, handshake as
-//! `ROLE_OBSERVER`, send a `Submit`, wait for its `SubmitAck`, and check the
-//! ack has one job id per commit. Also the jittered, capped backoff between
-//! attempts.
+//! The observer's one connection to the dispatcher: dial and handshake as
+//! `ROLE_OBSERVER` (through `surveil_common::dial`), send a `Submit`, wait
+//! for its `SubmitAck`, and check the ack has one job id per commit.
 //!
 //! It never reads the repository or the cursor, and never retries on its
-//! own: the caller decides what to resend (it recomputes from the cursor).
+//! own: the caller decides what to resend (it recomputes from the cursor)
+//! and when (its `Backoff`).
 
 use std::time::Duration;
 
 use surveil_common::tls::{self, ClientTls};
-use surveil_proto::{
-    Connection, ConnectionError, HandshakeError, Hello, Msg, Pong, RejectCode, Role, Submit,
-    Welcome,
-};
+use surveil_common::{DialError, Secret};
+use surveil_proto::{Connection, ConnectionError, Hello, Msg, Pong, Role, Submit};
 
-/// How long dialing the dispatcher may take.
+/// How long dialing the dispatcher, and then the handshake, may each take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the dispatcher may take to answer `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the dispatcher may take to make a submit durable and ack it.
 /// Generous: it commits to disk with fsync first.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why a submit (or connecting for one) failed.
+/// Why a submit (or connecting for one) failed. Messages leave out their
+/// source; log them with `surveil_common::error_chain`.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    /// The dispatcher could not be reached.
-    #[error("cannot connect to the dispatcher at {addr}: {source}")]
-    Connect {
-        /// The address dialed.
-        addr: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// Dialing took longer than allowed.
-    #[error("connecting to the dispatcher at {addr} timed out after {CONNECT_TIMEOUT:?}")]
-    ConnectTimeout {
-        /// The address dialed.
-        addr: String,
-    },
-    /// The handshake failed or was refused.
-    #[error("handshake with the dispatcher failed: {0}{hint}", hint = hint(.0))]
-    Handshake(#[from] HandshakeError),
+    /// The dispatcher could not be reached, or refused the handshake.
+    #[error(transparent)]
+    Dial(#[from] DialError),
     /// Sending failed.
-    #[error("sending to the dispatcher failed: {0}")]
+    #[error("sending to the dispatcher failed")]
     Send(#[from] surveil_proto::CodecError),
     /// Receiving failed.
-    #[error("receiving from the dispatcher failed: {0}")]
+    #[error("receiving from the dispatcher failed")]
     Recv(#[from] ConnectionError),
     /// The dispatcher closed the connection.
     #[error("the dispatcher closed the connection")]
@@ -74,46 +57,22 @@ impl SubmitError {
     /// Whether retrying cannot help until someone changes the
     /// configuration: a wrong token, protocol version or role.
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            SubmitError::Handshake(HandshakeError::Rejected {
-                code: RejectCode::BadToken | RejectCode::UnsupportedVersion | RejectCode::BadRole,
-                ..
-            })
-        )
+        matches!(self, SubmitError::Dial(dial) if dial.is_fatal())
     }
 }
 
-/// What mismatched transports explain about a failed handshake.
-fn hint(err: &HandshakeError) -> String {
-    tls::handshake_hint(err)
-        .map(|hint| format!(" ({hint})"))
-        .unwrap_or_default()
-}
-
 /// Who the observer says it is in its `Hello`, and how it reaches the
-/// dispatcher. Its `Debug` never shows the token.
-#[derive(Clone)]
+/// dispatcher.
+#[derive(Clone, Debug)]
 pub struct Identity {
     /// Free-form name, for the dispatcher's logs.
     pub name: String,
     /// The repository watched, as submitted.
     pub repo: String,
     /// The shared secret, if the dispatcher wants one.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// TLS to the dispatcher; `None` dials plaintext.
     pub tls: Option<ClientTls>,
-}
-
-impl std::fmt::Debug for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("name", &self.name)
-            .field("repo", &self.repo)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("tls", &self.tls)
-            .finish()
-    }
 }
 
 /// The connection to the dispatcher, dialed when first needed and again
@@ -145,22 +104,14 @@ impl Link {
         if self.conn.is_some() {
             return Ok(());
         }
-        let dial = tls::connect(&self.addr, self.identity.tls.as_ref());
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, dial)
-            .await
-            .map_err(|_| SubmitError::ConnectTimeout {
-                addr: self.addr.clone(),
-            })?
-            .map_err(|source| SubmitError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })?;
-        let mut conn = Connection::new(stream);
         let mut hello = Hello::new(Role::Observer, self.identity.name.clone());
         hello.repos = vec![self.identity.repo.clone()];
-        hello.token = self.identity.token.clone().unwrap_or_default();
-        let Welcome { session_id, .. } = conn.client_handshake(hello, HANDSHAKE_TIMEOUT).await?;
-        tracing::info!(addr = %self.addr, session = %session_id, "connected to the dispatcher");
+        if let Some(token) = &self.identity.token {
+            hello.token = token.expose().clone();
+        }
+        let tls = self.identity.tls.as_ref();
+        let (conn, welcome) = surveil_common::dial(&self.addr, tls, hello, CONNECT_TIMEOUT).await?;
+        tracing::info!(addr = %self.addr, session = %welcome.session_id, "connected to the dispatcher");
         self.conn = Some(conn);
         Ok(())
     }
@@ -240,70 +191,19 @@ impl Link {
     }
 }
 
-/// Exponential backoff with jitter between `min` and a cap, so a fleet of
-/// observers does not reconnect in step after a dispatcher restart.
-#[derive(Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    /// A backoff starting at `min`, doubling up to `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
-        let max = max.max(min);
-        Backoff {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    /// The next delay: a random point in the upper half of the current
-    /// step, which then doubles (capped).
-    pub fn next_delay(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (step * 2).min(self.max);
-        let low = step / 2;
-        low + step.saturating_sub(low).mul_f64(rand::random::<f64>())
-    }
-
-    /// Back to the shortest delay, after a success.
-    pub fn reset(&mut self) {
-        self.next = self.min;
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use surveil_proto::{HandshakeError, RejectCode};
 
-    #[test]
-    fn backoff_grows_is_capped_jittered_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        for _ in 0..20 {
-            let d = b.next_delay();
-            assert!(
-                d <= Duration::from_secs(1) && d >= Duration::from_millis(50),
-                "{d:?}"
-            );
-        }
-        let capped = b.next_delay();
-        assert!(capped >= Duration::from_millis(500), "{capped:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
+    use super::*;
 
     #[test]
     fn only_configuration_rejects_are_fatal() {
         let rejected = |code| {
-            SubmitError::Handshake(HandshakeError::Rejected {
+            SubmitError::Dial(DialError::Rejected(HandshakeError::Rejected {
                 code,
                 message: String::new(),
-            })
+            }))
         };
         assert!(rejected(RejectCode::BadToken).is_fatal());
         assert!(!rejected(RejectCode::ShuttingDown).is_fatal());

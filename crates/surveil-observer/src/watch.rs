@@ -1,6 +1,7 @@
 //! Where the watched branch's tip comes from: a local repository read in
 //! place, or a bare mirror under `STATE_DIR/mirrors/` that gix fetches a
-//! URL into; plus a watch on a local repository's ref files so a commit or
+//! URL into (`surveil_git::Mirror`, which owns the mirror's crash-safety
+//! rule); plus a watch on a local repository's ref files so a commit or
 //! push wakes the observer at once.
 //!
 //! Every git operation here is gix (blocking; callers run it in
@@ -12,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use gix::ObjectId;
-use gix::remote::Direction;
 use notify::{EventKind, RecursiveMode, Watcher as _};
+use surveil_git::{Mirror, MirrorError, Wanted};
 
 /// What can go wrong reading or fetching the watched repository.
 #[derive(Debug, thiserror::Error)]
@@ -37,22 +38,9 @@ pub enum WatchError {
         /// gix's explanation.
         source: gix::Error,
     },
-    /// Creating the mirror failed.
-    #[error("cannot create the mirror {path}: {source}")]
-    Mirror {
-        /// The mirror's directory.
-        path: PathBuf,
-        /// What failed.
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// Fetching from the URL failed.
-    #[error("fetching {url} failed: {source}")]
-    Fetch {
-        /// The remote.
-        url: String,
-        /// gix's explanation.
-        source: gix::Error,
-    },
+    /// The mirror of a URL could not be created, opened or fetched into.
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
     /// The ref-file watch could not be set up.
     #[error("cannot watch {path}: {source}")]
     Watch {
@@ -64,19 +52,18 @@ pub enum WatchError {
 }
 
 /// The repository the observer reads the branch from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Source {
     /// A local repository, read in place.
     Local {
         /// Its canonical path.
         path: PathBuf,
     },
-    /// A remote repository, fetched into a bare mirror every interval.
+    /// A remote repository (the URL exactly as configured), fetched every
+    /// interval into a bare mirror under the state directory.
     Remote {
-        /// The URL, exactly as configured.
-        url: String,
-        /// The bare mirror under the state directory.
-        mirror: PathBuf,
+        /// The URL and its mirror.
+        mirror: Arc<Mirror>,
     },
 }
 
@@ -85,9 +72,9 @@ impl Source {
     /// mirror under `state_dir/mirrors/`.
     pub fn new(repo: &str, state_dir: &Path) -> Self {
         if surveil_common::is_remote_repo(repo) {
+            let path = state_dir.join("mirrors").join(mirror_dir_name(repo));
             Source::Remote {
-                url: repo.to_owned(),
-                mirror: state_dir.join("mirrors").join(mirror_dir_name(repo)),
+                mirror: Arc::new(Mirror::new(repo, path)),
             }
         } else {
             Source::Local {
@@ -101,14 +88,19 @@ impl Source {
     ///
     /// [`fetch`]: Source::fetch
     pub fn open(&self) -> Result<gix::Repository, WatchError> {
-        let path = match self {
-            Source::Local { path } => path,
-            Source::Remote { mirror, .. } => mirror,
-        };
-        gix::open(path).map_err(|source| WatchError::Open {
-            path: path.clone(),
-            source,
-        })
+        match self {
+            Source::Local { path } => gix::open(path).map_err(|source| WatchError::Open {
+                path: path.clone(),
+                source,
+            }),
+            Source::Remote { mirror } => Ok(mirror.open()?),
+        }
+    }
+
+    /// A remote source whose mirror has not been created yet (the first
+    /// fetch has not succeeded).
+    pub fn fetch_pending(&self) -> bool {
+        matches!(self, Source::Remote { mirror } if !mirror.exists())
     }
 
     /// Brings the mirror up to date with the remote's `branch` (creating
@@ -116,27 +108,10 @@ impl Source {
     ///
     /// `interrupt` stops a fetch in progress when set (at shutdown).
     pub fn fetch(&self, branch: &str, interrupt: &AtomicBool) -> Result<(), WatchError> {
-        let Source::Remote { url, mirror } = self else {
+        let Source::Remote { mirror } = self else {
             return Ok(());
         };
-        let repo = open_or_create_mirror(mirror)?;
-        // Only the watched branch: a force push must replace it (`+`), and
-        // tags or other branches are not ours to download.
-        let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
-        let fetch_error = |source| WatchError::Fetch {
-            url: url.clone(),
-            source,
-        };
-        let remote = repo
-            .remote_at(url.as_str())
-            .and_then(|r| r.with_refspecs([refspec.as_str()], Direction::Fetch))
-            .map_err(fetch_error)?
-            .with_fetch_tags(gix::remote::fetch::Tags::None);
-        remote
-            .connect(Direction::Fetch)
-            .and_then(|c| c.prepare_fetch(gix::progress::Discard, Default::default()))
-            .and_then(|p| p.receive(gix::progress::Discard, interrupt))
-            .map_err(fetch_error)?;
+        mirror.fetch(Wanted::Branch(branch), interrupt)?;
         Ok(())
     }
 }
@@ -159,32 +134,6 @@ pub fn resolve_tip(repo: &gix::Repository, branch: &str) -> Result<Option<Object
             reference.peel_to_id().map_err(resolve_error)?.detach(),
         )),
     }
-}
-
-fn open_or_create_mirror(mirror: &Path) -> Result<gix::Repository, WatchError> {
-    if let Ok(repo) = gix::open(mirror) {
-        return Ok(repo);
-    }
-    let mirror_error = |source: Box<dyn std::error::Error + Send + Sync>| WatchError::Mirror {
-        path: mirror.to_owned(),
-        source,
-    };
-    // Initialise beside the final place and rename, so a crash half-way
-    // never leaves a directory that looks like a mirror but is not one.
-    let parent = mirror.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| mirror_error(e.into()))?;
-    let partial = mirror.with_extension("partial");
-    for stale in [&partial, &mirror.to_path_buf()] {
-        if stale.exists() {
-            std::fs::remove_dir_all(stale).map_err(|e| mirror_error(e.into()))?;
-        }
-    }
-    gix::init_bare(&partial).map_err(|e| mirror_error(e.into()))?;
-    std::fs::rename(&partial, mirror).map_err(|e| mirror_error(e.into()))?;
-    gix::open(mirror).map_err(|source| WatchError::Open {
-        path: mirror.to_owned(),
-        source,
-    })
 }
 
 /// A file-system-safe, reversible directory name for a URL: ASCII letters,
@@ -301,10 +250,11 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let url = format!("file://{}", upstream.path().display());
         let source = Source::new(&url, state.path());
-        let Source::Remote { mirror, .. } = &source else {
+        let Source::Remote { mirror } = &source else {
             panic!("a file:// URL is remote: {source:?}");
         };
-        assert!(mirror.starts_with(state.path().join("mirrors")));
+        assert!(mirror.path().starts_with(state.path().join("mirrors")));
+        assert!(source.fetch_pending());
         let interrupt = AtomicBool::new(false);
         source.fetch("main", &interrupt).unwrap();
         assert_eq!(

@@ -23,7 +23,7 @@ fn token_on_the_command_line_is_refused_with_exit_2() {
 #[test]
 fn debug_never_shows_the_token() {
     let mut config = surveil_observer::Config::new("/srv/git/app", "/tmp/s");
-    config.token = Some(TOKEN.to_owned());
+    config.token = Some(TOKEN.into());
     let shown = format!("{config:?} {config:#?}");
     assert!(!shown.contains(TOKEN), "{shown}");
     assert!(shown.contains("<redacted>"), "{shown}");

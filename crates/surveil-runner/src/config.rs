@@ -3,8 +3,10 @@
 //! the validated [`Config`] that [`run`](crate::run) takes by value.
 //!
 //! Validation happens here, once; the rest of the crate trusts `Config`.
-//! Reading the token file, resolving repository paths and capturing the
-//! process environment (for the tasks) are the only I/O here.
+//! Reading the token file, resolving repository paths, capturing the
+//! process environment (for the tasks) and choosing the tasks' isolation
+//! (which tries bubblewrap once, see [`crate::sandbox::choose`]) are the
+//! only I/O here.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -12,14 +14,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use surveil_common::LogFormat;
-use surveil_common::tls::{ClientTls, ClientTlsArgs};
+use surveil_common::tls::ClientTls;
+use surveil_common::{DispatchArgs, LogFormat, Secret};
 
 use crate::executor::DEFAULT_KILL_GRACE;
+use crate::sandbox::{self, Isolation};
 
 /// Everything the runner needs, validated. Its `Debug` shows neither the
 /// token nor the environment (which may hold secrets).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// The dispatcher's `host:port`.
     pub dispatch: String,
@@ -28,7 +31,7 @@ pub struct Config {
     /// The runner's unique name.
     pub name: String,
     /// The shared secret sent in `Hello`.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Jobs run at once.
     pub slots: u32,
     /// Free-form labels sent in `Hello`.
@@ -39,9 +42,13 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Keep each job's checkout after the job.
     pub keep_workdirs: bool,
-    /// The environment tasks start from (secrets are removed by the
-    /// executor); `main` passes the process's own.
-    pub base_env: Vec<(OsString, OsString)>,
+    /// The runner's environment, of which tasks get only an allowlist
+    /// (see [`sandbox::TASK_ENV`]); `main` passes the process's own.
+    pub base_env: Secret<Vec<(OsString, OsString)>>,
+    /// How tasks are isolated. The command line chooses the sandbox where
+    /// it works; [`Config::new`] says [`Isolation::Unsandboxed`], which
+    /// embedders replace (e.g. with [`Isolation::detect`]).
+    pub isolation: Isolation,
     /// Between SIGTERM and SIGKILL of a task's process group.
     pub kill_grace: Duration,
     /// The longest pause between reconnect attempts.
@@ -49,32 +56,6 @@ pub struct Config {
     /// TLS to the dispatcher; `None` dials plaintext.
     pub tls: Option<ClientTls>,
 }
-
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("dispatch", &self.dispatch)
-            .field("work_dir", &self.work_dir)
-            .field("name", &self.name)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("slots", &self.slots)
-            .field("labels", &self.labels)
-            .field("repos", &self.repos)
-            .field("drain_timeout", &self.drain_timeout)
-            .field("keep_workdirs", &self.keep_workdirs)
-            .field(
-                "base_env",
-                &format_args!("<{} variables>", self.base_env.len()),
-            )
-            .field("kill_grace", &self.kill_grace)
-            .field("reconnect_max", &self.reconnect_max)
-            .field("tls", &self.tls)
-            .finish()
-    }
-}
-
-/// The default `--dispatch`.
-pub const DEFAULT_DISPATCH: &str = "127.0.0.1:9000";
 
 /// The reconnect backoff's cap: a few seconds, so a restarted dispatcher
 /// sees its runners again quickly.
@@ -85,7 +66,7 @@ impl Config {
     /// canonical) and `work_dir`; the environment is empty.
     pub fn new(work_dir: impl Into<PathBuf>, repos: Vec<String>) -> Self {
         Config {
-            dispatch: DEFAULT_DISPATCH.to_owned(),
+            dispatch: surveil_common::dial::DEFAULT_DISPATCH.to_owned(),
             work_dir: work_dir.into(),
             name: "surveil-runner".to_owned(),
             token: None,
@@ -94,7 +75,8 @@ impl Config {
             repos,
             drain_timeout: Duration::from_secs(300),
             keep_workdirs: false,
-            base_env: Vec::new(),
+            base_env: Secret::default(),
+            isolation: Isolation::Unsandboxed,
             kill_grace: DEFAULT_KILL_GRACE,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             tls: None,
@@ -110,9 +92,9 @@ impl Config {
     about = "Runs the pipelines of commits the Surveil dispatcher assigns to it"
 )]
 pub struct Cli {
-    /// The dispatcher's address.
-    #[arg(long, env = "SURVEIL_DISPATCH", default_value = DEFAULT_DISPATCH, value_parser = parse_addr)]
-    pub dispatch: String,
+    // --dispatch, --token-file, the TLS flags.
+    #[command(flatten)]
+    pub connect: DispatchArgs,
     /// Directory for mirrors, job checkouts and the result outbox (created
     /// if missing).
     #[arg(long, env = "SURVEIL_WORK_DIR")]
@@ -127,9 +109,6 @@ pub struct Cli {
     /// Labels describing this runner, comma-separated.
     #[arg(long, env = "SURVEIL_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
-    /// File holding the dispatcher's shared secret (else SURVEIL_TOKEN).
-    #[arg(long, env = "SURVEIL_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
     /// After SIGTERM, how long running jobs may take before they are
     /// cancelled.
     #[arg(long, env = "SURVEIL_DRAIN_TIMEOUT", default_value = "5m", value_parser = surveil_common::parse_duration)]
@@ -137,18 +116,32 @@ pub struct Cli {
     /// Keep each job's checkout under WORK_DIR/jobs after the job.
     #[arg(long, env = "SURVEIL_KEEP_WORKDIRS")]
     pub keep_workdirs: bool,
+    /// Run tasks as this unprivileged user: inside the bubblewrap sandbox
+    /// where it works, instead of it where it does not. The runner must be
+    /// root (or hold CAP_SETUID, CAP_SETGID, CAP_CHOWN and CAP_DAC_OVERRIDE).
+    #[arg(long, env = "SURVEIL_TASK_USER", value_name = "USER")]
+    pub task_user: Option<String>,
+    /// Run tasks without the bubblewrap sandbox, as the runner's own user
+    /// (or --task-user): they can then read what that user can. Without
+    /// this, a runner that cannot sandbox its tasks refuses to start.
+    #[arg(long, env = "SURVEIL_UNSANDBOXED")]
+    pub unsandboxed: bool,
+    /// Extra paths tasks see, read-only, in the sandbox: toolchains outside
+    /// /usr (e.g. /opt/rust). Comma-separated; none may contain the work
+    /// directory, the token or config file, or the TLS key.
+    #[arg(
+        long,
+        env = "SURVEIL_SANDBOX_RO",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    pub sandbox_ro: Vec<PathBuf>,
     /// TOML file with any of these settings (names with `_`).
     #[arg(long, env = "SURVEIL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Log line format.
     #[arg(long, env = "SURVEIL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    // --tls-ca, --tls-cert, --tls-key, --tls-server-name.
-    #[command(flatten)]
-    pub tls: ClientTlsArgs,
-    // Only there to refuse `--token VALUE` with the reason.
-    #[command(flatten)]
-    pub refuse_token: surveil_common::RefuseTokenFlag,
     /// The repositories this runner may build: local paths or URLs gix can
     /// fetch.
     #[arg(value_name = "REPO", required = true, num_args = 1..)]
@@ -168,9 +161,8 @@ impl Cli {
                 repos.push(canonical);
             }
         }
-        let token =
-            surveil_common::read_token(self.token_file.as_deref()).context("--token-file")?;
-        let tls = self.tls.load(&self.dispatch)?;
+        let token = self.connect.token()?;
+        let tls = self.connect.tls()?;
         let name = match self.name {
             Some(name) => name,
             None => hostname::get()
@@ -185,8 +177,35 @@ impl Cli {
             .map(|l| l.trim().to_owned())
             .filter(|l| !l.is_empty())
             .collect();
+        // Whatever holds the runner's secrets or state; the sandbox's extra
+        // paths must stay clear of it.
+        let private: Vec<PathBuf> = [Some(&self.work_dir)]
+            .into_iter()
+            .chain(
+                [
+                    &self.connect.token_file,
+                    &self.config,
+                    &self.connect.tls.tls_key,
+                ]
+                .map(Option::as_ref),
+            )
+            .flatten()
+            .cloned()
+            .collect();
+        let path = base_env
+            .iter()
+            .rev()
+            .find(|(name, _)| name == "PATH")
+            .map(|(_, value)| value.as_os_str());
+        let isolation = sandbox::choose(&sandbox::Request {
+            task_user: self.task_user.as_deref(),
+            unsandboxed: self.unsandboxed,
+            read_only: &self.sandbox_ro,
+            path,
+            private: &private,
+        })?;
         Ok(Config {
-            dispatch: self.dispatch,
+            dispatch: self.connect.dispatch,
             work_dir: self.work_dir,
             name,
             token,
@@ -195,19 +214,11 @@ impl Cli {
             repos,
             drain_timeout: self.drain_timeout,
             keep_workdirs: self.keep_workdirs,
-            base_env,
+            base_env: Secret::new(base_env),
+            isolation,
             tls,
             ..Config::new(PathBuf::new(), Vec::new())
         })
-    }
-}
-
-fn parse_addr(text: &str) -> Result<String, String> {
-    match text.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-            Ok(text.to_owned())
-        }
-        _ => Err(format!("`{text}` is not HOST:PORT (e.g. 127.0.0.1:9000)")),
     }
 }
 
@@ -236,7 +247,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_contract() {
         let cli = parse(&["--work-dir", "/w", "/r"]).unwrap();
-        assert_eq!(cli.dispatch, "127.0.0.1:9000");
+        assert_eq!(cli.connect.dispatch, "127.0.0.1:9000");
         assert_eq!(cli.slots, 1);
         assert_eq!(cli.drain_timeout, Duration::from_secs(300));
         assert!(!cli.keep_workdirs);
@@ -258,6 +269,7 @@ mod tests {
             "linux, x86",
             "--name",
             "ci-1",
+            "--unsandboxed",
             link.to_str().unwrap(),
             "https://example.com/a.git",
         ])
@@ -270,6 +282,76 @@ mod tests {
             config.repos,
             [canonical.to_str().unwrap(), "https://example.com/a.git"]
         );
+        assert_eq!(config.isolation, Isolation::Unsandboxed);
+    }
+
+    #[test]
+    fn isolation_flags_read_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("runner.toml");
+        std::fs::write(
+            &file,
+            "task_user = \"ci-task\"\nunsandboxed = true\nsandbox_ro = [\"/opt/rust\"]\n",
+        )
+        .unwrap();
+        let cli = parse(&["--config", file.to_str().unwrap(), "--work-dir", "/w", "/r"]).unwrap();
+        assert_eq!(cli.task_user.as_deref(), Some("ci-task"));
+        assert!(cli.unsandboxed);
+        assert_eq!(cli.sandbox_ro, [PathBuf::from("/opt/rust")]);
+        let cli = parse(&["--work-dir", "/w", "--sandbox-ro", "/opt/a,/opt/b", "/r"]).unwrap();
+        assert!(!cli.unsandboxed && cli.task_user.is_none());
+        assert_eq!(
+            cli.sandbox_ro,
+            [PathBuf::from("/opt/a"), PathBuf::from("/opt/b")]
+        );
+    }
+
+    #[test]
+    fn without_a_sandbox_a_task_user_or_unsandboxed_the_runner_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        // A PATH without bwrap: the machine has no sandbox.
+        let env = vec![(OsString::from("PATH"), dir.path().as_os_str().to_owned())];
+        let cli = parse(&["--work-dir", "/w", "--name", "n", "/tmp"]).unwrap();
+        let err = format!("{:#}", cli.into_config(env.clone()).unwrap_err());
+        assert!(err.contains("bwrap is not on the runner's PATH"), "{err}");
+        for way in ["bubblewrap", "--task-user USER", "--unsandboxed"] {
+            assert!(err.contains(way), "{way} not named: {err}");
+        }
+        let cli = parse(&["--work-dir", "/w", "--name", "n", "--unsandboxed", "/tmp"]).unwrap();
+        assert_eq!(
+            cli.into_config(env).unwrap().isolation,
+            Isolation::Unsandboxed
+        );
+    }
+
+    #[test]
+    fn a_read_only_path_holding_the_work_dir_or_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t\n").unwrap();
+        let work = dir.path().join("work");
+        let work = work.to_str().unwrap();
+        let token = token.to_str().unwrap();
+        for (ro, hidden) in [(dir.path().to_str().unwrap(), work), ("/", work)] {
+            let cli = parse(&[
+                "--work-dir",
+                work,
+                "--name",
+                "n",
+                "--token-file",
+                token,
+                "--sandbox-ro",
+                ro,
+                "/tmp",
+            ])
+            .unwrap();
+            let err = format!("{:#}", cli.into_config(Vec::new()).unwrap_err());
+            assert!(
+                err.starts_with(&format!("--sandbox-ro {ro}: would show tasks")),
+                "{err}"
+            );
+            assert!(err.contains(hidden) || err.contains(token), "{err}");
+        }
     }
 
     #[test]

@@ -1,11 +1,15 @@
-//! Runs a pipeline's tasks: `sh -c RUN` in the checkout, each in its own
-//! process group, output streamed into the job's [`JobLog`] while it runs,
-//! timeouts and cancellation enforced on the whole group (SIGTERM, then
-//! SIGKILL after a grace period) so grandchildren die too.
+//! Runs a pipeline's tasks: `sh -c RUN` in the checkout, under the
+//! runner's [`Isolation`] (the bubblewrap sandbox, a task user, or none),
+//! each in its own process group, output streamed into the job's
+//! [`JobLog`] while it runs, timeouts and cancellation enforced on the
+//! whole group (SIGTERM, then SIGKILL after a grace period) so
+//! grandchildren die too.
 //!
 //! It owns processes and their pipes, nothing else: it does not check out,
-//! parse pipeline files or talk to the dispatcher, and it never reads the
-//! runner's own environment (the caller passes it in).
+//! parse pipeline files or talk to the dispatcher, it leaves how a task is
+//! isolated to [`crate::sandbox`], and it never reads the runner's own
+//! environment (the caller passes it in, and only an allowlist of it
+//! reaches tasks).
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -14,8 +18,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use surveil_proto::{JobStatus, Stream, TaskResult, TaskStatus};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
@@ -24,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::joblog::{JobLog, MAX_CHUNK};
 use crate::pipeline::{Pipeline, Task};
+use crate::sandbox::{self, Isolation, TaskCommand};
 
 /// Pending output is sent at the latest this long after it was read, so a
 /// slow trickle still reaches `surveil logs --follow` promptly.
@@ -34,7 +38,7 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Who the job is, for the tasks' `SURVEIL_*` variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobInfo {
+pub struct JobEnv {
     /// `SURVEIL_JOB_ID`.
     pub job_id: u64,
     /// `SURVEIL_ATTEMPT`.
@@ -50,8 +54,11 @@ pub struct JobInfo {
 /// How tasks are run.
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
-    /// The runner's environment; secrets are removed before tasks see it.
+    /// The runner's environment; tasks get only the names in
+    /// [`sandbox::TASK_ENV`] (and `LC_*`) from it.
     pub base_env: Arc<Vec<(OsString, OsString)>>,
+    /// Sandbox, task user or none, decided at start-up.
+    pub isolation: Arc<Isolation>,
     /// Between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
 }
@@ -97,7 +104,8 @@ impl CancelSignal {
 /// What running the pipeline produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineOutcome {
-    /// PASSED, FAILED or CANCELLED.
+    /// PASSED, FAILED or CANCELLED; ERROR when the checkout could not be
+    /// handed to the task user.
     pub status: JobStatus,
     /// Why, for CANCELLED; empty otherwise.
     pub message: String,
@@ -105,27 +113,26 @@ pub struct PipelineOutcome {
     pub tasks: Vec<TaskResult>,
 }
 
-/// Whether an environment variable's name looks like it holds a secret:
-/// tasks run repository code, which must not see the runner's credentials.
-pub fn is_secret_name(name: &str) -> bool {
-    let upper = name.to_ascii_uppercase();
-    // The runner's own TLS settings point at its private key: a task has
-    // no business knowing where that is.
-    upper.starts_with("SURVEIL_TLS_")
-        || ["TOKEN", "SECRET", "PASSWORD"]
-            .iter()
-            .any(|word| upper.contains(word))
-}
-
 /// Runs every task of `pipeline` in `dir`, in order.
 pub async fn run_pipeline(
     pipeline: &Pipeline,
     dir: &Path,
-    job: &JobInfo,
+    job: &JobEnv,
     options: &ExecOptions,
     log: &mut JobLog,
     cancel: &CancelSignal,
 ) -> PipelineOutcome {
+    log.system(0, &format!("isolation: {}", options.isolation.describe()))
+        .await;
+    if let Err(problem) = hand_over(options, dir).await {
+        let message = format!("cannot give the checkout to the task user: {problem}");
+        log.system(0, &message).await;
+        return PipelineOutcome {
+            status: JobStatus::Error,
+            message,
+            tasks: pipeline.tasks.iter().map(skipped).collect(),
+        };
+    }
     let mut results = Vec::with_capacity(pipeline.tasks.len());
     let mut status = JobStatus::Passed;
     let mut message = String::new();
@@ -171,12 +178,47 @@ pub async fn run_pipeline(
     }
 }
 
+/// Gives the checkout to the task user, if the runner has one. The job has
+/// read its pipeline file by now, while the checkout was still the
+/// runner's, so no task could have swapped it for a symlink.
+async fn hand_over(options: &ExecOptions, dir: &Path) -> Result<(), String> {
+    let (isolation, dir) = (options.isolation.clone(), dir.to_owned());
+    match tokio::task::spawn_blocking(move || isolation.hand_over(&dir)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn skipped(task: &Task) -> TaskResult {
     TaskResult {
         name: task.name.clone(),
         status: TaskStatus::Skipped as i32,
         ..TaskResult::default()
     }
+}
+
+/// Everything a task's process gets: the allowlisted part of the runner's
+/// environment, the task's own `env`, then the job's `SURVEIL_*` variables
+/// (last, so that a pipeline cannot pass itself off as another job).
+fn task_environment(task: &Task, job: &JobEnv, options: &ExecOptions) -> Vec<(OsString, OsString)> {
+    let mut env = sandbox::task_env(&options.base_env, options.isolation.task_user());
+    env.extend(
+        task.env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+    );
+    env.extend(
+        [
+            ("SURVEIL_JOB_ID", job.job_id.to_string()),
+            ("SURVEIL_ATTEMPT", job.attempt.to_string()),
+            ("SURVEIL_COMMIT", job.commit.clone()),
+            ("SURVEIL_REPO", job.repo.clone()),
+            ("SURVEIL_BRANCH", job.branch.clone()),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+    );
+    env
 }
 
 /// Why the task's process group was told to stop.
@@ -192,7 +234,7 @@ async fn run_task(
     task: &Task,
     index: u32,
     dir: &Path,
-    job: &JobInfo,
+    job: &JobEnv,
     options: &ExecOptions,
     log: &mut JobLog,
     cancel: &CancelSignal,
@@ -203,54 +245,18 @@ async fn run_task(
     };
     log.system(index, &format!("task `{}`: {}", task.name, task.run))
         .await;
-    let mut command = tokio::process::Command::new("sh");
-    command
-        .arg("-c")
-        .arg(&task.run)
-        .current_dir(dir)
-        .env_clear()
-        .envs(
-            options
-                .base_env
-                .iter()
-                .filter(|(name, _)| !is_secret_name(&name.to_string_lossy()))
-                .map(|(name, value)| (name, value)),
-        )
-        .envs(&task.env)
-        .env("SURVEIL_JOB_ID", job.job_id.to_string())
-        .env("SURVEIL_ATTEMPT", job.attempt.to_string())
-        .env("SURVEIL_COMMIT", &job.commit)
-        .env("SURVEIL_REPO", &job.repo)
-        .env("SURVEIL_BRANCH", &job.branch)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so a signal reaches everything the task started.
-        .process_group(0);
-    let started = Instant::now();
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
+    let (mut child, started) = match spawn_task(task, dir, job, options) {
+        Ok(spawned) => spawned,
+        Err(problem) => {
             result.status = TaskStatus::Error as i32;
-            result.message = format!("could not start `sh -c`: {e}");
+            result.message = problem;
             log.system(index, &format!("task `{}`: {}", task.name, result.message))
                 .await;
             return result;
         }
     };
-    let pgid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw);
-    let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(16);
-    let mut readers = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        readers.push(tokio::spawn(read_pipe(out, Stream::Stdout, tx.clone())));
-    }
-    if let Some(err) = child.stderr.take() {
-        readers.push(tokio::spawn(read_pipe(err, Stream::Stderr, tx.clone())));
-    }
-    drop(tx);
+    let mut group = options.isolation.task_group(child.id());
+    let (mut rx, readers) = read_output(&mut child);
 
     let mut pending = Pending::default();
     let deadline = started + task.timeout;
@@ -275,6 +281,7 @@ async fn run_task(
                 pending.flush(index, log).await;
             }
             waited = child.wait(), if exit.is_none() => {
+                group.reaped();
                 match waited {
                     Ok(status) => exit = Some(status),
                     Err(e) => {
@@ -285,7 +292,7 @@ async fn run_task(
                 result.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 if stop.is_none() {
                     stop = Some(Stop::Leftovers);
-                    signal_group(pgid, Signal::SIGTERM);
+                    group.signal(Signal::SIGTERM);
                     kill_at = Some(Instant::now() + options.kill_grace);
                 }
                 give_up_at = Some(Instant::now() + options.kill_grace * 2);
@@ -296,19 +303,19 @@ async fn run_task(
                     "task `{}` timed out after {}: terminating its process group",
                     task.name, humantime::format_duration(task.timeout)
                 )).await;
-                signal_group(pgid, Signal::SIGTERM);
+                group.signal(Signal::SIGTERM);
                 kill_at = Some(Instant::now() + options.kill_grace);
             }
             () = cancel.cancelled(), if stop.is_none() => {
                 stop = Some(Stop::Cancelled);
                 log.system(index, &format!("task `{}` cancelled ({}): terminating its process group", task.name, cancel.reason())).await;
-                signal_group(pgid, Signal::SIGTERM);
+                group.signal(Signal::SIGTERM);
                 kill_at = Some(Instant::now() + options.kill_grace);
             }
             () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
                 kill_at = None;
                 if stop != Some(Stop::Leftovers) || pipes_open {
-                    signal_group(pgid, Signal::SIGKILL);
+                    group.signal(Signal::SIGKILL);
                 }
             }
             () = tokio::time::sleep_until(give_up_at.unwrap_or(far)), if give_up_at.is_some() && pipes_open => {
@@ -328,11 +335,53 @@ async fn run_task(
     pending.flush(index, log).await;
     // Whatever is left of the group dies with the task. (The group id cannot
     // have been reused while any member lived, and is normally empty here.)
-    signal_group(pgid, Signal::SIGKILL);
+    group.signal(Signal::SIGKILL);
 
     let exit = exit.unwrap_or_else(|| ExitStatus::from_raw(-1));
-    result.exit_code = exit.code();
-    result.signal = exit.signal();
+    (result.exit_code, result.signal) = group.decode(exit);
+    conclude(&mut result, task, index, stop, exit.success(), cancel, log).await;
+    result
+}
+
+/// Builds the task's command (sandboxed as configured) and starts it in
+/// its own process group. `Err` says why it could not start.
+fn spawn_task(
+    task: &Task,
+    dir: &Path,
+    job: &JobEnv,
+    options: &ExecOptions,
+) -> Result<(tokio::process::Child, Instant), String> {
+    let env = task_environment(task, job, options);
+    let spec = TaskCommand {
+        run: &task.run,
+        dir,
+        env: &env,
+        network: task.network,
+    };
+    let mut command = options.isolation.command(&spec)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so a signal reaches everything the task started.
+        .process_group(0);
+    let started = Instant::now();
+    let child = command
+        .spawn()
+        .map_err(|e| format!("could not start the task's process: {e}"))?;
+    Ok((child, started))
+}
+
+/// The task's status from how it stopped, with the closing SYSTEM line.
+async fn conclude(
+    result: &mut TaskResult,
+    task: &Task,
+    index: u32,
+    stop: Option<Stop>,
+    success: bool,
+    cancel: &CancelSignal,
+    log: &mut JobLog,
+) {
     let status = match stop {
         Some(Stop::TimedOut) => {
             result.message = format!(
@@ -345,7 +394,7 @@ async fn run_task(
             result.message = cancel.reason();
             TaskStatus::Cancelled
         }
-        _ if exit.success() => TaskStatus::Passed,
+        _ if success => TaskStatus::Passed,
         _ => TaskStatus::Failed,
     };
     result.status = status as i32;
@@ -364,14 +413,22 @@ async fn run_task(
         ),
     )
     .await;
-    result
 }
 
-fn signal_group(pgid: Option<Pid>, signal: Signal) {
-    if let Some(pgid) = pgid {
-        // ESRCH: the group is already empty, which is what we want.
-        let _ = killpg(pgid, signal);
+/// Output chunks of a task, tagged with their stream.
+type Output = mpsc::Receiver<(Stream, Vec<u8>)>;
+
+/// Reads the child's stdout and stderr on their own tasks into one channel.
+fn read_output(child: &mut tokio::process::Child) -> (Output, Vec<tokio::task::JoinHandle<()>>) {
+    let (tx, rx) = mpsc::channel::<(Stream, Vec<u8>)>(16);
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(read_pipe(out, Stream::Stdout, tx.clone())));
     }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(read_pipe(err, Stream::Stderr, tx)));
+    }
+    (rx, readers)
 }
 
 async fn read_pipe(
@@ -439,8 +496,8 @@ mod tests {
     use crate::joblog::JobEvent;
     use surveil_proto::Log;
 
-    fn job() -> JobInfo {
-        JobInfo {
+    fn job() -> JobEnv {
+        JobEnv {
             job_id: 7,
             attempt: 2,
             repo: "/srv/git/app".into(),
@@ -457,8 +514,58 @@ mod tests {
                     .chain(std::env::var_os("PATH").map(|p| (OsString::from("PATH"), p)))
                     .collect(),
             ),
+            isolation: Arc::new(Isolation::Unsandboxed),
             kill_grace: Duration::from_millis(300),
         }
+    }
+
+    /// [`options`] in the bubblewrap sandbox; `None` (said loudly, and a
+    /// failure under `CI=true`) where it does not work here.
+    fn sandboxed(env: &[(&str, &str)]) -> Option<ExecOptions> {
+        match Isolation::detect(std::env::var_os("PATH").as_deref()) {
+            Ok(isolation) => Some(ExecOptions {
+                isolation: Arc::new(isolation),
+                ..options(env)
+            }),
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI must run the sandbox tests, but: {e}"
+                );
+                eprintln!("SKIPPED: the bubblewrap sandbox does not work here: {e}");
+                None
+            }
+        }
+    }
+
+    /// Whether a process whose command line contains `marker` still runs
+    /// anywhere on the machine (the sandbox's PIDs are not ours to read).
+    fn running_with(marker: &str) -> bool {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            pid.parse::<i32>().is_ok_and(alive)
+                && std::fs::read(entry.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+    }
+
+    /// A `sleep` argument no other process has.
+    fn marker() -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        format!("1000.{}{nanos}", std::process::id())
+    }
+
+    async fn gone(marker: &str) -> bool {
+        for _ in 0..100 {
+            if !running_with(marker) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 
     async fn run(
@@ -554,31 +661,39 @@ mod tests {
         assert_eq!(text(&logs, Stream::Stderr), "done\n");
     }
 
-    #[tokio::test]
-    async fn tasks_never_see_token_like_variables() {
-        let opts = options(&[
-            ("SURVEIL_TOKEN", "t1"),
-            ("GITHUB_TOKEN", "t2"),
-            ("db_password", "t3"),
-            ("My_Secret_Key", "t4"),
-            ("KEEP_ME", "yes"),
-        ]);
-        let toml = "[[task]]\nname = \"env\"\nrun = \"env\"\nenv = { FROM_TASK = \"1\" }\n";
-        let (outcome, logs) = run(toml, &opts, &CancelSignal::new()).await;
-        assert_eq!(outcome.status, JobStatus::Passed);
-        let env = text(&logs, Stream::Stdout);
-        for secret in [
+    async fn environment_of(opts: &ExecOptions) -> String {
+        let toml = "[[task]]\nname = \"env\"\nrun = \"env\"\nenv = { FROM_TASK = \"1\", SURVEIL_JOB_ID = \"99\" }\n";
+        let (outcome, logs) = run(toml, opts, &CancelSignal::new()).await;
+        assert_eq!(outcome.status, JobStatus::Passed, "{logs:?}");
+        text(&logs, Stream::Stdout)
+    }
+
+    const RUNNER_ENV: [(&str, &str); 8] = [
+        ("SURVEIL_TOKEN", "t1-secret"),
+        ("GITHUB_TOKEN", "t2-secret"),
+        ("SSH_AUTH_SOCK", "/tmp/ssh-agent.sock"),
+        ("FOO_KEY", "k-secret"),
+        ("DATABASE_URL", "postgres://u:p-secret@db/x"),
+        ("KEEP_ME", "not-on-the-list"),
+        ("LANG", "C.UTF-8"),
+        ("LC_ALL", "C"),
+    ];
+
+    fn assert_allowlisted(env: &str) {
+        for leaked in [
             "SURVEIL_TOKEN",
             "GITHUB_TOKEN",
-            "db_password",
-            "My_Secret_Key",
-            "t1",
-            "t2",
+            "SSH_AUTH_SOCK",
+            "FOO_KEY",
+            "DATABASE_URL",
+            "KEEP_ME",
+            "secret",
         ] {
-            assert!(!env.contains(secret), "{secret} leaked into:\n{env}");
+            assert!(!env.contains(leaked), "{leaked} leaked into:\n{env}");
         }
         for line in [
-            "KEEP_ME=yes",
+            "LANG=C.UTF-8",
+            "LC_ALL=C",
             "FROM_TASK=1",
             "SURVEIL_JOB_ID=7",
             "SURVEIL_ATTEMPT=2",
@@ -591,6 +706,104 @@ mod tests {
             );
         }
         assert!(env.contains(&format!("SURVEIL_COMMIT={}", "a".repeat(40))));
+    }
+
+    #[tokio::test]
+    async fn tasks_get_only_the_allowlisted_environment() {
+        assert_allowlisted(&environment_of(&options(&RUNNER_ENV)).await);
+        if let Some(opts) = sandboxed(&RUNNER_ENV) {
+            assert_allowlisted(&environment_of(&opts).await);
+        }
+    }
+
+    #[tokio::test]
+    async fn network_false_without_the_sandbox_is_a_task_error_not_a_silent_pass() {
+        let toml = "[[task]]\nname = \"offline\"\nrun = \"echo ran\"\nnetwork = false\n";
+        let (outcome, logs) = run(toml, &options(&[]), &CancelSignal::new()).await;
+        assert_eq!(outcome.status, JobStatus::Failed);
+        assert_eq!(outcome.tasks[0].status(), TaskStatus::Error);
+        assert!(
+            outcome.tasks[0]
+                .message
+                .starts_with("`network = false` needs the bubblewrap sandbox"),
+            "{}",
+            outcome.tasks[0].message
+        );
+        assert_eq!(text(&logs, Stream::Stdout), "", "the task did not run");
+    }
+
+    #[tokio::test]
+    async fn sandboxed_tasks_time_out_report_signals_and_leave_nothing_behind() {
+        let Some(opts) = sandboxed(&[]) else { return };
+        let hang = marker();
+        let toml = format!(
+            "[[task]]\nname = \"hang\"\ntimeout = \"500ms\"\nrun = \"trap '' TERM; sleep {hang} & wait\"\n"
+        );
+        let (outcome, logs) = run(&toml, &opts, &CancelSignal::new()).await;
+        let task = &outcome.tasks[0];
+        assert_eq!(task.status(), TaskStatus::TimedOut, "{logs:?}");
+        assert_eq!((task.exit_code, task.signal), (None, Some(9)));
+        assert!(gone(&hang).await, "the sandboxed grandchild survived");
+
+        let toml = "[[task]]\nname = \"die\"\nrun = \"kill -USR1 $$\"\n[[task]]\nname = \"fail\"\nrun = \"exit 3\"\nallow_failure = true\n";
+        let (outcome, _) = run(toml, &opts, &CancelSignal::new()).await;
+        let task = &outcome.tasks[0];
+        assert_eq!((task.exit_code, task.signal), (None, Some(libc_sigusr1())));
+
+        // A process that leaves the task's process group (setsid) still
+        // ends with the task: the PID namespace goes with it.
+        let escapee = marker();
+        let toml = format!(
+            "[[task]]\nname = \"escape\"\nrun = \"setsid sleep {escapee} > /dev/null 2>&1 & echo left\"\n"
+        );
+        let (outcome, logs) = run(&toml, &opts, &CancelSignal::new()).await;
+        assert_eq!(outcome.status, JobStatus::Passed, "{logs:?}");
+        assert_eq!(text(&logs, Stream::Stdout), "left\n");
+        assert!(
+            gone(&escapee).await,
+            "a setsid process outlived the sandbox"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sandboxed_task_gets_sigterm_first_when_cancelled() {
+        let Some(opts) = sandboxed(&[]) else { return };
+        let toml = "[[task]]\nname = \"slow\"\nrun = \"trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.05; done\"\n";
+        let pipeline = crate::pipeline::parse(toml.as_bytes(), ".surveil.toml").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(1000);
+        let cancel = CancelSignal::new();
+        let watcher = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut out = String::new();
+                while let Some(event) = rx.recv().await {
+                    if let JobEvent::Log(l) = &event
+                        && l.stream == Stream::Stdout as i32
+                    {
+                        out.push_str(&String::from_utf8_lossy(&l.data));
+                        if out.contains("ready") {
+                            cancel.cancel("cancelled by a user");
+                        }
+                    }
+                }
+                out
+            })
+        };
+        let mut log = JobLog::new(7, 2, tx);
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(30),
+            run_pipeline(&pipeline, dir.path(), &job(), &opts, &mut log, &cancel),
+        )
+        .await
+        .expect("cancel ends the task");
+        drop(log);
+        let out = watcher.await.unwrap();
+        let task = &outcome.tasks[0];
+        assert_eq!(task.status(), TaskStatus::Cancelled);
+        // The trap ran: SIGTERM reached the task, not only bwrap.
+        assert!(out.contains("got TERM"), "{out}");
+        assert_eq!(task.exit_code, Some(7));
     }
 
     #[tokio::test]
@@ -684,15 +897,5 @@ run = "echo never"
         assert_eq!(outcome.tasks[0].status(), TaskStatus::Cancelled);
         assert_eq!(outcome.tasks[0].signal, Some(Signal::SIGTERM as i32));
         assert_eq!(outcome.tasks[1].status(), TaskStatus::Skipped);
-    }
-
-    #[test]
-    fn secret_names() {
-        assert!(is_secret_name("SURVEIL_TOKEN"));
-        assert!(is_secret_name("aws_secret_access_key"));
-        assert!(is_secret_name("PGPASSWORD"));
-        assert!(!is_secret_name("PATH"));
-        assert!(is_secret_name("SURVEIL_TLS_KEY"));
-        assert!(is_secret_name("SURVEIL_TLS_CERT"));
     }
 }

@@ -14,7 +14,7 @@ use surveil_proto::{Assign, JobFinished, JobStatus, Started};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::executor::{self, CancelSignal, ExecOptions, JobInfo};
+use crate::executor::{self, CancelSignal, ExecOptions, JobEnv};
 use crate::joblog::{JobEvent, JobLog};
 use crate::outbox::Outbox;
 use crate::pipeline;
@@ -208,7 +208,7 @@ async fn checkout_and_run(
             return error_result(job_id, attempt, message);
         }
     };
-    let info = JobInfo {
+    let info = JobEnv {
         job_id,
         attempt,
         repo: assign.repo.clone(),

@@ -3,30 +3,44 @@
 //!
 //! Code map:
 //! - [`config`]: flags and the validated [`Config`].
-//! - [`session`]: the protocol across connections (Hello with leases,
-//!   pings, assignments, cancels, acks, reconnects, drain).
+//! - [`core`]: the protocol across connections as a pure state machine
+//!   (leases, resends, reconnect backoff, drain); no IO, no clock.
+//! - [`session`]: the I/O shell around the core (the connection, dials,
+//!   job tasks, timers).
 //! - [`job`]: one attempt from `Assign` to a stored result.
 //! - [`workspace`]: gix mirrors and per-job checkouts.
 //! - [`pipeline`]: the `.surveil.toml` file.
 //! - [`executor`]: task processes, timeouts, streamed output.
+//! - [`sandbox`]: how tasks are isolated (bubblewrap, a task user, or
+//!   `--unsandboxed`), and the environment allowlist.
 //! - [`joblog`]: an attempt's combined log and job events.
 //! - [`outbox`]: results kept on disk until acknowledged.
 //!
 //! Architecture invariant: a finished job's result is in the outbox before
 //! it is sent, and leaves it only on `ResultAck`.
+//!
+//! Architecture invariant: a task gets only the allowlisted environment,
+//! and, unless the operator said `--unsandboxed`, cannot read the work
+//! directory's mirrors and outbox nor the runner's token and configuration.
+
+// Production functions stay under 100 lines (clippy.toml); tests may be longer.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 pub mod config;
+pub mod core;
 pub mod executor;
 pub mod job;
 pub mod joblog;
 pub mod outbox;
 pub mod pipeline;
+pub mod sandbox;
 pub mod session;
 pub mod workspace;
 
 use std::sync::Arc;
 
 use anyhow::Context;
+use surveil_common::shutdown::Shutdown;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -34,7 +48,8 @@ pub use config::Config;
 use crate::executor::ExecOptions;
 use crate::job::JobContext;
 use crate::outbox::Outbox;
-use crate::session::{Session, SessionConfig};
+use crate::sandbox::Isolation;
+use crate::session::Session;
 use crate::workspace::Workspace;
 
 /// A runner whose work directory is ready; [`Runner::run`] connects.
@@ -64,6 +79,18 @@ impl Runner {
                 );
             }
         }
+        let isolation = Arc::new(config.isolation.clone());
+        let root = workspace.root();
+        isolation
+            .prepare_work_dir(
+                &[root, &root.join("jobs")],
+                &[&root.join("mirrors"), &workspace.outbox_dir()],
+            )
+            .map_err(anyhow::Error::msg)?;
+        match &*isolation {
+            Isolation::Unsandboxed => tracing::warn!("isolation: {}", isolation.describe()),
+            _ => tracing::info!("isolation: {}", isolation.describe()),
+        }
         let outbox = Outbox::open(&workspace.outbox_dir()).context("cannot open the outbox")?;
         let pending = outbox.load_all().context("cannot read the outbox")?;
         if !pending.is_empty() {
@@ -76,24 +103,14 @@ impl Runner {
             workspace: Arc::new(workspace),
             outbox,
             exec: ExecOptions {
-                base_env: Arc::new(config.base_env),
+                base_env: Arc::new(config.base_env.expose().clone()),
+                isolation,
                 kill_grace: config.kill_grace,
             },
             keep_workdirs: config.keep_workdirs,
         });
-        let session = SessionConfig {
-            dispatch: config.dispatch,
-            name: config.name,
-            token: config.token,
-            slots: config.slots,
-            labels: config.labels,
-            repos: config.repos,
-            drain_timeout: config.drain_timeout,
-            reconnect_max: config.reconnect_max,
-            tls: config.tls,
-        };
         Ok(Runner {
-            session: Session::new(session, ctx, pending),
+            session: Session::new(&config, ctx, pending),
         })
     }
 
@@ -108,9 +125,20 @@ impl Runner {
 /// Prepares the work directory and runs until `shutdown` is cancelled and
 /// the drain is over.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let shutdown = Shutdown {
+        graceful: shutdown,
+        immediate: CancellationToken::new(),
+    };
+    serve(config, shutdown, || {}).await
+}
+
+/// [`run`] with both shutdown stages ([`Runner::run`]), calling `ready`
+/// once the work directory is ready (the daemon's systemd `READY=1`).
+pub async fn serve(config: Config, shutdown: Shutdown, ready: impl FnOnce()) -> anyhow::Result<()> {
     let runner = tokio::task::spawn_blocking(move || Runner::prepare(config))
         .await
         .context("preparing the runner")??;
-    runner.run(shutdown, CancellationToken::new()).await;
+    ready();
+    runner.run(shutdown.graceful, shutdown.immediate).await;
     Ok(())
 }

@@ -41,6 +41,9 @@ pub struct Task {
     pub env: BTreeMap<String, String>,
     /// A failure of this task does not end the job.
     pub allow_failure: bool,
+    /// `false` (`network = false`): the task gets a network namespace of
+    /// its own, with only a loopback device. Default `true`.
+    pub network: bool,
 }
 
 /// Why a pipeline file was refused. Its `Display` is the whole message a
@@ -84,6 +87,8 @@ struct RawTask {
     env: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     allow_failure: bool,
+    // Any TOML value, so that a wrong type gets our message and position.
+    network: Option<Spanned<toml::Value>>,
 }
 
 /// Reads and parses `dir/.surveil.toml`; a missing file is an error too.
@@ -128,32 +133,12 @@ fn too_large(file: &str, len: u64) -> PipelineError {
 
 /// Parses and validates a pipeline file's bytes; `file` names it in errors.
 pub fn parse(bytes: &[u8], file: &str) -> Result<Pipeline, PipelineError> {
-    if bytes.len() > MAX_PIPELINE_BYTES {
-        return Err(too_large(file, bytes.len() as u64));
-    }
+    let text = text_of(bytes, file)?;
     let at = |text: &str, offset: usize, problem: String| PipelineError {
         file: file.to_owned(),
         position: Some(line_column(text, offset)),
         problem,
     };
-    let text = match std::str::from_utf8(bytes) {
-        Ok(text) => text,
-        Err(e) => {
-            let valid = std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();
-            return Err(at(
-                valid,
-                valid.len(),
-                "the file is not UTF-8 text; a pipeline file is TOML, which must be UTF-8".into(),
-            ));
-        }
-    };
-    if let Some(nul) = text.find('\0') {
-        return Err(at(
-            text,
-            nul,
-            "the file contains a NUL byte: it looks binary, not TOML".into(),
-        ));
-    }
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let offset = e.span().map_or(0, |span| span.start);
         at(text, offset, e.message().trim().to_owned())
@@ -191,31 +176,8 @@ pub fn parse(bytes: &[u8], file: &str) -> Result<Pipeline, PipelineError> {
                 format!("task `{name}`: `run` must not be empty"),
             ));
         }
-        let timeout = match &task.timeout {
-            None => DEFAULT_TIMEOUT,
-            Some(spanned) => {
-                let value = spanned.get_ref();
-                match humantime::parse_duration(value.trim()) {
-                    Ok(d) if d.is_zero() => {
-                        return Err(at(
-                            text,
-                            spanned.span().start,
-                            format!("task `{name}`: timeout must be greater than zero"),
-                        ));
-                    }
-                    Ok(d) => d,
-                    Err(e) => {
-                        return Err(at(
-                            text,
-                            spanned.span().start,
-                            format!(
-                                "task `{name}`: timeout `{value}` is not a duration ({e}); write e.g. 90s, 10m or 1h"
-                            ),
-                        ));
-                    }
-                }
-            }
-        };
+        let timeout = timeout(task.timeout.as_ref(), name)
+            .map_err(|(offset, problem)| at(text, offset, problem))?;
         if let Some(env) = &task.env {
             for key in env.get_ref().keys() {
                 if key.is_empty() || key.contains('=') {
@@ -227,15 +189,98 @@ pub fn parse(bytes: &[u8], file: &str) -> Result<Pipeline, PipelineError> {
                 }
             }
         }
+        let network = network(task.network.as_ref(), name)
+            .map_err(|(offset, problem)| at(text, offset, problem))?;
         tasks.push(Task {
             name: task.name.into_inner(),
             run: task.run.into_inner(),
             timeout,
             env: task.env.map(Spanned::into_inner).unwrap_or_default(),
             allow_failure: task.allow_failure,
+            network,
         });
     }
     Ok(Pipeline { tasks })
+}
+
+/// The file as text: at most [`MAX_PIPELINE_BYTES`], UTF-8, no NUL byte.
+fn text_of<'a>(bytes: &'a [u8], file: &str) -> Result<&'a str, PipelineError> {
+    if bytes.len() > MAX_PIPELINE_BYTES {
+        return Err(too_large(file, bytes.len() as u64));
+    }
+    let at = |text: &str, offset: usize, problem: &str| PipelineError {
+        file: file.to_owned(),
+        position: Some(line_column(text, offset)),
+        problem: problem.to_owned(),
+    };
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let valid = std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();
+            return Err(at(
+                valid,
+                valid.len(),
+                "the file is not UTF-8 text; a pipeline file is TOML, which must be UTF-8",
+            ));
+        }
+    };
+    if let Some(nul) = text.find('\0') {
+        return Err(at(
+            text,
+            nul,
+            "the file contains a NUL byte: it looks binary, not TOML",
+        ));
+    }
+    Ok(text)
+}
+
+/// The `timeout` key: a positive duration, [`DEFAULT_TIMEOUT`] when
+/// absent; a bad value is the byte offset of the value and the problem.
+fn timeout(value: Option<&Spanned<String>>, name: &str) -> Result<Duration, (usize, String)> {
+    let Some(spanned) = value else {
+        return Ok(DEFAULT_TIMEOUT);
+    };
+    let text = spanned.get_ref();
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d.is_zero() => Err((
+            spanned.span().start,
+            format!("task `{name}`: timeout must be greater than zero"),
+        )),
+        Ok(d) => Ok(d),
+        Err(e) => Err((
+            spanned.span().start,
+            format!(
+                "task `{name}`: timeout `{text}` is not a duration ({e}); write e.g. 90s, 10m or 1h"
+            ),
+        )),
+    }
+}
+
+/// The `network` key: a boolean, `true` when absent; a wrong type is the
+/// byte offset of the value and the problem.
+fn network(value: Option<&Spanned<toml::Value>>, task: &str) -> Result<bool, (usize, String)> {
+    let Some(spanned) = value else {
+        return Ok(true);
+    };
+    match spanned.get_ref() {
+        toml::Value::Boolean(network) => Ok(*network),
+        other => Err((
+            spanned.span().start,
+            format!(
+                "task `{task}`: `network` must be true or false, not {} {other}",
+                article(other.type_str())
+            ),
+        )),
+    }
+}
+
+/// "a string", "an integer": for messages about a value's type.
+fn article(type_name: &str) -> String {
+    if type_name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {type_name}")
+    } else {
+        format!("a {type_name}")
+    }
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
@@ -286,6 +331,29 @@ run = "cargo clippy"
         assert_eq!(p.tasks[1].timeout, DEFAULT_TIMEOUT);
         assert!(p.tasks[1].env.is_empty());
         assert!(!p.tasks[1].allow_failure);
+    }
+
+    #[test]
+    fn network_is_a_boolean_defaulting_to_true() {
+        let p = parse(
+            b"[[task]]\nname = \"offline\"\nrun = \"make\"\nnetwork = false\n[[task]]\nname = \"online\"\nrun = \"curl\"\nnetwork = true\n[[task]]\nname = \"default\"\nrun = \"true\"\n",
+            PIPELINE_FILE,
+        )
+        .unwrap();
+        let network: Vec<bool> = p.tasks.iter().map(|t| t.network).collect();
+        assert_eq!(network, [false, true, true]);
+    }
+
+    #[test]
+    fn network_of_the_wrong_type_names_file_line_and_value() {
+        assert_eq!(
+            err("[[task]]\nname = \"a\"\nrun = \"true\"\nnetwork = \"off\"\n"),
+            ".surveil.toml: line 4, column 11: task `a`: `network` must be true or false, not a string \"off\""
+        );
+        assert_eq!(
+            err("[[task]]\nname = \"a\"\nrun = \"true\"\n\nnetwork = 0\n"),
+            ".surveil.toml: line 5, column 11: task `a`: `network` must be true or false, not an integer 0"
+        );
     }
 
     #[test]

@@ -2,23 +2,19 @@
 //! and one fresh checkout per job attempt, all done with gix.
 //!
 //! Layout under `WORK_DIR`: `mirrors/<sha1 of the repo string>.git` (one
-//! bare repository per REPO, fetched only when a commit is missing),
-//! `jobs/<job>-<attempt>/` (the commit's tree, nothing else) and `outbox/`
-//! (owned by [`crate::outbox`]). This module must not run `git` processes
-//! itself; gix does that only for local and `file://` transports, where
-//! `git upload-pack` is the server side of the fetch. Everything here is
-//! blocking: callers run it in `spawn_blocking`.
+//! bare repository per REPO, fetched only when a commit is missing; made
+//! and fetched by `surveil_git::Mirror`, which owns their crash-safety
+//! rule), `jobs/<job>-<attempt>/` (the commit's tree, nothing else) and
+//! `outbox/` (owned by [`crate::outbox`]). This module must not run `git`
+//! processes itself. Everything here is blocking: callers run it in
+//! `spawn_blocking`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use gix::remote::Direction;
-
-/// What a mirror fetches: every branch and tag, mirrored under the same
-/// names, so any commit reachable from the repository's refs arrives.
-const MIRROR_REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+use surveil_git::{Mirror, MirrorError};
 
 /// Why a checkout failed; the text becomes the job's `error` message.
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +69,9 @@ pub enum WorkspaceError {
 #[derive(Debug)]
 pub struct Workspace {
     root: PathBuf,
-    /// One lock per mirror: two jobs of the same repository must not fetch
-    /// into (or create) the same bare repository at once.
-    mirror_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// One [`Mirror`] per repository, shared by its jobs: it lets one of
+    /// them create or fetch the mirror at a time.
+    mirrors: Mutex<HashMap<String, Arc<Mirror>>>,
 }
 
 impl Workspace {
@@ -86,7 +82,7 @@ impl Workspace {
         }
         Ok(Workspace {
             root: root.to_owned(),
-            mirror_locks: Mutex::new(HashMap::new()),
+            mirrors: Mutex::new(HashMap::new()),
         })
     }
 
@@ -117,6 +113,18 @@ impl Workspace {
     /// `WORK_DIR/jobs/<job>-<attempt>`.
     pub fn job_dir(&self, job_id: u64, attempt: u32) -> PathBuf {
         self.root.join("jobs").join(format!("{job_id}-{attempt}"))
+    }
+
+    /// The mirror of `repo`, the same value for every job of it.
+    fn mirror(&self, repo: &str) -> Arc<Mirror> {
+        let mut mirrors = self
+            .mirrors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        mirrors
+            .entry(repo.to_owned())
+            .or_insert_with(|| Arc::new(Mirror::new(repo, self.mirror_path(repo))))
+            .clone()
     }
 
     /// Removes job directories left by an earlier run of the runner (it
@@ -152,29 +160,16 @@ impl Workspace {
             commit: commit.to_owned(),
             reason,
         };
-        let mirror_path = self.mirror_path(repo);
-        let lock = {
-            let mut locks = self
-                .mirror_locks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            locks.entry(mirror_path.clone()).or_default().clone()
-        };
-        let mirror = {
-            let _held = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let mirror = open_or_init(&mirror_path)
-                .map_err(|e| failed(format!("mirror {}: {e}", mirror_path.display())))?;
-            let mut fetched = false;
-            if !mirror.has_object(id) {
-                fetch(&mirror, repo, interrupt).map_err(|reason| WorkspaceError::Unreachable {
-                    repo: repo.to_owned(),
-                    reason,
+        let (mirror, fetched) =
+            self.mirror(repo)
+                .with_commit(id, interrupt)
+                .map_err(|e| match e {
+                    MirrorError::Fetch { reason, .. } => WorkspaceError::Unreachable {
+                        repo: repo.to_owned(),
+                        reason,
+                    },
+                    other => failed(other.to_string()),
                 })?;
-                fetched = true;
-            }
-            (mirror, fetched)
-        };
-        let (mirror, fetched) = mirror;
         let object = mirror
             .find_object(id)
             .map_err(|_| WorkspaceError::CommitMissing {
@@ -243,38 +238,6 @@ pub struct CheckoutInfo {
     pub fetched: bool,
     /// Files written.
     pub files: usize,
-}
-
-fn open_or_init(path: &Path) -> Result<gix::Repository, String> {
-    if path.join("HEAD").exists() {
-        gix::open(path).map_err(|e| format!("cannot open: {e}"))
-    } else {
-        // A half-created mirror (crash during init) is replaced.
-        if path.exists() {
-            std::fs::remove_dir_all(path).map_err(|e| format!("cannot remove: {e}"))?;
-        }
-        gix::init_bare(path).map_err(|e| format!("cannot create: {e}"))
-    }
-}
-
-/// Fetches every branch and tag of `url` into the mirror. The same code
-/// path serves remote URLs, `file://` URLs and local paths.
-fn fetch(mirror: &gix::Repository, url: &str, interrupt: &AtomicBool) -> Result<(), String> {
-    let remote = mirror
-        .remote_at(url)
-        .map_err(|e| format!("not a repository URL or path: {e}"))?
-        .with_refspecs(MIRROR_REFSPECS, Direction::Fetch)
-        .map_err(|e| e.to_string())?;
-    let connection = remote
-        .connect(Direction::Fetch)
-        .map_err(|e| format!("{e:#}"))?;
-    let prepared = connection
-        .prepare_fetch(gix::progress::Discard, Default::default())
-        .map_err(|e| format!("{e:#}"))?;
-    prepared
-        .receive(gix::progress::Discard, interrupt)
-        .map_err(|e| format!("{e:#}"))?;
-    Ok(())
 }
 
 #[cfg(test)]

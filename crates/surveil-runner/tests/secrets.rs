@@ -23,9 +23,9 @@ fn token_on_the_command_line_is_refused_with_exit_2() {
 #[test]
 fn debug_never_shows_the_token() {
     let mut config = surveil_runner::Config::new("/tmp/w", vec!["/srv/git/app".to_owned()]);
-    config.token = Some(TOKEN.to_owned());
+    config.token = Some(TOKEN.into());
     // Tasks' environment may hold secrets too: it is not shown either.
-    config.base_env = vec![("SURVEIL_TOKEN".into(), TOKEN.into())];
+    config.base_env = surveil_common::Secret::new(vec![("SURVEIL_TOKEN".into(), TOKEN.into())]);
     let shown = format!("{config:?} {config:#?}");
     assert!(!shown.contains(TOKEN), "{shown}");
     assert!(shown.contains("<redacted>"), "{shown}");

@@ -3,12 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use surveil_proto::{
     Assign, Cancel, Connection, Hello, JobFinished, JobStatus, Lease, Msg, Ping, ResultAck, Stream,
     TaskStatus, Welcome,
 };
+use surveil_runner::sandbox::Isolation;
 use surveil_runner::{Config, Runner};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -153,13 +155,30 @@ impl Started {
     }
 }
 
+/// Tasks run in the bubblewrap sandbox where it works here; elsewhere the
+/// tests say so and run them unsandboxed.
+fn isolation() -> Isolation {
+    static DETECTED: OnceLock<Isolation> = OnceLock::new();
+    DETECTED
+        .get_or_init(|| {
+            Isolation::detect(std::env::var_os("PATH").as_deref()).unwrap_or_else(|e| {
+                eprintln!("NOTE: {e}; these runners run their tasks with --unsandboxed");
+                Isolation::Unsandboxed
+            })
+        })
+        .clone()
+}
+
 fn config(dispatch: &str, work: &Path, repos: Vec<String>) -> Config {
     let mut config = Config::new(work, repos);
+    config.isolation = isolation();
     config.dispatch = dispatch.to_owned();
     config.name = "ci-test".into();
-    config.base_env = std::env::var_os("PATH")
-        .map(|p| vec![("PATH".into(), p)])
-        .unwrap_or_default();
+    config.base_env = surveil_common::Secret::new(
+        std::env::var_os("PATH")
+            .map(|p| vec![("PATH".into(), p)])
+            .unwrap_or_default(),
+    );
     config.kill_grace = Duration::from_millis(300);
     config.reconnect_max = Duration::from_millis(200);
     config
@@ -258,6 +277,11 @@ async fn a_full_job_passes_with_streamed_logs_and_task_results() {
     assert_eq!(logs_text(&before, Stream::Stdout), "hello\n");
     assert_eq!(logs_text(&before, Stream::Stderr), "ok\n");
     assert!(logs_text(&before, Stream::System).contains(&format!("checking out {commit}")));
+    let system = logs_text(&before, Stream::System);
+    assert!(
+        system.contains(&format!("isolation: {}\n", isolation().describe())),
+        "every job's log says how its tasks are isolated: {system}"
+    );
     let mut next = 0;
     for msg in &before {
         if let Msg::Log(l) = msg {
@@ -393,7 +417,11 @@ async fn a_reconnect_keeps_the_lease_and_the_job_is_not_rerun() {
     );
     let work = tempfile::tempdir().unwrap();
     let fake = FakeDispatcher::bind().await;
-    let runner = start(config(&fake.addr(), work.path(), vec![repo.clone()]));
+    let mut config = config(&fake.addr(), work.path(), vec![repo.clone()]);
+    // The task counts its runs in a file outside its checkout, which no
+    // sandbox would let it write.
+    config.isolation = Isolation::Unsandboxed;
+    let runner = start(config);
     let mut peer = fake.accept().await;
     peer.send(assign(5, &repo, &commit)).await;
     loop {

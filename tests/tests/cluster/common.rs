@@ -73,6 +73,7 @@ impl Scene {
         let repo = repo_dir.to_str().context("UTF-8 temp path")?.to_owned();
         let state = dir.path().join("dispatcher");
         std::fs::create_dir_all(&state)?;
+        std::fs::create_dir_all(dir.path().join("gates"))?;
         let log = dir.path().join("dispatcher.log");
         // A port below the ephemeral range cannot be taken by a parallel
         // test's outgoing connection; a bind that fails anyway (another
@@ -152,30 +153,54 @@ impl Scene {
     /// Starts runner `name` dialling `dispatch` (the dispatcher, or a relay
     /// in front of it); its work dir is `DIR/<name>`.
     pub fn add_runner(&mut self, name: &str, dispatch: &str) -> Result<usize> {
+        let isolation = cluster::runner_isolation_args();
+        let args: Vec<&str> = isolation.iter().map(String::as_str).collect();
+        self.add_runner_with(name, dispatch, &args, &[])
+    }
+
+    /// [`Scene::add_runner`] with `args` before the repository and `envs`
+    /// added to its environment. Its sandbox shows the gates, read-only.
+    pub fn add_runner_with(
+        &mut self,
+        name: &str,
+        dispatch: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<usize> {
         let work = self.work_dir(name);
         std::fs::create_dir_all(&work)?;
-        let envs: Vec<(String, String)> = self
+        let mut all_envs: Vec<(String, String)> = self
             .token
             .as_ref()
             .map(|t| ("SURVEIL_TOKEN".to_owned(), t.clone()))
             .into_iter()
             .collect();
+        all_envs.extend(envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let mut argv: Vec<String> = vec![
+            "--dispatch".into(),
+            dispatch.to_owned(),
+            "--work-dir".into(),
+            work.display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--sandbox-ro".into(),
+            self.gates_dir().display().to_string(),
+        ];
+        argv.extend(args.iter().map(|a| (*a).to_owned()));
+        argv.push(self.repo.clone());
         self.runners.push(Daemon::start(
             name,
             &bins().runner,
-            vec![
-                "--dispatch".into(),
-                dispatch.to_owned(),
-                "--work-dir".into(),
-                work.display().to_string(),
-                "--name".into(),
-                name.into(),
-                self.repo.clone(),
-            ],
-            envs,
+            argv,
+            all_envs,
             self.path().join(format!("{name}.log")),
         )?);
         Ok(self.runners.len() - 1)
+    }
+
+    /// Where gates are made: the one host directory tasks may look at.
+    pub fn gates_dir(&self) -> PathBuf {
+        self.path().join("gates")
     }
 
     pub fn work_dir(&self, runner: &str) -> PathBuf {
@@ -209,7 +234,7 @@ impl Scene {
 
     /// A gate path; the job of a gated commit runs until it exists.
     pub fn gate(&mut self, name: &str) -> PathBuf {
-        let gate = self.path().join(format!("gate-{name}"));
+        let gate = self.gates_dir().join(format!("gate-{name}"));
         self.gates.push(gate.clone());
         gate
     }

@@ -1,8 +1,10 @@
 //! One test binary for every story over real processes, so the daemons are
-//! built once: fault stories (`faults`) and hostile input (`hostile`).
+//! built once: fault stories (`faults`), hostile input (`hostile`) and
+//! hostile pipelines against the task sandbox (`sandbox`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
 mod common;
 mod faults;
 mod hostile;
+mod sandbox;

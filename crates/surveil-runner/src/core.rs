@@ -1,0 +1,776 @@
+//! The runner's protocol brain: which leases it holds, what the dispatcher
+//! may have missed (unacknowledged results, retained logs, unsent
+//! `Started`), when to dial again, and how a shutdown drains.
+//!
+//! Pure state only, in the style of the dispatcher's scheduler and of a
+//! sans-IO protocol core: no sockets, no tokio, no clock. The shell
+//! ([`crate::session`]) feeds it [`Event`]s with the current time through
+//! [`RunnerCore::handle`], carries out the [`Action`]s it takes from
+//! [`RunnerCore::poll_action`], and sleeps until [`RunnerCore::deadline`].
+//! Everything here is decided in microseconds and tested without sockets.
+//!
+//! Drain (first shutdown signal): the protocol has no "draining" message
+//! yet, and closing the connection would revoke the running jobs' leases at
+//! once. So the runner stays connected, lets running jobs finish (up to the
+//! drain timeout, then cancels them and reports `cancelled`), and starts no
+//! job it has not started yet, including an `Assign` that arrives during
+//! the drain. Those are never reported: reporting them `cancelled` or
+//! `error` would be a final verdict on a job that never ran. When the
+//! runner then disconnects, the dispatcher revokes their leases and queues
+//! them again, so they are neither lost nor wrongly failed. A "draining"
+//! message, when the protocol gains one, is sent from [`RunnerCore::drain`].
+//!
+//! Invariants (checked by [`RunnerCore::check_invariants`] and the property
+//! tests below):
+//! - a lease is in exactly one of: queued, running, being stored, held for
+//!   its `ResultAck`; every lease held is listed in the `Hello` of a dial;
+//! - no more jobs run than the runner has slots, and none starts during a
+//!   drain;
+//! - a result is held, and sent again after every reconnect, until its
+//!   `ResultAck` arrives;
+//! - no action names a lease the core does not hold;
+//! - nothing is sent while no connection is up.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use surveil_common::{Backoff, Secret};
+use surveil_proto::{
+    Assign, Envelope, Hello, JobFinished, JobStatus, Lease, Log, Msg, Pong, Role, Started, Welcome,
+};
+
+use crate::Config;
+use crate::job;
+use crate::joblog::JobEvent;
+
+/// A job attempt: `(job_id, attempt)`.
+pub type LeaseKey = (u64, u32);
+
+/// Most bytes of one job's log kept for resending after a reconnect; older
+/// output is dropped first (a very chatty job that outlives a long outage
+/// loses the oldest part of its log, never its result).
+pub const LOG_RETAIN_BYTES: usize = 4 * 1024 * 1024;
+
+/// After the jobs ended during a drain, how long the runner keeps trying
+/// to deliver their results before leaving them to the outbox (they are
+/// sent on the next start).
+pub const RESULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`RESULT_FLUSH_TIMEOUT`] after a second shutdown signal: the operator
+/// wants the runner gone, the outbox keeps the results.
+pub const RESULT_FLUSH_TIMEOUT_IMMEDIATE: Duration = Duration::from_secs(1);
+
+/// Which shutdown signal arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The first: drain.
+    Graceful,
+    /// The second: cancel running jobs now.
+    Immediate,
+}
+
+/// Something that happened, for [`RunnerCore::handle`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The dial asked for by [`Action::Dial`] completed its handshake.
+    Connected(Welcome),
+    /// That dial failed; the text says why.
+    DialFailed(String),
+    /// The connection ended (closed, broken, a write failed or timed
+    /// out). `unsent` is the frame whose write failed, if one did.
+    Disconnected {
+        /// Why, for the log.
+        reason: String,
+        /// The frame that could not be written.
+        unsent: Option<Envelope>,
+    },
+    /// A message from the dispatcher.
+    Frame(Msg),
+    /// A running job's progress.
+    Job(JobEvent),
+    /// A shutdown signal.
+    Shutdown(Stop),
+    /// Nothing but time passed (the [`RunnerCore::deadline`] came).
+    Tick,
+}
+
+/// What the shell must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Connect and handshake with this `Hello`; report
+    /// [`Event::Connected`] or [`Event::DialFailed`].
+    Dial(Hello),
+    /// Write this frame on the connection.
+    Send(Envelope),
+    /// Close the connection (the core has logged why).
+    Disconnect,
+    /// Start running this job; its events come back as [`Event::Job`].
+    Start(Assign),
+    /// Stop this running job, reporting `reason`.
+    Cancel {
+        /// The job.
+        job_id: u64,
+        /// Its attempt.
+        attempt: u32,
+        /// Why, as the job's result message.
+        reason: String,
+    },
+    /// A result for a job that never ran (refused, or cancelled before it
+    /// started): store it in the outbox, then report it as
+    /// [`JobEvent::Finished`] like any other.
+    Store(JobFinished),
+    /// The dispatcher acknowledged this result: delete it from the outbox.
+    Forget {
+        /// The job.
+        job_id: u64,
+        /// Its attempt.
+        attempt: u32,
+    },
+}
+
+/// The tail of a job's log, for resending after a reconnect.
+#[derive(Debug, Default)]
+struct Retained {
+    chunks: VecDeque<Log>,
+    bytes: usize,
+    dropped: u64,
+}
+
+impl Retained {
+    fn push(&mut self, log: Log) {
+        self.bytes += log.data.len();
+        self.chunks.push_back(log);
+        while self.bytes > LOG_RETAIN_BYTES {
+            let Some(old) = self.chunks.pop_front() else {
+                break;
+            };
+            self.bytes -= old.data.len();
+            self.dropped += old.data.len() as u64;
+        }
+    }
+}
+
+/// A running job: whether the dispatcher has been told it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Running {
+    started_sent: bool,
+}
+
+/// The connection, as far as the core knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// No connection; dial at `next_dial`.
+    Down { next_dial: Instant },
+    /// [`Action::Dial`] was emitted; waiting for its outcome.
+    Dialing,
+    /// Handshaken. Without any frame for `silence_limit` the dispatcher is
+    /// presumed gone (its pings stopped).
+    Up {
+        silence_limit: Option<Duration>,
+        last_heard: Instant,
+    },
+}
+
+/// How far shutdown has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Taking work.
+    Serving,
+    /// No new job starts; running ones are cancelled at `deadline`.
+    Draining {
+        deadline: Option<Instant>,
+        immediate: bool,
+    },
+    /// Nothing runs any more; results are being delivered until
+    /// `deadline`.
+    Flushing { deadline: Instant },
+    /// The shell may close the connection and return.
+    Done,
+}
+
+/// The runner's session state machine. See the module documentation. Its
+/// `Debug` shows no token.
+#[derive(Debug)]
+pub struct RunnerCore {
+    /// Who the runner is (name, slots, labels, repositories); the token and
+    /// the leases are added at each dial.
+    hello: Hello,
+    token: Option<Secret>,
+    drain_timeout: Duration,
+    backoff: Backoff,
+    link: Link,
+    phase: Phase,
+    queued: VecDeque<Assign>,
+    running: BTreeMap<LeaseKey, Running>,
+    /// Results of jobs that never ran, on their way into the outbox.
+    storing: BTreeSet<LeaseKey>,
+    /// Results in the outbox, waiting for `ResultAck`.
+    results: BTreeMap<LeaseKey, JobFinished>,
+    retained: BTreeMap<LeaseKey, Retained>,
+    actions: VecDeque<Action>,
+}
+
+impl RunnerCore {
+    /// A core for the runner `config` describes, whose unacknowledged
+    /// results are `pending` (from the outbox at start-up); it dials at
+    /// once.
+    pub fn new(config: &Config, backoff: Backoff, pending: Vec<JobFinished>, now: Instant) -> Self {
+        let mut hello = Hello::new(Role::Runner, config.name.clone());
+        hello.slots = config.slots;
+        hello.labels = config.labels.clone();
+        hello.repos = config.repos.clone();
+        let mut core = RunnerCore {
+            hello,
+            token: config.token.clone(),
+            drain_timeout: config.drain_timeout,
+            backoff,
+            link: Link::Down { next_dial: now },
+            phase: Phase::Serving,
+            queued: VecDeque::new(),
+            running: BTreeMap::new(),
+            storing: BTreeSet::new(),
+            results: pending
+                .into_iter()
+                .map(|r| ((r.job_id, r.attempt), r))
+                .collect(),
+            retained: BTreeMap::new(),
+            actions: VecDeque::new(),
+        };
+        core.advance(now);
+        core
+    }
+
+    /// Feeds one event; then fires whatever is due at `now`.
+    pub fn handle(&mut self, event: Event, now: Instant) {
+        match event {
+            Event::Connected(welcome) => self.on_connected(&welcome, now),
+            Event::DialFailed(reason) => self.on_dial_failed(&reason, now),
+            Event::Disconnected { reason, unsent } => self.on_disconnected(&reason, unsent, now),
+            Event::Frame(msg) => self.on_frame(msg, now),
+            Event::Job(event) => self.on_job_event(event),
+            Event::Shutdown(Stop::Graceful) => self.drain(now),
+            Event::Shutdown(Stop::Immediate) => self.stop_now(),
+            Event::Tick => {}
+        }
+        self.advance(now);
+    }
+
+    /// The next thing the shell must do, oldest first.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When the core next needs [`Event::Tick`] (a dial, a silence limit,
+    /// the drain or flush deadline); `None` to wait for events only.
+    pub fn deadline(&self) -> Option<Instant> {
+        let link = match self.link {
+            Link::Down { next_dial } => Some(next_dial),
+            Link::Dialing => None,
+            Link::Up {
+                silence_limit,
+                last_heard,
+            } => silence_limit.map(|limit| last_heard + limit),
+        };
+        let phase = match self.phase {
+            Phase::Draining { deadline, .. } => deadline,
+            // Results still being stored end the flush when they arrive.
+            Phase::Flushing { deadline } if self.storing.is_empty() => Some(deadline),
+            Phase::Serving | Phase::Flushing { .. } | Phase::Done => None,
+        };
+        match self.phase {
+            Phase::Done => None,
+            _ => [link, phase].into_iter().flatten().min(),
+        }
+    }
+
+    /// Whether the run is over: nothing runs, and the results were
+    /// delivered or the flush deadline passed (the outbox keeps them).
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Whether `key` is held in any state (queued, running, being stored,
+    /// waiting for its ack).
+    fn holds(&self, key: LeaseKey) -> bool {
+        self.running.contains_key(&key)
+            || self.storing.contains(&key)
+            || self.results.contains_key(&key)
+            || self.queued.iter().any(|a| (a.job_id, a.attempt) == key)
+    }
+
+    /// Every lease held, sorted: what a `Hello` lists.
+    fn leases(&self) -> Vec<LeaseKey> {
+        let mut leases: Vec<LeaseKey> = self
+            .running
+            .keys()
+            .chain(self.storing.iter())
+            .chain(self.results.keys())
+            .copied()
+            .chain(self.queued.iter().map(|a| (a.job_id, a.attempt)))
+            .collect();
+        leases.sort_unstable();
+        leases.dedup();
+        leases
+    }
+
+    /// Leases whose results wait for their `ResultAck`.
+    #[cfg(test)]
+    fn unacknowledged(&self) -> Vec<LeaseKey> {
+        self.results.keys().copied().collect()
+    }
+
+    fn is_connected(&self) -> bool {
+        matches!(self.link, Link::Up { .. })
+    }
+
+    /// Panics when an invariant of the module documentation is broken.
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        assert!(
+            self.running.len() <= self.hello.slots as usize,
+            "{} jobs run on {} slots",
+            self.running.len(),
+            self.hello.slots
+        );
+        let mut seen = BTreeSet::new();
+        let all = self
+            .running
+            .keys()
+            .chain(self.storing.iter())
+            .chain(self.results.keys())
+            .copied()
+            .chain(self.queued.iter().map(|a| (a.job_id, a.attempt)));
+        for key in all {
+            assert!(seen.insert(key), "lease {key:?} held twice");
+        }
+        if self.phase == Phase::Done {
+            assert!(self.running.is_empty(), "done with jobs running");
+            assert!(self.storing.is_empty(), "done with results being stored");
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        let mut hello = self.hello.clone();
+        if let Some(token) = &self.token {
+            hello.token = token.expose().clone();
+        }
+        hello.leases = self
+            .leases()
+            .into_iter()
+            .map(|(job_id, attempt)| Lease { job_id, attempt })
+            .collect();
+        hello
+    }
+
+    /// Queues a frame if a connection is up; a frame for a link that is
+    /// down is simply not sent (resending covers what matters).
+    fn send(&mut self, frame: impl Into<Envelope>) -> bool {
+        if !self.is_connected() {
+            return false;
+        }
+        self.actions.push_back(Action::Send(frame.into()));
+        true
+    }
+
+    fn on_connected(&mut self, welcome: &Welcome, now: Instant) {
+        if self.link != Link::Dialing {
+            tracing::warn!("a connection nobody dialled; ignored");
+            return;
+        }
+        tracing::info!(session = %welcome.session_id, dispatcher = %welcome.server_version, "connected to the dispatcher");
+        self.backoff.reset();
+        // Several missed pings, and never less than the runner timeout the
+        // dispatcher itself applies to us.
+        let silence_limit = (welcome.heartbeat_interval_ms > 0).then(|| {
+            let beats = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms) * 4);
+            beats.max(Duration::from_millis(u64::from(welcome.runner_timeout_ms)))
+        });
+        self.link = Link::Up {
+            silence_limit,
+            last_heard: now,
+        };
+        self.resend();
+    }
+
+    /// After a handshake: what the dispatcher may have missed. Logs are
+    /// idempotent by offset, results by (job, attempt), `Started` is sent
+    /// for the jobs it has not been sent for yet.
+    fn resend(&mut self) {
+        let unstarted: Vec<LeaseKey> = self
+            .running
+            .iter()
+            .filter(|(_, running)| !running.started_sent)
+            .map(|(key, _)| *key)
+            .collect();
+        for (job_id, attempt) in unstarted {
+            self.send(Started { job_id, attempt });
+            self.mark_started((job_id, attempt), true);
+        }
+        let mut frames = Vec::new();
+        for (key, retained) in &self.retained {
+            if retained.dropped > 0 {
+                tracing::warn!(
+                    job = key.0,
+                    attempt = key.1,
+                    bytes = retained.dropped,
+                    "the oldest log output was dropped while disconnected"
+                );
+            }
+            frames.extend(retained.chunks.iter().cloned().map(Envelope::from));
+        }
+        frames.extend(self.results.values().cloned().map(Envelope::from));
+        for frame in frames {
+            self.send(frame);
+        }
+    }
+
+    fn mark_started(&mut self, key: LeaseKey, sent: bool) {
+        if let Some(running) = self.running.get_mut(&key) {
+            running.started_sent = sent;
+        }
+    }
+
+    fn on_dial_failed(&mut self, reason: &str, now: Instant) {
+        if self.link != Link::Dialing {
+            return;
+        }
+        let delay = self.backoff.next_delay();
+        tracing::warn!(error = %reason, retry_in = ?delay, "cannot reach the dispatcher");
+        self.link = Link::Down {
+            next_dial: now + delay,
+        };
+    }
+
+    /// The shell lost the connection: nothing queued for it will be
+    /// written, and a `Started` among that must go out again after the
+    /// next handshake.
+    fn on_disconnected(&mut self, reason: &str, unsent: Option<Envelope>, now: Instant) {
+        if !self.is_connected() {
+            return;
+        }
+        let mut dropped: Vec<Envelope> = unsent.into_iter().collect();
+        self.actions.retain(|action| match action {
+            Action::Send(frame) => {
+                dropped.push(frame.clone());
+                false
+            }
+            _ => true,
+        });
+        for frame in dropped {
+            if let Some(Msg::Started(started)) = frame.msg {
+                self.mark_started((started.job_id, started.attempt), false);
+            }
+        }
+        self.link_lost(reason, now);
+    }
+
+    /// Closes the connection on our side, after the frames queued for it.
+    fn disconnect(&mut self, reason: &str, now: Instant) {
+        if self.is_connected() {
+            self.link_lost(reason, now);
+            self.actions.push_back(Action::Disconnect);
+        }
+    }
+
+    fn link_lost(&mut self, reason: &str, now: Instant) {
+        tracing::warn!(
+            reason,
+            "disconnected from the dispatcher; jobs keep running"
+        );
+        // A short, jittered pause so a restarted dispatcher is not stormed.
+        let delay = self.backoff.next_delay();
+        self.link = Link::Down {
+            next_dial: now + delay,
+        };
+    }
+
+    fn on_frame(&mut self, msg: Msg, now: Instant) {
+        if let Link::Up { last_heard, .. } = &mut self.link {
+            *last_heard = now;
+        }
+        match msg {
+            Msg::Ping(ping) => {
+                self.send(Pong { seq: ping.seq });
+            }
+            Msg::Assign(assign) => self.on_assign(assign),
+            Msg::Cancel(cancel) => self.on_cancel((cancel.job_id, cancel.attempt)),
+            Msg::ResultAck(ack) => {
+                self.on_ack((ack.job_id, ack.attempt), ack.accepted, &ack.message);
+            }
+            Msg::Error(error) => {
+                let reason = format!(
+                    "the dispatcher reported a protocol error: {}",
+                    error.message
+                );
+                self.disconnect(&reason, now);
+            }
+            other => {
+                let name = other.name();
+                self.send(surveil_proto::Error {
+                    message: format!("a runner does not accept {name}"),
+                });
+                self.disconnect(&format!("unexpected {name} from the dispatcher"), now);
+            }
+        }
+    }
+
+    fn on_assign(&mut self, assign: Assign) {
+        let key = (assign.job_id, assign.attempt);
+        let span =
+            tracing::info_span!("job", job = key.0, attempt = key.1, commit = %assign.commit);
+        let _entered = span.enter();
+        if self.holds(key) {
+            tracing::info!("assignment of a job already held: not run again");
+            return;
+        }
+        if !self.hello.repos.contains(&assign.repo) {
+            tracing::warn!(repo = %assign.repo, "refused: repository not in this runner's REPO list");
+            let message = format!(
+                "runner {} does not build repository {} (its REPO list: {})",
+                self.hello.name,
+                assign.repo,
+                self.hello.repos.join(", ")
+            );
+            self.store(job::error_result(key.0, key.1, message));
+            return;
+        }
+        if self.phase != Phase::Serving {
+            tracing::info!(
+                "assignment during drain: not started; the dispatcher requeues it when this runner disconnects"
+            );
+        }
+        self.queued.push_back(assign);
+    }
+
+    fn on_cancel(&mut self, key: LeaseKey) {
+        if self.running.contains_key(&key) {
+            tracing::info!(job = key.0, attempt = key.1, "cancel from the dispatcher");
+            self.actions.push_back(Action::Cancel {
+                job_id: key.0,
+                attempt: key.1,
+                reason: "cancelled by the dispatcher".into(),
+            });
+        } else if let Some(pos) = self
+            .queued
+            .iter()
+            .position(|a| (a.job_id, a.attempt) == key)
+        {
+            self.queued.remove(pos);
+            self.store(JobFinished {
+                job_id: key.0,
+                attempt: key.1,
+                status: JobStatus::Cancelled as i32,
+                message: "cancelled by the dispatcher before it started".into(),
+                tasks: vec![],
+            });
+        } else {
+            // Finished already (its result is resent until acked) or
+            // unknown: nothing runs that could be stopped.
+            tracing::debug!(job = key.0, attempt = key.1, "cancel for no running job");
+        }
+    }
+
+    fn on_ack(&mut self, key: LeaseKey, accepted: bool, message: &str) {
+        self.retained.remove(&key);
+        if self.results.remove(&key).is_none() {
+            tracing::debug!(job = key.0, attempt = key.1, "ack for a result not held");
+            return;
+        }
+        if accepted {
+            tracing::info!(
+                job = key.0,
+                attempt = key.1,
+                "result recorded by the dispatcher"
+            );
+        } else {
+            tracing::warn!(
+                job = key.0,
+                attempt = key.1,
+                reason = %message,
+                "dispatcher refused the result (the attempt was revoked); dropped"
+            );
+        }
+        self.actions.push_back(Action::Forget {
+            job_id: key.0,
+            attempt: key.1,
+        });
+    }
+
+    /// A result for a job that never ran: through the outbox like any other.
+    fn store(&mut self, result: JobFinished) {
+        self.storing.insert((result.job_id, result.attempt));
+        self.actions.push_back(Action::Store(result));
+    }
+
+    fn on_job_event(&mut self, event: JobEvent) {
+        match event {
+            JobEvent::Started(started) => {
+                let key = (started.job_id, started.attempt);
+                if self.running.contains_key(&key) {
+                    let sent = self.send(started);
+                    self.mark_started(key, sent);
+                }
+            }
+            JobEvent::Log(log) => {
+                let key = (log.job_id, log.attempt);
+                if self.running.contains_key(&key) {
+                    self.retained.entry(key).or_default().push(log.clone());
+                    self.send(log);
+                }
+            }
+            JobEvent::Finished(result) => {
+                let key = (result.job_id, result.attempt);
+                self.running.remove(&key);
+                self.storing.remove(&key);
+                // Even a lease the core did not know: the result is in the
+                // outbox, and losing it is the one thing not allowed.
+                self.results.insert(key, result.clone());
+                self.send(result);
+            }
+        }
+    }
+
+    /// The first shutdown signal.
+    fn drain(&mut self, now: Instant) {
+        if self.phase != Phase::Serving {
+            return;
+        }
+        tracing::info!(
+            running = self.running.len(),
+            not_started = self.queued.len(),
+            drain_timeout = ?self.drain_timeout,
+            "draining: running jobs may finish, no new job starts"
+        );
+        self.phase = Phase::Draining {
+            deadline: Some(now + self.drain_timeout),
+            immediate: false,
+        };
+    }
+
+    /// The second shutdown signal: running jobs are cancelled at once.
+    fn stop_now(&mut self) {
+        let cancel = match self.phase {
+            Phase::Serving => true,
+            Phase::Draining { deadline, .. } => deadline.is_some(),
+            Phase::Flushing { .. } | Phase::Done => false,
+        };
+        if let Phase::Serving | Phase::Draining { .. } = self.phase {
+            self.phase = Phase::Draining {
+                deadline: None,
+                immediate: true,
+            };
+        }
+        if cancel {
+            self.cancel_all("runner stopped at once by a second shutdown signal");
+        }
+    }
+
+    fn cancel_all(&mut self, reason: &str) {
+        for &(job_id, attempt) in self.running.keys() {
+            self.actions.push_back(Action::Cancel {
+                job_id,
+                attempt,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
+    /// Fires what is due at `now`: the silence limit, the drain deadline,
+    /// queued jobs into free slots, the end of the run, the next dial.
+    fn advance(&mut self, now: Instant) {
+        if let Link::Up {
+            silence_limit: Some(limit),
+            last_heard,
+        } = self.link
+            && now >= last_heard + limit
+        {
+            self.disconnect("nothing heard from the dispatcher for too long", now);
+        }
+        if let Phase::Draining {
+            deadline: Some(deadline),
+            immediate,
+        } = self.phase
+            && now >= deadline
+        {
+            self.phase = Phase::Draining {
+                deadline: None,
+                immediate,
+            };
+            let reason = format!(
+                "runner shut down: the job did not finish within the drain timeout ({})",
+                humantime::format_duration(self.drain_timeout)
+            );
+            self.cancel_all(&reason);
+        }
+        self.start_queued();
+        self.advance_shutdown(now);
+        if let Link::Down { next_dial } = self.link
+            && now >= next_dial
+            && self.phase != Phase::Done
+        {
+            self.actions.push_back(Action::Dial(self.hello()));
+            self.link = Link::Dialing;
+        }
+    }
+
+    fn start_queued(&mut self) {
+        while self.phase == Phase::Serving && self.running.len() < self.hello.slots as usize {
+            let Some(assign) = self.queued.pop_front() else {
+                return;
+            };
+            let key = (assign.job_id, assign.attempt);
+            self.running.insert(
+                key,
+                Running {
+                    started_sent: false,
+                },
+            );
+            self.actions.push_back(Action::Start(assign));
+        }
+    }
+
+    fn advance_shutdown(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Draining { immediate, .. }
+                if self.running.is_empty() && self.storing.is_empty() =>
+            {
+                if self.results.is_empty() {
+                    return self.finish();
+                }
+                let flush = if immediate {
+                    RESULT_FLUSH_TIMEOUT_IMMEDIATE
+                } else {
+                    RESULT_FLUSH_TIMEOUT
+                };
+                self.phase = Phase::Flushing {
+                    deadline: now + flush,
+                };
+            }
+            Phase::Flushing { deadline }
+                if self.storing.is_empty() && (self.results.is_empty() || now >= deadline) =>
+            {
+                if !self.results.is_empty() {
+                    tracing::warn!(
+                        results = self.results.len(),
+                        "leaving unacknowledged results in the outbox for the next start"
+                    );
+                }
+                self.finish();
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        self.phase = Phase::Done;
+        if !self.queued.is_empty() {
+            tracing::info!(
+                jobs = ?self.queued.iter().map(|a| (a.job_id, a.attempt)).collect::<Vec<_>>(),
+                "never started because of the shutdown; the dispatcher requeues them"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,896 @@
+//! Unit and property tests of the runner's session core: no sockets, no
+//! tasks, time advanced by hand, jitter fixed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use surveil_proto::{Cancel, Error, Ping, ResultAck, Stream, SubmitAck};
+
+use super::*;
+
+const REPO: &str = "/srv/git/app";
+const MS: Duration = Duration::from_millis(1);
+const DRAIN: Duration = Duration::from_secs(2);
+
+fn config(slots: u32) -> Config {
+    let mut config = Config::new("/work", vec![REPO.into()]);
+    config.name = "ci-1".into();
+    config.token = Some("tok".into());
+    config.slots = slots;
+    config.labels = vec!["linux".into()];
+    config.drain_timeout = DRAIN;
+    config
+}
+
+/// Jitter pinned to the top of each step: delays are 100, 200, 400… ms.
+fn backoff() -> Backoff {
+    Backoff::with_random(100 * MS, 3000 * MS, || 1.0)
+}
+
+fn core(slots: u32, pending: Vec<JobFinished>, t0: Instant) -> RunnerCore {
+    RunnerCore::new(&config(slots), backoff(), pending, t0)
+}
+
+fn actions(core: &mut RunnerCore) -> Vec<Action> {
+    std::iter::from_fn(|| core.poll_action()).collect()
+}
+
+fn sent(actions: &[Action]) -> Vec<Msg> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(Envelope { msg: Some(msg) }) => Some(msg.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn hello_of(actions: &[Action]) -> Option<&Hello> {
+    actions.iter().find_map(|a| match a {
+        Action::Dial(hello) => Some(hello),
+        _ => None,
+    })
+}
+
+fn lease_keys(hello: &Hello) -> Vec<LeaseKey> {
+    hello.leases.iter().map(|l| (l.job_id, l.attempt)).collect()
+}
+
+fn welcome(heartbeat_ms: u32) -> Welcome {
+    Welcome {
+        session_id: "s".into(),
+        heartbeat_interval_ms: heartbeat_ms,
+        runner_timeout_ms: 500,
+        server_version: "test".into(),
+    }
+}
+
+fn assign(job_id: u64, repo: &str) -> Msg {
+    Msg::Assign(Assign {
+        job_id,
+        attempt: 1,
+        repo: repo.into(),
+        branch: "main".into(),
+        commit: format!("{job_id:040x}"),
+    })
+}
+
+fn result(job_id: u64, attempt: u32, status: JobStatus) -> JobFinished {
+    JobFinished {
+        job_id,
+        attempt,
+        status: status as i32,
+        message: String::new(),
+        tasks: vec![],
+    }
+}
+
+fn ack(job_id: u64, accepted: bool) -> Msg {
+    Msg::ResultAck(ResultAck {
+        job_id,
+        attempt: 1,
+        accepted,
+        message: String::new(),
+    })
+}
+
+fn log(job_id: u64, offset: u64, data: &'static [u8]) -> Log {
+    Log {
+        job_id,
+        attempt: 1,
+        task: 0,
+        stream: Stream::Stdout as i32,
+        offset,
+        data: data.into(),
+    }
+}
+
+fn dropped() -> Event {
+    Event::Disconnected {
+        reason: "test".into(),
+        unsent: None,
+    }
+}
+
+/// A core with one slot, connected at `t0` (no pings), its dial drained.
+fn connected(t0: Instant) -> RunnerCore {
+    let mut c = core(1, vec![], t0);
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0);
+    actions(&mut c);
+    c
+}
+
+#[test]
+fn dials_at_once_with_the_runner_and_every_lease_it_holds() {
+    let t0 = Instant::now();
+    let pending = vec![
+        result(9, 2, JobStatus::Passed),
+        result(3, 1, JobStatus::Failed),
+    ];
+    let mut c = core(2, pending, t0);
+    let first = actions(&mut c);
+    let hello = hello_of(&first).expect("a dial at start");
+    assert_eq!(
+        (hello.name.as_str(), hello.token.as_str(), hello.slots),
+        ("ci-1", "tok", 2)
+    );
+    assert_eq!(hello.repos, [REPO]);
+    assert_eq!(hello.labels, ["linux"]);
+    assert_eq!(lease_keys(hello), [(3, 1), (9, 2)]);
+    assert_eq!(c.deadline(), None, "waiting for the dial's outcome");
+
+    c.handle(Event::Connected(welcome(0)), t0);
+    let resent: Vec<LeaseKey> = sent(&actions(&mut c))
+        .into_iter()
+        .filter_map(|m| match m {
+            Msg::JobFinished(f) => Some((f.job_id, f.attempt)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        resent,
+        [(3, 1), (9, 2)],
+        "results from the outbox go out first thing"
+    );
+}
+
+#[test]
+fn a_result_is_held_until_acked_and_resent_after_every_reconnect() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(4, REPO)), t0);
+    assert_eq!(
+        actions(&mut c),
+        [Action::Start(match assign(4, REPO) {
+            Msg::Assign(a) => a,
+            _ => unreachable!(),
+        })]
+    );
+    c.handle(
+        Event::Job(JobEvent::Finished(result(4, 1, JobStatus::Passed))),
+        t0,
+    );
+    assert!(matches!(&sent(&actions(&mut c))[..], [Msg::JobFinished(f)] if f.job_id == 4));
+
+    let mut t = t0;
+    for _ in 0..3 {
+        c.handle(dropped(), t);
+        t += Duration::from_secs(1);
+        c.handle(Event::Tick, t);
+        let dial = actions(&mut c);
+        assert_eq!(
+            lease_keys(hello_of(&dial).unwrap()),
+            [(4, 1)],
+            "listed while held"
+        );
+        c.handle(Event::Connected(welcome(0)), t);
+        let again = sent(&actions(&mut c));
+        assert!(
+            matches!(&again[..], [Msg::JobFinished(f)] if f.job_id == 4),
+            "resent after the reconnect: {again:?}"
+        );
+    }
+    c.handle(Event::Frame(ack(4, true)), t);
+    assert_eq!(
+        actions(&mut c),
+        [Action::Forget {
+            job_id: 4,
+            attempt: 1
+        }]
+    );
+    c.handle(Event::Frame(ack(4, true)), t);
+    assert_eq!(actions(&mut c), [], "a second ack forgets nothing");
+    c.handle(dropped(), t);
+    c.handle(Event::Tick, t + Duration::from_secs(1));
+    assert!(lease_keys(hello_of(&actions(&mut c)).unwrap()).is_empty());
+    c.handle(Event::Connected(welcome(0)), t + Duration::from_secs(1));
+    assert!(
+        sent(&actions(&mut c)).is_empty(),
+        "an acked result is never resent"
+    );
+}
+
+#[test]
+fn a_refused_result_is_dropped_like_an_accepted_one() {
+    let t0 = Instant::now();
+    let mut c = core(1, vec![result(11, 2, JobStatus::Passed)], t0);
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0);
+    actions(&mut c);
+    c.handle(
+        Event::Frame(Msg::ResultAck(ResultAck {
+            job_id: 11,
+            attempt: 2,
+            accepted: false,
+            message: "revoked".into(),
+        })),
+        t0,
+    );
+    assert_eq!(
+        actions(&mut c),
+        [Action::Forget {
+            job_id: 11,
+            attempt: 2
+        }]
+    );
+    assert!(c.leases().is_empty());
+}
+
+#[test]
+fn backoff_grows_across_failed_dials_and_resets_on_connect() {
+    let t0 = Instant::now();
+    let mut c = core(1, vec![], t0);
+    actions(&mut c);
+    let mut t = t0;
+    for expected in [100, 200, 400, 800, 1600, 3000, 3000] {
+        c.handle(Event::DialFailed("refused".into()), t);
+        assert_eq!(c.deadline(), Some(t + expected * MS));
+        c.handle(Event::Tick, t + expected * MS - MS);
+        assert!(actions(&mut c).is_empty(), "no dial before the delay");
+        t += expected * MS;
+        c.handle(Event::Tick, t);
+        assert!(
+            hello_of(&actions(&mut c)).is_some(),
+            "a dial after {expected} ms"
+        );
+    }
+    c.handle(Event::Connected(welcome(0)), t);
+    c.handle(dropped(), t);
+    assert_eq!(c.deadline(), Some(t + 100 * MS), "reset by the connection");
+}
+
+#[test]
+fn jobs_beyond_the_slots_wait_and_start_as_slots_free() {
+    let t0 = Instant::now();
+    let mut c = core(2, vec![], t0);
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0);
+    for job in [40, 41, 42] {
+        c.handle(Event::Frame(assign(job, REPO)), t0);
+    }
+    let started: Vec<u64> = actions(&mut c)
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start(a) => Some(a.job_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, [40, 41]);
+    assert_eq!(
+        c.leases(),
+        [(40, 1), (41, 1), (42, 1)],
+        "the queued one is held too"
+    );
+    c.handle(
+        Event::Job(JobEvent::Finished(result(41, 1, JobStatus::Passed))),
+        t0,
+    );
+    let next = actions(&mut c);
+    assert!(
+        next.iter()
+            .any(|a| matches!(a, Action::Start(a) if a.job_id == 42)),
+        "{next:?}"
+    );
+}
+
+#[test]
+fn an_assignment_already_held_is_not_run_again() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(5, REPO)), t0);
+    assert_eq!(actions(&mut c).len(), 1);
+    c.handle(Event::Frame(assign(5, REPO)), t0);
+    assert!(actions(&mut c).is_empty(), "running: not again");
+    c.handle(
+        Event::Job(JobEvent::Finished(result(5, 1, JobStatus::Passed))),
+        t0,
+    );
+    actions(&mut c);
+    c.handle(Event::Frame(assign(5, REPO)), t0);
+    assert!(
+        actions(&mut c).is_empty(),
+        "finished, not yet acked: not again"
+    );
+}
+
+#[test]
+fn a_repository_not_built_here_is_refused_without_running() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(3, "/srv/git/other")), t0);
+    let acts = actions(&mut c);
+    let [Action::Store(refused)] = &acts[..] else {
+        panic!("{acts:?}");
+    };
+    assert_eq!(refused.status(), JobStatus::Error);
+    assert_eq!(
+        refused.message,
+        "runner ci-1 does not build repository /srv/git/other (its REPO list: /srv/git/app)"
+    );
+    assert_eq!(c.leases(), [(3, 1)], "held while it is being stored");
+    c.handle(Event::Job(JobEvent::Finished(refused.clone())), t0);
+    assert!(matches!(&sent(&actions(&mut c))[..], [Msg::JobFinished(f)] if f.job_id == 3));
+}
+
+#[test]
+fn cancel_stops_a_running_job_and_ends_a_queued_one_without_running_it() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(6, REPO)), t0);
+    c.handle(Event::Frame(assign(7, REPO)), t0);
+    actions(&mut c);
+    c.handle(
+        Event::Frame(Msg::Cancel(Cancel {
+            job_id: 6,
+            attempt: 1,
+        })),
+        t0,
+    );
+    assert_eq!(
+        actions(&mut c),
+        [Action::Cancel {
+            job_id: 6,
+            attempt: 1,
+            reason: "cancelled by the dispatcher".into()
+        }]
+    );
+    c.handle(
+        Event::Frame(Msg::Cancel(Cancel {
+            job_id: 7,
+            attempt: 1,
+        })),
+        t0,
+    );
+    let acts = actions(&mut c);
+    assert!(
+        matches!(&acts[..], [Action::Store(f)] if f.job_id == 7
+            && f.status() == JobStatus::Cancelled
+            && f.message == "cancelled by the dispatcher before it started"),
+        "{acts:?}"
+    );
+    c.handle(
+        Event::Frame(Msg::Cancel(Cancel {
+            job_id: 99,
+            attempt: 1,
+        })),
+        t0,
+    );
+    assert!(actions(&mut c).is_empty(), "nothing for an unknown lease");
+}
+
+#[test]
+fn logs_and_started_while_disconnected_are_sent_after_the_handshake() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(8, REPO)), t0);
+    actions(&mut c);
+    c.handle(dropped(), t0);
+    c.handle(
+        Event::Job(JobEvent::Started(Started {
+            job_id: 8,
+            attempt: 1,
+        })),
+        t0,
+    );
+    c.handle(Event::Job(JobEvent::Log(log(8, 0, b"one\n"))), t0);
+    assert!(
+        sent(&actions(&mut c)).is_empty(),
+        "nothing is sent while down"
+    );
+    c.handle(Event::Tick, t0 + Duration::from_secs(1));
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0 + Duration::from_secs(1));
+    let after = sent(&actions(&mut c));
+    assert!(
+        matches!(&after[..], [Msg::Started(s), Msg::Log(l)] if s.job_id == 8 && l.offset == 0),
+        "{after:?}"
+    );
+    // Once sent, a later reconnect resends the log (idempotent by offset)
+    // but not the Started.
+    c.handle(dropped(), t0 + Duration::from_secs(1));
+    c.handle(Event::Tick, t0 + Duration::from_secs(2));
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0 + Duration::from_secs(2));
+    assert!(matches!(&sent(&actions(&mut c))[..], [Msg::Log(_)]));
+}
+
+#[test]
+fn a_started_whose_write_failed_goes_out_after_the_reconnect() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(9, REPO)), t0);
+    actions(&mut c);
+    c.handle(
+        Event::Job(JobEvent::Started(Started {
+            job_id: 9,
+            attempt: 1,
+        })),
+        t0,
+    );
+    let acts = actions(&mut c);
+    let [Action::Send(frame)] = &acts[..] else {
+        panic!("{acts:?}");
+    };
+    c.handle(
+        Event::Disconnected {
+            reason: "write failed".into(),
+            unsent: Some(frame.clone()),
+        },
+        t0,
+    );
+    c.handle(Event::Tick, t0 + Duration::from_secs(1));
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0 + Duration::from_secs(1));
+    assert!(matches!(&sent(&actions(&mut c))[..], [Msg::Started(s)] if s.job_id == 9));
+}
+
+#[test]
+fn pings_are_answered_and_silence_ends_the_connection() {
+    let t0 = Instant::now();
+    let mut c = core(1, vec![], t0);
+    actions(&mut c);
+    // 4 × 100 ms of pings is less than the 500 ms runner timeout.
+    c.handle(Event::Connected(welcome(100)), t0);
+    assert_eq!(c.deadline(), Some(t0 + 500 * MS));
+    c.handle(Event::Frame(Msg::Ping(Ping { seq: 7 })), t0 + 300 * MS);
+    assert_eq!(sent(&actions(&mut c)), [Msg::Pong(Pong { seq: 7 })]);
+    assert_eq!(
+        c.deadline(),
+        Some(t0 + 800 * MS),
+        "a frame renews the limit"
+    );
+    c.handle(Event::Tick, t0 + 800 * MS);
+    assert_eq!(actions(&mut c), [Action::Disconnect]);
+    assert!(!c.is_connected());
+    assert_eq!(
+        c.deadline(),
+        Some(t0 + 900 * MS),
+        "redial after the backoff"
+    );
+}
+
+#[test]
+fn an_unexpected_message_is_answered_with_error_then_the_connection_closes() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(
+        Event::Frame(Msg::SubmitAck(SubmitAck { job_ids: vec![] })),
+        t0,
+    );
+    let acts = actions(&mut c);
+    assert!(
+        matches!(&acts[..], [Action::Send(Envelope { msg: Some(Msg::Error(e)) }), Action::Disconnect]
+            if e.message == "a runner does not accept SubmitAck"),
+        "{acts:?}"
+    );
+    let mut c = connected(t0);
+    c.handle(
+        Event::Frame(Msg::Error(Error {
+            message: "bad".into(),
+        })),
+        t0,
+    );
+    assert_eq!(actions(&mut c), [Action::Disconnect]);
+}
+
+#[test]
+fn drain_starts_nothing_new_and_cancels_what_outlives_the_deadline() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(20, REPO)), t0);
+    actions(&mut c);
+    c.handle(Event::Shutdown(Stop::Graceful), t0);
+    c.handle(Event::Frame(assign(21, REPO)), t0);
+    assert!(actions(&mut c).is_empty(), "no job starts during the drain");
+    assert_eq!(c.leases(), [(20, 1), (21, 1)]);
+    assert_eq!(c.deadline(), Some(t0 + DRAIN));
+    c.handle(Event::Tick, t0 + DRAIN);
+    assert_eq!(
+        actions(&mut c),
+        [Action::Cancel {
+            job_id: 20,
+            attempt: 1,
+            reason: "runner shut down: the job did not finish within the drain timeout (2s)".into()
+        }]
+    );
+    c.handle(
+        Event::Job(JobEvent::Finished(result(20, 1, JobStatus::Cancelled))),
+        t0 + DRAIN,
+    );
+    actions(&mut c);
+    assert!(!c.is_done(), "the result waits for its ack");
+    assert_eq!(c.deadline(), Some(t0 + DRAIN + RESULT_FLUSH_TIMEOUT));
+    c.handle(Event::Frame(ack(20, true)), t0 + DRAIN);
+    assert!(c.is_done(), "job 21 is left for the dispatcher to requeue");
+    assert!(
+        !actions(&mut c)
+            .iter()
+            .any(|a| matches!(a, Action::Start(_) | Action::Store(_))),
+        "job 21 is neither run nor reported"
+    );
+}
+
+#[test]
+fn a_second_signal_cancels_at_once_and_the_flush_gives_up_sooner() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(30, REPO)), t0);
+    actions(&mut c);
+    c.handle(Event::Shutdown(Stop::Graceful), t0);
+    c.handle(Event::Shutdown(Stop::Immediate), t0);
+    assert_eq!(
+        actions(&mut c),
+        [Action::Cancel {
+            job_id: 30,
+            attempt: 1,
+            reason: "runner stopped at once by a second shutdown signal".into()
+        }]
+    );
+    c.handle(Event::Tick, t0 + DRAIN);
+    assert!(
+        actions(&mut c).is_empty(),
+        "cancelled once, not again at the drain deadline"
+    );
+    c.handle(
+        Event::Job(JobEvent::Finished(result(30, 1, JobStatus::Cancelled))),
+        t0 + DRAIN,
+    );
+    c.handle(dropped(), t0 + DRAIN);
+    actions(&mut c);
+    let end = t0 + DRAIN + RESULT_FLUSH_TIMEOUT_IMMEDIATE;
+    c.handle(Event::Tick, end - MS);
+    assert!(!c.is_done());
+    c.handle(Event::Tick, end);
+    assert!(
+        c.is_done(),
+        "the outbox keeps the result for the next start"
+    );
+    assert_eq!(c.unacknowledged(), [(30, 1)]);
+}
+
+#[test]
+fn an_idle_runner_is_done_at_the_first_signal() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Shutdown(Stop::Graceful), t0);
+    assert!(c.is_done());
+    assert_eq!(c.deadline(), None);
+}
+
+#[test]
+fn retained_log_keeps_the_newest_bytes() {
+    let mut r = Retained::default();
+    for i in 0..10u64 {
+        r.push(Log {
+            offset: i * 1024 * 1024,
+            data: vec![0u8; 1024 * 1024].into(),
+            ..Log::default()
+        });
+    }
+    assert_eq!(r.bytes, LOG_RETAIN_BYTES);
+    assert_eq!(r.dropped, 6 * 1024 * 1024);
+    assert_eq!(r.chunks.front().map(|l| l.offset), Some(6 * 1024 * 1024));
+}
+
+/// One step of a random run. Indexes pick among the jobs in that state.
+#[derive(Debug, Clone)]
+enum Step {
+    DialOk,
+    DialFail,
+    Drop,
+    Assign { job: u64, here: bool },
+    Cancel { job: u64 },
+    Ack { job: u64, accepted: bool },
+    Ping,
+    Started(usize),
+    Log(usize),
+    Finish(usize),
+    Stored(usize),
+    Graceful,
+    Immediate,
+    Advance(u64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => Just(Step::DialOk),
+        1 => Just(Step::DialFail),
+        1 => Just(Step::Drop),
+        4 => (0..8u64, prop::bool::weighted(0.85)).prop_map(|(job, here)| Step::Assign { job, here }),
+        1 => (0..8u64).prop_map(|job| Step::Cancel { job }),
+        2 => (0..8u64, prop::bool::weighted(0.8)).prop_map(|(job, accepted)| Step::Ack { job, accepted }),
+        1 => Just(Step::Ping),
+        2 => (0..4usize).prop_map(Step::Started),
+        2 => (0..4usize).prop_map(Step::Log),
+        3 => (0..4usize).prop_map(Step::Finish),
+        2 => (0..4usize).prop_map(Step::Stored),
+        1 => Just(Step::Graceful),
+        1 => Just(Step::Immediate),
+        3 => (1..1500u64).prop_map(Step::Advance),
+    ]
+}
+
+/// What the test knows from the actions it has seen: the shell's view.
+#[derive(Debug, Default)]
+struct World {
+    connected: bool,
+    dialing: bool,
+    draining: bool,
+    drain_deadline: Option<Instant>,
+    running: BTreeSet<LeaseKey>,
+    started: BTreeSet<LeaseKey>,
+    started_unsent: BTreeSet<LeaseKey>,
+    cancelled: BTreeSet<LeaseKey>,
+    storing: BTreeMap<LeaseKey, JobFinished>,
+    /// Results handed to the core and not yet acknowledged.
+    results: BTreeSet<LeaseKey>,
+    offsets: BTreeMap<LeaseKey, u64>,
+    /// The held result the last step acknowledged.
+    acked: Option<LeaseKey>,
+}
+
+fn nth<T: Clone>(set: impl IntoIterator<Item = T>, i: usize) -> Option<T> {
+    let all: Vec<T> = set.into_iter().collect();
+    (!all.is_empty()).then(|| all[i % all.len()].clone())
+}
+
+/// Turns a step into the event the shell would feed, updating the world.
+fn event_for(step: &Step, w: &mut World, now: &mut Instant) -> Option<Event> {
+    let frame = |msg| Some(Event::Frame(msg));
+    match step.clone() {
+        Step::DialOk if w.dialing => {
+            w.dialing = false;
+            w.connected = true;
+            Some(Event::Connected(welcome(100)))
+        }
+        Step::DialFail if w.dialing => {
+            w.dialing = false;
+            Some(Event::DialFailed("refused".into()))
+        }
+        Step::Drop if w.connected => {
+            w.connected = false;
+            Some(dropped())
+        }
+        Step::Assign { job, here } if w.connected => {
+            frame(assign(job, if here { REPO } else { "/elsewhere" }))
+        }
+        Step::Cancel { job } if w.connected => frame(Msg::Cancel(Cancel {
+            job_id: job,
+            attempt: 1,
+        })),
+        Step::Ack { job, accepted } if w.connected => {
+            // An ack for a result not held (a duplicate) must change nothing.
+            w.acked = w.results.remove(&(job, 1)).then_some((job, 1));
+            frame(ack(job, accepted))
+        }
+        Step::Ping if w.connected => frame(Msg::Ping(Ping { seq: 1 })),
+        Step::Started(i) => {
+            let key = nth(w.running.difference(&w.started).copied(), i)?;
+            w.started.insert(key);
+            if !w.connected {
+                w.started_unsent.insert(key);
+            }
+            Some(Event::Job(JobEvent::Started(Started {
+                job_id: key.0,
+                attempt: key.1,
+            })))
+        }
+        Step::Log(i) => {
+            let key = nth(w.started.iter().copied(), i)?;
+            let offset = w.offsets.entry(key).or_default();
+            let chunk = log(key.0, *offset, b"line\n");
+            *offset += 5;
+            Some(Event::Job(JobEvent::Log(chunk)))
+        }
+        Step::Finish(i) => {
+            let key = nth(w.running.iter().copied(), i)?;
+            w.running.remove(&key);
+            w.started.remove(&key);
+            w.started_unsent.remove(&key);
+            w.results.insert(key);
+            Some(Event::Job(JobEvent::Finished(result(
+                key.0,
+                key.1,
+                JobStatus::Passed,
+            ))))
+        }
+        Step::Stored(i) => {
+            let key = nth(w.storing.keys().copied(), i)?;
+            let stored = w.storing.remove(&key).expect("picked from storing");
+            w.results.insert(key);
+            Some(Event::Job(JobEvent::Finished(stored)))
+        }
+        Step::Graceful => {
+            if !w.draining {
+                w.drain_deadline = Some(*now + DRAIN);
+            }
+            w.draining = true;
+            Some(Event::Shutdown(Stop::Graceful))
+        }
+        Step::Immediate => {
+            w.draining = true;
+            Some(Event::Shutdown(Stop::Immediate))
+        }
+        Step::Advance(ms) => {
+            *now += Duration::from_millis(ms);
+            Some(Event::Tick)
+        }
+        _ => None,
+    }
+}
+
+/// Checks one action against what the world knows, then applies it.
+fn check_action(action: &Action, core: &RunnerCore, w: &mut World) -> Result<(), TestCaseError> {
+    match action {
+        Action::Dial(hello) => {
+            prop_assert!(
+                !w.connected && !w.dialing,
+                "dial while connected or dialling"
+            );
+            let listed: BTreeSet<LeaseKey> = lease_keys(hello).into_iter().collect();
+            for key in w.running.iter().chain(w.storing.keys()).chain(&w.results) {
+                prop_assert!(
+                    listed.contains(key),
+                    "held lease {key:?} missing from Hello {listed:?}"
+                );
+            }
+            w.dialing = true;
+        }
+        Action::Send(frame) => {
+            prop_assert!(w.connected, "sent {frame:?} while not connected");
+            match &frame.msg {
+                Some(Msg::JobFinished(f)) => {
+                    prop_assert!(
+                        w.results.contains(&(f.job_id, f.attempt)),
+                        "result of an unheld lease"
+                    )
+                }
+                Some(Msg::Started(s)) => {
+                    let key = (s.job_id, s.attempt);
+                    prop_assert!(w.running.contains(&key), "Started of a job not running");
+                    w.started_unsent.remove(&key);
+                }
+                Some(Msg::Log(l)) => prop_assert!(
+                    w.running.contains(&(l.job_id, l.attempt))
+                        || w.results.contains(&(l.job_id, l.attempt)),
+                    "log of an unheld lease"
+                ),
+                _ => {}
+            }
+        }
+        Action::Disconnect => {
+            prop_assert!(w.connected);
+            w.connected = false;
+        }
+        Action::Start(assign) => {
+            prop_assert!(!w.draining, "a job started during the drain");
+            prop_assert_eq!(&assign.repo, REPO);
+            let key = (assign.job_id, assign.attempt);
+            prop_assert!(w.running.insert(key), "started twice");
+            prop_assert!(
+                !w.results.contains(&key),
+                "started a job whose result is held"
+            );
+        }
+        Action::Cancel {
+            job_id, attempt, ..
+        } => {
+            prop_assert!(
+                w.running.contains(&(*job_id, *attempt)),
+                "cancel of a job not running"
+            );
+            w.cancelled.insert((*job_id, *attempt));
+        }
+        Action::Store(result) => {
+            let key = (result.job_id, result.attempt);
+            prop_assert!(!w.running.contains(&key) && !w.results.contains(&key));
+            w.storing.insert(key, result.clone());
+        }
+        Action::Forget { job_id, attempt } => {
+            let key = (*job_id, *attempt);
+            prop_assert_eq!(
+                w.acked.take(),
+                Some(key),
+                "forgot a result not just acknowledged"
+            );
+            prop_assert!(!core.holds(key), "forgot a result still held");
+        }
+    }
+    Ok(())
+}
+
+fn run_steps(steps: Vec<Step>, slots: u32) -> Result<(), TestCaseError> {
+    let mut now = Instant::now();
+    let mut core = core(slots, vec![], now);
+    let mut w = World::default();
+    for action in actions(&mut core) {
+        check_action(&action, &core, &mut w)?;
+    }
+    for step in steps {
+        let Some(event) = event_for(&step, &mut w, &mut now) else {
+            continue;
+        };
+        let reconnect = matches!(event, Event::Connected(_));
+        core.handle(event, now);
+        let acts = actions(&mut core);
+        for action in &acts {
+            check_action(action, &core, &mut w)?;
+        }
+        core.check_invariants();
+        prop_assert!(w.running.len() <= slots as usize);
+        if reconnect {
+            let resent: BTreeSet<LeaseKey> = sent(&acts)
+                .iter()
+                .filter_map(|m| match m {
+                    Msg::JobFinished(f) => Some((f.job_id, f.attempt)),
+                    _ => None,
+                })
+                .collect();
+            prop_assert_eq!(
+                &resent,
+                &w.results,
+                "every held result is resent on reconnect"
+            );
+            prop_assert!(
+                w.started_unsent.is_empty(),
+                "a Started was not resent: {:?}",
+                w.started_unsent
+            );
+        }
+        if w.drain_deadline.is_some_and(|deadline| now >= deadline) {
+            prop_assert!(
+                w.running.is_subset(&w.cancelled),
+                "running after the drain deadline without a cancel: {:?}",
+                w.running.difference(&w.cancelled).collect::<Vec<_>>()
+            );
+        }
+        let held: BTreeSet<LeaseKey> = core.leases().into_iter().collect();
+        for key in w.running.iter().chain(w.storing.keys()).chain(&w.results) {
+            prop_assert!(held.contains(key), "the core lost lease {key:?}");
+        }
+        if core.is_done() {
+            prop_assert!(w.running.is_empty() && w.storing.is_empty());
+            prop_assert!(w.draining, "done without a shutdown");
+            prop_assert_eq!(core.deadline(), None);
+            return Ok(());
+        }
+        if let Some(deadline) = core.deadline() {
+            prop_assert!(
+                deadline > now,
+                "a deadline left in the past: the shell would spin"
+            );
+        }
+        w.acked = None;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_for_random_runs(steps in prop::collection::vec(step(), 1..80), slots in 1..4u32) {
+        run_steps(steps, slots)?;
+    }
+}
