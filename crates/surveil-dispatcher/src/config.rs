@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use surveil_common::LogFormat;
+use surveil_common::{LogFormat, Secret};
 use surveil_common::tls::ServerTls;
 
 /// `surveil-dispatcher`: the Surveil job queue and runner coordinator.
@@ -77,14 +77,14 @@ const MAX_MAX_FRAME: u64 = u32::MAX as u64;
 
 /// The validated settings of one dispatcher. Its `Debug` never shows the
 /// token.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// The address to listen on, as resolved.
     pub listen: SocketAddr,
     /// The store's directory.
     pub state_dir: PathBuf,
     /// The shared token; `None` lets anyone connect (loopback only).
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// How often runners are pinged.
     pub heartbeat_interval: Duration,
     /// Silence after which a runner is declared dead.
@@ -101,24 +101,6 @@ pub struct Config {
     pub runner_command: Option<String>,
     /// TLS for every connection; `None` serves plaintext.
     pub tls: Option<ServerTls>,
-}
-
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("state_dir", &self.state_dir)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("heartbeat_interval", &self.heartbeat_interval)
-            .field("runner_timeout", &self.runner_timeout)
-            .field("max_attempts", &self.max_attempts)
-            .field("handshake_timeout", &self.handshake_timeout)
-            .field("max_frame", &self.max_frame)
-            .field("spawn_runners", &self.spawn_runners)
-            .field("runner_command", &self.runner_command)
-            .field("tls", &self.tls)
-            .finish()
-    }
 }
 
 impl Config {
@@ -197,7 +179,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
     Some(Config {
         listen: listen?,
         state_dir: cli.state_dir.clone(),
-        token,
+        token: token.map(Secret::new),
         heartbeat_interval: cli.heartbeat_interval,
         runner_timeout: cli.runner_timeout,
         max_attempts: cli.max_attempts,
@@ -385,7 +367,7 @@ mod tests {
             token.to_str().unwrap(),
         ])
         .unwrap();
-        assert_eq!(c.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.token.as_ref().map(|t| t.expose().as_str()), Some("s3cret"));
     }
 
     #[test]
@@ -448,7 +430,7 @@ mod tests {
     #[test]
     fn debug_never_shows_the_token() {
         let mut config = Config::for_state_dir("/tmp/x");
-        config.token = Some("s3cret-token".to_owned());
+        config.token = Some("s3cret-token".into());
         let shown = format!("{config:?} {config:#?}");
         assert!(!shown.contains("s3cret-token"), "{shown}");
         assert!(shown.contains("<redacted>"), "{shown}");

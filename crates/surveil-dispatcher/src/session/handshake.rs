@@ -85,7 +85,7 @@ fn check(
     shutdown: &CancellationToken,
 ) -> Result<Option<RunnerHello>, (RejectCode, &'static str)> {
     if let Some(expected) = &daemon.config.token
-        && !bool::from(expected.as_bytes().ct_eq(hello.token.as_bytes()))
+        && !bool::from(expected.expose().as_bytes().ct_eq(hello.token.as_bytes()))
     {
         return Err((
             RejectCode::BadToken,
