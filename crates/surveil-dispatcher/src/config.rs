@@ -13,6 +13,8 @@ use clap::Parser;
 use surveil_common::{LogFormat, Secret};
 use surveil_common::tls::ServerTls;
 
+pub use crate::web::HttpConfig;
+
 /// `surveil-dispatcher`: the Surveil job queue and runner coordinator.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "surveil-dispatcher", version, about)]
@@ -65,6 +67,14 @@ pub struct Cli {
     /// (mutual TLS); needs --tls-cert and --tls-key.
     #[arg(long, env = "SURVEIL_TLS_CLIENT_CA", value_name = "FILE")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Address for the HTTP API, pages, live logs, badges and /metrics;
+    /// `off` disables HTTP.
+    #[arg(long, env = "SURVEIL_HTTP_LISTEN", default_value = "127.0.0.1:9080")]
+    pub http_listen: String,
+    /// Let anyone read (pages, API, badges, metrics) on a non-loopback
+    /// --http-listen without the token; writing still needs it.
+    #[arg(long, env = "SURVEIL_HTTP_PUBLIC_READ")]
+    pub http_public_read: bool,
     // Only there to refuse `--token VALUE` with the reason.
     #[command(flatten)]
     pub refuse_token: surveil_common::RefuseTokenFlag,
@@ -101,11 +111,13 @@ pub struct Config {
     pub runner_command: Option<String>,
     /// TLS for every connection; `None` serves plaintext.
     pub tls: Option<ServerTls>,
+    /// The HTTP side (`--http-listen`, `--http-public-read`).
+    pub http: HttpConfig,
 }
 
 impl Config {
     /// Settings for tests and embedding: the contract's defaults with the
-    /// given store directory, no token, listening on 127.0.0.1:0.
+    /// given store directory, no token, listening on 127.0.0.1:0, no HTTP.
     pub fn for_state_dir(state_dir: impl Into<PathBuf>) -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -119,6 +131,10 @@ impl Config {
             spawn_runners: 0,
             runner_command: None,
             tls: None,
+            http: HttpConfig {
+                listen: None,
+                public_read: false,
+            },
         }
     }
 }
@@ -170,6 +186,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
     }
     let listen = listen_addr(cli, problems);
     let tls = server_tls(cli, problems);
+    let http = http_config(cli, token.is_some(), problems);
     if let Some(addr) = listen {
         check_exposure(cli, addr, token.is_some(), problems);
     }
@@ -188,6 +205,40 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         spawn_runners: cli.spawn_runners,
         runner_command,
         tls,
+        http: http?,
+    })
+}
+
+fn http_config(cli: &Cli, has_token: bool, problems: &mut Vec<String>) -> Option<HttpConfig> {
+    let text = cli.http_listen.trim();
+    if text == "off" {
+        return Some(HttpConfig {
+            listen: None,
+            public_read: cli.http_public_read,
+        });
+    }
+    let addr = match text.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => addr,
+        Ok(None) => {
+            problems.push(format!("--http-listen {text}: resolves to no address"));
+            return None;
+        }
+        Err(err) => {
+            problems.push(format!(
+                "--http-listen {text}: not an address (write host:port, e.g. 127.0.0.1:9080, or `off`): {err}"
+            ));
+            return None;
+        }
+    };
+    if !addr.ip().is_loopback() && !has_token && !cli.http_public_read {
+        problems.push(format!(
+            "--http-listen {addr} is not a loopback address and no token is set: anyone who can reach it could read every log; set --token-file (or SURVEIL_TOKEN), give --http-public-read to make reading anonymous (writing still needs the token), or listen on 127.0.0.1"
+        ));
+        return None;
+    }
+    Some(HttpConfig {
+        listen: Some(addr),
+        public_read: cli.http_public_read,
     })
 }
 
@@ -368,6 +419,28 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.token.as_ref().map(|t| t.expose().as_str()), Some("s3cret"));
+    }
+
+    #[test]
+    fn http_listen_is_on_by_default_can_be_off_and_needs_a_token_or_public_read_off_loopback() {
+        let c = parse(&["--state-dir", "/tmp/x"]).unwrap();
+        assert_eq!(c.http.listen, Some("127.0.0.1:9080".parse().unwrap()));
+        let c = parse(&["--state-dir", "/tmp/x", "--http-listen", "off"]).unwrap();
+        assert_eq!(c.http.listen, None);
+        let err = parse(&["--state-dir", "/tmp/x", "--http-listen", "0.0.0.0:9080"]).unwrap_err();
+        assert!(err.contains("--http-listen 0.0.0.0:9080 is not a loopback address"), "{err}");
+        assert!(err.contains("--http-public-read"), "{err}");
+        let c = parse(&[
+            "--state-dir",
+            "/tmp/x",
+            "--http-listen",
+            "0.0.0.0:9080",
+            "--http-public-read",
+        ])
+        .unwrap();
+        assert!(c.http.public_read);
+        let err = parse(&["--state-dir", "/tmp/x", "--http-listen", "nowhere"]).unwrap_err();
+        assert!(err.contains("--http-listen nowhere: not an address"), "{err}");
     }
 
     #[test]

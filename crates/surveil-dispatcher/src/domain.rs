@@ -384,6 +384,84 @@ pub struct StatusView {
     pub refused_results: u64,
 }
 
+/// Why a queued job is still waiting, computed from the scheduler's state
+/// (the runners connected now and what they hold), never guessed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitReason {
+    /// No connected runner lists the job's repository.
+    NoRunner {
+        /// Runners connected at all (they build other repositories).
+        connected: u32,
+    },
+    /// Every connected runner that builds the repository has all its slots
+    /// taken.
+    AllBusy {
+        /// How many runners build it.
+        matching: u32,
+        /// Their slots, added up.
+        slots: u32,
+    },
+    /// A runner has a free slot: the next assignment pass takes the job
+    /// (older jobs for the same runners go first).
+    Assigning,
+}
+
+impl WaitReason {
+    /// The reason for a person, e.g. `all 2 runners that build it are busy`.
+    pub fn describe(&self) -> String {
+        match self {
+            WaitReason::NoRunner { connected: 0 } => {
+                "no runner is connected; start one that lists this repository".to_owned()
+            }
+            WaitReason::NoRunner { connected } => format!(
+                "no connected runner lists this repository ({connected} connected build other repositories)"
+            ),
+            WaitReason::AllBusy { matching: 1, slots } => {
+                format!("the one runner that builds it is busy ({slots} of {slots} slots taken)")
+            }
+            WaitReason::AllBusy { matching, slots } => format!(
+                "all {matching} runners that build it are busy ({slots} of {slots} slots taken)"
+            ),
+            WaitReason::Assigning => "a runner is free: being assigned".to_owned(),
+        }
+    }
+
+    /// A stable machine-readable code (`no_runner`, `all_busy`,
+    /// `assigning`) for the JSON API.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WaitReason::NoRunner { .. } => "no_runner",
+            WaitReason::AllBusy { .. } => "all_busy",
+            WaitReason::Assigning => "assigning",
+        }
+    }
+}
+
+/// A queued job's place in the queue and why it waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waiting {
+    /// Why it waits.
+    pub reason: WaitReason,
+    /// Queued jobs of the same repository ahead of it.
+    pub ahead: u32,
+    /// Attempts already lost (its runner died or was cut off); the job
+    /// ends `error` after `max_attempts`.
+    pub lost_attempts: u32,
+    /// The dispatcher's `--max-attempts`.
+    pub max_attempts: u32,
+}
+
+/// The latest job of one branch of one repository.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchHead {
+    /// The repository, as submitted.
+    pub repo: String,
+    /// The branch.
+    pub branch: String,
+    /// Its newest job.
+    pub latest: Job,
+}
+
 /// What a runner's handshake tells the dispatcher.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunnerHello {

@@ -18,6 +18,8 @@
 //!   watches and the event stream.
 //! - [`wire`]: protocol messages to domain types and back, and which
 //!   message a role may send: the only place the two meet.
+//! - [`web`]: the HTTP side (JSON API, SSE, pages, badges, `/metrics`),
+//!   calling the service like the sessions do.
 //! - `session`: one task per connection: the handshake, then a runner's
 //!   or a client's loop, adapting frames to service calls.
 //! - `supervisor`, `monitor`, `redistributor`, `spawner`: the supervised
@@ -48,6 +50,7 @@ pub mod domain;
 pub mod scheduler;
 pub mod service;
 pub mod store;
+pub mod web;
 pub mod wire;
 
 mod monitor;
@@ -113,7 +116,15 @@ pub async fn serve(
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
     let store = SqliteStore::open(&config.state_dir)
         .with_context(|| format!("opening the job store in {}", config.state_dir.display()))?;
-    serve_on(config, Arc::new(store), listener, shutdown, ready).await
+    let http = match config.http.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --http-listen {addr}"))?,
+        ),
+        None => None,
+    };
+    serve_on(config, Arc::new(store), listener, http, shutdown, ready).await
 }
 
 /// [`serve`] on a store the caller opened (tests use it to reach the
@@ -125,13 +136,27 @@ pub async fn serve_with_store(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_on(config, store, listener, shutdown, || {}).await
+    serve_on(config, store, listener, None, shutdown, || {}).await
+}
+
+/// [`serve_with_store`] with the HTTP side on `http` (tests bind it on
+/// `127.0.0.1:0` and read its address first).
+#[cfg(feature = "testing")]
+pub async fn serve_with_http(
+    config: Config,
+    store: Arc<dyn JobStore>,
+    listener: TcpListener,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve_on(config, store, listener, Some(http), shutdown, || {}).await
 }
 
 async fn serve_on(
     config: Config,
     store: Arc<dyn JobStore>,
     listener: TcpListener,
+    http: Option<TcpListener>,
     shutdown: CancellationToken,
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
@@ -142,6 +167,9 @@ async fn serve_on(
         runner_timeout: config.runner_timeout,
         max_attempts: config.max_attempts,
     };
+    let metrics = web::Metrics::new();
+    let store: Arc<dyn JobStore> =
+        Arc::new(web::metrics::MeteredStore::new(store, Arc::clone(&metrics)));
     let service = Service::open(store, sched)
         .await
         .context("reading unfinished jobs from the store")?;
@@ -160,6 +188,11 @@ async fn serve_on(
         move |name| counter.count_restart(name),
     ));
 
+    let web_cancel = shutdown.child_token();
+    if let Some(http) = http {
+        start_web(&daemon, &metrics, http, &tracker, &web_cancel);
+    }
+
     match &daemon.config.tls {
         Some(tls) if tls.requires_client_certs() => tracing::info!(
             listen = %local_addr,
@@ -175,6 +208,7 @@ async fn serve_on(
     tracing::info!("shutting down: closing connections");
     drop(listener);
     tasks_cancel.cancel();
+    web_cancel.cancel();
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
         .await
@@ -222,6 +256,38 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Starts the HTTP side and the metrics' event follower on `tracker`.
+fn start_web(
+    daemon: &Arc<Daemon>,
+    metrics: &Arc<web::Metrics>,
+    http: TcpListener,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let config = &daemon.config;
+    let anonymous_read = config.http.public_read
+        || config.http.listen.is_none_or(|a| a.ip().is_loopback())
+            && http.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    let parts = web::HttpParts {
+        token: config.token.clone(),
+        tls: config.tls.clone(),
+        anonymous_read,
+        max_attempts: config.max_attempts,
+    };
+    tracker.spawn(web::metrics::observe(
+        Arc::clone(metrics),
+        Arc::clone(&daemon.service),
+        cancel.clone(),
+    ));
+    tracker.spawn(web::serve(
+        Arc::clone(&daemon.service),
+        Arc::clone(metrics),
+        parts,
+        http,
+        cancel.clone(),
+    ));
 }
 
 fn supervised_tasks(daemon: &Arc<Daemon>) -> Vec<(&'static str, TaskFactory)> {

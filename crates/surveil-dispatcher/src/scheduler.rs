@@ -30,7 +30,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::domain::{Assignment, Attempt, CommitId, FinalStatus, JobId, RunnerHello, SessionId};
+use crate::domain::{
+    Assignment, Attempt, CommitId, FinalStatus, JobId, RunnerHello, SessionId, WaitReason, Waiting,
+};
 
 /// The scheduler's tunables, fixed at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,6 +317,42 @@ impl Scheduler {
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         views
+    }
+
+    /// Why each queued job waits, oldest first: from the runners connected
+    /// now, the repositories they list and their free slots.
+    pub fn waiting(&self) -> Vec<(JobId, Waiting)> {
+        let mut ahead: HashMap<&str, u32> = HashMap::new();
+        let connected = u32::try_from(self.runners.len()).unwrap_or(u32::MAX);
+        self.queue
+            .iter()
+            .filter_map(|id| self.jobs.get(id).map(|j| (*id, j)))
+            .map(|(id, j)| {
+                let repo = j.spec.repo.as_str();
+                let (mut matching, mut slots, mut free) = (0u32, 0u32, 0usize);
+                for r in self.runners.values().filter(|r| r.repos.contains(repo)) {
+                    matching += 1;
+                    slots = slots.saturating_add(r.slots);
+                    free += r.free_slots();
+                }
+                let reason = if matching == 0 {
+                    WaitReason::NoRunner { connected }
+                } else if free == 0 {
+                    WaitReason::AllBusy { matching, slots }
+                } else {
+                    WaitReason::Assigning
+                };
+                let before = ahead.entry(repo).or_default();
+                let waiting = Waiting {
+                    reason,
+                    ahead: *before,
+                    lost_attempts: j.spec.attempt.0,
+                    max_attempts: self.config.max_attempts,
+                };
+                *before += 1;
+                (id, waiting)
+            })
+            .collect()
     }
 
     /// The address of the connected runner called `name`, if any. O(1):

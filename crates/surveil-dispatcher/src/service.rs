@@ -21,7 +21,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, broadcast};
 
-use crate::domain::{Job, JobFilter, JobId, RunnerView, SessionId, StatusView, Submission};
+use crate::domain::{
+    BranchHead, Job, JobFilter, JobId, RunnerView, SessionId, StatusView, Submission, Waiting,
+};
 use crate::scheduler::{CancelOutcome, Scheduler, SchedulerConfig};
 use crate::store::{JobStore, StoreError};
 
@@ -213,6 +215,17 @@ impl Service {
     /// Jobs matching `filter`, newest first.
     pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, ServiceError> {
         Ok(self.store.list_jobs(filter).await?)
+    }
+
+    /// Why each queued job still waits, oldest first, from the scheduler's
+    /// state now (see [`Waiting`]).
+    pub fn waiting(&self) -> Vec<(JobId, Waiting)> {
+        self.with_sched(|s| s.waiting())
+    }
+
+    /// The newest job of every (repository, branch) pair.
+    pub async fn branches(&self) -> Result<Vec<BranchHead>, ServiceError> {
+        Ok(self.store.branches().await?)
     }
 
     /// Reads `job`'s log (its latest attempt) from `offset`; with

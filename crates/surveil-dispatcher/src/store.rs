@@ -26,7 +26,8 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 use crate::domain::{
-    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Submitted,
+    Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk,
+    Submitted,
 };
 
 #[cfg(feature = "testing")]
@@ -205,6 +206,10 @@ pub trait JobStore: Send + Sync + 'static {
         offset: u64,
         max_bytes: usize,
     ) -> StoreFuture<'_, Bytes>;
+
+    /// The newest job of every (repository, branch) pair, ordered by
+    /// repository then branch: the repositories page and badges.
+    fn branches(&self) -> StoreFuture<'_, Vec<BranchHead>>;
 
     /// Queued and running jobs, oldest first: what start-up recovery
     /// rebuilds the scheduler from.

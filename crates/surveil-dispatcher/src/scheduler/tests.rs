@@ -416,6 +416,49 @@ fn only_runners_of_the_repo_get_its_jobs() {
 }
 
 #[test]
+fn waiting_reasons_come_from_the_connected_runners_and_their_slots() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.handle_job_submitted(job(2, REPO), t);
+    s.handle_job_submitted(job(3, "/unbuilt"), t);
+    let reasons = |s: &Scheduler| -> Vec<(u64, WaitReason, u32)> {
+        s.waiting()
+            .into_iter()
+            .map(|(id, w)| (id.0, w.reason, w.ahead))
+            .collect()
+    };
+    let none = WaitReason::NoRunner { connected: 0 };
+    assert_eq!(
+        reasons(&s),
+        vec![(1, none.clone(), 0), (2, none.clone(), 1), (3, none, 0)]
+    );
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_runner_connected(sid(2), runner("b", 1), t);
+    // Before the pass, a free slot means the job is about to be assigned.
+    assert_eq!(reasons(&s)[0].1, WaitReason::Assigning);
+    s.schedule(t);
+    s.drain_effects();
+    s.handle_job_submitted(job(4, REPO), t);
+    let busy = WaitReason::AllBusy {
+        matching: 2,
+        slots: 2,
+    };
+    assert_eq!(
+        reasons(&s),
+        vec![(3, WaitReason::NoRunner { connected: 2 }, 0), (4, busy, 0)]
+    );
+    assert!(WaitReason::NoRunner { connected: 2 }
+        .describe()
+        .contains("no connected runner lists this repository"));
+    // A job whose runner was lost says how many attempts are gone.
+    s.handle_runner_disconnected(sid(1), "gone", t);
+    s.handle_tick(t + TIMEOUT * 2);
+    let lost: Vec<u32> = s.waiting().iter().map(|(_, w)| w.lost_attempts).collect();
+    assert!(lost.contains(&1), "{lost:?}");
+}
+
+#[test]
 fn cancel_queued_and_running() {
     let t = Instant::now();
     let mut s = sched(3);

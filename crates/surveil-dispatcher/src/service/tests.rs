@@ -117,6 +117,11 @@ impl JobStore for Counting {
         self.inner.read_log(job, attempt, offset, max_bytes)
     }
 
+    fn branches(&self) -> StoreFuture<'_, Vec<crate::domain::BranchHead>> {
+        self.read();
+        self.inner.branches()
+    }
+
     fn unfinished(&self) -> StoreFuture<'_, Vec<Job>> {
         self.read();
         self.inner.unfinished()

@@ -57,6 +57,7 @@ macro_rules! store_conformance_tests {
             listing_filters_newest_first,
             listing_pages_by_before_without_gaps_or_repeats,
             unfinished_jobs_are_what_recovery_needs,
+            branches_show_each_pairs_newest_job,
             acknowledged_writes_survive_a_reopen,
             writes_after_close_fail_and_reads_still_work,
         );
@@ -167,6 +168,38 @@ async fn record(
 
 fn ids(jobs: &[Job]) -> Vec<JobId> {
     jobs.iter().map(|j| j.id).collect()
+}
+
+/// `branches` lists every (repository, branch) pair once, with its newest
+/// job as it is now, ordered by repository then branch.
+pub async fn branches_show_each_pairs_newest_job<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    assert!(store.branches().await.expect("branches").is_empty());
+    let old = submit(&*store, &[1, 2]).await;
+    let dev = store
+        .submit(REPO, "dev", &commits(&[3]), NOW)
+        .await
+        .expect("submit")[0]
+        .id;
+    let other = store
+        .submit("/a/first", "main", &commits(&[4]), NOW)
+        .await
+        .expect("submit")[0]
+        .id;
+    store.assign(old[1], Attempt(1), "r", NOW).await.expect("assign");
+    record(&*store, old[1], 1, FinalStatus::Failed).await;
+    let heads = store.branches().await.expect("branches");
+    let seen: Vec<(&str, &str, JobId)> = heads
+        .iter()
+        .map(|h| (h.repo.as_str(), h.branch.as_str(), h.latest.id))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![("/a/first", "main", other), (REPO, "dev", dev), (REPO, "main", old[1])]
+    );
+    let main = &heads[2].latest;
+    assert_eq!(main.status, JobStatus::Final(FinalStatus::Failed));
+    assert_eq!(main.tasks.len(), 2, "the head carries its task results");
 }
 
 /// Submit returns one entry per commit in order, says which it created,

@@ -299,6 +299,10 @@ impl JobStore for SqliteStore {
         Box::pin(self.read(move |c| sql::read_log(c, job, attempt, offset, max_bytes)))
     }
 
+    fn branches(&self) -> StoreFuture<'_, Vec<crate::domain::BranchHead>> {
+        Box::pin(self.read(sql::branches))
+    }
+
     fn unfinished(&self) -> StoreFuture<'_, Vec<Job>> {
         Box::pin(self.read(sql::unfinished))
     }

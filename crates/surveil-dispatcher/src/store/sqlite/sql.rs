@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::Ctx;
 use crate::domain::{
-    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
+    Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
     Submitted, TaskResult, TaskStatus,
 };
 use crate::store::{RecordOutcome, StoreError};
@@ -547,6 +547,22 @@ pub fn list_jobs(c: &Connection, filter: &JobFilter) -> Result<Vec<Job>, StoreEr
         sql.push_str(&format!(" LIMIT {limit}"));
     }
     query_jobs(c, &sql, rusqlite::params_from_iter(params))
+}
+
+pub fn branches(c: &Connection) -> Result<Vec<BranchHead>, StoreError> {
+    // The newest job of a pair is its highest id (ids grow with submission).
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id IN \
+         (SELECT MAX(id) FROM jobs GROUP BY repo, branch) ORDER BY repo, branch"
+    );
+    Ok(query_jobs(c, &sql, [])?
+        .into_iter()
+        .map(|latest| BranchHead {
+            repo: latest.repo.clone(),
+            branch: latest.branch.clone(),
+            latest,
+        })
+        .collect())
 }
 
 pub fn unfinished(c: &Connection) -> Result<Vec<Job>, StoreError> {
