@@ -73,6 +73,30 @@ impl Dispatcher {
         }
     }
 
+    /// A dispatcher with its HTTP side on 127.0.0.1:0; also returns the
+    /// HTTP base URL (`http://127.0.0.1:PORT`).
+    pub async fn start_http(config: Config) -> (Dispatcher, String) {
+        let store = surveil_dispatcher::store::SqliteStore::open(&config.state_dir).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let base = format!("http://{}", http.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(surveil_dispatcher::serve_with_http(
+            config,
+            Arc::new(store),
+            listener,
+            http,
+            shutdown.clone(),
+        ));
+        let d = Dispatcher {
+            addr,
+            shutdown,
+            handle,
+        };
+        (d, base)
+    }
+
     /// Cancels and waits for a clean return.
     pub async fn stop(self) {
         self.shutdown.cancel();

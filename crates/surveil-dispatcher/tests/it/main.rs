@@ -5,6 +5,7 @@ mod harness;
 
 mod assignment;
 mod handshake;
+mod http;
 mod liveness;
 mod queries;
 mod restart;
