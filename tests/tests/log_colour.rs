@@ -80,7 +80,14 @@ fn cases(scratch: &Path, bins: &cluster::Bins) -> Vec<Case> {
     vec![
         Case {
             program: bins.dispatcher.display().to_string(),
-            args: vec![s("--listen"), s("127.0.0.1:0"), s("--state-dir"), dir("d")],
+            args: vec![
+                s("--listen"),
+                s("127.0.0.1:0"),
+                s("--http-listen"),
+                s("off"),
+                s("--state-dir"),
+                dir("d"),
+            ],
             logs: "dispatcher serving",
         },
         Case {

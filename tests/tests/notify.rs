@@ -91,6 +91,8 @@ fn daemons_notify_ready_watchdog_and_stopping() {
         &[
             "--listen".into(),
             "127.0.0.1:0".into(),
+            "--http-listen".into(),
+            "127.0.0.1:0".into(),
             "--state-dir".into(),
             dispatcher_dir.display().to_string(),
         ],

@@ -244,6 +244,9 @@ impl Env {
             state.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        if !extra.contains(&"--http-listen") {
+            args.extend(["--http-listen".to_owned(), "off".to_owned()]);
+        }
         let daemon = Daemon::start(
             "dispatcher",
             &self.bins.dispatcher,

@@ -402,6 +402,8 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
         vec![
             "--listen".into(),
             addr.clone(),
+            "--http-listen".into(),
+            "off".into(),
             "--state-dir".into(),
             state.display().to_string(),
             "--heartbeat-interval".into(),

@@ -65,6 +65,8 @@ struct Cluster {
     dir: PathBuf,
     repo: PathBuf,
     cli: Cli,
+    /// The HTTP side's address.
+    pages: String,
     dispatcher: Daemon,
     runners: Vec<Daemon>,
     observer: Daemon,
@@ -107,6 +109,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     }
     if options.keep {
         println!("\ncluster directory kept: {}", cluster.dir.display());
+        keep_serving(&mut cluster)?;
     } else {
         fs::remove_dir_all(&cluster.dir).ok();
     }
@@ -129,6 +132,7 @@ fn start(dir: &Path, repo: PathBuf, bins: Bins, story: &mut Story) -> Result<Clu
     )?;
     let port = cluster::free_port()?;
     let dispatch = format!("127.0.0.1:{port}");
+    let pages = format!("127.0.0.1:{}", cluster::stable_port()?);
     let state = dir.join("dispatcher");
     fs::create_dir_all(&state)?;
     let dispatcher = Daemon::start(
@@ -137,6 +141,8 @@ fn start(dir: &Path, repo: PathBuf, bins: Bins, story: &mut Story) -> Result<Clu
         vec![
             "--listen".into(),
             dispatch.clone(),
+            "--http-listen".into(),
+            pages.clone(),
             "--state-dir".into(),
             state.display().to_string(),
             "--heartbeat-interval".into(),
@@ -202,10 +208,17 @@ fn start(dir: &Path, repo: PathBuf, bins: Bins, story: &mut Story) -> Result<Clu
         vec![],
         dir.join("observer.log"),
     )?;
+    let home = http_get(&pages, "/")?;
+    story.expect(
+        home.starts_with("HTTP/1.1 200") && home.contains("<h1>Builds</h1>"),
+        format!("the pages answer at http://{pages}/"),
+    );
+    println!("pages: http://{pages}/");
     let cluster = Cluster {
         dir: dir.to_owned(),
         repo,
         cli,
+        pages,
         dispatcher,
         runners,
         observer,
@@ -437,6 +450,36 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
     println!("\nreassignment times:");
     for (what, secs) in &reassignments {
         println!("  {what:<16} {secs:6.2}s");
+    }
+    Ok(())
+}
+
+/// A GET over a plain TCP connection: the response's head and body as
+/// text (enough to check a page answers without an HTTP client crate).
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("connecting to the pages at {addr}"))?;
+    stream.set_read_timeout(Some(STEP_DEADLINE))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// `--keep`: the dispatcher comes back on the story's state and serves
+/// its pages until it is stopped (Ctrl-C).
+fn keep_serving(c: &mut Cluster) -> Result<()> {
+    c.dispatcher.restart()?;
+    println!(
+        "the dispatcher keeps serving the story's jobs: pages at http://{}/ (Ctrl-C stops it)",
+        c.pages
+    );
+    while c.dispatcher.exited()?.is_none() {
+        std::thread::sleep(Duration::from_millis(500));
     }
     Ok(())
 }

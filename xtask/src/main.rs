@@ -23,7 +23,8 @@ commands:
              [--commits N (30)] [--seed S] [--release] [--keep]
   codegen    regenerate crates/surveil-proto/src/generated/ from proto/
   e2e        run a local cluster over a scratch repository and tell its story
-             [--keep: leave target/e2e/ for inspection]
+             and print its pages' address [--keep: leave target/e2e/ for
+             inspection and keep the dispatcher serving its pages]
   verify-units
              systemd-analyze verify dist/systemd/*.service
 ";

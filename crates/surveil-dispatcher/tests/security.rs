@@ -47,6 +47,8 @@ async fn tokens_never_reach_the_log_even_at_trace_level() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_surveil-dispatcher"))
         .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0"])
+        // The HTTP side too: its sign-in and bearer checks see the token.
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(["--token-file", token_file.to_str().unwrap()])
         .args(["--tls-cert", certs.server_cert.to_str().unwrap()])
         .args(["--tls-key", certs.server_key.to_str().unwrap()])

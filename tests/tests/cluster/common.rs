@@ -88,6 +88,11 @@ impl Scene {
                 state.display().to_string(),
             ];
             argv.extend(args.iter().map(|a| (*a).to_owned()));
+            // The HTTP side's default port is fixed: stories that run at
+            // once would collide on it, so only those that ask get HTTP.
+            if !args.contains(&"--http-listen") {
+                argv.extend(["--http-listen".to_owned(), "off".to_owned()]);
+            }
             let mut dispatcher = Daemon::start(
                 "dispatcher",
                 &bins.dispatcher,
