@@ -111,6 +111,22 @@ impl Dispatcher {
         Client::connect(self.addr, Hello::new(Role::Client, "test-client")).await
     }
 
+    /// A client presenting `token`.
+    pub async fn client_with_token(&self, token: &str) -> Client {
+        let mut hello = Hello::new(Role::Client, "test-client");
+        hello.token = token.to_owned();
+        Client::connect(self.addr, hello).await
+    }
+
+    /// A runner of [`REPO`] presenting `token`.
+    pub async fn runner_with_token(&self, name: &str, slots: u32, token: &str) -> FakeRunner {
+        let mut hello = Hello::new(Role::Runner, name);
+        hello.slots = slots;
+        hello.repos = vec![REPO.to_owned()];
+        hello.token = token.to_owned();
+        FakeRunner::connect(self.addr, hello).await
+    }
+
     pub async fn runner(&self, name: &str, slots: u32) -> FakeRunner {
         self.runner_with_leases(name, slots, vec![]).await
     }
@@ -162,9 +178,13 @@ impl Client {
     }
 
     pub async fn submit(&mut self, commits: &[String]) -> Vec<u64> {
+        self.submit_to(REPO, commits).await
+    }
+
+    pub async fn submit_to(&mut self, repo: &str, commits: &[String]) -> Vec<u64> {
         match self
             .call(Submit {
-                repo: REPO.to_owned(),
+                repo: repo.to_owned(),
                 branch: "main".to_owned(),
                 commits: commits.to_vec(),
             })
