@@ -431,7 +431,10 @@ mod tests {
         let c = parse(&["--state-dir", "/tmp/x", "--http-listen", "off"]).unwrap();
         assert_eq!(c.http.listen, None);
         let err = parse(&["--state-dir", "/tmp/x", "--http-listen", "0.0.0.0:9080"]).unwrap_err();
-        assert!(err.contains("--http-listen 0.0.0.0:9080 is not a loopback address"), "{err}");
+        assert!(
+            err.contains("--http-listen 0.0.0.0:9080 is not a loopback address"),
+            "{err}"
+        );
         assert!(err.contains("--http-public-read"), "{err}");
         let c = parse(&[
             "--state-dir",
@@ -443,7 +446,10 @@ mod tests {
         .unwrap();
         assert!(c.http.public_read);
         let err = parse(&["--state-dir", "/tmp/x", "--http-listen", "nowhere"]).unwrap_err();
-        assert!(err.contains("--http-listen nowhere: not an address"), "{err}");
+        assert!(
+            err.contains("--http-listen nowhere: not an address"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -44,9 +44,14 @@ async fn chromedriver() -> Result<(Child, u16), String> {
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("chromedriver did not start: {e} (apt-get install chromium chromium-driver)"))?;
+        .map_err(|e| {
+            format!("chromedriver did not start: {e} (apt-get install chromium chromium-driver)")
+        })?;
     let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         if Instant::now() > deadline {
             return Err("chromedriver did not listen in time".to_owned());
         }
@@ -98,7 +103,12 @@ async fn screenshot(c: &Client, name: &str) -> PathBuf {
 }
 
 async fn text_of(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// Waits (bounded) until the script `check` returns true.
@@ -144,7 +154,9 @@ async fn pages_in_headless_chromium() {
         }
     };
     let profile = tempfile::tempdir().unwrap();
-    let c = browser(port, profile.path()).await.unwrap_or_else(|e| panic!("{e}"));
+    let c = browser(port, profile.path())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let mut config = fast_config(dir.path());
     config.token = Some(TOKEN.to_owned().into());
@@ -163,44 +175,108 @@ async fn run_story(c: &Client, d: &Dispatcher, base: &str, port: u16) -> Result<
     client.submit_to(UNBUILT, &[commit(2)]).await;
     let mut runner = d.runner_with_token("ci-1", 1, TOKEN).await;
     let assign = runner.expect_assign().await;
-    let mut job = Job { id, attempt: assign.attempt, offset: 0 };
-    runner.send(Started { job_id: id, attempt: job.attempt }).await;
-    log(&runner, &mut job, "$ cargo build\n\x1b[1;32m   Compiling\x1b[0m app v0.1.0\n").await;
+    let mut job = Job {
+        id,
+        attempt: assign.attempt,
+        offset: 0,
+    };
+    runner
+        .send(Started {
+            job_id: id,
+            attempt: job.attempt,
+        })
+        .await;
+    log(
+        &runner,
+        &mut job,
+        "$ cargo build\n\x1b[1;32m   Compiling\x1b[0m app v0.1.0\n",
+    )
+    .await;
 
     // Home: the queued job says why it waits.
     c.goto(&format!("{base}/")).await.unwrap();
     let reason = text_of(c, "#queued td.reason").await;
-    assert!(reason.contains("no connected runner lists this repository"), "{reason}");
+    assert!(
+        reason.contains("no connected runner lists this repository"),
+        "{reason}"
+    );
     screenshot(c, "home.png").await;
     c.set_window_size(360, 800).await.unwrap();
     let fits = c
-        .execute("return document.documentElement.scrollWidth <= window.innerWidth;", vec![])
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth;",
+            vec![],
+        )
         .await
         .unwrap();
     screenshot(c, "home-360px.png").await;
-    assert_eq!(fits, json!(true), "the home page scrolls sideways at 360 px");
+    assert_eq!(
+        fits,
+        json!(true),
+        "the home page scrolls sideways at 360 px"
+    );
     c.set_window_size(1280, 900).await.unwrap();
 
     // The job page follows the log without a reload.
     c.goto(&format!("{base}/jobs/{id}")).await.unwrap();
     assert!(text_of(c, "#log").await.contains("Compiling"));
-    c.execute("window.__sameLoad = true;", vec![]).await.unwrap();
+    c.execute("window.__sameLoad = true;", vec![])
+        .await
+        .unwrap();
     for n in 1..=12 {
-        log(&runner, &mut job, &format!("test unit::case_{n} ... \x1b[32mok\x1b[0m\n")).await;
+        log(
+            &runner,
+            &mut job,
+            &format!("test unit::case_{n} ... \x1b[32mok\x1b[0m\n"),
+        )
+        .await;
     }
-    log(&runner, &mut job, "\x1b[33mwarning\x1b[0m: live line arrived\n").await;
+    log(
+        &runner,
+        &mut job,
+        "\x1b[33mwarning\x1b[0m: live line arrived\n",
+    )
+    .await;
     until(c, "the live line", "return !!document.getElementById('L15') && document.getElementById('L15').textContent.includes('live line arrived');").await;
-    assert_eq!(c.execute("return window.__sameLoad === true;", vec![]).await.unwrap(), json!(true), "the page reloaded");
+    assert_eq!(
+        c.execute("return window.__sameLoad === true;", vec![])
+            .await
+            .unwrap(),
+        json!(true),
+        "the page reloaded"
+    );
     let shot = screenshot(c, "job-live.png").await;
     if std::env::var("SURVEIL_UPDATE_SCREENSHOT").is_ok() {
-        std::fs::copy(&shot, Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/job-page.png")).unwrap();
+        std::fs::copy(
+            &shot,
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/job-page.png"),
+        )
+        .unwrap();
     }
 
     // Sign in, press cancel: the runner is told, reports, the page shows it.
-    c.goto(&format!("{base}/login?next=/jobs/{id}")).await.unwrap();
-    c.find(Locator::Id("token")).await.unwrap().send_keys(TOKEN).await.unwrap();
-    c.find(Locator::Css("form.login button")).await.unwrap().click().await.unwrap();
-    c.wait().for_element(Locator::Id("cancel")).await.unwrap().click().await.unwrap();
+    c.goto(&format!("{base}/login?next=/jobs/{id}"))
+        .await
+        .unwrap();
+    c.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(TOKEN)
+        .await
+        .unwrap();
+    c.find(Locator::Css("form.login button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Locator::Id("cancel"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     loop {
         match runner.recv().await {
             Some(Msg::Cancel(cancel)) => {
@@ -222,7 +298,11 @@ async fn run_story(c: &Client, d: &Dispatcher, base: &str, port: u16) -> Result<
         })
         .await;
     until(c, "the job cancelled", "const s = document.getElementById('job-status'); return !!s && s.dataset.status === 'cancelled';").await;
-    assert!(text_of(c, "#log").await.contains("cancelled by the operator"));
+    assert!(
+        text_of(c, "#log")
+            .await
+            .contains("cancelled by the operator")
+    );
     screenshot(c, "job-cancelled.png").await;
 
     let errors: Vec<Value> = console(c, port)
@@ -230,5 +310,9 @@ async fn run_story(c: &Client, d: &Dispatcher, base: &str, port: u16) -> Result<
         .into_iter()
         .filter(|e| e["level"] == "SEVERE")
         .collect();
-    if errors.is_empty() { Ok(()) } else { Err(format!("browser console errors: {errors:#?}")) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("browser console errors: {errors:#?}"))
+    }
 }

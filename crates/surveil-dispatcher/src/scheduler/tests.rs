@@ -448,9 +448,11 @@ fn waiting_reasons_come_from_the_connected_runners_and_their_slots() {
         reasons(&s),
         vec![(3, WaitReason::NoRunner { connected: 2 }, 0), (4, busy, 0)]
     );
-    assert!(WaitReason::NoRunner { connected: 2 }
-        .describe()
-        .contains("no connected runner lists this repository"));
+    assert!(
+        WaitReason::NoRunner { connected: 2 }
+            .describe()
+            .contains("no connected runner lists this repository")
+    );
     // A job whose runner was lost says how many attempts are gone.
     s.handle_runner_disconnected(sid(1), "gone", t);
     s.handle_tick(t + TIMEOUT * 2);

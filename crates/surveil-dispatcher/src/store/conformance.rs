@@ -186,7 +186,10 @@ pub async fn branches_show_each_pairs_newest_job<F: StoreFactory>(factory: &F) {
         .await
         .expect("submit")[0]
         .id;
-    store.assign(old[1], Attempt(1), "r", NOW).await.expect("assign");
+    store
+        .assign(old[1], Attempt(1), "r", NOW)
+        .await
+        .expect("assign");
     record(&*store, old[1], 1, FinalStatus::Failed).await;
     let heads = store.branches().await.expect("branches");
     let seen: Vec<(&str, &str, JobId)> = heads
@@ -195,7 +198,11 @@ pub async fn branches_show_each_pairs_newest_job<F: StoreFactory>(factory: &F) {
         .collect();
     assert_eq!(
         seen,
-        vec![("/a/first", "main", other), (REPO, "dev", dev), (REPO, "main", old[1])]
+        vec![
+            ("/a/first", "main", other),
+            (REPO, "dev", dev),
+            (REPO, "main", old[1])
+        ]
     );
     let main = &heads[2].latest;
     assert_eq!(main.status, JobStatus::Final(FinalStatus::Failed));

@@ -208,6 +208,9 @@ mod tests {
             line_to_html("still\u{1b}[m", &mut style),
             "<span style=\"color:#ff0000;\">still</span>"
         );
-        assert_eq!(line_to_html("\u{1b}[92mok", &mut style), "<span class=\"f10\">ok</span>");
+        assert_eq!(
+            line_to_html("\u{1b}[92mok", &mut style),
+            "<span class=\"f10\">ok</span>"
+        );
     }
 }

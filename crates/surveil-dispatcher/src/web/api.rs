@@ -311,25 +311,25 @@ async fn read_log(
         LogEvent::NotFound => return Err(ApiError::not_found(format!("no job {id}"))),
         LogEvent::Bytes { attempt, .. } | LogEvent::End { attempt, .. } => *attempt,
     };
-    let pieces = stream::unfold(
-        (Some(first), follow),
-        |(pending, mut follow)| async move {
-            let event = match pending {
-                Some(event) => event,
-                None => match follow.next().await {
-                    Ok(event) => event,
-                    Err(err) => return Some((Err(std::io::Error::other(err)), (None, follow))),
-                },
-            };
-            match event {
-                LogEvent::Bytes { data, .. } => Some((Ok(data), (None, follow))),
-                _ => None,
-            }
-        },
-    );
+    let pieces = stream::unfold((Some(first), follow), |(pending, mut follow)| async move {
+        let event = match pending {
+            Some(event) => event,
+            None => match follow.next().await {
+                Ok(event) => event,
+                Err(err) => return Some((Err(std::io::Error::other(err)), (None, follow))),
+            },
+        };
+        match event {
+            LogEvent::Bytes { data, .. } => Some((Ok(data), (None, follow))),
+            _ => None,
+        }
+    });
     let mut response = Body::from_stream(pieces).into_response();
     let h = response.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     h.insert("x-surveil-log-attempt", HeaderValue::from(attempt.0));
     Ok(response)
 }
@@ -377,7 +377,9 @@ async fn submit(
     writer(&app, &headers)?;
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     if body.commits.is_empty() {
-        return Err(ApiError::bad_request("`commits` is empty: name at least one commit"));
+        return Err(ApiError::bad_request(
+            "`commits` is empty: name at least one commit",
+        ));
     }
     let commits = body
         .commits
@@ -393,7 +395,9 @@ async fn submit(
             commits,
         })
         .await?;
-    Ok(Json(json!({ "job_ids": ids.iter().map(|i| i.0).collect::<Vec<_>>() })))
+    Ok(Json(
+        json!({ "job_ids": ids.iter().map(|i| i.0).collect::<Vec<_>>() }),
+    ))
 }
 
 async fn runners(
@@ -401,7 +405,9 @@ async fn runners(
     headers: HeaderMap,
 ) -> ApiResult<Json<Vec<RunnerJson>>> {
     reader(&app, &headers)?;
-    Ok(Json(app.service.runners().iter().map(RunnerJson::from).collect()))
+    Ok(Json(
+        app.service.runners().iter().map(RunnerJson::from).collect(),
+    ))
 }
 
 async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Json<StatusJson>> {

@@ -256,7 +256,10 @@ mod tests {
         let auth = Auth::new(None, true, false);
         let anon = auth.identify(&headers(&[("authorization", "Bearer x".into())]));
         assert!(auth.can_read(&anon));
-        assert_eq!(auth.check_write(&anon, None), Err(Refusal::NoTokenConfigured));
+        assert_eq!(
+            auth.check_write(&anon, None),
+            Err(Refusal::NoTokenConfigured)
+        );
         assert_eq!(auth.sign_in(""), Err(Refusal::NoTokenConfigured));
     }
 }

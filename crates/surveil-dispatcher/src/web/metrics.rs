@@ -80,24 +80,71 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("jobs_queued", "Jobs waiting for a runner", m.jobs_queued.clone());
-        r.register("jobs_running", "Jobs held by runners (or orphaned leases)", m.jobs_running.clone());
-        r.register("runners_connected", "Runners connected now", m.runners_connected.clone());
-        r.register("jobs_finished", "Jobs that reached a final status, by status", m.jobs_finished.clone());
-        r.register("queue_wait_seconds", "Time from submit to first assignment", m.queue_wait.clone());
-        r.register("job_duration_seconds", "Time from assignment to final status", m.job_duration.clone());
-        r.register("reassignments", "Jobs requeued because their runner was lost", m.reassignments.clone());
-        r.register("refused_results", "Results refused because their attempt was revoked", m.refused_results.clone());
-        r.register("supervisor_restarts", "Restarts of a supervised task, by task", m.supervisor_restarts.clone());
-        r.register("store_commit_seconds", "Time a store write takes until its commit is acknowledged", m.store_commit.clone());
-        r.register("http_requests", "HTTP requests answered, by route and status code", m.http_requests.clone());
+        r.register(
+            "jobs_queued",
+            "Jobs waiting for a runner",
+            m.jobs_queued.clone(),
+        );
+        r.register(
+            "jobs_running",
+            "Jobs held by runners (or orphaned leases)",
+            m.jobs_running.clone(),
+        );
+        r.register(
+            "runners_connected",
+            "Runners connected now",
+            m.runners_connected.clone(),
+        );
+        r.register(
+            "jobs_finished",
+            "Jobs that reached a final status, by status",
+            m.jobs_finished.clone(),
+        );
+        r.register(
+            "queue_wait_seconds",
+            "Time from submit to first assignment",
+            m.queue_wait.clone(),
+        );
+        r.register(
+            "job_duration_seconds",
+            "Time from assignment to final status",
+            m.job_duration.clone(),
+        );
+        r.register(
+            "reassignments",
+            "Jobs requeued because their runner was lost",
+            m.reassignments.clone(),
+        );
+        r.register(
+            "refused_results",
+            "Results refused because their attempt was revoked",
+            m.refused_results.clone(),
+        );
+        r.register(
+            "supervisor_restarts",
+            "Restarts of a supervised task, by task",
+            m.supervisor_restarts.clone(),
+        );
+        r.register(
+            "store_commit_seconds",
+            "Time a store write takes until its commit is acknowledged",
+            m.store_commit.clone(),
+        );
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by route and status code",
+            m.http_requests.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
     /// Counts one answered HTTP request.
     pub fn http_request(&self, route: &str, code: u16) {
         self.http_requests
-            .get_or_create(&vec![("route", route.to_owned()), ("code", code.to_string())])
+            .get_or_create(&vec![
+                ("route", route.to_owned()),
+                ("code", code.to_string()),
+            ])
             .inc();
     }
 
@@ -110,14 +157,21 @@ impl Metrics {
     pub fn render(&self, service: &Service) -> String {
         let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         let status = service.status();
-        self.jobs_queued.set(i64::try_from(status.queued).unwrap_or(i64::MAX));
-        self.jobs_running.set(i64::try_from(status.running).unwrap_or(i64::MAX));
+        self.jobs_queued
+            .set(i64::try_from(status.queued).unwrap_or(i64::MAX));
+        self.jobs_running
+            .set(i64::try_from(status.running).unwrap_or(i64::MAX));
         self.runners_connected.set(i64::from(status.runners));
         catch_up(&self.reassignments, status.reassignments);
         catch_up(&self.refused_results, status.refused_results);
         let restarts: BTreeMap<String, u64> = status.supervisor_restarts;
         for (task, n) in restarts {
-            catch_up(&self.supervisor_restarts.get_or_create(&vec![("task", task)]), n);
+            catch_up(
+                &self
+                    .supervisor_restarts
+                    .get_or_create(&vec![("task", task)]),
+                n,
+            );
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -10,10 +10,10 @@
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::{Form, Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use maud::{DOCTYPE, Markup, html};
@@ -44,8 +44,14 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/status", get(fleet::status))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
-        .route("/assets/style.css", get(|| asset("text/css; charset=utf-8", STYLE)))
-        .route("/assets/app.js", get(|| asset("text/javascript; charset=utf-8", SCRIPT)))
+        .route(
+            "/assets/style.css",
+            get(|| asset("text/css; charset=utf-8", STYLE)),
+        )
+        .route(
+            "/assets/app.js",
+            get(|| asset("text/javascript; charset=utf-8", SCRIPT)),
+        )
         .route("/favicon.svg", get(|| asset("image/svg+xml", ICON)))
         // Browsers ask for it whatever the page links; a 404 would show
         // as a console error.
@@ -56,7 +62,10 @@ async fn asset(kind: &'static str, body: &'static str) -> Response {
     let mut response = body.into_response();
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(kind));
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    h.insert(
+        CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
     response
 }
 
@@ -160,7 +169,10 @@ pub fn duration(ms: u64) -> String {
 
 /// How long ago `then_ms` was, from `now_ms`.
 pub fn ago(then_ms: u64, now_ms: u64) -> String {
-    format!("{} ago", duration(now_ms.saturating_sub(then_ms) / 1000 * 1000))
+    format!(
+        "{} ago",
+        duration(now_ms.saturating_sub(then_ms) / 1000 * 1000)
+    )
 }
 
 /// The first 12 hex digits of a commit.

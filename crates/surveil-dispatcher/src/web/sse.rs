@@ -57,7 +57,10 @@ where
     let h = response.headers_mut();
     // nginx and friends buffer responses unless told not to.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
     response
 }
 
@@ -217,9 +220,9 @@ async fn events(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Re
     let events = stream::unfold(rx, |mut rx| async move {
         let event = match rx.recv().await {
             Ok(event) => change_event(&event),
-            Err(RecvError::Lagged(missed)) => SseEvent::default()
-                .event("lagged")
-                .data(missed.to_string()),
+            Err(RecvError::Lagged(missed)) => {
+                SseEvent::default().event("lagged").data(missed.to_string())
+            }
             Err(RecvError::Closed) => return None,
         };
         Some((Ok(event), rx))
@@ -235,9 +238,10 @@ fn change_event(event: &Event) -> SseEvent {
             let mut data = json!({ "id": id.0 });
             let (kind, extra) = match change {
                 JobChange::Queued => ("queued", json!({})),
-                JobChange::Assigned { attempt, runner } => {
-                    ("assigned", json!({ "attempt": attempt.0, "runner": runner }))
-                }
+                JobChange::Assigned { attempt, runner } => (
+                    "assigned",
+                    json!({ "attempt": attempt.0, "runner": runner }),
+                ),
                 JobChange::Started { attempt } => ("started", json!({ "attempt": attempt.0 })),
                 JobChange::Requeued { attempt } => ("requeued", json!({ "attempt": attempt.0 })),
                 JobChange::CancelRequested => ("cancel_requested", json!({})),

@@ -235,7 +235,10 @@ mod tests {
     #[test]
     fn repository_keys_are_readable_and_tell_repositories_apart() {
         assert_eq!(repo_key("/srv/git/app"), "srv-git-app");
-        assert_eq!(repo_key("https://example.com/team/app.git"), "example.com-team-app");
+        assert_eq!(
+            repo_key("https://example.com/team/app.git"),
+            "example.com-team-app"
+        );
         assert_eq!(repo_key("/srv/my-app"), "srv-my--app");
         assert_ne!(repo_key("/a-b/c"), repo_key("/a/b-c"));
         assert_eq!(repo_key("/srv/a b"), "srv-a~20b");

@@ -75,7 +75,10 @@ async fn paging_misses_and_repeats_no_job_while_new_jobs_arrive() {
     let (_dir, d, base) = start(true).await;
     let first = submit(&base, &(1..=23).map(commit).collect::<Vec<_>>()).await;
     let mut seen = Vec::new();
-    let mut url = format!("{base}/api/v1/jobs?repo={}&limit=5", REPO.replace('/', "%2F"));
+    let mut url = format!(
+        "{base}/api/v1/jobs?repo={}&limit=5",
+        REPO.replace('/', "%2F")
+    );
     for page in 0.. {
         assert!(page < 10, "paging did not end");
         // New jobs arrive between pages: they are newer than every page.
@@ -91,10 +94,17 @@ async fn paging_misses_and_repeats_no_job_while_new_jobs_arrive() {
             None => break,
         }
     }
-    let newest_first_at_start: Vec<u64> = seen.iter().copied().filter(|id| first.contains(id)).collect();
+    let newest_first_at_start: Vec<u64> = seen
+        .iter()
+        .copied()
+        .filter(|id| first.contains(id))
+        .collect();
     let mut expected = first.clone();
     expected.reverse();
-    assert_eq!(newest_first_at_start, expected, "every job once, newest first");
+    assert_eq!(
+        newest_first_at_start, expected,
+        "every job once, newest first"
+    );
     let mut unique = seen.clone();
     unique.dedup();
     assert_eq!(unique.len(), seen.len(), "no job repeated: {seen:?}");
@@ -128,9 +138,17 @@ async fn filters_and_bad_requests_answer_json_errors_naming_the_problem() {
     }
     let (code, body) = get_json(&format!("{base}/api/v1/jobs/abc")).await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
-    assert!(body["error"].as_str().unwrap().contains("`abc` is not a job id"));
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("`abc` is not a job id")
+    );
     let (code, body) = get_json(&format!("{base}/api/v1/jobs/999")).await;
-    assert_eq!((code, body), (StatusCode::NOT_FOUND, json!({ "error": "no job 999" })));
+    assert_eq!(
+        (code, body),
+        (StatusCode::NOT_FOUND, json!({ "error": "no job 999" }))
+    );
     let (code, body) = get_json(&format!("{base}/api/v1/jobs/{}", ids[0])).await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body["commit"], commit(1));
@@ -144,7 +162,13 @@ async fn filters_and_bad_requests_answer_json_errors_naming_the_problem() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let body: Value = r.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("not a full 40-hex commit id"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a full 40-hex commit id"),
+        "{body}"
+    );
     d.stop().await;
 }
 
@@ -162,8 +186,18 @@ async fn writes_need_the_token_and_signed_in_forms_need_their_csrf_token() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     let body: Value = r.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("Authorization: Bearer"));
-    let r = http().post(&cancel).header(AUTHORIZATION, "Bearer wrong").send().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("Authorization: Bearer")
+    );
+    let r = http()
+        .post(&cancel)
+        .header(AUTHORIZATION, "Bearer wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
     // Sign in: a wrong token is refused, the right one sets the cookie.
@@ -187,11 +221,19 @@ async fn writes_need_the_token_and_signed_in_forms_need_their_csrf_token() {
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()["location"], format!("/jobs/{}", ids[0]));
     let cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_owned();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     let cookie = cookie.split(';').next().unwrap().to_owned();
 
     // The cookie alone is not enough: the CSRF token must come along.
-    let r = http().post(&cancel).header(COOKIE, &cookie).send().await.unwrap();
+    let r = http()
+        .post(&cancel)
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let page_form = format!("{base}/jobs/{}/cancel", ids[0]);
     let post_form = |csrf: String| {
@@ -214,17 +256,31 @@ async fn writes_need_the_token_and_signed_in_forms_need_their_csrf_token() {
         .text()
         .await
         .unwrap();
-    assert!(page.contains("id=\"cancel\""), "a signed-in operator sees the button");
+    assert!(
+        page.contains("id=\"cancel\""),
+        "a signed-in operator sees the button"
+    );
     let r = post_form(csrf_of(&page)).await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let (_, job) = get_json(&format!("{base}/api/v1/jobs/{}", ids[0])).await;
     assert_eq!(job["status"], "cancelled");
 
     // Already ended: 409; the bearer token works without CSRF.
-    let r = http().post(&cancel).header(AUTHORIZATION, format!("Bearer {TOKEN}")).send().await.unwrap();
+    let r = http()
+        .post(&cancel)
+        .header(AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CONFLICT);
     let body: Value = r.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("already ended cancelled"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("already ended cancelled"),
+        "{body}"
+    );
     let r = http()
         .post(format!("{base}/api/v1/jobs/{}/cancel", ids[1]))
         .header(AUTHORIZATION, format!("Bearer {TOKEN}"))
@@ -245,7 +301,10 @@ async fn writes_need_the_token_and_signed_in_forms_need_their_csrf_token() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let body: Value = r.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("--token-file"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("--token-file"),
+        "{body}"
+    );
     d.stop().await;
 }
 
@@ -253,7 +312,10 @@ async fn writes_need_the_token_and_signed_in_forms_need_their_csrf_token() {
 type SseEvent = (String, Option<String>, String);
 
 /// Reads SSE events from `r` until `stop` says so (or the stream ends).
-async fn read_events(r: reqwest::Response, mut stop: impl FnMut(&SseEvent) -> bool) -> Vec<SseEvent> {
+async fn read_events(
+    r: reqwest::Response,
+    mut stop: impl FnMut(&SseEvent) -> bool,
+) -> Vec<SseEvent> {
     let mut body = r.bytes_stream();
     let mut buf = String::new();
     let mut events = Vec::new();
@@ -280,7 +342,10 @@ async fn read_events(r: reqwest::Response, mut stop: impl FnMut(&SseEvent) -> bo
                 return events;
             }
         }
-        match tokio::time::timeout(WAIT, body.next()).await.expect("an event in time") {
+        match tokio::time::timeout(WAIT, body.next())
+            .await
+            .expect("an event in time")
+        {
             Some(Ok(bytes)) => buf.push_str(std::str::from_utf8(&bytes).unwrap()),
             _ => return events,
         }
@@ -301,7 +366,12 @@ async fn the_log_stream_resumes_after_last_event_id_with_every_byte_once_then_en
     let id = submit(&base, &[commit(1)]).await[0];
     let mut runner = runner(&d).await;
     let attempt = runner.expect_assign().await.attempt;
-    runner.send(Started { job_id: id, attempt }).await;
+    runner
+        .send(Started {
+            job_id: id,
+            attempt,
+        })
+        .await;
     let mut offset = 0u64;
     let mut log = Vec::new();
     macro_rules! send {
@@ -333,7 +403,11 @@ async fn the_log_stream_resumes_after_last_event_id_with_every_byte_once_then_en
     assert_eq!(r.headers()[CONTENT_TYPE], "text/event-stream");
     let got = read_events(r, |e| e.2.contains('\n') && e.2.contains("€")).await;
     let last_id = got.iter().rev().find_map(|e| e.1.clone()).unwrap();
-    assert_eq!(last_id.parse::<u64>().unwrap(), offset, "id is the offset after the data");
+    assert_eq!(
+        last_id.parse::<u64>().unwrap(),
+        offset,
+        "id is the offset after the data"
+    );
     // The connection is dropped; more output arrives meanwhile.
     send!(b"second part\n");
     send!(b"third part\n");
@@ -345,7 +419,7 @@ async fn the_log_stream_resumes_after_last_event_id_with_every_byte_once_then_en
         .unwrap();
     let end = tokio::spawn(read_events(r, |e| e.0 == "end"));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(runner.finish(id, attempt, JobStatus::Passed).await.accepted, true);
+    assert!(runner.finish(id, attempt, JobStatus::Passed).await.accepted);
     let rest = end.await.unwrap();
     let mut all = got.clone();
     all.extend(rest.iter().cloned());
@@ -356,7 +430,11 @@ async fn the_log_stream_resumes_after_last_event_id_with_every_byte_once_then_en
     assert_eq!(end, json!({ "status": "passed", "offset": offset }));
 
     // The plain-text log, whole and from an offset.
-    let text = http().get(format!("{base}/api/v1/jobs/{id}/log")).send().await.unwrap();
+    let text = http()
+        .get(format!("{base}/api/v1/jobs/{id}/log"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(text.headers()[CONTENT_TYPE], "text/plain; charset=utf-8");
     assert_eq!(text.bytes().await.unwrap(), log);
     let tail = http()
@@ -374,35 +452,87 @@ async fn the_log_stream_resumes_after_last_event_id_with_every_byte_once_then_en
 async fn waiting_reasons_badges_metrics_and_pages_show_the_real_state() {
     let (_dir, d, base) = start(true).await;
     let ids = submit(&base, &[commit(1), commit(2)]).await;
-    let home = http().get(format!("{base}/")).send().await.unwrap().text().await.unwrap();
+    let home = http()
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(home.contains("no runner is connected"), "{home}");
     let mut runner = runner(&d).await;
     let attempt = runner.expect_assign().await.attempt;
     let (_, job) = get_json(&format!("{base}/api/v1/jobs/{}", ids[1])).await;
     assert_eq!(job["waiting"]["code"], "all_busy", "{job}");
-    assert!(job["waiting"]["reason"].as_str().unwrap().contains("the one runner that builds it is busy"));
-    let home = http().get(format!("{base}/")).send().await.unwrap().text().await.unwrap();
-    assert!(home.contains("the one runner that builds it is busy"), "{home}");
-    assert_eq!(runner.finish(ids[0], attempt, JobStatus::Passed).await.accepted, true);
+    assert!(
+        job["waiting"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the one runner that builds it is busy")
+    );
+    let home = http()
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        home.contains("the one runner that builds it is busy"),
+        "{home}"
+    );
+    assert!(
+        runner
+            .finish(ids[0], attempt, JobStatus::Passed)
+            .await
+            .accepted
+    );
 
-    let badge = http().get(format!("{base}/badge/srv-git-app/main.svg")).send().await.unwrap();
+    let badge = http()
+        .get(format!("{base}/badge/srv-git-app/main.svg"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(badge.status(), StatusCode::OK);
     assert_eq!(badge.headers()[CONTENT_TYPE], "image/svg+xml");
     assert_eq!(badge.headers()["cache-control"], "no-cache");
     let svg = badge.text().await.unwrap();
     // The branch's newest job is the second one, now running.
-    assert!(svg.contains(">running<") || svg.contains(">queued<"), "{svg}");
-    let unknown = http().get(format!("{base}/badge/nope/main.svg")).send().await.unwrap();
+    assert!(
+        svg.contains(">running<") || svg.contains(">queued<"),
+        "{svg}"
+    );
+    let unknown = http()
+        .get(format!("{base}/badge/nope/main.svg"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     assert!(unknown.text().await.unwrap().contains(">unknown<"));
 
-    let repo = http().get(format!("{base}/repos/srv-git-app")).send().await.unwrap().text().await.unwrap();
+    let repo = http()
+        .get(format!("{base}/repos/srv-git-app"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(repo.contains("Pass rate <strong>100%</strong>"), "{repo}");
     assert!(repo.contains("<svg class=\"chart\""));
     let (_, repos) = get_json(&format!("{base}/api/v1/repos")).await;
     assert_eq!(repos[0]["key"], "srv-git-app");
 
-    let metrics = http().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for line in [
         "surveil_jobs_running 1",
         "surveil_runners_connected 1",
@@ -415,6 +545,9 @@ async fn waiting_reasons_badges_metrics_and_pages_show_the_real_state() {
     ] {
         assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
     }
-    assert!(metrics.contains("surveil_store_commit_seconds_count"), "{metrics}");
+    assert!(
+        metrics.contains("surveil_store_commit_seconds_count"),
+        "{metrics}"
+    );
     d.stop().await;
 }

@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::Ctx;
 use crate::domain::{
-    Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
-    Submitted, TaskResult, TaskStatus,
+    Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus,
+    LogChunk, Submitted, TaskResult, TaskStatus,
 };
 use crate::store::{RecordOutcome, StoreError};
 

@@ -9,8 +9,8 @@ use http::HeaderMap;
 use maud::html;
 
 use super::{PageResult, ago, duration, layout, viewer};
-use crate::web::App;
 use crate::service::unix_ms;
+use crate::web::App;
 
 pub async fn runners(State(app): State<Arc<App>>, headers: HeaderMap) -> PageResult {
     let who = viewer(&app, &headers)?;

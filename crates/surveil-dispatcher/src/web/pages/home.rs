@@ -12,8 +12,8 @@ use maud::{Markup, html};
 
 use super::{PageResult, ago, duration, layout, short, status_label, viewer};
 use crate::domain::{Job, JobFilter, JobId, JobStatus, Waiting};
-use crate::web::App;
 use crate::service::unix_ms;
+use crate::web::App;
 
 /// Jobs shown per section.
 const SECTION: u32 = 50;
@@ -47,8 +47,14 @@ async fn last_passed(app: &App, job: &Job) -> Option<u64> {
 
 pub async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> PageResult {
     let who = viewer(&app, &headers)?;
-    let running = app.service.list_jobs(&filter(Some(JobStatus::Running), SECTION)).await?;
-    let mut queued = app.service.list_jobs(&filter(Some(JobStatus::Queued), SECTION)).await?;
+    let running = app
+        .service
+        .list_jobs(&filter(Some(JobStatus::Running), SECTION))
+        .await?;
+    let mut queued = app
+        .service
+        .list_jobs(&filter(Some(JobStatus::Queued), SECTION))
+        .await?;
     queued.reverse(); // oldest first: the next to run on top
     let recent: Vec<Job> = app
         .service

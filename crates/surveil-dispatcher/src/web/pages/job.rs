@@ -12,11 +12,11 @@ use maud::{Markup, PreEscaped, html};
 
 use super::{PageError, PageResult, ago, duration, layout, short, status_label, viewer};
 use crate::domain::{Job, JobStatus};
+use crate::service::{LogEvent, unix_ms};
 use crate::web::App;
 use crate::web::ansi::{Style, line_to_html};
 use crate::web::api::{ApiError, job_id};
 use crate::web::auth::Who;
-use crate::service::{LogEvent, unix_ms};
 
 /// The most log a page renders; past it the page links the raw log.
 const PAGE_LOG: usize = 4 << 20;
@@ -34,7 +34,11 @@ pub async fn page(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
     let waiting = if job.status == JobStatus::Queued {
-        app.service.waiting().into_iter().find(|(j, _)| *j == id).map(|(_, w)| w)
+        app.service
+            .waiting()
+            .into_iter()
+            .find(|(j, _)| *j == id)
+            .map(|(_, w)| w)
     } else {
         None
     };
@@ -70,7 +74,9 @@ async fn read_log(app: &App, job: &Job) -> Result<(Vec<u8>, u64, bool), PageErro
                 }
             }
             LogEvent::End { offset, .. } => return Ok((log, offset, true)),
-            LogEvent::NotFound => return Err(ApiError::not_found(format!("no job {}", job.id)).into()),
+            LogEvent::NotFound => {
+                return Err(ApiError::not_found(format!("no job {}", job.id)).into());
+            }
         }
     }
 }

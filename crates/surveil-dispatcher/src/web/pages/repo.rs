@@ -10,10 +10,10 @@ use maud::{Markup, PreEscaped, html};
 
 use super::{PageResult, ago, duration, layout, short, status_label, viewer};
 use crate::domain::{FinalStatus, Job, JobFilter, JobStatus};
+use crate::service::unix_ms;
 use crate::web::App;
 use crate::web::api::ApiError;
 use crate::web::views::{self, repo_key};
-use crate::service::unix_ms;
 
 /// Jobs of the history (and the chart's bars).
 const HISTORY: u32 = 50;
