@@ -11,6 +11,7 @@
 mod checkout;
 mod client;
 mod codec;
+mod http;
 mod latency;
 mod scale;
 
@@ -31,7 +32,9 @@ pub use scale::load as load_tool;
 use client::Client;
 
 /// Every scenario id, in the order they run.
-pub const SCENARIOS: [&str; 8] = ["S1", "S2", "S3a", "S3b", "S4", "M", "C", "codec"];
+pub const SCENARIOS: [&str; 11] = [
+    "S1", "S2", "S3a", "S3b", "S4", "M", "C", "codec", "H1", "H2", "H3",
+];
 
 #[derive(Debug, Default)]
 pub struct Options {
@@ -425,7 +428,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
 
     let mut outcomes = Vec::new();
     type Scenario = fn(&Env, &mut Outcome) -> Result<()>;
-    let scenarios: [(&'static str, &'static str, &'static str, Scenario); 8] = [
+    let scenarios: [(&'static str, &'static str, &'static str, Scenario); 11] = [
         (
             "S1",
             "commit → result, 1 runner, pipeline `true`",
@@ -473,6 +476,24 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
             "criterion: encode and decode of Assign and 64 KiB Log frames",
             "MB/s (no target)",
             codec::codec,
+        ),
+        (
+            "H1",
+            "HTTP with 100,000 jobs stored: /api/v1/jobs?limit=50 and the home page",
+            "≤ 20 ms at p99 each",
+            http::h1,
+        ),
+        (
+            "H2",
+            "a line printed by a task → an SSE follower of its log",
+            "≤ 100 ms median",
+            http::h2,
+        ),
+        (
+            "H3",
+            "200 SSE followers of one busy job",
+            "≤ 10 % of a core for the dispatcher",
+            http::h3,
         ),
     ];
     for (id, title, target, scenario) in scenarios {

@@ -2,14 +2,15 @@
 //! one TCP connection speaking `surveil-proto` directly, so polling a job
 //! every few milliseconds costs one frame each way rather than a process
 //! spawn. It only asks; it never changes what the dispatcher records except
-//! by `CancelJob`, which the scenarios use to clear a slow job between runs.
+//! by `CancelJob`, which the scenarios use to clear a slow job between runs,
+//! and `Submit`, which fills the store for the HTTP scenarios.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use surveil_proto::{
     CancelJob, Connection, Envelope, GetJob, GetStatus, GetStatusReply, Hello, JobInfo, ListJobs,
-    ListRunners, Msg, Pong, Role, RunnerInfo,
+    ListRunners, Msg, Pong, Role, RunnerInfo, Submit,
 };
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
@@ -100,6 +101,19 @@ impl Client {
         match self.request(ListRunners {})? {
             Msg::ListRunnersReply(reply) => Ok(reply.runners),
             other => bail!("ListRunners answered with {}", other.name()),
+        }
+    }
+
+    /// Submits `commits` of `repo` on `branch` in one request.
+    pub fn submit(&mut self, repo: &str, branch: &str, commits: Vec<String>) -> Result<Vec<u64>> {
+        let submit = Submit {
+            repo: repo.to_owned(),
+            branch: branch.to_owned(),
+            commits,
+        };
+        match self.request(submit)? {
+            Msg::SubmitAck(ack) => Ok(ack.job_ids),
+            other => bail!("Submit answered with {}", other.name()),
         }
     }
 
