@@ -267,9 +267,10 @@ fn start_web(
     cancel: &CancellationToken,
 ) {
     let config = &daemon.config;
-    let anonymous_read = config.http.public_read
-        || config.http.listen.is_none_or(|a| a.ip().is_loopback())
-            && http.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    // Config validation refused a non-loopback address without a token
+    // or --http-public-read; on loopback, reading needs no token.
+    let anonymous_read =
+        config.http.public_read || http.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let parts = web::HttpParts {
         token: config.token.clone(),
         tls: config.tls.clone(),

@@ -163,9 +163,20 @@ fn router(app: Arc<App>) -> Router {
         .merge(pages::routes())
         .merge(badge::routes())
         .merge(metrics::routes())
+        .fallback(not_found)
         .layer(middleware::from_fn_with_state(Arc::clone(&app), guard))
         .layer(TraceLayer::new_for_http())
         .with_state(app)
+}
+
+/// An unknown path: JSON under `/api/`, a page elsewhere.
+async fn not_found(uri: http::Uri) -> Response {
+    let error = api::ApiError::not_found(format!("no such page or API route: {}", uri.path()));
+    if uri.path().starts_with("/api/") {
+        error.into_response()
+    } else {
+        pages::PageError::from(error).into_response()
+    }
 }
 
 /// Counts every request by route and code, and answers 503 once the

@@ -144,6 +144,12 @@ async fn filters_and_bad_requests_answer_json_errors_naming_the_problem() {
             .unwrap()
             .contains("`abc` is not a job id")
     );
+    let (code, body) = get_json(&format!("{base}/api/v1/nothing")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(
+        body["error"].as_str().unwrap().contains("/api/v1/nothing"),
+        "{body}"
+    );
     let (code, body) = get_json(&format!("{base}/api/v1/jobs/999")).await;
     assert_eq!(
         (code, body),
