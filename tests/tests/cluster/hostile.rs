@@ -198,7 +198,13 @@ fn garbage_and_bad_handshakes_are_rejected_and_a_runner_keeps_working() {
         let mut rounds = Vec::new();
         for _ in 0..20 {
             let len = rng.random_range(1..512);
-            let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            // 0x16 opens a TLS handshake: on a plaintext port that is told
+            // apart and closed without a Reject (another story), so random
+            // garbage must not start with it (1 run in ~13 did).
+            if bytes[0] == 0x16 {
+                bytes[0] = 0x17;
+            }
             let addr = addr.clone();
             rounds.push(tokio::spawn(async move {
                 let answer = send_raw(&addr, &bytes).await;
