@@ -53,6 +53,12 @@ pub struct Config {
     pub kill_grace: Duration,
     /// The longest pause between reconnect attempts.
     pub reconnect_max: Duration,
+    /// Tasks of one job run at once at most, whatever the pipeline's
+    /// `parallelism` asks.
+    pub max_parallel_tasks: u32,
+    /// The task caches under `<work dir>/cache` hold at most this many
+    /// bytes; 0 keeps no cache.
+    pub cache_size: u64,
     /// TLS to the dispatcher; `None` dials plaintext.
     pub tls: Option<ClientTls>,
 }
@@ -60,6 +66,9 @@ pub struct Config {
 /// The reconnect backoff's cap: a few seconds, so a restarted dispatcher
 /// sees its runners again quickly.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(3);
+
+/// `--max-parallel-tasks` when not given.
+pub const DEFAULT_MAX_PARALLEL_TASKS: u32 = 4;
 
 impl Config {
     /// A configuration with the contract's defaults, for `repos` (already
@@ -79,6 +88,8 @@ impl Config {
             isolation: Isolation::Unsandboxed,
             kill_grace: DEFAULT_KILL_GRACE,
             reconnect_max: DEFAULT_RECONNECT_MAX,
+            max_parallel_tasks: DEFAULT_MAX_PARALLEL_TASKS,
+            cache_size: crate::cache::DEFAULT_CACHE_BYTES,
             tls: None,
         }
     }
@@ -136,6 +147,15 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub sandbox_ro: Vec<PathBuf>,
+    /// Tasks of one job that run at once at most: caps the pipeline's
+    /// `parallelism` (1 runs every job's tasks one at a time).
+    #[arg(long, env = "SURVEIL_MAX_PARALLEL_TASKS", default_value_t = DEFAULT_MAX_PARALLEL_TASKS,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_parallel_tasks: u32,
+    /// Size cap of the task caches kept under the work directory
+    /// (least recently used entries go first); 0 keeps none.
+    #[arg(long, env = "SURVEIL_CACHE_SIZE", default_value = "5GiB", value_parser = surveil_common::parse_size)]
+    pub cache_size: u64,
     /// TOML file with any of these settings (names with `_`).
     #[arg(long, env = "SURVEIL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -216,6 +236,8 @@ impl Cli {
             keep_workdirs: self.keep_workdirs,
             base_env: Secret::new(base_env),
             isolation,
+            max_parallel_tasks: self.max_parallel_tasks,
+            cache_size: self.cache_size,
             tls,
             ..Config::new(PathBuf::new(), Vec::new())
         })

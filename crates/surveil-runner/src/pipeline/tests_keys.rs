@@ -323,11 +323,11 @@ fn cache_key_and_paths() {
         ),
         (
             "cache = { key = \"k\", paths = [\"~/.cargo\"] }\n",
-            "line 4, column 30: task `a`: cache path `~/.cargo` is in HOME; only paths inside the checkout are kept (point the tool's cache there, e.g. CARGO_HOME=.cargo)",
+            "line 4, column 31: task `a`: cache path `~/.cargo` is in HOME; only paths inside the checkout are kept (point the tool's cache there, e.g. CARGO_HOME=.cargo)",
         ),
         (
             "cache = { key = \"k\", paths = [\"t/*\"] }\n",
-            "line 4, column 30: task `a`: cache path `t/*` is a pattern; cache paths are plain paths",
+            "line 4, column 31: task `a`: cache path `t/*` is a pattern; cache paths are plain paths",
         ),
     ];
     for (tail, want) in cases {
@@ -341,7 +341,7 @@ fn cache_key_and_paths() {
         "{head}cache = {{ key = \"k\", path = [\"t\"] }}\n"
     ));
     assert!(
-        e.starts_with(".surveil.toml: line 4, column 9: ") && e.contains("unknown field `path`"),
+        e.starts_with(".surveil.toml: line 4, column 22: ") && e.contains("unknown field `path`"),
         "{e}"
     );
     let e = err(&format!("{head}cache = {{ key = \"k\" }}\n"));
