@@ -313,6 +313,11 @@ fn conclude_job(
     }
 }
 
+/// One SYSTEM line from a task running beside others.
+async fn say(log: &SharedLog<'_>, task: u32, line: &str) {
+    log.lock().await.system(task, line).await;
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -385,25 +390,16 @@ async fn run_task(
         name: task.name.clone(),
         ..TaskResult::default()
     };
-    log.lock()
-        .await
-        .system(index, &format!("task `{}`: {}", task.name, task.run))
-        .await;
-    let wall_start = unix_ms();
-    let (mut child, started) = match spawn_task(task, dir, job, options) {
-        Ok(spawned) => {
-            result.started_at_ms = Some(wall_start);
-            spawned
-        }
-        Err(problem) => {
-            result.status = TaskStatus::Error as i32;
-            result.message = problem;
-            log.lock()
-                .await
-                .system(index, &format!("task `{}`: {}", task.name, result.message))
-                .await;
-            return result;
-        }
+    say(log, index, &format!("task `{}`: {}", task.name, task.run)).await;
+    result.started_at_ms = Some(unix_ms());
+    let Ok((mut child, started)) =
+        spawn_task(task, dir, job, options).map_err(|problem| result.message = problem)
+    else {
+        result.status = TaskStatus::Error as i32;
+        result.started_at_ms = None;
+        let line = format!("task `{}`: {}", task.name, result.message);
+        say(log, index, &line).await;
+        return result;
     };
     let mut group = options.isolation.task_group(child.id());
     let (mut rx, readers) = read_output(&mut child);
@@ -449,7 +445,7 @@ async fn run_task(
             }
             () = tokio::time::sleep_until(deadline), if stop.is_none() => {
                 stop = Some(Stop::TimedOut);
-                log.lock().await.system(index, &format!(
+                say(log, index, &format!(
                     "task `{}` timed out after {}: terminating its process group",
                     task.name, humantime::format_duration(task.timeout)
                 )).await;
@@ -458,7 +454,7 @@ async fn run_task(
             }
             () = cancel.cancelled(), if stop.is_none() => {
                 stop = Some(Stop::Cancelled);
-                log.lock().await.system(index, &format!("task `{}` cancelled ({}): terminating its process group", task.name, cancel.reason())).await;
+                say(log, index, &format!("task `{}` cancelled ({}): terminating its process group", task.name, cancel.reason())).await;
                 group.signal(Signal::SIGTERM);
                 kill_at = Some(Instant::now() + options.kill_grace);
             }
@@ -471,7 +467,7 @@ async fn run_task(
             () = tokio::time::sleep_until(give_up_at.unwrap_or(far)), if give_up_at.is_some() && pipes_open => {
                 // Something that left the process group still holds the
                 // pipes; the task itself is over.
-                log.lock().await.system(index, "output pipes still held open by a process outside the task's process group: no longer reading them").await;
+                say(log, index, "output pipes still held open by a process outside the task's process group: no longer reading them").await;
                 pipes_open = false;
             }
         }

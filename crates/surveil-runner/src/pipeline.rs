@@ -126,8 +126,8 @@ struct RawTask {
     // Any TOML value, so that a wrong type gets our message and position.
     network: Option<Spanned<toml::Value>>,
     needs: Option<keys::StringList>,
-    matrix: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
-    exclude: Option<Spanned<Vec<Spanned<BTreeMap<String, toml::Value>>>>>,
+    matrix: Option<keys::RawMatrix>,
+    exclude: Option<keys::RawExclude>,
     labels: Option<keys::StringList>,
     artifacts: Option<keys::StringList>,
     artifacts_when: Option<Spanned<String>>,

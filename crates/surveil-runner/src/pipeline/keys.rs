@@ -14,6 +14,15 @@ pub(super) type StringList = Spanned<Vec<Spanned<String>>>;
 
 type Problem = (usize, String);
 
+/// `matrix = { dimension = [values] }`, each value list with its position.
+pub(super) type RawMatrix = Spanned<BTreeMap<String, Spanned<toml::Value>>>;
+
+/// One matrix combination: (dimension, value) in the file's order.
+pub(super) type Combination = Vec<(String, String)>;
+
+/// `exclude = [{ dimension = value }]`.
+pub(super) type RawExclude = Spanned<Vec<Spanned<BTreeMap<String, toml::Value>>>>;
+
 /// The largest `parallelism` accepted: more is a typo, not a plan.
 const MAX_PARALLELISM: i64 = 1024;
 
@@ -272,12 +281,11 @@ fn hash_files_args(expr: &str) -> Result<Vec<String>, String> {
 
 /// `matrix` and `exclude`: the combinations, each (dimension, value) in
 /// the file's order of dimensions; `None` without a matrix.
-#[allow(clippy::type_complexity)]
 pub(super) fn matrix(
-    matrix: Option<&Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
-    exclude: Option<&Spanned<Vec<Spanned<BTreeMap<String, toml::Value>>>>>,
+    matrix: Option<&RawMatrix>,
+    exclude: Option<&RawExclude>,
     task: &str,
-) -> Result<Option<Vec<Vec<(String, String)>>>, Problem> {
+) -> Result<Option<Vec<Combination>>, Problem> {
     let Some(matrix) = matrix else {
         return match exclude {
             Some(exclude) => Err((
@@ -324,10 +332,7 @@ pub(super) fn matrix(
 }
 
 /// The matrix's dimensions in the file's order, each with its values.
-fn dimensions(
-    matrix: &Spanned<BTreeMap<String, Spanned<toml::Value>>>,
-    task: &str,
-) -> Result<Vec<(String, Vec<String>)>, Problem> {
+fn dimensions(matrix: &RawMatrix, task: &str) -> Result<Vec<(String, Vec<String>)>, Problem> {
     if matrix.get_ref().is_empty() {
         return Err((
             matrix.span().start,
