@@ -126,6 +126,7 @@ impl Runner {
                 cache,
             },
             keep_workdirs: config.keep_workdirs,
+            labels: config.labels.clone(),
         });
         Ok(Runner {
             session: Session::new(&config, ctx, pending),
