@@ -26,21 +26,12 @@ const POLL: Duration = Duration::from_millis(25);
 const PIPELINE: &str = r#"# Written by cargo xtask e2e.
 [[task]]
 name = "build"
-run = "echo building $SURVEIL_COMMIT; mkdir -p out .deps; echo $SURVEIL_COMMIT > out/build.txt; [ -f .deps/warm ] && echo cache restored; touch .deps/warm; sleep $(cat delay)"
+run = "echo building $SURVEIL_COMMIT; sleep $(cat delay)"
 timeout = "1m"
-cache = { key = "deps-{{ hashFiles('test.sh') }}", paths = [".deps"] }
-artifacts = ["out/*.txt"]
 
 [[task]]
 name = "test"
 run = "sh test.sh"
-needs = ["build"]
-
-[[task]]
-name = "check"
-run = "$tool out/build.txt"
-needs = ["build"]
-matrix = { tool = ["cat", "wc -c"] }
 "#;
 
 const TEST_SCRIPT: &str = "echo \"verdict: $(cat verdict)\"\ngrep -q pass verdict\n";
@@ -247,17 +238,9 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
         format!("commit {} failed (got {})", short(&failing), status(&job)),
     );
     let tasks = job["tasks"].as_array().cloned().unwrap_or_default();
-    let task = |name: &str| tasks.iter().find(|t| t["name"] == name);
     story.expect(
-        task("test").is_some_and(|t| t["status"] == "failed" && t["exit_code"] == 1),
+        tasks.len() == 2 && tasks[1]["status"] == "failed" && tasks[1]["exit_code"] == 1,
         "its `test` task is recorded failed with exit code 1",
-    );
-    story.expect(
-        tasks.len() == 4
-            && ["build", "check (tool=cat)", "check (tool=wc -c)"]
-                .iter()
-                .all(|name| task(name).is_some_and(|t| t["status"] == "passed")),
-        "`build` and both `check` matrix combinations (which need only `build`) passed",
     );
     expected.insert(failing, "failed");
 
