@@ -38,8 +38,10 @@ use std::sync::atomic::AtomicBool;
 use gix::ObjectId;
 use gix::remote::Direction;
 
+pub mod args;
 pub mod transport;
 
+pub use args::FetchArgs;
 use transport::Scheme;
 pub use transport::{Auth, Credential, FetchSettings, redact_url};
 

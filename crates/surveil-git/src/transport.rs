@@ -36,6 +36,11 @@ impl Credential {
     fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether nothing is left once trimmed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl fmt::Debug for Credential {

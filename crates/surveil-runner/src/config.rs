@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::Parser;
 use surveil_common::tls::ClientTls;
 use surveil_common::{DispatchArgs, LogFormat, Secret};
+use surveil_git::{FetchArgs, FetchSettings};
 
 use crate::executor::DEFAULT_KILL_GRACE;
 use crate::sandbox::{self, Isolation};
@@ -55,6 +56,8 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// TLS to the dispatcher; `None` dials plaintext.
     pub tls: Option<ClientTls>,
+    /// How repositories are fetched (credentials, CA, timeouts).
+    pub fetch: FetchSettings,
 }
 
 /// The reconnect backoff's cap: a few seconds, so a restarted dispatcher
@@ -80,6 +83,7 @@ impl Config {
             kill_grace: DEFAULT_KILL_GRACE,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             tls: None,
+            fetch: FetchSettings::default(),
         }
     }
 }
@@ -136,6 +140,10 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub sandbox_ro: Vec<PathBuf>,
+    // --fetch-user, --fetch-password-file, --fetch-token-file, --fetch-ca,
+    // --ssh-key, --ssh-known-hosts and the fetch timeouts.
+    #[command(flatten)]
+    pub fetch: FetchArgs,
     /// TOML file with any of these settings (names with `_`).
     #[arg(long, env = "SURVEIL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -163,6 +171,10 @@ impl Cli {
         }
         let token = self.connect.token()?;
         let tls = self.connect.tls()?;
+        let fetch = self
+            .fetch
+            .settings(&|name| std::env::var(name).ok())
+            .map_err(anyhow::Error::msg)?;
         let name = match self.name {
             Some(name) => name,
             None => hostname::get()
@@ -186,6 +198,9 @@ impl Cli {
                     &self.connect.token_file,
                     &self.config,
                     &self.connect.tls.tls_key,
+                    &self.fetch.fetch_password_file,
+                    &self.fetch.fetch_token_file,
+                    &self.fetch.ssh_key,
                 ]
                 .map(Option::as_ref),
             )
@@ -217,6 +232,7 @@ impl Cli {
             base_env: Secret::new(base_env),
             isolation,
             tls,
+            fetch,
             ..Config::new(PathBuf::new(), Vec::new())
         })
     }
