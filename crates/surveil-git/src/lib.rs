@@ -213,7 +213,7 @@ impl Mirror {
         if scheme == Scheme::Ssh {
             let mut config = repo.config_snapshot_mut();
             config
-                .set_raw_value(&"core.sshCommand", self.settings.ssh_command().as_str())
+                .set_raw_value("core.sshCommand", self.settings.ssh_command().as_str())
                 .map_err(|e| failed(format!("setting the ssh command: {e}")))?;
         }
         let remote = repo.remote_at(self.url.as_str()).map_err(gix_failed)?;
