@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::Parser;
 use surveil_common::tls::ClientTls;
 use surveil_common::{DispatchArgs, LogFormat, Secret};
+use surveil_git::{FetchArgs, FetchSettings};
 
 use crate::executor::DEFAULT_KILL_GRACE;
 use crate::sandbox::{self, Isolation};
@@ -61,6 +62,8 @@ pub struct Config {
     pub cache_size: u64,
     /// TLS to the dispatcher; `None` dials plaintext.
     pub tls: Option<ClientTls>,
+    /// How repositories are fetched (credentials, CA, timeouts).
+    pub fetch: FetchSettings,
 }
 
 /// The reconnect backoff's cap: a few seconds, so a restarted dispatcher
@@ -91,6 +94,7 @@ impl Config {
             max_parallel_tasks: DEFAULT_MAX_PARALLEL_TASKS,
             cache_size: crate::cache::DEFAULT_CACHE_BYTES,
             tls: None,
+            fetch: FetchSettings::default(),
         }
     }
 }
@@ -156,6 +160,10 @@ pub struct Cli {
     /// (least recently used entries go first); 0 keeps none.
     #[arg(long, env = "SURVEIL_CACHE_SIZE", default_value = "5GiB", value_parser = surveil_common::parse_size)]
     pub cache_size: u64,
+    // --fetch-user, --fetch-password-file, --fetch-token-file, --fetch-ca,
+    // --ssh-key, --ssh-known-hosts and the fetch timeouts.
+    #[command(flatten)]
+    pub fetch: FetchArgs,
     /// TOML file with any of these settings (names with `_`).
     #[arg(long, env = "SURVEIL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -183,6 +191,10 @@ impl Cli {
         }
         let token = self.connect.token()?;
         let tls = self.connect.tls()?;
+        let fetch = self
+            .fetch
+            .settings(&|name| std::env::var(name).ok())
+            .map_err(anyhow::Error::msg)?;
         let name = match self.name {
             Some(name) => name,
             None => hostname::get()
@@ -206,6 +218,9 @@ impl Cli {
                     &self.connect.token_file,
                     &self.config,
                     &self.connect.tls.tls_key,
+                    &self.fetch.fetch_password_file,
+                    &self.fetch.fetch_token_file,
+                    &self.fetch.ssh_key,
                 ]
                 .map(Option::as_ref),
             )
@@ -239,6 +254,7 @@ impl Cli {
             max_parallel_tasks: self.max_parallel_tasks,
             cache_size: self.cache_size,
             tls,
+            fetch,
             ..Config::new(PathBuf::new(), Vec::new())
         })
     }

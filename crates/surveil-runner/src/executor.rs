@@ -818,8 +818,11 @@ mod tests {
         text(&logs, Stream::Stdout)
     }
 
-    const RUNNER_ENV: [(&str, &str); 8] = [
+    const RUNNER_ENV: [(&str, &str); 10] = [
         ("SURVEIL_TOKEN", "t1-secret"),
+        // The fetch credentials (surveil_git::args) stay the runner's.
+        ("SURVEIL_FETCH_PASSWORD", "f1-secret"),
+        ("SURVEIL_FETCH_TOKEN", "f2-secret"),
         ("GITHUB_TOKEN", "t2-secret"),
         ("SSH_AUTH_SOCK", "/tmp/ssh-agent.sock"),
         ("FOO_KEY", "k-secret"),
@@ -832,6 +835,7 @@ mod tests {
     fn assert_allowlisted(env: &str) {
         for leaked in [
             "SURVEIL_TOKEN",
+            "SURVEIL_FETCH",
             "GITHUB_TOKEN",
             "SSH_AUTH_SOCK",
             "FOO_KEY",

@@ -67,12 +67,14 @@ impl Runner {
     /// directories left by an earlier run, and loads unacknowledged
     /// results from the outbox. Blocking file I/O.
     pub fn prepare(config: Config) -> anyhow::Result<Runner> {
-        let workspace = Workspace::open(&config.work_dir).with_context(|| {
-            format!(
-                "cannot prepare the work directory {}",
-                config.work_dir.display()
-            )
-        })?;
+        let workspace = Workspace::open(&config.work_dir)
+            .with_context(|| {
+                format!(
+                    "cannot prepare the work directory {}",
+                    config.work_dir.display()
+                )
+            })?
+            .with_fetch(config.fetch.clone());
         if !config.keep_workdirs {
             let stale = workspace
                 .clear_stale_jobs()
