@@ -51,6 +51,23 @@ pub struct TaskJson {
     pub signal: Option<i32>,
     pub duration_ms: u64,
     pub message: Option<String>,
+    /// When its process started; absent (not null) for a task that never
+    /// started, and from dispatchers that do not record it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// Its JUnit counts; absent when it has no `reports`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tests: Option<TestsJson>,
+}
+
+/// A task's test report inside [`TaskJson`].
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct TestsJson {
+    pub passed: u32,
+    pub failed: u32,
+    pub skipped: u32,
+    pub failing: Vec<String>,
+    pub problems: Vec<String>,
 }
 
 /// `surveil status --json`.
@@ -122,6 +139,14 @@ impl From<&TaskResult> for TaskJson {
             signal: task.signal,
             duration_ms: task.duration_ms,
             message: non_empty(Some(&task.message)),
+            started_at: task.started_at_ms.map(timestamp),
+            tests: task.report.as_ref().map(|r| TestsJson {
+                passed: r.passed,
+                failed: r.failed,
+                skipped: r.skipped,
+                failing: r.failing.clone(),
+                problems: r.problems.clone(),
+            }),
         }
     }
 }
@@ -455,8 +480,29 @@ pub fn job_details(job: &JobInfo, now: SystemTime, colour: bool) -> String {
     if !job.tasks.is_empty() {
         out.push('\n');
         out.push_str(&tasks_table(&job.tasks, colour));
+        for task in &job.tasks {
+            if let Some(report) = &task.report {
+                out.push_str(&tests_line(&task.name, report));
+            }
+        }
     }
     out
+}
+
+/// `unit: tests 41 passed, 2 failed, 1 skipped; failing: a.x, a.y`.
+fn tests_line(task: &str, r: &surveil_proto::TestReport) -> String {
+    let mut line = format!(
+        "{task}: tests {} passed, {} failed, {} skipped",
+        r.passed, r.failed, r.skipped
+    );
+    if !r.failing.is_empty() {
+        line.push_str(&format!("; failing: {}", r.failing.join(", ")));
+    }
+    for problem in &r.problems {
+        line.push_str(&format!("; {problem}"));
+    }
+    line.push('\n');
+    line
 }
 
 fn tasks_table(tasks: &[TaskResult], colour: bool) -> String {
@@ -637,6 +683,7 @@ mod tests {
                     signal: None,
                     duration_ms: 12,
                     message: String::new(),
+                    ..TaskResult::default()
                 },
                 TaskResult {
                     name: "lint".into(),
@@ -645,6 +692,7 @@ mod tests {
                     signal: Some(9),
                     duration_ms: 600_000,
                     message: "timed out after 10m".into(),
+                    ..TaskResult::default()
                 },
             ],
         }
@@ -654,6 +702,31 @@ mod tests {
     fn timestamps_are_rfc3339_utc_with_millis() {
         assert_eq!(timestamp(QUEUED_MS), "2026-11-28T04:00:00.123Z");
         assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn a_test_report_shows_in_the_json_and_under_the_table() {
+        let mut job = job();
+        job.tasks[0].started_at_ms = Some(QUEUED_MS + 2_000);
+        job.tasks[0].report = Some(surveil_proto::TestReport {
+            passed: 41,
+            failed: 2,
+            skipped: 1,
+            failing: vec!["m.a".into(), "m.b".into()],
+            problems: vec![],
+        });
+        let text = serde_json::to_string(&JobJson::from(&job)).unwrap();
+        assert!(
+            text.contains(concat!(
+                r#""duration_ms":12,"message":null,"started_at":"2026-11-28T04:00:02.123Z","#,
+                r#""tests":{"passed":41,"failed":2,"skipped":1,"failing":["m.a","m.b"],"problems":[]}}"#
+            )),
+            "{text}"
+        );
+        assert_eq!(
+            tests_line("unit", job.tasks[0].report.as_ref().unwrap()),
+            "unit: tests 41 passed, 2 failed, 1 skipped; failing: m.a, m.b\n"
+        );
     }
 
     #[test]

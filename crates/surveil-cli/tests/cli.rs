@@ -186,6 +186,7 @@ fn job(id: u64, status: JobStatus) -> JobInfo {
                 signal: None,
                 duration_ms: 12,
                 message: String::new(),
+                ..TaskResult::default()
             }]
         } else {
             Vec::new()

@@ -245,6 +245,25 @@ pub struct TaskResult {
     pub duration_ms: u64,
     /// The runner's note (empty for none).
     pub message: String,
+    /// Unix milliseconds when its process started; `None` when it never did.
+    pub started_at_ms: Option<u64>,
+    /// Its JUnit test counts, when it has reports.
+    pub report: Option<TestReport>,
+}
+
+/// A task's test counts from its JUnit reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TestReport {
+    /// Cases that passed.
+    pub passed: u32,
+    /// Cases that failed or errored.
+    pub failed: u32,
+    /// Cases skipped.
+    pub skipped: u32,
+    /// The failed cases' names (the runner keeps at most 100).
+    pub failing: Vec<String>,
+    /// Report files the runner could not read, with the reason.
+    pub problems: Vec<String>,
 }
 
 /// What a runner reports when an attempt ends.

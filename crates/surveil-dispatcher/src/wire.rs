@@ -12,7 +12,7 @@ use surveil_proto::{Envelope, Msg, Role};
 use crate::domain::{
     Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
     LogStream, ResultAck, RunnerHello, RunnerReport, RunnerView, StatusView, Submission,
-    TaskResult, TaskStatus, ToRunner,
+    TaskResult, TaskStatus, TestReport, ToRunner,
 };
 use crate::service::{CancelReply, LogEvent};
 
@@ -206,6 +206,14 @@ fn task_from_proto(task: proto::TaskResult) -> Result<TaskResult, i32> {
         signal: task.signal,
         duration_ms: task.duration_ms,
         message: task.message,
+        started_at_ms: task.started_at_ms,
+        report: task.report.map(|r| TestReport {
+            passed: r.passed,
+            failed: r.failed,
+            skipped: r.skipped,
+            failing: r.failing,
+            problems: r.problems,
+        }),
     })
 }
 
@@ -408,6 +416,14 @@ pub fn job_info(job: Job) -> proto::JobInfo {
                 signal: t.signal,
                 duration_ms: t.duration_ms,
                 message: t.message,
+                started_at_ms: t.started_at_ms,
+                report: t.report.map(|r| proto::TestReport {
+                    passed: r.passed,
+                    failed: r.failed,
+                    skipped: r.skipped,
+                    failing: r.failing,
+                    problems: r.problems,
+                }),
             })
             .collect(),
     }
@@ -509,6 +525,7 @@ mod tests {
                 signal: None,
                 duration_ms: 5,
                 message: String::new(),
+                ..proto::TaskResult::default()
             }],
         })
     }

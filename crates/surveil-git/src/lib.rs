@@ -24,7 +24,9 @@
 //! named is the caller's layout. Everything here is blocking: async
 //! callers use `spawn_blocking`. This crate runs no `git` process itself;
 //! gix does, for local and `file://` remotes only, where `git upload-pack`
-//! is the serving side of the fetch.
+//! is the serving side of the fetch, and runs the system `ssh` for SSH
+//! remotes. How a remote is reached (credentials, TLS roots, timeouts) is
+//! [`transport`]'s.
 
 // Production functions stay under 100 lines (clippy.toml); tests may be longer.
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
@@ -36,6 +38,13 @@ use std::sync::atomic::AtomicBool;
 use gix::ObjectId;
 use gix::remote::Direction;
 
+pub mod args;
+pub mod transport;
+
+pub use args::FetchArgs;
+use transport::Scheme;
+pub use transport::{Auth, Credential, FetchSettings, redact_url};
+
 /// What a fetch brings into the mirror.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wanted<'a> {
@@ -45,6 +54,11 @@ pub enum Wanted<'a> {
     /// One branch, force-updated, and no tags (the observer: only the
     /// watched branch is ours to download; a force push must replace it).
     Branch(&'a str),
+    /// These full ref names or glob patterns (`refs/heads/release/*`,
+    /// `refs/pull/*/head`), each force-updated under the same name, and no
+    /// tags; refs that vanished from the remote are removed from the mirror
+    /// (a deleted branch must stop being watched).
+    Refs(&'a [String]),
 }
 
 /// Refspecs of [`Wanted::Everything`].
@@ -72,7 +86,7 @@ pub enum MirrorError {
     /// The remote could not be fetched from.
     #[error("fetching {url} failed: {reason}")]
     Fetch {
-        /// The remote, as configured.
+        /// The remote, as configured, without any password in it.
         url: String,
         /// gix's explanation, with its causes.
         reason: String,
@@ -84,6 +98,7 @@ pub enum MirrorError {
 pub struct Mirror {
     url: String,
     path: PathBuf,
+    settings: FetchSettings,
     /// Held while creating or fetching.
     busy: Mutex<()>,
 }
@@ -92,9 +107,19 @@ impl Mirror {
     /// The mirror of `url` (a URL or a local path gix can fetch) at `path`;
     /// nothing is created yet.
     pub fn new(url: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self::with_settings(url, path, FetchSettings::default())
+    }
+
+    /// Like [`new`](Mirror::new), reaching the remote with `settings`.
+    pub fn with_settings(
+        url: impl Into<String>,
+        path: impl Into<PathBuf>,
+        settings: FetchSettings,
+    ) -> Self {
         Mirror {
             url: url.into(),
             path: path.into(),
+            settings,
             busy: Mutex::new(()),
         }
     }
@@ -178,27 +203,136 @@ impl Mirror {
         wanted: Wanted<'_>,
         interrupt: &AtomicBool,
     ) -> Result<(), MirrorError> {
-        let failed = |e: gix::Error| MirrorError::Fetch {
-            url: self.url.clone(),
-            reason: format!("{e:#}"),
+        let failed = |reason: String| MirrorError::Fetch {
+            url: redact_url(&self.url),
+            reason,
         };
-        let remote = repo.remote_at(self.url.as_str()).map_err(failed)?;
-        let remote = match wanted {
-            Wanted::Everything => remote.with_refspecs(EVERYTHING, Direction::Fetch),
-            Wanted::Branch(branch) => {
-                let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
-                remote
-                    .with_refspecs([refspec.as_str()], Direction::Fetch)
-                    .map(|r| r.with_fetch_tags(gix::remote::fetch::Tags::None))
-            }
+        let gix_failed = |e: gix::Error| failed(format!("{e:#}"));
+        let scheme = Scheme::of(&self.url);
+        let mut repo = repo.clone();
+        if scheme == Scheme::Ssh {
+            let mut config = repo.config_snapshot_mut();
+            config
+                .set_raw_value("core.sshCommand", self.settings.ssh_command().as_str())
+                .map_err(|e| failed(format!("setting the ssh command: {e}")))?;
         }
-        .map_err(failed)?;
-        remote
-            .connect(Direction::Fetch)
-            .and_then(|c| c.prepare_fetch(gix::progress::Discard, Default::default()))
-            .and_then(|p| p.receive(gix::progress::Discard, interrupt))
-            .map_err(failed)?;
+        let remote = repo.remote_at(self.url.as_str()).map_err(gix_failed)?;
+        let remote = with_refspecs(remote, wanted).map_err(gix_failed)?;
+        let mut connection = remote.connect(Direction::Fetch).map_err(gix_failed)?;
+        if scheme == Scheme::Http {
+            let defaults = repo
+                .transport_options(self.url.as_str(), None)
+                .map_err(gix_failed)?
+                .and_then(|o| o.downcast::<transport_http::Options>().ok())
+                .map(|o| *o)
+                .unwrap_or_default();
+            let options = self.settings.http_options(defaults).map_err(failed)?;
+            connection.set_transport_options(Box::new(options));
+        }
+        // Never a prompt or the system's credential helpers: a daemon's
+        // credentials are its configuration's alone.
+        let identity = self.settings.basic_identity();
+        let mut asked = false;
+        connection.set_credentials(move |action| {
+            use gix::credentials::helper::Action;
+            match (action, &identity) {
+                (Action::Get(context), Some(identity)) if !asked => {
+                    asked = true;
+                    Ok(Some(gix::credentials::protocol::Outcome {
+                        identity: identity.clone(),
+                        next: context.into(),
+                    }))
+                }
+                _ => Ok(None),
+            }
+        });
+        let prepared = connection
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(gix_failed)?;
+        let outcome = prepared
+            .receive(gix::progress::Discard, interrupt)
+            .map_err(gix_failed)?;
+        if let Wanted::Refs(patterns) = wanted {
+            let kept = outcome
+                .ref_map
+                .mappings
+                .iter()
+                .filter_map(|m| m.local.as_ref().map(|l| l.to_string()))
+                .collect();
+            prune(&repo, patterns, &kept).map_err(failed)?;
+        }
         Ok(())
+    }
+}
+
+/// Removes the refs matching `patterns` that the remote no longer has
+/// (gix fetches do not prune), so a deleted branch disappears from the
+/// mirror and its watchers forget it.
+fn prune(
+    repo: &gix::Repository,
+    patterns: &[String],
+    kept: &std::collections::HashSet<String>,
+) -> Result<(), String> {
+    use gix::refs::transaction::{Change, PreviousValue, RefEdit, RefLog};
+    let failed = |e: &dyn std::fmt::Display| format!("pruning refs: {e}");
+    let references = repo.references().map_err(|e| failed(&e))?;
+    let mut edits = Vec::new();
+    for reference in references.all().map_err(|e| failed(&e))? {
+        let reference = reference.map_err(|e| failed(&e))?;
+        let name = reference.name().as_bstr().to_string();
+        if kept.contains(&name) || !patterns.iter().any(|p| ref_matches(p, &name)) {
+            continue;
+        }
+        edits.push(RefEdit {
+            change: Change::Delete {
+                expected: PreviousValue::Any,
+                log: RefLog::AndReference,
+            },
+            name: reference.name().to_owned(),
+            deref: false,
+        });
+    }
+    if !edits.is_empty() {
+        repo.edit_references(edits).map_err(|e| failed(&e))?;
+    }
+    Ok(())
+}
+
+/// Whether the full ref `name` matches `pattern` (a refspec side: exact,
+/// or one `*` standing for one or more characters, as git's).
+pub fn ref_matches(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((prefix, suffix)) => {
+            name.len() > prefix.len() + suffix.len()
+                && name.starts_with(prefix)
+                && name.ends_with(suffix)
+        }
+    }
+}
+
+use gix::protocol::transport::client::blocking_io::http as transport_http;
+
+/// `remote` fetching `wanted`.
+fn with_refspecs<'repo>(
+    remote: gix::Remote<'repo>,
+    wanted: Wanted<'_>,
+) -> Result<gix::Remote<'repo>, gix::Error> {
+    let no_tags = |r: gix::Remote<'repo>| r.with_fetch_tags(gix::remote::fetch::Tags::None);
+    match wanted {
+        Wanted::Everything => remote.with_refspecs(EVERYTHING, Direction::Fetch),
+        Wanted::Branch(branch) => {
+            let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
+            remote
+                .with_refspecs([refspec.as_str()], Direction::Fetch)
+                .map(no_tags)
+        }
+        Wanted::Refs(patterns) => {
+            let refspecs: Vec<String> = patterns.iter().map(|p| format!("+{p}:{p}")).collect();
+            remote
+                .with_refspecs(refspecs.iter().map(String::as_str), Direction::Fetch)
+                .map(no_tags)
+        }
     }
 }
 

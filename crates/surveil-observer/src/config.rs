@@ -13,6 +13,7 @@ use anyhow::Context;
 use clap::Parser;
 use surveil_common::tls::ClientTls;
 use surveil_common::{DispatchArgs, LogFormat, Secret};
+use surveil_git::{FetchArgs, FetchSettings};
 
 /// Everything the observer needs, validated. Its `Debug` never shows the
 /// token.
@@ -43,6 +44,8 @@ pub struct Config {
     pub retry_max: Duration,
     /// TLS to the dispatcher; `None` dials plaintext.
     pub tls: Option<ClientTls>,
+    /// How a remote repository is fetched (credentials, CA, timeouts).
+    pub fetch: FetchSettings,
 }
 
 impl Config {
@@ -62,6 +65,7 @@ impl Config {
             retry_min: crate::DEFAULT_RETRY_MIN,
             retry_max: crate::DEFAULT_RETRY_MAX,
             tls: None,
+            fetch: FetchSettings::default(),
         }
     }
 }
@@ -94,6 +98,10 @@ pub struct Cli {
     #[arg(long, env = "SURVEIL_MAX_BACKLOG", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_backlog: u32,
+    // --fetch-user, --fetch-password-file, --fetch-token-file, --fetch-ca,
+    // --ssh-key, --ssh-known-hosts and the fetch timeouts.
+    #[command(flatten)]
+    pub fetch: FetchArgs,
     /// TOML file with any of these settings (names with `_`).
     #[arg(long, env = "SURVEIL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -113,6 +121,10 @@ impl Cli {
             .with_context(|| format!("REPO `{}`", self.repo))?;
         let token = self.connect.token()?;
         let tls = self.connect.tls()?;
+        let fetch = self
+            .fetch
+            .settings(&|name| std::env::var(name).ok())
+            .map_err(anyhow::Error::msg)?;
         let host = hostname::get()
             .ok()
             .and_then(|h| h.into_string().ok())
@@ -128,6 +140,7 @@ impl Cli {
             name: format!("surveil-observer@{host}"),
             repo,
             tls,
+            fetch,
             ..Config::new(String::new(), PathBuf::new())
         })
     }

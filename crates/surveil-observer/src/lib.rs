@@ -77,7 +77,7 @@ impl Observer {
         })?;
         let cursor_file = CursorFile::new(&config.state_dir);
         let cursor = cursor_file.load(&config.repo, &config.branch)?;
-        let source = Source::new(&config.repo, &config.state_dir);
+        let source = Source::new(&config.repo, &config.state_dir, &config.fetch);
         if let Source::Local { .. } = source {
             source.open()?;
         }

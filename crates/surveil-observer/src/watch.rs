@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 
 use gix::ObjectId;
 use notify::{EventKind, RecursiveMode, Watcher as _};
-use surveil_git::{Mirror, MirrorError, Wanted};
+use surveil_git::{FetchSettings, Mirror, MirrorError, Wanted};
 
 /// What can go wrong reading or fetching the watched repository.
 #[derive(Debug, thiserror::Error)]
@@ -70,11 +70,11 @@ pub enum Source {
 impl Source {
     /// The source for `repo` (a canonical local path or a URL), keeping any
     /// mirror under `state_dir/mirrors/`.
-    pub fn new(repo: &str, state_dir: &Path) -> Self {
+    pub fn new(repo: &str, state_dir: &Path, fetch: &FetchSettings) -> Self {
         if surveil_common::is_remote_repo(repo) {
             let path = state_dir.join("mirrors").join(mirror_dir_name(repo));
             Source::Remote {
-                mirror: Arc::new(Mirror::new(repo, path)),
+                mirror: Arc::new(Mirror::with_settings(repo, path, fetch.clone())),
             }
         } else {
             Source::Local {
@@ -231,7 +231,11 @@ mod tests {
     fn local_tip_is_read_in_place_and_missing_branch_is_none() {
         let repo = TestRepo::new();
         let a = repo.commit("a");
-        let source = Source::new(repo.path().to_str().unwrap(), Path::new("/nonexistent"));
+        let source = Source::new(
+            repo.path().to_str().unwrap(),
+            Path::new("/nonexistent"),
+            &FetchSettings::default(),
+        );
         assert!(matches!(source, Source::Local { .. }));
         let opened = source.open().unwrap();
         assert_eq!(resolve_tip(&opened, "main").unwrap(), Some(a));
@@ -249,7 +253,7 @@ mod tests {
         let a = upstream.commit("a");
         let state = tempfile::tempdir().unwrap();
         let url = format!("file://{}", upstream.path().display());
-        let source = Source::new(&url, state.path());
+        let source = Source::new(&url, state.path(), &FetchSettings::default());
         let Source::Remote { mirror } = &source else {
             panic!("a file:// URL is remote: {source:?}");
         };

@@ -211,6 +211,7 @@ async fn run_job(job: Assign, allowed: bool, command: String, tx: mpsc::Sender<E
                 signal: std::os::unix::process::ExitStatusExt::signal(&out.status),
                 duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 message: String::new(),
+                ..TaskResult::default()
             });
         }
         Err(err) => {

@@ -310,7 +310,7 @@ prop_compose! {
         duration_ms in any::<u64>(),
         message in arb_string(),
     ) -> TaskResult {
-        TaskResult { name, status, exit_code, signal, duration_ms, message }
+        TaskResult { name, status, exit_code, signal, duration_ms, message, ..TaskResult::default() }
     }
 }
 

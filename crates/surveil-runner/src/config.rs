@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::Parser;
 use surveil_common::tls::ClientTls;
 use surveil_common::{DispatchArgs, LogFormat, Secret};
+use surveil_git::{FetchArgs, FetchSettings};
 
 use crate::executor::DEFAULT_KILL_GRACE;
 use crate::sandbox::{self, Isolation};
@@ -53,13 +54,24 @@ pub struct Config {
     pub kill_grace: Duration,
     /// The longest pause between reconnect attempts.
     pub reconnect_max: Duration,
+    /// Tasks of one job run at once at most, whatever the pipeline's
+    /// `parallelism` asks.
+    pub max_parallel_tasks: u32,
+    /// The task caches under `<work dir>/cache` hold at most this many
+    /// bytes; 0 keeps no cache.
+    pub cache_size: u64,
     /// TLS to the dispatcher; `None` dials plaintext.
     pub tls: Option<ClientTls>,
+    /// How repositories are fetched (credentials, CA, timeouts).
+    pub fetch: FetchSettings,
 }
 
 /// The reconnect backoff's cap: a few seconds, so a restarted dispatcher
 /// sees its runners again quickly.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(3);
+
+/// `--max-parallel-tasks` when not given.
+pub const DEFAULT_MAX_PARALLEL_TASKS: u32 = 4;
 
 impl Config {
     /// A configuration with the contract's defaults, for `repos` (already
@@ -79,7 +91,10 @@ impl Config {
             isolation: Isolation::Unsandboxed,
             kill_grace: DEFAULT_KILL_GRACE,
             reconnect_max: DEFAULT_RECONNECT_MAX,
+            max_parallel_tasks: DEFAULT_MAX_PARALLEL_TASKS,
+            cache_size: crate::cache::DEFAULT_CACHE_BYTES,
             tls: None,
+            fetch: FetchSettings::default(),
         }
     }
 }
@@ -136,6 +151,19 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub sandbox_ro: Vec<PathBuf>,
+    /// Tasks of one job that run at once at most: caps the pipeline's
+    /// `parallelism` (1 runs every job's tasks one at a time).
+    #[arg(long, env = "SURVEIL_MAX_PARALLEL_TASKS", default_value_t = DEFAULT_MAX_PARALLEL_TASKS,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_parallel_tasks: u32,
+    /// Size cap of the task caches kept under the work directory
+    /// (least recently used entries go first); 0 keeps none.
+    #[arg(long, env = "SURVEIL_CACHE_SIZE", default_value = "5GiB", value_parser = surveil_common::parse_size)]
+    pub cache_size: u64,
+    // --fetch-user, --fetch-password-file, --fetch-token-file, --fetch-ca,
+    // --ssh-key, --ssh-known-hosts and the fetch timeouts.
+    #[command(flatten)]
+    pub fetch: FetchArgs,
     /// TOML file with any of these settings (names with `_`).
     #[arg(long, env = "SURVEIL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -163,6 +191,10 @@ impl Cli {
         }
         let token = self.connect.token()?;
         let tls = self.connect.tls()?;
+        let fetch = self
+            .fetch
+            .settings(&|name| std::env::var(name).ok())
+            .map_err(anyhow::Error::msg)?;
         let name = match self.name {
             Some(name) => name,
             None => hostname::get()
@@ -186,6 +218,9 @@ impl Cli {
                     &self.connect.token_file,
                     &self.config,
                     &self.connect.tls.tls_key,
+                    &self.fetch.fetch_password_file,
+                    &self.fetch.fetch_token_file,
+                    &self.fetch.ssh_key,
                 ]
                 .map(Option::as_ref),
             )
@@ -216,7 +251,10 @@ impl Cli {
             keep_workdirs: self.keep_workdirs,
             base_env: Secret::new(base_env),
             isolation,
+            max_parallel_tasks: self.max_parallel_tasks,
+            cache_size: self.cache_size,
             tls,
+            fetch,
             ..Config::new(PathBuf::new(), Vec::new())
         })
     }

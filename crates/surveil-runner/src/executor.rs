@@ -61,6 +61,11 @@ pub struct ExecOptions {
     pub isolation: Arc<Isolation>,
     /// Between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// Tasks of one job run at once at most (`--max-parallel-tasks`),
+    /// whatever the pipeline's `parallelism`.
+    pub max_parallel: usize,
+    /// The task caches; `None`: `cache` keys are ignored (said in the log).
+    pub cache: Option<Arc<crate::cache::Cache>>,
 }
 
 /// Why a job is being stopped, set by whoever cancels it.
@@ -113,7 +118,15 @@ pub struct PipelineOutcome {
     pub tasks: Vec<TaskResult>,
 }
 
-/// Runs every task of `pipeline` in `dir`, in order.
+/// The job's log, shared by the tasks that run at once. A writer holds it
+/// for one chunk or line, so each chunk gets its offset and goes out in
+/// offset order.
+pub type SharedLog<'a> = tokio::sync::Mutex<&'a mut JobLog>;
+
+/// Runs the tasks of `pipeline` in `dir`: each once its needs have
+/// passed, up to the pipeline's `parallelism` (capped by
+/// [`ExecOptions::max_parallel`]) at once. Caches are restored before the
+/// first task and saved, test reports read, after the last one ended.
 pub async fn run_pipeline(
     pipeline: &Pipeline,
     dir: &Path,
@@ -124,58 +137,191 @@ pub async fn run_pipeline(
 ) -> PipelineOutcome {
     log.system(0, &format!("isolation: {}", options.isolation.describe()))
         .await;
+    // Still the runner's checkout, before any task ran: nothing can move
+    // under the restore.
+    let keys = crate::post::restore_caches(pipeline, dir, job, options, log).await;
     if let Err(problem) = hand_over(options, dir).await {
         let message = format!("cannot give the checkout to the task user: {problem}");
         log.system(0, &message).await;
         return PipelineOutcome {
             status: JobStatus::Error,
             message,
-            tasks: pipeline.tasks.iter().map(skipped).collect(),
+            tasks: pipeline
+                .tasks
+                .iter()
+                .map(|t| skipped(t, String::new()))
+                .collect(),
         };
     }
-    let mut results = Vec::with_capacity(pipeline.tasks.len());
-    let mut status = JobStatus::Passed;
-    let mut message = String::new();
-    for (index, task) in pipeline.tasks.iter().enumerate() {
-        let index = u32::try_from(index).unwrap_or(u32::MAX);
-        if status != JobStatus::Passed {
-            results.push(skipped(task));
-            continue;
-        }
-        if cancel.is_cancelled() {
-            status = JobStatus::Cancelled;
-            message = cancel.reason();
-            results.push(skipped(task));
-            continue;
-        }
-        let result = run_task(task, index, dir, job, options, log, cancel).await;
-        let task_status = result.status();
-        match task_status {
-            TaskStatus::Passed => {}
-            TaskStatus::Cancelled => {
-                status = JobStatus::Cancelled;
-                message = cancel.reason();
+    let mut outcome = {
+        let shared = tokio::sync::Mutex::new(&mut *log);
+        run_graph(pipeline, dir, job, options, &shared, cancel).await
+    };
+    // Every task's processes are gone now: the checkout holds still.
+    crate::post::after_tasks(pipeline, dir, job, options, log, &keys, &mut outcome.tasks).await;
+    outcome
+}
+
+type Running<'a> = futures_util::stream::FuturesUnordered<
+    std::pin::Pin<Box<dyn std::future::Future<Output = (usize, TaskResult, bool)> + Send + 'a>>,
+>;
+
+/// The scheduling loop: starts what is ready, skips what can no longer
+/// run, until every task has a result.
+async fn run_graph(
+    pipeline: &Pipeline,
+    dir: &Path,
+    job: &JobEnv,
+    options: &ExecOptions,
+    log: &SharedLog<'_>,
+    cancel: &CancelSignal,
+) -> PipelineOutcome {
+    use futures_util::StreamExt;
+    let limit = pipeline
+        .parallelism
+        .map_or(usize::MAX, |p| p as usize)
+        .min(options.max_parallel.max(1));
+    let n = pipeline.tasks.len();
+    let mut results: Vec<Option<TaskResult>> = vec![None; n];
+    let mut started = vec![false; n];
+    let mut running: Running<'_> = futures_util::stream::FuturesUnordered::new();
+    let mut active = 0;
+    loop {
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for (i, task) in pipeline.tasks.iter().enumerate() {
+                if started[i] {
+                    continue;
+                }
+                let Some(ready) = readiness(pipeline, task, &results, cancel) else {
+                    continue;
+                };
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                match ready {
+                    Err(reason) => {
+                        started[i] = true;
+                        changed = true;
+                        // Set now, so that dependants see it in this pass.
+                        results[i] = Some(skipped(task, reason.clone()));
+                        running.push(Box::pin(async move {
+                            let line = format!("task `{}` skipped: {reason}", task.name);
+                            log.lock().await.system(index, &line).await;
+                            (i, skipped(task, reason), false)
+                        }));
+                    }
+                    Ok(()) if active < limit => {
+                        started[i] = true;
+                        active += 1;
+                        running.push(Box::pin(async move {
+                            let result =
+                                run_task(task, index, dir, job, options, log, cancel).await;
+                            let status = result.status();
+                            if task.allow_failure
+                                && !matches!(status, TaskStatus::Passed | TaskStatus::Cancelled)
+                            {
+                                let line = format!(
+                                    "task `{}` {} but allow_failure = true: continuing",
+                                    task.name,
+                                    status.label()
+                                );
+                                log.lock().await.system(index, &line).await;
+                            }
+                            (i, result, true)
+                        }));
+                    }
+                    Ok(()) => {}
+                }
             }
-            _ if task.allow_failure => {
-                log.system(
-                    index,
-                    &format!(
-                        "task `{}` {} but allow_failure = true: continuing",
-                        task.name,
-                        task_status.label()
-                    ),
-                )
-                .await;
-            }
-            _ => status = JobStatus::Failed,
         }
-        results.push(result);
+        let Some((i, result, ran)) = running.next().await else {
+            break;
+        };
+        if ran {
+            active -= 1;
+        }
+        results[i] = Some(result);
     }
+    conclude_job(pipeline, results, cancel)
+}
+
+/// `None`: a need has no result yet. `Ok`: it may start. `Err`: it never
+/// will, and why.
+fn readiness(
+    pipeline: &Pipeline,
+    task: &Task,
+    results: &[Option<TaskResult>],
+    cancel: &CancelSignal,
+) -> Option<Result<(), String>> {
+    if cancel.is_cancelled() {
+        return Some(Err(format!("the job was cancelled ({})", cancel.reason())));
+    }
+    let mut waiting = false;
+    for &j in &task.needs {
+        let need = &pipeline.tasks[j];
+        match results[j].as_ref().map(TaskResult::status) {
+            None => waiting = true,
+            Some(TaskStatus::Passed) => {}
+            Some(TaskStatus::Skipped | TaskStatus::Cancelled) => {
+                return Some(Err(format!("its need `{}` did not run", need.name)));
+            }
+            Some(_) if need.allow_failure => {}
+            Some(status) => {
+                return Some(Err(format!("its need `{}` {}", need.name, status.label())));
+            }
+        }
+    }
+    (!waiting).then_some(Ok(()))
+}
+
+/// The job's status from its tasks': CANCELLED when cancelling stopped or
+/// skipped any, FAILED when one failed without `allow_failure`.
+fn conclude_job(
+    pipeline: &Pipeline,
+    results: Vec<Option<TaskResult>>,
+    cancel: &CancelSignal,
+) -> PipelineOutcome {
+    let tasks: Vec<TaskResult> = results
+        .into_iter()
+        .zip(&pipeline.tasks)
+        .map(|(r, t)| r.unwrap_or_else(|| skipped(t, String::new())))
+        .collect();
+    let stopped = cancel.is_cancelled()
+        && tasks.iter().any(|t| {
+            t.status() == TaskStatus::Cancelled
+                || (t.status() == TaskStatus::Skipped
+                    && t.message.starts_with("the job was cancelled"))
+        });
+    let failed = tasks.iter().zip(&pipeline.tasks).any(|(r, t)| {
+        !t.allow_failure
+            && !matches!(
+                r.status(),
+                TaskStatus::Passed | TaskStatus::Skipped | TaskStatus::Cancelled
+            )
+    });
+    let (status, message) = if stopped {
+        (JobStatus::Cancelled, cancel.reason())
+    } else if failed {
+        (JobStatus::Failed, String::new())
+    } else {
+        (JobStatus::Passed, String::new())
+    };
     PipelineOutcome {
         status,
         message,
-        tasks: results,
+        tasks,
     }
+}
+
+/// One SYSTEM line from a task running beside others.
+async fn say(log: &SharedLog<'_>, task: u32, line: &str) {
+    log.lock().await.system(task, line).await;
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Gives the checkout to the task user, if the runner has one. The job has
@@ -190,10 +336,11 @@ async fn hand_over(options: &ExecOptions, dir: &Path) -> Result<(), String> {
     }
 }
 
-fn skipped(task: &Task) -> TaskResult {
+fn skipped(task: &Task, reason: String) -> TaskResult {
     TaskResult {
         name: task.name.clone(),
         status: TaskStatus::Skipped as i32,
+        message: reason,
         ..TaskResult::default()
     }
 }
@@ -236,24 +383,23 @@ async fn run_task(
     dir: &Path,
     job: &JobEnv,
     options: &ExecOptions,
-    log: &mut JobLog,
+    log: &SharedLog<'_>,
     cancel: &CancelSignal,
 ) -> TaskResult {
     let mut result = TaskResult {
         name: task.name.clone(),
         ..TaskResult::default()
     };
-    log.system(index, &format!("task `{}`: {}", task.name, task.run))
-        .await;
-    let (mut child, started) = match spawn_task(task, dir, job, options) {
-        Ok(spawned) => spawned,
-        Err(problem) => {
-            result.status = TaskStatus::Error as i32;
-            result.message = problem;
-            log.system(index, &format!("task `{}`: {}", task.name, result.message))
-                .await;
-            return result;
-        }
+    say(log, index, &format!("task `{}`: {}", task.name, task.run)).await;
+    result.started_at_ms = Some(unix_ms());
+    let Ok((mut child, started)) =
+        spawn_task(task, dir, job, options).map_err(|problem| result.message = problem)
+    else {
+        result.status = TaskStatus::Error as i32;
+        result.started_at_ms = None;
+        let line = format!("task `{}`: {}", task.name, result.message);
+        say(log, index, &line).await;
+        return result;
     };
     let mut group = options.isolation.task_group(child.id());
     let (mut rx, readers) = read_output(&mut child);
@@ -299,7 +445,7 @@ async fn run_task(
             }
             () = tokio::time::sleep_until(deadline), if stop.is_none() => {
                 stop = Some(Stop::TimedOut);
-                log.system(index, &format!(
+                say(log, index, &format!(
                     "task `{}` timed out after {}: terminating its process group",
                     task.name, humantime::format_duration(task.timeout)
                 )).await;
@@ -308,7 +454,7 @@ async fn run_task(
             }
             () = cancel.cancelled(), if stop.is_none() => {
                 stop = Some(Stop::Cancelled);
-                log.system(index, &format!("task `{}` cancelled ({}): terminating its process group", task.name, cancel.reason())).await;
+                say(log, index, &format!("task `{}` cancelled ({}): terminating its process group", task.name, cancel.reason())).await;
                 group.signal(Signal::SIGTERM);
                 kill_at = Some(Instant::now() + options.kill_grace);
             }
@@ -321,7 +467,7 @@ async fn run_task(
             () = tokio::time::sleep_until(give_up_at.unwrap_or(far)), if give_up_at.is_some() && pipes_open => {
                 // Something that left the process group still holds the
                 // pipes; the task itself is over.
-                log.system(index, "output pipes still held open by a process outside the task's process group: no longer reading them").await;
+                say(log, index, "output pipes still held open by a process outside the task's process group: no longer reading them").await;
                 pipes_open = false;
             }
         }
@@ -380,7 +526,7 @@ async fn conclude(
     stop: Option<Stop>,
     success: bool,
     cancel: &CancelSignal,
-    log: &mut JobLog,
+    log: &SharedLog<'_>,
 ) {
     let status = match stop {
         Some(Stop::TimedOut) => {
@@ -403,16 +549,18 @@ async fn conclude(
         (None, Some(sig)) => format!("signal {sig}"),
         (None, None) => "no exit status".to_owned(),
     };
-    log.system(
-        index,
-        &format!(
-            "task `{}` {} ({how}) in {} ms",
-            task.name,
-            status.label(),
-            result.duration_ms
-        ),
-    )
-    .await;
+    log.lock()
+        .await
+        .system(
+            index,
+            &format!(
+                "task `{}` {} ({how}) in {} ms",
+                task.name,
+                status.label(),
+                result.duration_ms
+            ),
+        )
+        .await;
 }
 
 /// Output chunks of a task, tagged with their stream.
@@ -459,7 +607,7 @@ struct Pending {
 }
 
 impl Pending {
-    async fn push(&mut self, task: u32, stream: Stream, data: &[u8], log: &mut JobLog) {
+    async fn push(&mut self, task: u32, stream: Stream, data: &[u8], log: &SharedLog<'_>) {
         let buf = match stream {
             Stream::Stderr => &mut self.stderr,
             _ => &mut self.stdout,
@@ -468,7 +616,7 @@ impl Pending {
         if buf.len() >= MAX_CHUNK {
             let full = buf.len() - buf.len() % MAX_CHUNK;
             let chunk: Vec<u8> = buf.drain(..full).collect();
-            log.write(task, stream, &chunk).await;
+            log.lock().await.write(task, stream, &chunk).await;
         }
         if self.stdout.is_empty() && self.stderr.is_empty() {
             self.flush_at = None;
@@ -477,14 +625,14 @@ impl Pending {
         }
     }
 
-    async fn flush(&mut self, task: u32, log: &mut JobLog) {
+    async fn flush(&mut self, task: u32, log: &SharedLog<'_>) {
         if !self.stdout.is_empty() {
             let out = std::mem::take(&mut self.stdout);
-            log.write(task, Stream::Stdout, &out).await;
+            log.lock().await.write(task, Stream::Stdout, &out).await;
         }
         if !self.stderr.is_empty() {
             let err = std::mem::take(&mut self.stderr);
-            log.write(task, Stream::Stderr, &err).await;
+            log.lock().await.write(task, Stream::Stderr, &err).await;
         }
         self.flush_at = None;
     }
@@ -516,6 +664,8 @@ mod tests {
             ),
             isolation: Arc::new(Isolation::Unsandboxed),
             kill_grace: Duration::from_millis(300),
+            max_parallel: 4,
+            cache: None,
         }
     }
 
@@ -668,8 +818,11 @@ mod tests {
         text(&logs, Stream::Stdout)
     }
 
-    const RUNNER_ENV: [(&str, &str); 8] = [
+    const RUNNER_ENV: [(&str, &str); 10] = [
         ("SURVEIL_TOKEN", "t1-secret"),
+        // The fetch credentials (surveil_git::args) stay the runner's.
+        ("SURVEIL_FETCH_PASSWORD", "f1-secret"),
+        ("SURVEIL_FETCH_TOKEN", "f2-secret"),
         ("GITHUB_TOKEN", "t2-secret"),
         ("SSH_AUTH_SOCK", "/tmp/ssh-agent.sock"),
         ("FOO_KEY", "k-secret"),
@@ -682,6 +835,7 @@ mod tests {
     fn assert_allowlisted(env: &str) {
         for leaked in [
             "SURVEIL_TOKEN",
+            "SURVEIL_FETCH",
             "GITHUB_TOKEN",
             "SSH_AUTH_SOCK",
             "FOO_KEY",
@@ -897,5 +1051,169 @@ run = "echo never"
         assert_eq!(outcome.tasks[0].status(), TaskStatus::Cancelled);
         assert_eq!(outcome.tasks[0].signal, Some(Signal::SIGTERM as i32));
         assert_eq!(outcome.tasks[1].status(), TaskStatus::Skipped);
+    }
+
+    #[tokio::test]
+    async fn ready_tasks_start_together_and_a_failed_need_skips_its_dependants() {
+        let toml = r#"
+[[task]]
+name = "build"
+run = "echo built > out"
+[[task]]
+name = "test"
+run = "sleep 0.6; cat out"
+needs = ["build"]
+matrix = { n = [1, 2, 3] }
+[[task]]
+name = "broken"
+run = "exit 4"
+needs = ["build"]
+[[task]]
+name = "ship"
+run = "echo shipped"
+needs = ["test", "broken"]
+[[task]]
+name = "after-ship"
+run = "true"
+needs = ["ship"]
+"#;
+        let (outcome, logs) = run(toml, &options(&[]), &CancelSignal::new()).await;
+        assert_eq!(outcome.status, JobStatus::Failed);
+        let statuses: Vec<_> = outcome.tasks.iter().map(TaskResult::status).collect();
+        assert_eq!(
+            statuses,
+            [
+                TaskStatus::Passed,
+                TaskStatus::Passed,
+                TaskStatus::Passed,
+                TaskStatus::Passed,
+                TaskStatus::Failed,
+                TaskStatus::Skipped,
+                TaskStatus::Skipped
+            ]
+        );
+        assert_eq!(outcome.tasks[5].message, "its need `broken` failed");
+        assert_eq!(outcome.tasks[6].message, "its need `ship` did not run");
+        assert_eq!(outcome.tasks[5].started_at_ms, None);
+        let start = |i: usize| outcome.tasks[i].started_at_ms.unwrap();
+        let end = |i: usize| start(i) + outcome.tasks[i].duration_ms;
+        // The three combinations (600 ms each) overlap: each started
+        // before any of the others ended; all after `build` ended.
+        for i in 1..=3 {
+            // (1 ms of rounding each way.)
+            assert!(start(i) + 2 >= end(0), "{i} started before its need ended");
+            for j in 1..=3 {
+                assert!(
+                    start(i) < end(j),
+                    "{i} started after {j} ended: not in parallel"
+                );
+            }
+        }
+        // Logs of parallel tasks carry their task index and stay apart.
+        for i in 1..=3 {
+            let out: String = logs
+                .iter()
+                .filter(|l| l.task == i && l.stream == Stream::Stdout as i32)
+                .map(|l| String::from_utf8_lossy(&l.data).into_owned())
+                .collect();
+            assert_eq!(out, "built\n", "task {i}");
+        }
+        let mut next = 0;
+        for l in &logs {
+            assert_eq!(
+                l.offset, next,
+                "offsets stay contiguous with tasks in parallel"
+            );
+            next += l.data.len() as u64;
+        }
+        assert!(
+            text(&logs, Stream::System).contains("task `ship` skipped: its need `broken` failed")
+        );
+    }
+
+    #[tokio::test]
+    async fn parallelism_and_the_runner_cap_limit_tasks_at_once() {
+        let toml = |limit: &str| {
+            format!(
+                "{limit}[[task]]\nname = \"t\"\nrun = \"sleep 0.3\"\nmatrix = {{ n = [1, 2, 3] }}\n"
+            )
+        };
+        let overlap = |outcome: &PipelineOutcome| {
+            let spans: Vec<(u64, u64)> = outcome
+                .tasks
+                .iter()
+                .map(|t| {
+                    (
+                        t.started_at_ms.unwrap(),
+                        t.started_at_ms.unwrap() + t.duration_ms,
+                    )
+                })
+                .collect();
+            let mut most = 0;
+            for (s, _) in &spans {
+                // 2 ms of slack for rounding to milliseconds.
+                most = most.max(spans.iter().filter(|(a, b)| a <= s && s + 2 < *b).count());
+            }
+            most
+        };
+        let (outcome, _) = run(
+            &toml("parallelism = 1\n"),
+            &options(&[]),
+            &CancelSignal::new(),
+        )
+        .await;
+        assert_eq!(outcome.status, JobStatus::Passed);
+        assert_eq!(overlap(&outcome), 1);
+        let capped = ExecOptions {
+            max_parallel: 2,
+            ..options(&[])
+        };
+        let (outcome, _) = run(&toml(""), &capped, &CancelSignal::new()).await;
+        assert_eq!(overlap(&outcome), 2);
+        let (outcome, _) = run(&toml(""), &options(&[]), &CancelSignal::new()).await;
+        assert_eq!(overlap(&outcome), 3);
+    }
+
+    #[tokio::test]
+    async fn a_cache_is_saved_after_a_pass_and_restored_on_the_next_run() {
+        let store = tempfile::tempdir().unwrap();
+        let cache = Arc::new(crate::cache::Cache::open(store.path(), 1 << 20).unwrap());
+        let opts = ExecOptions {
+            cache: Some(cache),
+            ..options(&[])
+        };
+        let toml = "[[task]]\nname = \"build\"\nrun = \"if [ -f deps/x ]; then echo hit; else echo miss; mkdir -p deps; echo v > deps/x; fi\"\ncache = { key = \"deps-v1\", paths = [\"deps\"] }\n";
+        let (outcome, logs) = run(toml, &opts, &CancelSignal::new()).await;
+        assert_eq!(outcome.status, JobStatus::Passed);
+        assert_eq!(text(&logs, Stream::Stdout), "miss\n");
+        assert!(text(&logs, Stream::System).contains("cache `deps-v1` saved (2 bytes)"));
+        let (_, logs) = run(toml, &opts, &CancelSignal::new()).await;
+        assert_eq!(text(&logs, Stream::Stdout), "hit\n");
+        assert!(text(&logs, Stream::System).contains("cache `deps-v1` restored (2 bytes)"));
+        // A failing task saves nothing.
+        let failing = toml
+            .replace("deps-v1", "deps-v2")
+            .replace("fi\"", "fi; exit 1\"");
+        run(&failing, &opts, &CancelSignal::new()).await;
+        let (_, logs) = run(&failing, &opts, &CancelSignal::new()).await;
+        assert_eq!(text(&logs, Stream::Stdout), "miss\n");
+    }
+
+    #[tokio::test]
+    async fn junit_reports_are_read_into_the_task_result() {
+        let toml = r#"
+[[task]]
+name = "unit"
+run = "mkdir -p out; printf '<testsuite><testcase classname=\"m\" name=\"ok\"/><testcase classname=\"m\" name=\"bad\"><failure/></testcase></testsuite>' > out/junit.xml; exit 1"
+reports = ["**/junit.xml"]
+"#;
+        let (outcome, logs) = run(toml, &options(&[]), &CancelSignal::new()).await;
+        let report = outcome.tasks[0].report.as_ref().expect("a report");
+        assert_eq!((report.passed, report.failed, report.skipped), (1, 1, 0));
+        assert_eq!(report.failing, ["m.bad"]);
+        assert!(
+            text(&logs, Stream::System)
+                .contains("task `unit`: tests: 1 passed, 1 failed, 0 skipped")
+        );
     }
 }

@@ -31,6 +31,8 @@ pub struct JobContext {
     pub exec: ExecOptions,
     /// Keep `jobs/<job>-<attempt>/` after the job (for debugging).
     pub keep_workdirs: bool,
+    /// The runner's `--labels`; a pipeline needing others is refused.
+    pub labels: Vec<String>,
 }
 
 /// Runs `assign` to the end and delivers its result as
@@ -208,6 +210,10 @@ async fn checkout_and_run(
             return error_result(job_id, attempt, message);
         }
     };
+    if let Err(message) = labels_present(&pipeline.labels, &ctx.labels) {
+        log.system(0, &message).await;
+        return error_result(job_id, attempt, message);
+    }
     let info = JobEnv {
         job_id,
         attempt,
@@ -227,6 +233,31 @@ async fn checkout_and_run(
     }
 }
 
+/// The pipeline's `labels` must all be the runner's: the dispatcher does
+/// not route by them yet, so a job must never run, silently, on a runner
+/// that lacks what it asked for.
+fn labels_present(wanted: &[String], have: &[String]) -> Result<(), String> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|l| !have.contains(l))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: `labels` asks for {}, which this runner does not have (its labels: {}); \
+         the dispatcher does not yet route jobs by pipeline labels",
+        pipeline::PIPELINE_FILE,
+        missing.join(", "),
+        if have.is_empty() {
+            "none".to_owned()
+        } else {
+            have.join(", ")
+        }
+    ))
+}
+
 async fn remove_dir(dir: PathBuf) {
     let shown = dir.display().to_string();
     let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
@@ -236,5 +267,17 @@ async fn remove_dir(dir: PathBuf) {
     .await;
     if let Ok(Err(e)) = removed {
         tracing::warn!(dir = %shown, error = %e, "cannot remove the job's work directory");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_pipeline_needing_a_label_the_runner_lacks_is_refused() {
+        let have = ["linux".to_owned(), "x86_64".to_owned()];
+        assert_eq!(super::labels_present(&["linux".into()], &have), Ok(()));
+        assert_eq!(super::labels_present(&[], &[]), Ok(()));
+        let e = super::labels_present(&["gpu".into(), "linux".into()], &have).unwrap_err();
+        assert!(e.starts_with(".surveil.toml: `labels` asks for gpu, which this runner does not have (its labels: linux, x86_64)"), "{e}");
     }
 }

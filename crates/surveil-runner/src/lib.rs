@@ -26,13 +26,18 @@
 // Production functions stay under 100 lines (clippy.toml); tests may be longer.
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
+pub mod cache;
+use cache::Cache;
 pub mod config;
 pub mod core;
 pub mod executor;
+pub mod files;
 pub mod job;
 pub mod joblog;
 pub mod outbox;
 pub mod pipeline;
+pub mod post;
+pub mod reports;
 pub mod sandbox;
 pub mod session;
 pub mod workspace;
@@ -62,12 +67,14 @@ impl Runner {
     /// directories left by an earlier run, and loads unacknowledged
     /// results from the outbox. Blocking file I/O.
     pub fn prepare(config: Config) -> anyhow::Result<Runner> {
-        let workspace = Workspace::open(&config.work_dir).with_context(|| {
-            format!(
-                "cannot prepare the work directory {}",
-                config.work_dir.display()
-            )
-        })?;
+        let workspace = Workspace::open(&config.work_dir)
+            .with_context(|| {
+                format!(
+                    "cannot prepare the work directory {}",
+                    config.work_dir.display()
+                )
+            })?
+            .with_fetch(config.fetch.clone());
         if !config.keep_workdirs {
             let stale = workspace
                 .clear_stale_jobs()
@@ -81,10 +88,21 @@ impl Runner {
         }
         let isolation = Arc::new(config.isolation.clone());
         let root = workspace.root();
+        let cache = if config.cache_size == 0 {
+            None
+        } else {
+            let cache = Cache::open(&root.join("cache"), config.cache_size)
+                .context("cannot open the task cache")?;
+            Some(Arc::new(cache))
+        };
         isolation
             .prepare_work_dir(
                 &[root, &root.join("jobs")],
-                &[&root.join("mirrors"), &workspace.outbox_dir()],
+                &[
+                    &root.join("mirrors"),
+                    &workspace.outbox_dir(),
+                    &root.join("cache"),
+                ],
             )
             .map_err(anyhow::Error::msg)?;
         match &*isolation {
@@ -106,8 +124,11 @@ impl Runner {
                 base_env: Arc::new(config.base_env.expose().clone()),
                 isolation,
                 kill_grace: config.kill_grace,
+                max_parallel: config.max_parallel_tasks as usize,
+                cache,
             },
             keep_workdirs: config.keep_workdirs,
+            labels: config.labels.clone(),
         });
         Ok(Runner {
             session: Session::new(&config, ctx, pending),

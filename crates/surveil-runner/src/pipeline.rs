@@ -11,6 +11,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod graph;
+mod keys;
+#[cfg(test)]
+mod tests_keys;
+
+pub use keys::{ArtifactsWhen, CacheSpec, KeyPart};
+
 /// The pipeline file's name at the repository root.
 pub const PIPELINE_FILE: &str = ".surveil.toml";
 
@@ -21,11 +28,21 @@ pub const MAX_PIPELINE_BYTES: usize = 1024 * 1024;
 /// A task's timeout when the file gives none (the contract's default).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-/// A validated pipeline: at least one task, unique names.
+/// The largest matrix one task may expand into.
+pub const MAX_MATRIX: usize = 256;
+
+/// A validated pipeline: at least one task, unique names, needs that form
+/// a DAG.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pipeline {
-    /// The tasks, in the order they run.
+    /// The tasks (matrix tasks expanded), in file order.
     pub tasks: Vec<Task>,
+    /// The file's `parallelism`: at most this many tasks at once. `None`:
+    /// as many as are ready (the runner caps it).
+    pub parallelism: Option<u32>,
+    /// Every label the job's runner must have: the file's own `labels` and
+    /// those of every task, sorted, without duplicates.
+    pub labels: Vec<String>,
 }
 
 /// One `[[task]]` of the pipeline file.
@@ -44,6 +61,23 @@ pub struct Task {
     /// `false` (`network = false`): the task gets a network namespace of
     /// its own, with only a loopback device. Default `true`.
     pub network: bool,
+    /// Indices (into [`Pipeline::tasks`]) of the tasks this one waits for.
+    /// A file without any `needs` chains its tasks in file order, as
+    /// before the key existed.
+    pub needs: Vec<usize>,
+    /// This task's matrix combination (dimension, value), in the file's
+    /// order; each is also in the task's environment. Empty: no matrix.
+    pub matrix: Vec<(String, String)>,
+    /// The task's own `labels` (also in [`Pipeline::labels`]).
+    pub labels: Vec<String>,
+    /// Glob patterns (relative to the checkout) of files kept after it.
+    pub artifacts: Vec<String>,
+    /// After which outcomes the artifacts are kept.
+    pub artifacts_when: ArtifactsWhen,
+    /// Restored before the task, saved after it passes.
+    pub cache: Option<CacheSpec>,
+    /// Glob patterns of JUnit XML files parsed after the task.
+    pub reports: Vec<String>,
 }
 
 /// Why a pipeline file was refused. Its `Display` is the whole message a
@@ -76,6 +110,8 @@ impl fmt::Display for PipelineError {
 struct RawFile {
     #[serde(default)]
     task: Vec<RawTask>,
+    parallelism: Option<Spanned<toml::Value>>,
+    labels: Option<keys::StringList>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +125,14 @@ struct RawTask {
     allow_failure: bool,
     // Any TOML value, so that a wrong type gets our message and position.
     network: Option<Spanned<toml::Value>>,
+    needs: Option<keys::StringList>,
+    matrix: Option<keys::RawMatrix>,
+    exclude: Option<keys::RawExclude>,
+    labels: Option<keys::StringList>,
+    artifacts: Option<keys::StringList>,
+    artifacts_when: Option<Spanned<String>>,
+    cache: Option<Spanned<keys::RawCache>>,
+    reports: Option<keys::StringList>,
 }
 
 /// Reads and parses `dir/.surveil.toml`; a missing file is an error too.
@@ -169,38 +213,85 @@ pub fn parse(bytes: &[u8], file: &str) -> Result<Pipeline, PipelineError> {
             ));
         }
         seen.insert(name.clone(), name_at);
-        if task.run.get_ref().trim().is_empty() {
-            return Err(at(
-                text,
-                task.run.span().start,
-                format!("task `{name}`: `run` must not be empty"),
-            ));
-        }
-        let timeout = timeout(task.timeout.as_ref(), name)
-            .map_err(|(offset, problem)| at(text, offset, problem))?;
-        if let Some(env) = &task.env {
-            for key in env.get_ref().keys() {
-                if key.is_empty() || key.contains('=') {
-                    return Err(at(
-                        text,
-                        env.span().start,
-                        format!("task `{name}`: env name `{key}` is not a valid variable name"),
-                    ));
-                }
+        tasks.push(task_of(task).map_err(|(offset, problem)| at(text, offset, problem))?);
+    }
+    let parallelism = keys::parallelism(raw.parallelism.as_ref())
+        .map_err(|(offset, problem)| at(text, offset, problem))?;
+    let file_labels = keys::labels(raw.labels.as_ref(), None)
+        .map_err(|(offset, problem)| at(text, offset, problem))?;
+    let tasks = graph::build(tasks).map_err(|(offset, problem)| at(text, offset, problem))?;
+    let mut labels: Vec<String> = file_labels
+        .into_iter()
+        .chain(tasks.iter().flat_map(|t| t.labels.iter().cloned()))
+        .collect();
+    labels.sort();
+    labels.dedup();
+    Ok(Pipeline {
+        tasks,
+        parallelism,
+        labels,
+    })
+}
+
+/// One `[[task]]` validated on its own, before matrix expansion and the
+/// resolution of its `needs`; an error is the byte offset and problem.
+fn task_of(task: RawTask) -> Result<graph::Unexpanded, (usize, String)> {
+    let name = task.name.get_ref().clone();
+    if task.run.get_ref().trim().is_empty() {
+        return Err((
+            task.run.span().start,
+            format!("task `{name}`: `run` must not be empty"),
+        ));
+    }
+    let timeout = timeout(task.timeout.as_ref(), &name)?;
+    if let Some(env) = &task.env {
+        for key in env.get_ref().keys() {
+            if key.is_empty() || key.contains('=') {
+                return Err((
+                    env.span().start,
+                    format!("task `{name}`: env name `{key}` is not a valid variable name"),
+                ));
             }
         }
-        let network = network(task.network.as_ref(), name)
-            .map_err(|(offset, problem)| at(text, offset, problem))?;
-        tasks.push(Task {
-            name: task.name.into_inner(),
+    }
+    let network = network(task.network.as_ref(), &name)?;
+    let matrix = keys::matrix(task.matrix.as_ref(), task.exclude.as_ref(), &name)?;
+    let labels = keys::labels(task.labels.as_ref(), Some(&name))?;
+    let artifacts = keys::globs(task.artifacts.as_ref(), &name, "artifacts")?;
+    let artifacts_when = keys::artifacts_when(task.artifacts_when.as_ref(), &name)?;
+    let cache = task
+        .cache
+        .as_ref()
+        .map(|cache| keys::cache(cache, &name))
+        .transpose()?;
+    let reports = keys::globs(task.reports.as_ref(), &name, "reports")?;
+    let needs = task.needs.map(|needs| {
+        needs
+            .into_inner()
+            .into_iter()
+            .map(|need| (need.span().start, need.into_inner()))
+            .collect()
+    });
+    Ok(graph::Unexpanded {
+        name_at: task.name.span().start,
+        needs,
+        matrix,
+        task: Task {
+            name,
             run: task.run.into_inner(),
             timeout,
             env: task.env.map(Spanned::into_inner).unwrap_or_default(),
             allow_failure: task.allow_failure,
             network,
-        });
-    }
-    Ok(Pipeline { tasks })
+            needs: Vec::new(),
+            matrix: Vec::new(),
+            labels,
+            artifacts,
+            artifacts_when,
+            cache,
+            reports,
+        },
+    })
 }
 
 /// The file as text: at most [`MAX_PIPELINE_BYTES`], UTF-8, no NUL byte.

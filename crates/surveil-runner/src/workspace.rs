@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use surveil_git::{Mirror, MirrorError};
+use surveil_git::{FetchSettings, Mirror, MirrorError};
 
 /// Why a checkout failed; the text becomes the job's `error` message.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +72,8 @@ pub struct Workspace {
     /// One [`Mirror`] per repository, shared by its jobs: it lets one of
     /// them create or fetch the mirror at a time.
     mirrors: Mutex<HashMap<String, Arc<Mirror>>>,
+    /// How every mirror reaches its remote.
+    fetch: FetchSettings,
 }
 
 impl Workspace {
@@ -83,7 +85,14 @@ impl Workspace {
         Ok(Workspace {
             root: root.to_owned(),
             mirrors: Mutex::new(HashMap::new()),
+            fetch: FetchSettings::default(),
         })
+    }
+
+    /// Fetches with `settings` (credentials, CA, timeouts) from now on.
+    pub fn with_fetch(mut self, settings: FetchSettings) -> Self {
+        self.fetch = settings;
+        self
     }
 
     /// The work directory.
@@ -123,7 +132,10 @@ impl Workspace {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         mirrors
             .entry(repo.to_owned())
-            .or_insert_with(|| Arc::new(Mirror::new(repo, self.mirror_path(repo))))
+            .or_insert_with(|| {
+                let path = self.mirror_path(repo);
+                Arc::new(Mirror::with_settings(repo, path, self.fetch.clone()))
+            })
             .clone()
     }
 

@@ -6,5 +6,6 @@
 
 mod common;
 mod faults;
+mod fetch;
 mod hostile;
 mod sandbox;

@@ -270,6 +270,8 @@ fn finished(job: JobId, attempt: Attempt) -> RunnerReport {
                 signal: None,
                 duration_ms: 3,
                 message: String::new(),
+                started_at_ms: None,
+                report: None,
             }],
         },
     }

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use super::{JobStore, RecordOutcome, StoreError};
 use crate::domain::{
     Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
-    LogStream, TaskResult, TaskStatus,
+    LogStream, TaskResult, TaskStatus, TestReport,
 };
 
 /// Makes the stores the suite runs on.
@@ -96,6 +96,14 @@ fn result(status: FinalStatus) -> JobResult {
                 signal: None,
                 duration_ms: 1_200,
                 message: String::new(),
+                started_at_ms: Some(1_700_000_000_000),
+                report: Some(TestReport {
+                    passed: 41,
+                    failed: 2,
+                    skipped: 1,
+                    failing: vec!["tests.a".into(), "tests.b".into()],
+                    problems: vec!["x.xml: not JUnit XML".into()],
+                }),
             },
             TaskResult {
                 name: "unit".into(),
@@ -104,6 +112,8 @@ fn result(status: FinalStatus) -> JobResult {
                 signal: Some(9),
                 duration_ms: 30,
                 message: "killed".into(),
+                started_at_ms: None,
+                report: Some(TestReport::default()),
             },
         ],
     }

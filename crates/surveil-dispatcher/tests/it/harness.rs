@@ -332,6 +332,7 @@ impl FakeRunner {
                 signal: None,
                 duration_ms: 5,
                 message: String::new(),
+                ..TaskResult::default()
             }],
         })
         .await;

@@ -293,9 +293,37 @@ pub struct TaskResult {
     /// Wall time it ran.
     #[prost(uint64, tag = "5")]
     pub duration_ms: u64,
-    /// Extra explanation (timeout, spawn error); empty when none.
+    /// Extra explanation (timeout, spawn error, why it was skipped); empty
+    /// when none.
     #[prost(string, tag = "6")]
     pub message: ::prost::alloc::string::String,
+    /// Unix time in milliseconds when its process started; absent when it
+    /// never started (skipped, or it could not be spawned).
+    #[prost(uint64, optional, tag = "7")]
+    pub started_at_ms: ::core::option::Option<u64>,
+    /// The counts of the JUnit XML files named by the task's `reports`;
+    /// absent when it has none, or none matched.
+    #[prost(message, optional, tag = "8")]
+    pub report: ::core::option::Option<TestReport>,
+}
+/// A task's test report, summed over its JUnit XML files.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TestReport {
+    /// Test cases that passed.
+    #[prost(uint32, tag = "1")]
+    pub passed: u32,
+    /// Test cases that failed or errored.
+    #[prost(uint32, tag = "2")]
+    pub failed: u32,
+    /// Test cases that were skipped.
+    #[prost(uint32, tag = "3")]
+    pub skipped: u32,
+    /// Names of the failed cases (`classname.name`), at most 100.
+    #[prost(string, repeated, tag = "4")]
+    pub failing: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Report files that could not be read or parsed, with the reason.
+    #[prost(string, repeated, tag = "5")]
+    pub problems: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Sent by a runner when an attempt is over; resent after reconnecting until
 /// a ResultAck arrives.

@@ -209,6 +209,14 @@ pub fn task_result() -> TaskResult {
         signal: None,
         duration_ms: 1234,
         message: "exited with 101".into(),
+        started_at_ms: Some(1_700_000_000_000),
+        report: Some(surveil_proto::TestReport {
+            passed: 3,
+            failed: 1,
+            skipped: 0,
+            failing: vec!["m.bad".into()],
+            problems: vec![],
+        }),
     }
 }
 

@@ -87,6 +87,17 @@ pub const MIGRATIONS: &[&str] = &[
         FOREIGN KEY (job_id, attempt) REFERENCES attempts (job_id, attempt)
     );
     "#,
+    // Per-task start time and JUnit counts (issue 17). Plain ALTER TABLE
+    // ADD COLUMN, which every SQL store has; the lists are text, one name
+    // a line.
+    r#"
+    ALTER TABLE task_results ADD COLUMN started_at_ms INTEGER;
+    ALTER TABLE task_results ADD COLUMN tests_passed INTEGER;
+    ALTER TABLE task_results ADD COLUMN tests_failed INTEGER;
+    ALTER TABLE task_results ADD COLUMN tests_skipped INTEGER;
+    ALTER TABLE task_results ADD COLUMN tests_failing TEXT;
+    ALTER TABLE task_results ADD COLUMN tests_problems TEXT;
+    "#,
 ];
 
 /// Applies every script the database has not had yet, each in its own

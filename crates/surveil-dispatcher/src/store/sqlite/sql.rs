@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::Ctx;
 use crate::domain::{
     Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus,
-    LogChunk, Submitted, TaskResult, TaskStatus,
+    LogChunk, Submitted, TaskResult, TaskStatus, TestReport,
 };
 use crate::store::{RecordOutcome, StoreError};
 
@@ -358,8 +358,10 @@ pub fn record_result(
     let mut insert = c
         .prepare_cached(
             "INSERT INTO task_results \
-             (job_id, attempt, idx, name, status, exit_code, signal, duration_ms, message) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             (job_id, attempt, idx, name, status, exit_code, signal, duration_ms, message, \
+              started_at_ms, tests_passed, tests_failed, tests_skipped, tests_failing, \
+              tests_problems) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )
         .ctx("preparing task results")?;
     for (idx, task) in (0_i64..).zip(&result.tasks) {
@@ -374,6 +376,14 @@ pub fn record_result(
                 task.signal,
                 int(task.duration_ms, "task duration")?,
                 task.message,
+                task.started_at_ms
+                    .map(|ms| int(ms, "task start"))
+                    .transpose()?,
+                task.report.as_ref().map(|r| r.passed),
+                task.report.as_ref().map(|r| r.failed),
+                task.report.as_ref().map(|r| r.skipped),
+                task.report.as_ref().map(|r| lines(&r.failing)),
+                task.report.as_ref().map(|r| lines(&r.problems)),
             ])
             .ctx("inserting a task result")?;
     }
@@ -471,7 +481,9 @@ fn with_tasks(c: &Connection, mut job: Job) -> Result<Job, StoreError> {
     }
     let mut stmt = c
         .prepare_cached(
-            "SELECT name, status, exit_code, signal, duration_ms, message FROM task_results \
+            "SELECT name, status, exit_code, signal, duration_ms, message, started_at_ms, \
+             tests_passed, tests_failed, tests_skipped, tests_failing, tests_problems \
+             FROM task_results \
              WHERE job_id = ?1 AND attempt = ?2 ORDER BY idx",
         )
         .ctx("preparing task results")?;
@@ -484,11 +496,44 @@ fn with_tasks(c: &Connection, mut job: Job) -> Result<Job, StoreError> {
                 signal: row.get(3)?,
                 duration_ms: get_u64(row, 4)?,
                 message: row.get(5)?,
+                started_at_ms: get_opt_u64(row, 6)?,
+                report: report(row, 7)?,
             })
         })
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
         .ctx("reading task results")?;
     Ok(job)
+}
+
+/// A list of names as one text value, a name a line (a line break in a
+/// name becomes a space).
+fn lines(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| n.replace(['\n', '\r'], " "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn unlines(text: Option<String>) -> Vec<String> {
+    text.filter(|t| !t.is_empty())
+        .map(|t| t.split('\n').map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// The report columns from `idx` on; `None` when the task had none.
+fn report(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<TestReport>> {
+    let passed: Option<u32> = row.get(idx)?;
+    let Some(passed) = passed else {
+        return Ok(None);
+    };
+    Ok(Some(TestReport {
+        passed,
+        failed: row.get::<_, Option<u32>>(idx + 1)?.unwrap_or(0),
+        skipped: row.get::<_, Option<u32>>(idx + 2)?.unwrap_or(0),
+        failing: unlines(row.get(idx + 3)?),
+        problems: unlines(row.get(idx + 4)?),
+    }))
 }
 
 fn query_jobs(
