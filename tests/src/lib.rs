@@ -6,5 +6,6 @@
 pub mod cluster;
 pub mod githttp;
 pub mod probe;
+pub mod postgres;
 pub mod record;
 pub mod relay;
