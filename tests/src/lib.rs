@@ -5,7 +5,7 @@
 
 pub mod cluster;
 pub mod githttp;
-pub mod probe;
 pub mod postgres;
+pub mod probe;
 pub mod record;
 pub mod relay;

@@ -366,7 +366,12 @@ fn server_user() -> Result<Option<String>> {
         .context("running id")?;
     if !known.success() {
         let out = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin"])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
             .arg(SERVER_USER)
             .output()
             .context("running useradd")?;

@@ -18,7 +18,11 @@ fn a_server_starts_keeps_data_across_a_restart_and_stops_at_drop() {
     pg.restart().unwrap();
     assert_eq!(pg.port(), port, "a restart keeps the port");
     assert_eq!(pg.psql(&db, "SELECT n FROM t").unwrap(), "42");
-    assert!(std::fs::read_to_string(pg.password_file()).unwrap().contains(pg.password()));
+    assert!(
+        std::fs::read_to_string(pg.password_file())
+            .unwrap()
+            .contains(pg.password())
+    );
     let addr = pg.addr();
     drop(pg);
     assert!(
