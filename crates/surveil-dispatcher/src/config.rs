@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use surveil_common::tls::ServerTls;
+use surveil_common::{LogFormat, Secret};
 
 use crate::store::PostgresOptions;
 use surveil_common::{LogFormat, Secret};
