@@ -14,7 +14,6 @@ use surveil_common::tls::ServerTls;
 use surveil_common::{LogFormat, Secret};
 
 use crate::store::PostgresOptions;
-use surveil_common::{LogFormat, Secret};
 
 /// `surveil-dispatcher`: the Surveil job queue and runner coordinator.
 #[derive(Debug, Clone, Parser)]

@@ -15,7 +15,7 @@ use super::Ctx;
 use crate::store::StoreError;
 
 /// The advisory lock key serialising migrations ("surveil" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7375_7276_6569_6c;
+const MIGRATION_LOCK: i64 = 0x0073_7572_7665_696c;
 
 /// The schema scripts, oldest first. Script `i` takes a database from
 /// version `i` to version `i + 1`.
