@@ -107,6 +107,7 @@ async fn stand_by(
             ..LeaderView::default()
         }),
         started: Instant::now(),
+        closed: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
     let mut tick = tokio::time::interval(ttl / 3);
@@ -133,7 +134,8 @@ async fn stand_by(
             }
         }
     };
-    // Standby connections are one request long; they are not waited for.
+    // Answers as a standby would now be wrong: those connections close.
+    standby.closed.cancel();
     tracker.close();
     Ok(elected)
 }

@@ -24,6 +24,9 @@ pub(crate) struct Standby {
     /// The leader as last read from the database.
     pub leader: std::sync::Mutex<LeaderView>,
     pub started: tokio::time::Instant,
+    /// Cancelled once this dispatcher is elected: a standby's answers
+    /// would then be wrong, so its open connections close.
+    pub closed: tokio_util::sync::CancellationToken,
 }
 
 impl Standby {
@@ -101,7 +104,11 @@ pub(crate) async fn serve(standby: Arc<Standby>, stream: TcpStream, peer: Socket
     }
     loop {
         // A request other than GetStatus is refused as a Hello would be.
-        let (reply, last): (Envelope, bool) = match conn.recv().await {
+        let received = tokio::select! {
+            received = conn.recv() => received,
+            () = standby.closed.cancelled() => return,
+        };
+        let (reply, last): (Envelope, bool) = match received {
             Ok(Some(Msg::GetStatus(_))) => (wire::status_reply(standby.status()).into(), false),
             Ok(Some(Msg::Pong(_))) => continue,
             Ok(Some(_)) => (not_leader(&standby.leader()).into(), true),

@@ -178,8 +178,11 @@ impl Fence {
         self.lost_notify.notify_waiters();
     }
 
+    /// A healthy batch is never idle inside its transaction for long, but
+    /// a loaded machine can pause it; a stalled one delays a takeover by
+    /// at most this much past the term's expiry.
     fn idle_in_transaction_ms(&self) -> u128 {
-        (self.ttl / 3).as_millis().max(100)
+        self.ttl.as_millis().max(1000)
     }
 }
 

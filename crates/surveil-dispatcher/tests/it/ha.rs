@@ -100,7 +100,7 @@ impl Drop for Node {
     }
 }
 
-const TTL: Duration = Duration::from_millis(1200);
+const TTL: Duration = Duration::from_millis(2000);
 
 fn pg_config(dir: &std::path::Path, url: String) -> Config {
     let pg = postgres::shared().expect("checked");
@@ -201,6 +201,15 @@ async fn the_standby_takes_over_a_dead_leader_and_the_running_job_is_kept() {
         .wait_job(job, "running", |j| j.status() == JobStatus::Running)
         .await;
     drop(client);
+    // Logs have no ack: wait until the chunk is stored before the crash.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pg.psql(&db, "SELECT count(*) FROM log_chunks").unwrap() != "1" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first chunk was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The leader dies without resigning (its task and connections dropped,
     // as a SIGKILL would); the standby takes over after the term expires.
