@@ -50,6 +50,7 @@ pub mod service;
 pub mod store;
 pub mod wire;
 
+mod ha;
 mod monitor;
 mod redistributor;
 mod session;
@@ -111,9 +112,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
+    if let config::StoreConfig::Postgres(options) = &config.store {
+        let options = options.clone();
+        return ha::serve(config, options, listener, shutdown, ready).await;
+    }
     let store = SqliteStore::open(&config.state_dir)
         .with_context(|| format!("opening the job store in {}", config.state_dir.display()))?;
-    serve_on(config, Arc::new(store), listener, shutdown, ready).await
+    serve_on(config, Arc::new(store), listener, shutdown, None, ready).await
 }
 
 /// [`serve`] on a store the caller opened (tests use it to reach the
@@ -125,14 +130,17 @@ pub async fn serve_with_store(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_on(config, store, listener, shutdown, || {}).await
+    serve_on(config, store, listener, shutdown, None, || {}).await
 }
 
-async fn serve_on(
+/// Serves as the leader on `store` until `shutdown`; `leader` is the term
+/// it serves under (a PostgreSQL store), shown by `status`.
+pub(crate) async fn serve_on(
     config: Config,
     store: Arc<dyn JobStore>,
     listener: TcpListener,
     shutdown: CancellationToken,
+    leader: Option<domain::LeaderView>,
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let local_addr = listener
@@ -145,6 +153,9 @@ async fn serve_on(
     let service = Service::open(store, sched)
         .await
         .context("reading unfinished jobs from the store")?;
+    if let Some(view) = leader {
+        service.set_leader(view);
+    }
     let daemon = Arc::new(Daemon {
         config,
         local_addr,
