@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod githttp;
+pub mod postgres;
 pub mod probe;
 pub mod record;
 pub mod relay;

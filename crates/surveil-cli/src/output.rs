@@ -81,6 +81,21 @@ pub struct StatusJson {
     pub supervisor_restarts: RestartsJson,
     pub reassignments: u64,
     pub refused_results: u64,
+    /// With a PostgreSQL store (high availability): who leads. Absent with
+    /// SQLite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<LeaderJson>,
+}
+
+/// `status --json`'s `leader`: the leader term as the answering dispatcher
+/// sees it.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct LeaderJson {
+    /// The leader's advertised address (`null` while none is known).
+    pub addr: Option<String>,
+    pub term: u64,
+    /// Whether the dispatcher that answered is a standby.
+    pub standby: bool,
 }
 
 /// Restart counts per supervised task. The three the contract names are
@@ -171,6 +186,11 @@ impl From<&GetStatusReply> for StatusJson {
             },
             reassignments: status.reassignments,
             refused_results: status.refused_results,
+            leader: (status.leader_term > 0 || status.standby).then(|| LeaderJson {
+                addr: (!status.leader_addr.is_empty()).then(|| status.leader_addr.clone()),
+                term: status.leader_term,
+                standby: status.standby,
+            }),
         }
     }
 }
@@ -576,7 +596,7 @@ pub fn status_lines(status: &GetStatusReply) -> String {
     for (name, count) in &r.other {
         restarts.push_str(&format!(", {name} {count}"));
     }
-    key_values(&[
+    let mut pairs = vec![
         ("version", json.version.clone()),
         (
             "uptime",
@@ -592,7 +612,14 @@ pub fn status_lines(status: &GetStatusReply) -> String {
         ("reassignments", json.reassignments.to_string()),
         ("refused results", json.refused_results.to_string()),
         ("supervisor restarts", restarts),
-    ])
+    ];
+    if let Some(leader) = &json.leader {
+        let addr = leader.addr.as_deref().unwrap_or("none elected");
+        let role = if leader.standby { "standby" } else { "leader" };
+        pairs.push(("role", role.to_owned()));
+        pairs.push(("leader", format!("{addr} (term {})", leader.term)));
+    }
+    key_values(&pairs)
 }
 
 // ----------------------------------------------------------------- logs ----

@@ -219,6 +219,7 @@ mod tests {
         let addr = server(Some(Reject {
             code: RejectCode::BadToken as i32,
             message: "the token does not match".into(),
+            ..Reject::default()
         }))
         .await;
         let err = dial(&addr, None, Hello::new(Role::Runner, "t"), T)
@@ -237,6 +238,7 @@ mod tests {
         let addr = server(Some(Reject {
             code: RejectCode::ShuttingDown as i32,
             message: "bye".into(),
+            ..Reject::default()
         }))
         .await;
         let err = dial(&addr, None, Hello::new(Role::Observer, "t"), T)

@@ -159,6 +159,24 @@ impl ServerTls {
     }
 }
 
+/// A rustls client configuration trusting only the CA certificates in
+/// `path` (PEM), for a client other than our own dial (the dispatcher's
+/// PostgreSQL connections); `flag` names the setting in errors.
+pub fn client_config_for_ca(
+    flag: &'static str,
+    path: &Path,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let roots = load_roots(flag, path)?;
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config {
+            flag,
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// A client's TLS: the CA the dispatcher's certificate must chain to, the
 /// name it must carry, and an optional client certificate.
 #[derive(Clone)]

@@ -13,6 +13,7 @@ use clap::Parser;
 use surveil_common::tls::ServerTls;
 use surveil_common::{LogFormat, Secret};
 
+use crate::store::PostgresOptions;
 pub use crate::web::HttpConfig;
 
 /// `surveil-dispatcher`: the Surveil job queue and runner coordinator.
@@ -67,14 +68,44 @@ pub struct Cli {
     /// (mutual TLS); needs --tls-cert and --tls-key.
     #[arg(long, env = "SURVEIL_TLS_CLIENT_CA", value_name = "FILE")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Address for the HTTP API, pages, live logs, badges and /metrics;
-    /// `off` disables HTTP.
-    #[arg(long, env = "SURVEIL_HTTP_LISTEN", default_value = "127.0.0.1:9080")]
-    pub http_listen: String,
+    /// Address for the HTTP API, pages, live logs, badges and /metrics
+    /// (default 127.0.0.1:9080, skipped with a warning when busy); `off`
+    /// disables HTTP. An address given here that cannot be bound is a
+    /// startup error.
+    #[arg(long, env = "SURVEIL_HTTP_LISTEN", value_name = "ADDR|off")]
+    pub http_listen: Option<String>,
     /// Let anyone read (pages, API, badges, metrics) on a non-loopback
     /// --http-listen without the token; writing still needs it.
     #[arg(long, env = "SURVEIL_HTTP_PUBLIC_READ")]
     pub http_public_read: bool,
+    /// The job store: `sqlite` (the default, in --state-dir) or a
+    /// PostgreSQL URL `postgres://USER@HOST:PORT/DB[?sslmode=require]`
+    /// (high availability: dispatchers sharing it elect one leader).
+    #[arg(
+        long,
+        alias = "store-url",
+        env = "SURVEIL_STORE",
+        default_value = "sqlite"
+    )]
+    pub store: String,
+    /// File holding the PostgreSQL password (whitespace trimmed); else an
+    /// entry of the `PGPASSFILE` file.
+    #[arg(long, env = "SURVEIL_STORE_PASSWORD_FILE", value_name = "FILE")]
+    pub store_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) the PostgreSQL server's certificate must chain
+    /// to; the connection then uses TLS.
+    #[arg(long, env = "SURVEIL_STORE_CA", value_name = "FILE")]
+    pub store_ca: Option<PathBuf>,
+    #[arg(long = "pgpassfile", env = "PGPASSFILE", hide = true)]
+    pub pgpassfile: Option<PathBuf>,
+    /// How long a leader term lasts without renewal (database clock); the
+    /// leader renews it every third of this.
+    #[arg(long, env = "SURVEIL_LEADER_TTL", default_value = "3s", value_parser = surveil_common::parse_duration)]
+    pub leader_ttl: Duration,
+    /// The address clients should dial to reach this dispatcher, as a
+    /// standby tells them (default: --listen).
+    #[arg(long, env = "SURVEIL_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
     // Only there to refuse `--token VALUE` with the reason.
     #[command(flatten)]
     pub refuse_token: surveil_common::RefuseTokenFlag,
@@ -113,6 +144,19 @@ pub struct Config {
     pub tls: Option<ServerTls>,
     /// The HTTP side (`--http-listen`, `--http-public-read`).
     pub http: HttpConfig,
+    /// Which job store.
+    pub store: StoreConfig,
+    /// The address a standby names as this dispatcher's, once it leads.
+    pub advertise: Option<String>,
+}
+
+/// The job store the dispatcher runs on.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    /// SQLite in the state directory: one dispatcher, always the leader.
+    Sqlite,
+    /// A shared PostgreSQL database with a leader term.
+    Postgres(PostgresOptions),
 }
 
 impl Config {
@@ -133,8 +177,11 @@ impl Config {
             tls: None,
             http: HttpConfig {
                 listen: None,
+                explicit: false,
                 public_read: false,
             },
+            store: StoreConfig::Sqlite,
+            advertise: None,
         }
     }
 }
@@ -187,6 +234,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
     let listen = listen_addr(cli, problems);
     let tls = server_tls(cli, problems);
     let http = http_config(cli, token.is_some(), problems);
+    let store = store_config(cli, problems);
     if let Some(addr) = listen {
         check_exposure(cli, addr, token.is_some(), problems);
     }
@@ -206,14 +254,25 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         runner_command,
         tls,
         http: http?,
+        store: store?,
+        advertise: cli.advertise.clone(),
     })
 }
 
+/// Where HTTP listens when `--http-listen` is not given.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9080";
+
 fn http_config(cli: &Cli, has_token: bool, problems: &mut Vec<String>) -> Option<HttpConfig> {
-    let text = cli.http_listen.trim();
+    let explicit = cli.http_listen.is_some();
+    let text = cli
+        .http_listen
+        .as_deref()
+        .unwrap_or(DEFAULT_HTTP_LISTEN)
+        .trim();
     if text == "off" {
         return Some(HttpConfig {
             listen: None,
+            explicit,
             public_read: cli.http_public_read,
         });
     }
@@ -238,8 +297,106 @@ fn http_config(cli: &Cli, has_token: bool, problems: &mut Vec<String>) -> Option
     }
     Some(HttpConfig {
         listen: Some(addr),
+        explicit,
         public_read: cli.http_public_read,
     })
+}
+
+/// Smallest leader TTL: renewals every third of it must fit round trips.
+const MIN_LEADER_TTL: Duration = Duration::from_millis(300);
+
+fn store_config(cli: &Cli, problems: &mut Vec<String>) -> Option<StoreConfig> {
+    if cli.leader_ttl < MIN_LEADER_TTL {
+        problems.push(format!(
+            "--leader-ttl must be at least {MIN_LEADER_TTL:?} (got {:?})",
+            cli.leader_ttl
+        ));
+    }
+    let url = cli.store.trim();
+    if url == "sqlite" {
+        return Some(StoreConfig::Sqlite);
+    }
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        problems.push(format!(
+            "--store {url:?}: write `sqlite` or a PostgreSQL URL postgres://USER@HOST:PORT/DB"
+        ));
+        return None;
+    }
+    let mut options = PostgresOptions::new(url);
+    options.leader_ttl = cli.leader_ttl;
+    options.ca_file = cli.store_ca.clone();
+    let pg = match options.pg_config() {
+        Ok(pg) => pg,
+        Err(err) => {
+            problems.push(
+                err.to_string()
+                    .trim_start_matches("store: invalid request: ")
+                    .to_owned(),
+            );
+            return None;
+        }
+    };
+    options.password = match (&cli.store_password_file, &cli.pgpassfile) {
+        (Some(file), _) => match std::fs::read_to_string(file) {
+            Ok(text) => Some(Secret::new(text.trim().to_owned())),
+            Err(err) => {
+                problems.push(format!("--store-password-file {}: {err}", file.display()));
+                return None;
+            }
+        },
+        (None, Some(file)) => pgpass_lookup(file, &pg).map(Secret::new),
+        (None, None) => None,
+    };
+    Some(StoreConfig::Postgres(options))
+}
+
+/// The password of the first `PGPASSFILE` entry matching the connection
+/// (`host:port:database:user:password`, `*` matching anything, `\:`
+/// and `\\` escaped); an unreadable file gives none, as libpq does.
+fn pgpass_lookup(file: &std::path::Path, pg: &tokio_postgres::Config) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_owned(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432).to_string();
+    let user = pg.get_user().unwrap_or_default().to_owned();
+    let db = pg.get_dbname().unwrap_or(&user).to_owned();
+    let wanted = [host, port, db, user];
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .find_map(|line| {
+            let fields = pgpass_fields(line);
+            if fields.len() != 5 {
+                return None;
+            }
+            let matches = fields[..4]
+                .iter()
+                .zip(&wanted)
+                .all(|(field, want)| field == "*" || field == want);
+            matches.then(|| fields[4].clone())
+        })
+}
+
+fn pgpass_fields(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let (Some(next), Some(f)) = (chars.next(), fields.last_mut()) {
+                    f.push(next);
+                }
+            }
+            ':' if fields.len() < 5 => fields.push(String::new()),
+            c => {
+                if let Some(f) = fields.last_mut() {
+                    f.push(c);
+                }
+            }
+        }
+    }
+    fields
 }
 
 fn check_intervals(cli: &Cli, problems: &mut Vec<String>) {
@@ -428,6 +585,9 @@ mod tests {
     fn http_listen_is_on_by_default_can_be_off_and_needs_a_token_or_public_read_off_loopback() {
         let c = parse(&["--state-dir", "/tmp/x"]).unwrap();
         assert_eq!(c.http.listen, Some("127.0.0.1:9080".parse().unwrap()));
+        assert!(!c.http.explicit, "the default address is soft");
+        let c = parse(&["--state-dir", "/tmp/x", "--http-listen", "127.0.0.1:9080"]).unwrap();
+        assert!(c.http.explicit, "a given address must bind or fail");
         let c = parse(&["--state-dir", "/tmp/x", "--http-listen", "off"]).unwrap();
         assert_eq!(c.http.listen, None);
         let err = parse(&["--state-dir", "/tmp/x", "--http-listen", "0.0.0.0:9080"]).unwrap_err();

@@ -401,6 +401,19 @@ pub struct StatusView {
     pub reassignments: u64,
     /// Results refused because their attempt was revoked.
     pub refused_results: u64,
+    /// With a PostgreSQL store: who leads. `None` with SQLite.
+    pub leader: Option<LeaderView>,
+}
+
+/// The leader term as `status` shows it (high availability on PostgreSQL).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaderView {
+    /// The leader's advertised address; empty while none is known.
+    pub addr: String,
+    /// The current term.
+    pub term: u64,
+    /// Whether the dispatcher answering is a standby.
+    pub standby: bool,
 }
 
 /// Why a queued job is still waiting, computed from the scheduler's state

@@ -53,6 +53,7 @@ pub mod store;
 pub mod web;
 pub mod wire;
 
+mod ha;
 mod monitor;
 mod redistributor;
 mod session;
@@ -114,17 +115,46 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
+    let http = bind_http(&config.http).await?;
+    if let config::StoreConfig::Postgres(options) = &config.store {
+        let options = options.clone();
+        return ha::serve(config, options, listener, http, shutdown, ready).await;
+    }
     let store = SqliteStore::open(&config.state_dir)
         .with_context(|| format!("opening the job store in {}", config.state_dir.display()))?;
-    let http = match config.http.listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding --http-listen {addr}"))?,
-        ),
-        None => None,
+    serve_on(
+        config,
+        Arc::new(store),
+        listener,
+        http,
+        shutdown,
+        None,
+        ready,
+    )
+    .await
+}
+
+/// Binds the HTTP listener: an address given with `--http-listen` must
+/// bind, but the default one is skipped with a warning when it cannot be
+/// (another dispatcher on this host has it), so that a second dispatcher
+/// still serves the protocol.
+async fn bind_http(http: &web::HttpConfig) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = http.listen else {
+        return Ok(None);
     };
-    serve_on(config, Arc::new(store), listener, http, shutdown, ready).await
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(err) if !http.explicit => {
+            tracing::warn!(
+                addr = %addr,
+                error = %err,
+                "cannot bind the default HTTP address {addr} ({err}): serving without HTTP; \
+                 give --http-listen ADDR to serve it elsewhere, or --http-listen off"
+            );
+            Ok(None)
+        }
+        Err(err) => Err(anyhow::Error::new(err).context(format!("binding --http-listen {addr}"))),
+    }
 }
 
 /// [`serve`] on a store the caller opened (tests use it to reach the
@@ -136,7 +166,7 @@ pub async fn serve_with_store(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_on(config, store, listener, None, shutdown, || {}).await
+    serve_on(config, store, listener, None, shutdown, None, || {}).await
 }
 
 /// [`serve_with_store`] with the HTTP side on `http` (tests bind it on
@@ -149,15 +179,18 @@ pub async fn serve_with_http(
     http: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_on(config, store, listener, Some(http), shutdown, || {}).await
+    serve_on(config, store, listener, Some(http), shutdown, None, || {}).await
 }
 
-async fn serve_on(
+/// Serves as the leader on `store` until `shutdown`; `leader` is the term
+/// it serves under (a PostgreSQL store), shown by `status`.
+pub(crate) async fn serve_on(
     config: Config,
     store: Arc<dyn JobStore>,
     listener: TcpListener,
     http: Option<TcpListener>,
     shutdown: CancellationToken,
+    leader: Option<domain::LeaderView>,
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let local_addr = listener
@@ -173,6 +206,9 @@ async fn serve_on(
     let service = Service::open(store, sched)
         .await
         .context("reading unfinished jobs from the store")?;
+    if let Some(view) = leader {
+        service.set_leader(view);
+    }
     let daemon = Arc::new(Daemon {
         config,
         local_addr,

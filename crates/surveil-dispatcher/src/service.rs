@@ -85,6 +85,8 @@ pub struct Service {
     refused_results: AtomicU64,
     restarts: Mutex<BTreeMap<&'static str, u64>>,
     started: tokio::time::Instant,
+    /// The leader term this dispatcher serves under (PostgreSQL store).
+    leader: Mutex<Option<crate::domain::LeaderView>>,
 }
 
 /// Unix time in milliseconds, for the store's timestamps.
@@ -129,6 +131,7 @@ impl Service {
             refused_results: AtomicU64::new(0),
             restarts: Mutex::new(TASK_NAMES.iter().map(|n| (*n, 0)).collect()),
             started: tokio::time::Instant::now(),
+            leader: Mutex::new(None),
         })
     }
 
@@ -279,7 +282,13 @@ impl Service {
                 .collect(),
             reassignments,
             refused_results: self.refused_results.load(Ordering::Relaxed),
+            leader: lock(&self.leader).clone(),
         }
+    }
+
+    /// Records the leader term this dispatcher serves under, for `status`.
+    pub(crate) fn set_leader(&self, view: crate::domain::LeaderView) {
+        *lock(&self.leader) = Some(view);
     }
 
     /// Counts a restart of a supervised task, for `status`.

@@ -1,6 +1,7 @@
 //! The job store's interface: [`JobStore`], in domain types, and the
 //! errors and outcomes every backend shares. The SQLite backend
-//! ([`SqliteStore`]) lives in `store/sqlite`; with the `testing` feature,
+//! ([`SqliteStore`]) lives in `store/sqlite`, the PostgreSQL one
+//! ([`PostgresStore`], fenced by a leader term) in `store/postgres`; with the `testing` feature,
 //! [`conformance`] is the suite any backend must pass.
 //!
 //! The rules every backend keeps, whatever its engine:
@@ -32,8 +33,10 @@ use crate::domain::{
 
 #[cfg(feature = "testing")]
 pub mod conformance;
+mod postgres;
 mod sqlite;
 
+pub use postgres::{LeaderInfo, PostgresOptions, PostgresStore};
 pub use sqlite::{DB_FILE, SqliteStore};
 
 /// Why a store operation failed.
@@ -93,6 +96,10 @@ pub enum StoreError {
     /// more.
     #[error("store: the store is closed for writing")]
     Closed,
+    /// This dispatcher does not hold the leader term (a standby, or a
+    /// leader deposed by a takeover): the database refused the write.
+    #[error("store: this dispatcher is not the leader; the write was refused")]
+    NotLeader,
     /// A bug: a read or write panicked, or a read task was cancelled.
     #[error("store: internal error: {0}")]
     Internal(String),

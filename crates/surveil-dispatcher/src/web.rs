@@ -41,6 +41,7 @@ mod badge;
 pub mod metrics;
 mod pages;
 mod sse;
+pub(crate) mod standby;
 mod views;
 
 pub use metrics::Metrics;
@@ -57,6 +58,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct HttpConfig {
     /// Where to listen; `None` (`--http-listen off`) disables HTTP.
     pub listen: Option<SocketAddr>,
+    /// Whether the address was given (flag or environment): only then is
+    /// failing to bind it a startup error; the default address is skipped
+    /// with a warning, so that several dispatchers can share a host.
+    pub explicit: bool,
     /// Anonymous reading on a non-loopback address (`--http-public-read`).
     pub public_read: bool,
 }
@@ -107,7 +112,19 @@ pub async fn serve(
     if let Some(addr) = addr {
         tracing::info!(url = %format!("{scheme}://{addr}/"), "http serving");
     }
-    let router = router(app);
+    accept_loop(&listener, router(app), parts.tls, &shutdown).await;
+}
+
+/// Accepts HTTP connections on `listener` and serves `router` on them
+/// until `shutdown`, then lets requests in flight finish (bounded by a
+/// grace period). Borrows the listener: a standby hands it on to the
+/// leader it becomes.
+async fn accept_loop(
+    listener: &TcpListener,
+    router: Router,
+    tls: Option<ServerTls>,
+    shutdown: &CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -122,7 +139,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let tls = parts.tls.clone();
+        let tls = tls.clone();
         let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();
         tokio::spawn(
@@ -146,7 +163,6 @@ pub async fn serve(
             .instrument(tracing::debug_span!("http", %peer)),
         );
     }
-    drop(listener);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
         .is_err()

@@ -458,6 +458,13 @@ pub fn status_reply(status: StatusView) -> proto::GetStatusReply {
         supervisor_restarts: status.supervisor_restarts.into_iter().collect(),
         reassignments: status.reassignments,
         refused_results: status.refused_results,
+        leader_addr: status
+            .leader
+            .as_ref()
+            .map(|l| l.addr.clone())
+            .unwrap_or_default(),
+        standby: status.leader.as_ref().is_some_and(|l| l.standby),
+        leader_term: status.leader.as_ref().map_or(0, |l| l.term),
     }
 }
 

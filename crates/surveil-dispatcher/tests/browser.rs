@@ -85,6 +85,7 @@ async fn browser(port: u16, profile: &Path) -> Result<Client, String> {
 /// The browser console's entries so far (chromedriver's log endpoint).
 async fn console(c: &Client, port: u16) -> Vec<Value> {
     let session = c.session_id().await.unwrap().unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}/session/{session}/se/log"))
         .json(&json!({ "type": "browser" }))

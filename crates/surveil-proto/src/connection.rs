@@ -237,6 +237,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let reject = Reject {
             code: code as i32,
             message: message.into(),
+            ..Reject::default()
         };
         let _ = tokio::time::timeout(REJECT_WRITE_TIMEOUT, self.send(reject)).await;
     }

@@ -13,9 +13,9 @@ use surveil_proto::{Codec, Connection, Hello, RejectCode, Role, Welcome};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::Daemon;
 use crate::domain::{RunnerHello, SessionId};
 use crate::wire;
+use crate::{Config, Daemon};
 
 /// A connection past its handshake.
 pub(super) struct Accepted {
@@ -37,7 +37,7 @@ pub(super) async fn accept(
     let config = &daemon.config;
     // One deadline covers the TLS handshake and the Hello.
     let deadline = tokio::time::Instant::now() + config.handshake_timeout;
-    let stream = secure(daemon, stream, deadline).await?;
+    let stream = secure(config, stream, deadline).await?;
     let mut conn = Connection::with_codec(stream, Codec::with_max_frame(config.max_frame));
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     let hello = match conn.accept_hello(remaining).await {
@@ -84,9 +84,7 @@ fn check(
     peer: SocketAddr,
     shutdown: &CancellationToken,
 ) -> Result<Option<RunnerHello>, (RejectCode, &'static str)> {
-    if let Some(expected) = &daemon.config.token
-        && !bool::from(expected.expose().as_bytes().ct_eq(hello.token.as_bytes()))
-    {
+    if !token_ok(&daemon.config, hello) {
         return Err((
             RejectCode::BadToken,
             "the token does not match the dispatcher's; check --token-file or SURVEIL_TOKEN",
@@ -106,14 +104,21 @@ fn check(
     Ok(runner)
 }
 
+/// Whether `hello` carries the configured token (constant time).
+pub(super) fn token_ok(config: &Config, hello: &Hello) -> bool {
+    config.token.as_ref().is_none_or(|expected| {
+        bool::from(expected.expose().as_bytes().ct_eq(hello.token.as_bytes()))
+    })
+}
+
 /// TLS when configured; on a plaintext port, a TLS hello is refused at
 /// once (it would otherwise wait out the handshake timeout).
-async fn secure(
-    daemon: &Daemon,
+pub(super) async fn secure(
+    config: &Config,
     stream: TcpStream,
     deadline: tokio::time::Instant,
 ) -> Option<tls::Stream> {
-    let Some(server_tls) = &daemon.config.tls else {
+    let Some(server_tls) = &config.tls else {
         let _ = stream.set_nodelay(true);
         // A silent or closing peer is left to `accept_hello`, which
         // answers it with the right `Reject`.
@@ -137,7 +142,7 @@ async fn secure(
         }
         Err(_) => {
             tracing::info!(
-                timeout = ?daemon.config.handshake_timeout,
+                timeout = ?config.handshake_timeout,
                 "handshake failed: no TLS handshake within the handshake timeout"
             );
             None
@@ -145,6 +150,6 @@ async fn secure(
     }
 }
 
-fn millis_u32(d: Duration) -> u32 {
+pub(super) fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }

@@ -27,6 +27,7 @@ use crate::wire::FrameError;
 mod client;
 mod handshake;
 mod runner;
+pub(crate) mod standby;
 
 /// Frames waiting to be written to one peer. A runner whose queue fills is
 /// disconnected; a client simply waits (its requests are answered in turn).

@@ -44,6 +44,12 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/status", get(fleet::status))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
+        .merge(asset_routes())
+}
+
+/// The embedded stylesheet, script and icon (a standby serves them too).
+pub fn asset_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
         .route(
             "/assets/style.css",
             get(|| asset("text/css; charset=utf-8", STYLE)),

@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::domain::{BranchHead, Job, RunnerView, StatusView, TaskResult, Waiting};
+use crate::domain::{BranchHead, Job, LeaderView, RunnerView, StatusView, TaskResult, Waiting};
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds and `Z` (contract).
 pub fn timestamp(unix_ms: u64) -> String {
@@ -152,6 +152,29 @@ pub struct StatusJson {
     pub supervisor_restarts: BTreeMap<String, u64>,
     pub reassignments: u64,
     pub refused_results: u64,
+    /// With a PostgreSQL store: who leads (as `surveil status --json`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<LeaderJson>,
+}
+
+/// The leader term as the answering dispatcher sees it.
+#[derive(Debug, Serialize)]
+pub struct LeaderJson {
+    /// The leader's advertised protocol address; `null` while none is known.
+    pub addr: Option<String>,
+    pub term: u64,
+    /// Whether the dispatcher that answered is a standby.
+    pub standby: bool,
+}
+
+impl From<&LeaderView> for LeaderJson {
+    fn from(l: &LeaderView) -> Self {
+        LeaderJson {
+            addr: (!l.addr.is_empty()).then(|| l.addr.clone()),
+            term: l.term,
+            standby: l.standby,
+        }
+    }
 }
 
 impl From<&StatusView> for StatusJson {
@@ -165,6 +188,7 @@ impl From<&StatusView> for StatusJson {
             supervisor_restarts: s.supervisor_restarts.clone(),
             reassignments: s.reassignments,
             refused_results: s.refused_results,
+            leader: s.leader.as_ref().map(LeaderJson::from),
         }
     }
 }

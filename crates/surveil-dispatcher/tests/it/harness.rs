@@ -360,3 +360,10 @@ impl Drop for FakeRunner {
         }
     }
 }
+
+/// An HTTP client for the tests: the workspace's reqwest has no TLS
+/// provider of its own, so ring is installed first.
+pub fn http_client() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}

@@ -34,7 +34,7 @@ async fn runner(d: &Dispatcher) -> FakeRunner {
 }
 
 fn http() -> Client {
-    Client::builder()
+    http_client()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(WAIT)
         .build()

@@ -4,6 +4,7 @@
 mod harness;
 
 mod assignment;
+mod ha;
 mod handshake;
 mod http;
 mod liveness;

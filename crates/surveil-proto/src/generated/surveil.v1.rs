@@ -166,6 +166,10 @@ pub struct Reject {
     /// A human-readable explanation of what was wrong and what to do.
     #[prost(string, tag = "2")]
     pub message: ::prost::alloc::string::String,
+    /// With REJECT_CODE_NOT_LEADER: the leader's address (host:port) as it
+    /// advertises it; empty while no leader is known.
+    #[prost(string, tag = "3")]
+    pub leader_addr: ::prost::alloc::string::String,
 }
 /// Sent by either side after the handshake when the peer broke the protocol
 /// (a message its role may not send, a second Hello, an unknown arm); the
@@ -545,6 +549,17 @@ pub struct GetStatusReply {
     /// Results refused because their lease was revoked, since start.
     #[prost(uint64, tag = "8")]
     pub refused_results: u64,
+    /// High availability (a PostgreSQL store): the leader's advertised address;
+    /// empty with the SQLite store, or while no leader is known.
+    #[prost(string, tag = "35")]
+    pub leader_addr: ::prost::alloc::string::String,
+    /// True when this dispatcher is a standby: it serves only this status, and
+    /// every count above is zero.
+    #[prost(bool, tag = "36")]
+    pub standby: bool,
+    /// The current leader term (0 with the SQLite store).
+    #[prost(uint64, tag = "37")]
+    pub leader_term: u64,
 }
 /// Sent by a client: cancel a job.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -626,6 +641,9 @@ pub enum RejectCode {
     HandshakeTimeout = 6,
     /// The dispatcher is shutting down; retry later.
     ShuttingDown = 7,
+    /// The dispatcher is a standby (high availability on PostgreSQL): dial the
+    /// leader, whose address is in Reject.leader_addr when known.
+    NotLeader = 8,
 }
 impl RejectCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -642,6 +660,7 @@ impl RejectCode {
             Self::FrameTooLarge => "REJECT_CODE_FRAME_TOO_LARGE",
             Self::HandshakeTimeout => "REJECT_CODE_HANDSHAKE_TIMEOUT",
             Self::ShuttingDown => "REJECT_CODE_SHUTTING_DOWN",
+            Self::NotLeader => "REJECT_CODE_NOT_LEADER",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -655,6 +674,7 @@ impl RejectCode {
             "REJECT_CODE_FRAME_TOO_LARGE" => Some(Self::FrameTooLarge),
             "REJECT_CODE_HANDSHAKE_TIMEOUT" => Some(Self::HandshakeTimeout),
             "REJECT_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),
+            "REJECT_CODE_NOT_LEADER" => Some(Self::NotLeader),
             _ => None,
         }
     }

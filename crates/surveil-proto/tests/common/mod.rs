@@ -42,6 +42,12 @@ pub fn every_message() -> Vec<Msg> {
         Msg::Reject(Reject {
             code: RejectCode::ShuttingDown as i32,
             message: "shutting down, retry later".into(),
+            leader_addr: String::new(),
+        }),
+        Msg::Reject(Reject {
+            code: RejectCode::NotLeader as i32,
+            message: "this dispatcher is a standby".into(),
+            leader_addr: "10.0.0.2:9000".into(),
         }),
         Msg::Error(Error {
             message: "a runner may not send Submit".into(),
@@ -151,6 +157,9 @@ pub fn every_message() -> Vec<Msg> {
             ]),
             reassignments: 4,
             refused_results: 5,
+            leader_addr: "10.0.0.1:9000".into(),
+            standby: false,
+            leader_term: 3,
         }),
         Msg::CancelJob(CancelJob { job_id: 7 }),
         Msg::CancelJobReply(CancelJobReply {
