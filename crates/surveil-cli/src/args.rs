@@ -51,13 +51,17 @@ pub enum Command {
         /// The job id.
         id: u64,
     },
-    /// Print a job's log (its latest attempt).
+    /// Print a job's log (its latest attempt, or --attempt N).
     Logs {
         /// The job id.
         id: u64,
         /// Keep printing output as it arrives until the job ends.
         #[arg(long, short = 'f')]
         follow: bool,
+        /// Print this attempt's log (1 is the first; `surveil job ID`
+        /// lists them) instead of the latest attempt's.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        attempt: Option<u32>,
     },
     /// List the connected runners.
     Runners,
@@ -78,6 +82,12 @@ pub enum Command {
     },
     /// Cancel a queued or running job.
     Cancel {
+        /// The job id.
+        id: u64,
+    },
+    /// Queue a new attempt of a finished job; earlier attempts' results and
+    /// logs stay readable.
+    Rerun {
         /// The job id.
         id: u64,
     },

@@ -12,8 +12,8 @@ use surveil_common::tls::{self, ClientTls};
 use surveil_common::{DialError, Secret};
 use surveil_proto::{
     CancelJob, CancelJobReply, CodecError, Connection, ConnectionError, GetJob, GetStatus,
-    GetStatusReply, Hello, JobInfo, ListJobs, ListRunners, Msg, ReadLog, ReadLogReply, Role,
-    RunnerInfo, Submit,
+    GetStatusReply, Hello, JobInfo, ListJobs, ListRunners, Msg, ReadLog, ReadLogReply, RerunJob,
+    RerunJobReply, Role, RunnerInfo, Submit,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -142,11 +142,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         job_id: u64,
         offset: u64,
         follow: bool,
+        attempt: Option<u32>,
     ) -> Result<(), ClientError> {
         let request = ReadLog {
             job_id,
             offset,
             follow,
+            attempt: attempt.unwrap_or(0),
         };
         self.send("ReadLog", request).await
     }
@@ -196,6 +198,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         match self.reply("Submit", Some(REPLY_TIMEOUT)).await? {
             Msg::SubmitAck(ack) => Ok(ack.job_ids),
             other => Err(unexpected("Submit", "SubmitAck", &other)),
+        }
+    }
+
+    /// Asks the dispatcher to queue a new attempt of a finished job.
+    pub async fn rerun(&mut self, job_id: u64) -> Result<RerunJobReply, ClientError> {
+        self.send("RerunJob", RerunJob { job_id }).await?;
+        match self.reply("RerunJob", Some(REPLY_TIMEOUT)).await? {
+            Msg::RerunJobReply(reply) => Ok(reply),
+            other => Err(unexpected("RerunJob", "RerunJobReply", &other)),
         }
     }
 
@@ -347,7 +358,7 @@ mod tests {
             ),
             "{err}"
         );
-        client.read_log(1, 0, true).await.unwrap();
+        client.read_log(1, 0, true, None).await.unwrap();
         let waited = tokio::time::timeout(REPLY_TIMEOUT * 10, client.next_log(true)).await;
         assert!(
             waited.is_err(),

@@ -50,12 +50,16 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
                 bail!("no job {id}");
             };
             if json {
-                write(out, &output::to_json(&JobJson::from(&job))?)
+                write(out, &output::to_json(&JobJson::with_attempts(&job))?)
             } else {
                 write(out, &output::job_details(&job, SystemTime::now(), colour))
             }
         }
-        Command::Logs { id, follow } => logs(&mut client, id, follow, out).await,
+        Command::Logs {
+            id,
+            follow,
+            attempt,
+        } => logs(&mut client, id, follow, attempt, out).await,
         Command::Runners => {
             let runners = client.list_runners().await?;
             if json {
@@ -79,6 +83,43 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
             branch,
         } => submit(&mut client, &repo, &branch, commit, json, out).await,
         Command::Cancel { id } => cancel(&mut client, id, json, out).await,
+        Command::Rerun { id } => rerun(&mut client, id, json, out).await,
+    }
+}
+
+/// Queues a new attempt of a finished job and prints the job as `submit`
+/// prints a new one (the job, with its attempts, under `--json`).
+async fn rerun(
+    client: &mut Client<tls::Stream>,
+    id: u64,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let reply = client.rerun(id).await?;
+    let Some(job) = reply.job else {
+        bail!("no job {id}");
+    };
+    if !reply.ok {
+        let why = if reply.message.is_empty() {
+            format!("it is {}", job.status().label())
+        } else {
+            reply.message
+        };
+        bail!("cannot rerun job {id}: {why}");
+    }
+    if json {
+        write(out, &output::to_json(&JobJson::with_attempts(&job))?)
+    } else {
+        write(
+            out,
+            &format!(
+                "job {id}: {} of {} on branch {} (attempt {} next)\n",
+                job.commit,
+                job.repo,
+                job.branch,
+                job.attempt + 1
+            ),
+        )
     }
 }
 
@@ -150,9 +191,10 @@ async fn logs(
     client: &mut Client<tls::Stream>,
     id: u64,
     follow: bool,
+    attempt: Option<u32>,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    client.read_log(id, 0, follow).await?;
+    client.read_log(id, 0, follow, attempt).await?;
     let mut printer = LogPrinter::new();
     loop {
         let reply = client.next_log(follow).await?;

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use surveil_proto::{
-    GetStatusReply, JobInfo, JobStatus, ReadLogReply, RunnerInfo, TaskResult, TaskStatus,
+    AttemptInfo, GetStatusReply, JobInfo, JobStatus, ReadLogReply, RunnerInfo, TaskResult,
+    TaskStatus,
 };
 
 /// Hex digits of a commit id shown in tables; enough to be unique in
@@ -40,6 +41,52 @@ pub struct JobJson {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub tasks: Vec<TaskJson>,
+    /// Every attempt, oldest first: `job` and `rerun` only (absent from
+    /// `jobs`, whose rows do not carry them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<AttemptJson>>,
+}
+
+/// One attempt inside [`JobJson`].
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct AttemptJson {
+    pub attempt: u32,
+    pub runner: String,
+    /// `running`, a final status, or `revoked` (lost without a result).
+    pub status: &'static str,
+    pub message: Option<String>,
+    pub assigned_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub tasks: Vec<TaskJson>,
+}
+
+impl From<&AttemptInfo> for AttemptJson {
+    fn from(a: &AttemptInfo) -> Self {
+        AttemptJson {
+            attempt: a.attempt,
+            runner: a.runner.clone(),
+            status: match a.status() {
+                JobStatus::Unspecified => "revoked",
+                status => status.label(),
+            },
+            message: non_empty(a.message.as_deref()),
+            assigned_at: timestamp(a.assigned_at_ms),
+            started_at: a.started_at_ms.map(timestamp),
+            finished_at: a.finished_at_ms.map(timestamp),
+            tasks: a.tasks.iter().map(TaskJson::from).collect(),
+        }
+    }
+}
+
+impl JobJson {
+    /// `job` with its attempts listed (the `job` and `rerun` commands).
+    pub fn with_attempts(job: &JobInfo) -> JobJson {
+        JobJson {
+            attempts: Some(job.attempts.iter().map(AttemptJson::from).collect()),
+            ..JobJson::from(job)
+        }
+    }
 }
 
 /// One task result inside [`JobJson`].
@@ -141,6 +188,7 @@ impl From<&JobInfo> for JobJson {
             started_at: job.started_at_ms.map(timestamp),
             finished_at: job.finished_at_ms.map(timestamp),
             tasks: job.tasks.iter().map(TaskJson::from).collect(),
+            attempts: None,
         }
     }
 }
@@ -506,6 +554,17 @@ pub fn job_details(job: &JobInfo, now: SystemTime, colour: bool) -> String {
             }
         }
     }
+    if job.attempts.len() > 1 {
+        out.push_str("\nattempts:\n");
+        for a in &job.attempts {
+            let status = AttemptJson::from(a).status;
+            let note = non_empty(a.message.as_deref()).unwrap_or_default();
+            out.push_str(&format!(
+                "  {:>3}  {:<10} {:<16} {note}\n",
+                a.attempt, status, a.runner
+            ));
+        }
+    }
     out
 }
 
@@ -702,6 +761,7 @@ mod tests {
             queued_at_ms: QUEUED_MS,
             started_at_ms: Some(QUEUED_MS + 1_000),
             finished_at_ms: None,
+            attempts: Vec::new(),
             tasks: vec![
                 TaskResult {
                     name: "unit".into(),

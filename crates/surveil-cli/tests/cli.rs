@@ -178,6 +178,7 @@ fn job(id: u64, status: JobStatus) -> JobInfo {
         queued_at_ms: QUEUED_MS,
         started_at_ms: Some(QUEUED_MS + 1_000),
         finished_at_ms: finished.then_some(QUEUED_MS + 13_000),
+        attempts: Vec::new(),
         tasks: if finished {
             vec![TaskResult {
                 name: "unit".into(),

@@ -81,7 +81,8 @@ impl fmt::Display for CommitId {
 }
 
 /// A job's status. Queued and running jobs are active; the others are
-/// final and never change again.
+/// final: they change only when a user reruns the job, which queues a new
+/// attempt and keeps the earlier attempts' results and logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum JobStatus {
     /// Waiting for a runner.
@@ -318,6 +319,53 @@ pub struct Job {
     pub finished_at_ms: Option<u64>,
     /// The task results of its recorded result; empty otherwise.
     pub tasks: Vec<TaskResult>,
+    /// The last attempt of the runs before the latest rerun (0 when never
+    /// rerun): attempts after it count against `--max-attempts`.
+    pub rerun_base: Attempt,
+}
+
+/// One attempt of a job, as recorded: who ran it and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// Its number (1 is the first).
+    pub attempt: Attempt,
+    /// The runner it was assigned to.
+    pub runner: String,
+    /// How it stands.
+    pub status: AttemptStatus,
+    /// The runner's message, or why the attempt was revoked.
+    pub message: Option<String>,
+    /// When it was assigned (unix ms).
+    pub assigned_at_ms: u64,
+    /// When the runner said it started (unix ms).
+    pub started_at_ms: Option<u64>,
+    /// When its result was recorded (unix ms).
+    pub finished_at_ms: Option<u64>,
+    /// The task results of its result; empty without one.
+    pub tasks: Vec<TaskResult>,
+}
+
+/// How an attempt stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptStatus {
+    /// Held by its runner, no result yet.
+    Running,
+    /// Its result was recorded with this status.
+    Ended(FinalStatus),
+    /// Revoked without a result (its runner was lost, the job was
+    /// cancelled, or a newer attempt superseded it).
+    Revoked,
+}
+
+impl AttemptStatus {
+    /// `running`, a final status's label, or `revoked`.
+    pub fn label(self) -> &'static str {
+        match self {
+            AttemptStatus::Running => "running",
+            AttemptStatus::Ended(status) => status.label(),
+            AttemptStatus::Revoked => "revoked",
+        }
+    }
 }
 
 /// Commits to build, as an observer or a user submits them.

@@ -57,6 +57,16 @@ pub struct JobSpec {
     pub commit: CommitId,
     /// Its last attempt (0 when never assigned); the next is one more.
     pub attempt: Attempt,
+    /// The last attempt before its latest rerun (0 when never rerun): only
+    /// attempts after it count against `max_attempts`.
+    pub rerun_base: Attempt,
+}
+
+impl JobSpec {
+    /// Attempts of the current run so far (lost ones, while it is queued).
+    fn run_attempts(&self) -> u32 {
+        self.attempt.0.saturating_sub(self.rerun_base.0)
+    }
 }
 
 /// A decision the shell must persist and carry out, in order.
@@ -346,7 +356,7 @@ impl Scheduler {
                 let waiting = Waiting {
                     reason,
                     ahead: *before,
-                    lost_attempts: j.spec.attempt.0,
+                    lost_attempts: j.spec.run_attempts(),
                     max_attempts: self.config.max_attempts,
                 };
                 *before += 1;
@@ -416,6 +426,17 @@ impl Scheduler {
     /// job already known is left alone.
     pub fn handle_job_submitted(&mut self, spec: JobSpec, _now: Instant) {
         self.insert_queued(spec);
+    }
+
+    /// The store queued a rerun of a finished job (the scheduler forgot it
+    /// when it ended): it waits again, with a fresh attempt budget. A job
+    /// a concurrent submit already re-queued gets the rerun's budget.
+    pub fn handle_rerun(&mut self, spec: JobSpec, _now: Instant) {
+        match self.jobs.get_mut(&spec.id) {
+            Some(j) if j.state == JobState::Queued => j.spec.rerun_base = spec.rerun_base,
+            Some(_) => {}
+            None => self.insert_queued(spec),
+        }
     }
 
     fn insert_queued(&mut self, spec: JobSpec) {
@@ -650,6 +671,7 @@ impl Scheduler {
             JobState::Queued | JobState::Orphaned { .. } => {}
         }
         let attempt = j.spec.attempt;
+        let tried = j.spec.run_attempts();
         if j.cancel_requested {
             self.jobs.remove(&job);
             self.emit(Effect::Finish {
@@ -657,13 +679,13 @@ impl Scheduler {
                 status: FinalStatus::Cancelled,
                 message: format!("cancelled by a user; its runner was lost ({reason})"),
             });
-        } else if attempt.0 >= self.config.max_attempts {
+        } else if tried >= self.config.max_attempts {
             self.jobs.remove(&job);
             self.emit(Effect::Finish {
                 job,
                 status: FinalStatus::Error,
                 message: format!(
-                    "gave up after {attempt} attempts: its runners were lost each time (last: {reason})"
+                    "gave up after {tried} attempts: its runners were lost each time (last: {reason})"
                 ),
             });
         } else {

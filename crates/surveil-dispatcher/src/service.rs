@@ -22,7 +22,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, broadcast};
 
 use crate::domain::{
-    BranchHead, Job, JobFilter, JobId, RunnerView, SessionId, StatusView, Submission, Waiting,
+    AttemptRecord, BranchHead, Job, JobFilter, JobId, RunnerView, SessionId, StatusView,
+    Submission, Waiting,
 };
 use crate::scheduler::{CancelOutcome, Scheduler, SchedulerConfig};
 use crate::store::{JobStore, StoreError};
@@ -60,6 +61,28 @@ pub enum ServiceError {
 pub struct CancelReply {
     /// Whether the job is (or will end) cancelled.
     pub ok: bool,
+    /// What happened, for a person.
+    pub message: String,
+    /// The job after the request; `None` when there is no such job.
+    pub job: Option<Job>,
+}
+
+/// What a rerun did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RerunOutcome {
+    /// A new attempt is queued.
+    Queued,
+    /// The job is queued or running: only a finished job can be rerun.
+    Active,
+    /// There is no such job.
+    Unknown,
+}
+
+/// What a rerun did, with the job as recorded afterwards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RerunReply {
+    /// What happened.
+    pub outcome: RerunOutcome,
     /// What happened, for a person.
     pub message: String,
     /// The job after the request; `None` when there is no such job.
@@ -210,6 +233,60 @@ impl Service {
         })
     }
 
+    /// Queues a new attempt of a finished job; its earlier attempts'
+    /// results and logs stay readable (see [`Service::attempts`]). A
+    /// queued or running job is refused, as is an unknown one.
+    pub async fn rerun(&self, job: JobId) -> Result<RerunReply, ServiceError> {
+        let outcome = match self.store.rerun(job).await {
+            Ok(()) => RerunOutcome::Queued,
+            Err(StoreError::Conflict { .. }) => RerunOutcome::Active,
+            Err(StoreError::NoSuchJob(_)) => RerunOutcome::Unknown,
+            Err(err) => return Err(err.into()),
+        };
+        let record = self.store.get_job(job).await?;
+        let message = match (outcome, &record) {
+            (RerunOutcome::Queued, Some(j)) => {
+                let spec = crate::scheduler::JobSpec {
+                    id: j.id,
+                    repo: j.repo.clone(),
+                    branch: j.branch.clone(),
+                    commit: j.commit.clone(),
+                    attempt: j.attempt,
+                    rerun_base: j.rerun_base,
+                };
+                self.with_sched(|s| s.handle_rerun(spec, now()));
+                self.notifier.event(|| Event::Job {
+                    id: job,
+                    change: JobChange::Queued,
+                });
+                self.wake_assigner();
+                tracing::info!(job = %job, after = %j.rerun_base, "rerun queued");
+                format!("job {job} queued again (attempt {} next)", j.attempt.0 + 1)
+            }
+            (RerunOutcome::Active, Some(j)) => {
+                format!(
+                    "job {job} is {}: only a finished job can be rerun",
+                    j.status
+                )
+            }
+            _ => format!("no job {job}"),
+        };
+        Ok(RerunReply {
+            outcome: if record.is_none() {
+                RerunOutcome::Unknown
+            } else {
+                outcome
+            },
+            message,
+            job: record,
+        })
+    }
+
+    /// Every attempt of a job, oldest first, with its tasks.
+    pub async fn attempts(&self, job: JobId) -> Result<Vec<AttemptRecord>, ServiceError> {
+        Ok(self.store.attempts(job).await?)
+    }
+
     /// One job, as recorded.
     pub async fn get_job(&self, job: JobId) -> Result<Option<Job>, ServiceError> {
         Ok(self.store.get_job(job).await?)
@@ -236,6 +313,22 @@ impl Service {
     pub fn follow_log(&self, job: JobId, offset: u64, follow: bool) -> LogFollow {
         let watch = follow.then(|| self.notifier.watch(job));
         LogFollow::new(Arc::clone(&self.store), job, offset, watch)
+    }
+
+    /// [`Service::follow_log`] of one attempt (`None`: the latest); an
+    /// earlier attempt's log is read to its end and not followed.
+    pub fn follow_attempt_log(
+        &self,
+        job: JobId,
+        attempt: Option<crate::domain::Attempt>,
+        offset: u64,
+        follow: bool,
+    ) -> LogFollow {
+        let reader = self.follow_log(job, offset, follow);
+        match attempt {
+            Some(attempt) => reader.of_attempt(attempt),
+            None => reader,
+        }
     }
 
     /// Job and runner changes as they happen, for pages and streams. A

@@ -27,8 +27,8 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 use crate::domain::{
-    Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk,
-    Submitted,
+    Attempt, AttemptRecord, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult,
+    LogChunk, Submitted,
 };
 
 #[cfg(feature = "testing")]
@@ -213,6 +213,16 @@ pub trait JobStore: Send + Sync + 'static {
         offset: u64,
         max_bytes: usize,
     ) -> StoreFuture<'_, Bytes>;
+
+    /// Queues a new run of a finished job: its status becomes `queued`, the
+    /// next assignment is a new attempt, and the earlier attempts' results,
+    /// tasks and logs stay readable. `Conflict` for a queued or running
+    /// job; `NoSuchJob` for an unknown one.
+    fn rerun(&self, job: JobId) -> StoreFuture<'_, ()>;
+
+    /// Every attempt of `job`, oldest first, with its tasks; empty for an
+    /// unknown job or one never assigned.
+    fn attempts(&self, job: JobId) -> StoreFuture<'_, Vec<AttemptRecord>>;
 
     /// The newest job of every (repository, branch) pair, ordered by
     /// repository then branch: the repositories page and badges.

@@ -10,11 +10,11 @@ use surveil_proto as proto;
 use surveil_proto::{Envelope, Msg, Role};
 
 use crate::domain::{
-    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
-    LogStream, ResultAck, RunnerHello, RunnerReport, RunnerView, StatusView, Submission,
-    TaskResult, TaskStatus, TestReport, ToRunner,
+    Attempt, AttemptRecord, AttemptStatus, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult,
+    JobStatus, LogChunk, LogStream, ResultAck, RunnerHello, RunnerReport, RunnerView, StatusView,
+    Submission, TaskResult, TaskStatus, TestReport, ToRunner,
 };
-use crate::service::{CancelReply, LogEvent};
+use crate::service::{CancelReply, LogEvent, RerunOutcome, RerunReply};
 
 /// Why a frame cannot be taken.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,10 +41,12 @@ pub enum ClientRequest {
     ReadLog {
         /// The job.
         job: JobId,
-        /// Where to start in its latest attempt's log.
+        /// Where to start in the attempt's log.
         offset: u64,
         /// Whether to keep reading until the job is final.
         follow: bool,
+        /// The attempt whose log to read; `None` for the latest.
+        attempt: Option<Attempt>,
     },
     /// The connected runners.
     ListRunners,
@@ -52,6 +54,8 @@ pub enum ClientRequest {
     GetStatus,
     /// Cancel a job.
     Cancel(JobId),
+    /// Queue a new attempt of a finished job.
+    Rerun(JobId),
 }
 
 fn protocol(text: String) -> FrameError {
@@ -116,7 +120,9 @@ pub fn runner_report(msg: Msg) -> Result<RunnerReport, FrameError> {
         | Msg::GetStatus(_)
         | Msg::GetStatusReply(_)
         | Msg::CancelJob(_)
-        | Msg::CancelJobReply(_)) => Err(protocol(format!(
+        | Msg::CancelJobReply(_)
+        | Msg::RerunJob(_)
+        | Msg::RerunJobReply(_)) => Err(protocol(format!(
             "a runner may not send {}; runners send Pong, Started, Log and JobFinished",
             other.name()
         ))),
@@ -266,16 +272,19 @@ pub fn client_request(role: Role, msg: Msg) -> Result<ClientRequest, FrameError>
             job: JobId(q.job_id),
             offset: q.offset,
             follow: q.follow,
+            attempt: (q.attempt > 0).then_some(Attempt(q.attempt)),
         }),
         Msg::ListRunners(_) if queries => Ok(ClientRequest::ListRunners),
         Msg::GetStatus(_) if queries => Ok(ClientRequest::GetStatus),
         Msg::CancelJob(q) if queries => Ok(ClientRequest::Cancel(JobId(q.job_id))),
+        Msg::RerunJob(q) if queries => Ok(ClientRequest::Rerun(JobId(q.job_id))),
         other @ (Msg::ListJobs(_)
         | Msg::GetJob(_)
         | Msg::ReadLog(_)
         | Msg::ListRunners(_)
         | Msg::GetStatus(_)
         | Msg::CancelJob(_)
+        | Msg::RerunJob(_)
         | Msg::Welcome(_)
         | Msg::Reject(_)
         | Msg::SubmitAck(_)
@@ -291,9 +300,10 @@ pub fn client_request(role: Role, msg: Msg) -> Result<ClientRequest, FrameError>
         | Msg::ReadLogReply(_)
         | Msg::ListRunnersReply(_)
         | Msg::GetStatusReply(_)
-        | Msg::CancelJobReply(_)) => {
+        | Msg::CancelJobReply(_)
+        | Msg::RerunJobReply(_)) => {
             let allowed = if queries {
-                "clients send Submit, ListJobs, GetJob, ReadLog, ListRunners, GetStatus and CancelJob"
+                "clients send Submit, ListJobs, GetJob, ReadLog, ListRunners, GetStatus, CancelJob and RerunJob"
             } else {
                 "observers send Submit"
             };
@@ -406,27 +416,51 @@ pub fn job_info(job: Job) -> proto::JobInfo {
         queued_at_ms: job.queued_at_ms,
         started_at_ms: job.started_at_ms,
         finished_at_ms: job.finished_at_ms,
-        tasks: job
-            .tasks
-            .into_iter()
-            .map(|t| proto::TaskResult {
-                name: t.name,
-                status: task_status(t.status),
-                exit_code: t.exit_code,
-                signal: t.signal,
-                duration_ms: t.duration_ms,
-                message: t.message,
-                started_at_ms: t.started_at_ms,
-                report: t.report.map(|r| proto::TestReport {
-                    passed: r.passed,
-                    failed: r.failed,
-                    skipped: r.skipped,
-                    failing: r.failing,
-                    problems: r.problems,
-                }),
-            })
-            .collect(),
+        tasks: job.tasks.into_iter().map(task_result).collect(),
+        attempts: Vec::new(),
     }
+}
+
+fn task_result(t: TaskResult) -> proto::TaskResult {
+    proto::TaskResult {
+        name: t.name,
+        status: task_status(t.status),
+        exit_code: t.exit_code,
+        signal: t.signal,
+        duration_ms: t.duration_ms,
+        message: t.message,
+        started_at_ms: t.started_at_ms,
+        report: t.report.map(|r| proto::TestReport {
+            passed: r.passed,
+            failed: r.failed,
+            skipped: r.skipped,
+            failing: r.failing,
+            problems: r.problems,
+        }),
+    }
+}
+
+/// A job with its attempts, as `GetJob` and `RerunJob` replies carry it.
+pub fn job_with_attempts(job: Job, attempts: Vec<AttemptRecord>) -> proto::JobInfo {
+    let mut info = job_info(job);
+    info.attempts = attempts
+        .into_iter()
+        .map(|a| proto::AttemptInfo {
+            attempt: a.attempt.0,
+            runner: a.runner,
+            status: match a.status {
+                AttemptStatus::Running => job_status(JobStatus::Running),
+                AttemptStatus::Ended(s) => job_status(JobStatus::Final(s)),
+                AttemptStatus::Revoked => proto::JobStatus::Unspecified as i32,
+            },
+            message: a.message,
+            assigned_at_ms: a.assigned_at_ms,
+            started_at_ms: a.started_at_ms,
+            finished_at_ms: a.finished_at_ms,
+            tasks: a.tasks.into_iter().map(task_result).collect(),
+        })
+        .collect();
+    info
 }
 
 /// The answer to `ListRunners`.
@@ -474,6 +508,15 @@ pub fn cancel_reply(reply: CancelReply) -> proto::CancelJobReply {
         ok: reply.ok,
         message: reply.message,
         job: reply.job.map(job_info),
+    }
+}
+
+/// The answer to `RerunJob`.
+pub fn rerun_reply(reply: RerunReply, attempts: Vec<AttemptRecord>) -> proto::RerunJobReply {
+    proto::RerunJobReply {
+        ok: reply.outcome == RerunOutcome::Queued,
+        message: reply.message,
+        job: reply.job.map(|j| job_with_attempts(j, attempts)),
     }
 }
 

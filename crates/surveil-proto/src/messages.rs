@@ -58,6 +58,8 @@ arms!(
     GetStatusReply,
     CancelJob,
     CancelJobReply,
+    RerunJob,
+    RerunJobReply,
 );
 
 impl From<Msg> for Envelope {

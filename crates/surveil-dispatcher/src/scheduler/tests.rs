@@ -37,6 +37,7 @@ fn job(id: u64, repo: &str) -> JobSpec {
         branch: "main".to_owned(),
         commit: CommitId::parse(&format!("{id:040x}")).unwrap(),
         attempt: a(0),
+        rerun_base: a(0),
     }
 }
 
@@ -324,6 +325,50 @@ fn lost_max_attempts_times_ends_error_saying_runners_were_lost() {
     assert_eq!(finish.0, FinalStatus::Error);
     assert!(finish.1.contains("runners were lost"), "{}", finish.1);
     assert!(!s.knows_job(j(1)));
+}
+
+#[test]
+fn a_rerun_gets_a_fresh_attempt_budget_after_the_attempts_before_it() {
+    let t = Instant::now();
+    let mut s = sched(2);
+    // Ended after attempt 2 (its runners lost twice), then rerun.
+    let mut spec = job(1, REPO);
+    spec.attempt = a(2);
+    spec.rerun_base = a(2);
+    s.handle_rerun(spec, t);
+    assert_eq!(s.waiting()[0].1.lost_attempts, 0);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.schedule(t);
+    let assigned: Vec<u32> = s
+        .drain_effects()
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Assign { assignment, .. } => Some(assignment.attempt.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(assigned, vec![3], "the attempt after the earlier ones");
+    // One lost attempt of the new run requeues it: the budget is 2 again.
+    s.handle_runner_disconnected(sid(1), "connection reset", t);
+    let effects = s.drain_effects();
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Requeue { .. })),
+        "{effects:?}"
+    );
+    assert_eq!(s.waiting()[0].1.lost_attempts, 1);
+    // A second loss uses it up.
+    s.handle_runner_connected(sid(2), runner("a", 1), t);
+    s.schedule(t);
+    s.handle_runner_disconnected(sid(2), "connection reset", t);
+    let effects = s.drain_effects();
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::Finish { status: FinalStatus::Error, message, .. } if message.contains("after 2 attempts")
+        )),
+        "{effects:?}"
+    );
+    s.check_invariants().unwrap();
 }
 
 #[test]

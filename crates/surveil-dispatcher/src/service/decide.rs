@@ -42,6 +42,7 @@ pub fn recover(sched: &mut Scheduler, unfinished: Vec<Job>, now: Instant) -> (us
             branch: job.branch,
             commit: job.commit,
             attempt: job.attempt,
+            rerun_base: job.rerun_base,
         };
         if job.status == JobStatus::Running {
             running.push((spec, runner));
@@ -77,6 +78,9 @@ pub fn submitted(
                 branch: row.branch.clone(),
                 commit: commit.clone(),
                 attempt: row.attempt,
+                // A commit resubmitted while queued after a rerun: the
+                // rerun's own call sets the budget (`handle_rerun`).
+                rerun_base: Attempt(0),
             },
             now,
         );

@@ -60,6 +60,8 @@ pub struct LogFollow {
     job: JobId,
     offset: u64,
     attempt: Option<Attempt>,
+    /// Reads this attempt's log instead of the latest attempt's.
+    fixed: Option<Attempt>,
     /// Present when following: wakes the reader when the job changes.
     watch: Option<JobWatch>,
 }
@@ -76,8 +78,16 @@ impl LogFollow {
             job,
             offset,
             attempt: None,
+            fixed: None,
             watch,
         }
+    }
+
+    /// Reads `attempt`'s log rather than the latest attempt's (an earlier
+    /// attempt's log ends where it is; the current one's is followed).
+    pub(super) fn of_attempt(mut self, attempt: Attempt) -> LogFollow {
+        self.fixed = Some(attempt);
+        self
     }
 
     /// The next piece of the log; when following and nothing new is
@@ -93,31 +103,34 @@ impl LogFollow {
             let Some(job) = self.store.get_job(self.job).await? else {
                 return Ok(LogEvent::NotFound);
             };
-            if self.attempt.is_some_and(|a| a != job.attempt) {
+            let attempt = self.fixed.unwrap_or(job.attempt);
+            if self.attempt.is_some_and(|a| a != attempt) {
                 self.offset = 0;
             }
-            self.attempt = Some(job.attempt);
+            self.attempt = Some(attempt);
+            // An earlier attempt never gets more bytes.
+            let done = job.status.is_final() || attempt != job.attempt;
             // The status is read before the bytes: once it is final, this
             // read sees every byte that made it in before the end.
             let data = self
                 .store
-                .read_log(self.job, job.attempt, self.offset, LOG_PIECE)
+                .read_log(self.job, attempt, self.offset, LOG_PIECE)
                 .await?;
             if !data.is_empty() {
                 let offset = self.offset;
                 self.offset += data.len() as u64;
                 return Ok(LogEvent::Bytes {
-                    attempt: job.attempt,
+                    attempt,
                     offset,
                     data,
                     status: job.status,
                 });
             }
             match &mut self.watch {
-                Some(watch) if !job.status.is_final() => watch.changed().await,
+                Some(watch) if !done => watch.changed().await,
                 _ => {
                     return Ok(LogEvent::End {
-                        attempt: job.attempt,
+                        attempt,
                         offset: self.offset,
                         status: job.status,
                     });

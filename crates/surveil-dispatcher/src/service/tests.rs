@@ -96,6 +96,16 @@ impl JobStore for Counting {
         self.inner.finish(job, status, message, now_ms)
     }
 
+    fn rerun(&self, job: JobId) -> StoreFuture<'_, ()> {
+        self.write();
+        self.inner.rerun(job)
+    }
+
+    fn attempts(&self, job: JobId) -> StoreFuture<'_, Vec<crate::domain::AttemptRecord>> {
+        self.read();
+        self.inner.attempts(job)
+    }
+
     fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>> {
         self.read();
         self.inner.get_job(id)

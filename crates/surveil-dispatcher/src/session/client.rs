@@ -65,8 +65,12 @@ async fn answer(
         }
         ClientRequest::GetJob(id) => {
             let job = read(service.get_job(id).await, io).await?;
+            let attempts = match &job {
+                Some(_) => read(service.attempts(id).await, io).await?,
+                None => Vec::new(),
+            };
             GetJobReply {
-                job: job.map(wire::job_info),
+                job: job.map(|j| wire::job_with_attempts(j, attempts)),
             }
             .into()
         }
@@ -74,14 +78,21 @@ async fn answer(
             job,
             offset,
             follow,
+            attempt,
         } => {
-            read_log(service, job, offset, follow, io).await?;
+            let log = service.follow_attempt_log(job, attempt, offset, follow);
+            read_log(log, job, io).await?;
             return Ok(None);
         }
         ClientRequest::ListRunners => wire::runners_reply(service.runners()).into(),
         ClientRequest::GetStatus => wire::status_reply(service.status()).into(),
         ClientRequest::Cancel(id) => {
             wire::cancel_reply(read(service.cancel(id).await, io).await?).into()
+        }
+        ClientRequest::Rerun(id) => {
+            let reply = read(service.rerun(id).await, io).await?;
+            let attempts = read(service.attempts(id).await, io).await?;
+            wire::rerun_reply(reply, attempts).into()
         }
     };
     Ok(Some(reply))
@@ -101,16 +112,10 @@ async fn read<T>(result: Result<T, ServiceError>, io: &Io) -> Result<T, End> {
     }
 }
 
-/// Answers `ReadLog`: the latest attempt's log from the offset, and with
-/// `follow` new pieces as they are stored until the job is final.
-async fn read_log(
-    service: &Service,
-    job: JobId,
-    offset: u64,
-    follow: bool,
-    io: &Io,
-) -> Result<(), End> {
-    let mut log = service.follow_log(job, offset, follow);
+/// Answers `ReadLog`: the attempt's log (the latest's by default) from
+/// the offset, and with `follow` new pieces as they are stored until the
+/// job is final.
+async fn read_log(mut log: crate::service::LogFollow, job: JobId, io: &Io) -> Result<(), End> {
     loop {
         let event = tokio::select! {
             event = log.next() => read(event.map_err(ServiceError::from), io).await?,

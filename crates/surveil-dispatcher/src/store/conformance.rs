@@ -21,8 +21,8 @@ use bytes::Bytes;
 
 use super::{JobStore, RecordOutcome, StoreError};
 use crate::domain::{
-    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
-    LogStream, TaskResult, TaskStatus, TestReport,
+    Attempt, AttemptStatus, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus,
+    LogChunk, LogStream, TaskResult, TaskStatus, TestReport,
 };
 
 /// Makes the stores the suite runs on.
@@ -65,6 +65,7 @@ macro_rules! store_conformance_tests {
             listing_pages_by_before_without_gaps_or_repeats,
             unfinished_jobs_are_what_recovery_needs,
             branches_show_each_pairs_newest_job,
+            rerun_queues_a_new_attempt_and_keeps_the_earlier_ones,
             acknowledged_writes_survive_a_reopen,
             writes_after_close_fail_and_reads_still_work,
         );
@@ -813,4 +814,100 @@ pub async fn writes_after_close_fail_and_reads_still_work<F: StoreFactory>(facto
     assert!(matches!(err, StoreError::Closed), "{err}");
     assert_eq!(job(&*store, id).await.status, JobStatus::Queued);
     store.close().await.unwrap();
+}
+
+/// `rerun` queues a finished job again (a new attempt follows the last),
+/// refuses an active or unknown job, and keeps every earlier attempt's
+/// result, tasks and log readable; `attempts` lists them all.
+pub async fn rerun_queues_a_new_attempt_and_keeps_the_earlier_ones<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let id = submit(store, &[1]).await[0];
+    assert!(store.attempts(id).await.unwrap().is_empty());
+    assert!(matches!(
+        store.rerun(id).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(matches!(
+        store.rerun(JobId(id.0 + 100)).await,
+        Err(StoreError::NoSuchJob(_))
+    ));
+    // Attempt 1 is lost, attempt 2 fails.
+    store.assign(id, Attempt(1), "ci-1", 10).await.unwrap();
+    store.requeue(id, Attempt(1), "runner lost").await.unwrap();
+    store.assign(id, Attempt(2), "ci-2", 20).await.unwrap();
+    store.started(id, Attempt(2), 21).await.unwrap();
+    log(store, id, 2, 0, b"first run").await;
+    assert!(matches!(
+        store.rerun(id).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    record(store, id, 2, FinalStatus::Failed).await;
+    let failed = job(store, id).await;
+    assert_eq!(failed.rerun_base, Attempt(0));
+
+    store.rerun(id).await.unwrap();
+    let queued = job(store, id).await;
+    assert_eq!(queued.status, JobStatus::Queued);
+    assert_eq!(
+        (queued.attempt, queued.rerun_base),
+        (Attempt(2), Attempt(2))
+    );
+    assert_eq!(
+        (queued.runner.as_deref(), queued.finished_at_ms),
+        (None, None)
+    );
+    assert!(queued.tasks.is_empty(), "a queued job shows no result");
+    assert_eq!(queued.queued_at_ms, failed.queued_at_ms);
+    assert!(store.unfinished().await.unwrap().iter().any(|j| j.id == id));
+    // A late result of the old attempt is not the new run's.
+    assert_ne!(
+        record(store, id, 2, FinalStatus::Passed).await,
+        RecordOutcome::Recorded
+    );
+    assert_eq!(job(store, id).await, queued);
+
+    store.assign(id, Attempt(3), "ci-1", 30).await.unwrap();
+    log(store, id, 3, 0, b"second run").await;
+    assert_eq!(
+        record(store, id, 3, FinalStatus::Passed).await,
+        RecordOutcome::Recorded
+    );
+    let passed = job(store, id).await;
+    assert_eq!(passed.status, JobStatus::Final(FinalStatus::Passed));
+    assert_eq!(
+        (passed.attempt, passed.rerun_base),
+        (Attempt(3), Attempt(2))
+    );
+    assert_eq!(&read_all(store, id, 2).await[..], b"first run");
+    assert_eq!(&read_all(store, id, 3).await[..], b"second run");
+
+    let attempts = store.attempts(id).await.unwrap();
+    let summary: Vec<_> = attempts
+        .iter()
+        .map(|a| (a.attempt, a.runner.as_str(), a.status))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (Attempt(1), "ci-1", AttemptStatus::Revoked),
+            (
+                Attempt(2),
+                "ci-2",
+                AttemptStatus::Ended(FinalStatus::Failed)
+            ),
+            (
+                Attempt(3),
+                "ci-1",
+                AttemptStatus::Ended(FinalStatus::Passed)
+            ),
+        ]
+    );
+    assert_eq!(attempts[0].message.as_deref(), Some("runner lost"));
+    assert!(attempts[0].tasks.is_empty());
+    assert_eq!(attempts[1].assigned_at_ms, 20);
+    assert_eq!(attempts[1].started_at_ms, Some(21));
+    assert_eq!(attempts[1].tasks, result(FinalStatus::Failed).tasks);
+    assert_eq!(attempts[2].tasks, passed.tasks);
+    assert!(store.attempts(JobId(id.0 + 100)).await.unwrap().is_empty());
 }

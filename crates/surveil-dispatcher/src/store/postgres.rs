@@ -390,6 +390,14 @@ impl JobStore for PostgresStore {
         }))))
     }
 
+    fn rerun(&self, job: JobId) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(op(Box::new(move |c: &Conn| Box::pin(sql::rerun(c, job))))))
+    }
+
+    fn attempts(&self, job: JobId) -> StoreFuture<'_, Vec<crate::domain::AttemptRecord>> {
+        Box::pin(async move { sql::attempts(&*self.conn().await?, job).await })
+    }
+
     fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>> {
         Box::pin(async move { sql::get_job(&*self.conn().await?, id).await })
     }

@@ -280,6 +280,14 @@ impl JobStore for SqliteStore {
         Box::pin(self.write(move |c| sql::finish(c, job, status, &message, now_ms)))
     }
 
+    fn rerun(&self, job: JobId) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c| sql::rerun(c, job)))
+    }
+
+    fn attempts(&self, job: JobId) -> StoreFuture<'_, Vec<crate::domain::AttemptRecord>> {
+        Box::pin(self.read(move |c| sql::attempts(c, job)))
+    }
+
     fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>> {
         Box::pin(self.read(move |c| sql::get_job(c, id)))
     }

@@ -23,7 +23,7 @@ use super::App;
 use super::auth::{CSRF_HEADER, Refusal, Who};
 use super::views::{self, JobJson, RunnerJson, StatusJson};
 use crate::domain::{CommitId, JobFilter, JobId, JobStatus, Submission};
-use crate::service::{LogEvent, ServiceError};
+use crate::service::{LogEvent, RerunOutcome, ServiceError};
 
 /// Jobs a page lists when `limit` is not given.
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -117,6 +117,7 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/api/v1/jobs/{id}", get(get_job))
         .route("/api/v1/jobs/{id}/log", get(read_log))
         .route("/api/v1/jobs/{id}/cancel", post(cancel))
+        .route("/api/v1/jobs/{id}/rerun", post(rerun))
         .route("/api/v1/submit", post(submit))
         .route("/api/v1/runners", get(runners))
         .route("/api/v1/status", get(status))
@@ -282,13 +283,17 @@ async fn get_job(
     } else {
         None
     };
-    Ok(Json(JobJson::new(&job, waiting.as_ref().map(|(_, w)| w))))
+    let attempts = app.service.attempts(id).await?;
+    Ok(Json(
+        JobJson::new(&job, waiting.as_ref().map(|(_, w)| w)).with_attempts(&attempts),
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LogQuery {
     from: Option<String>,
+    attempt: Option<String>,
 }
 
 /// The log as plain text from `?from=BYTE` to its end so far; the
@@ -301,11 +306,16 @@ async fn read_log(
 ) -> ApiResult<Response> {
     reader(&app, &headers)?;
     let id = job_id(&id)?;
-    let from = match query(q)?.from {
+    let q = query(q)?;
+    let from = match q.from {
         Some(f) => number("from", &f)?,
         None => 0,
     };
-    let mut follow = app.service.follow_log(id, from, false);
+    let attempt = match q.attempt {
+        Some(a) => Some(attempt_number(&a)?),
+        None => None,
+    };
+    let mut follow = app.service.follow_attempt_log(id, attempt, from, false);
     let first = follow.next().await?;
     let attempt = match &first {
         LogEvent::NotFound => return Err(ApiError::not_found(format!("no job {id}"))),
@@ -332,6 +342,38 @@ async fn read_log(
     );
     h.insert("x-surveil-log-attempt", HeaderValue::from(attempt.0));
     Ok(response)
+}
+
+/// `?attempt=N`: a positive attempt number.
+fn attempt_number(text: &str) -> ApiResult<crate::domain::Attempt> {
+    match text.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(crate::domain::Attempt(n)),
+        _ => Err(ApiError::bad_request(format!(
+            "attempt={text}: not an attempt number (1 is the first)"
+        ))),
+    }
+}
+
+async fn rerun(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    writer(&app, &headers)?;
+    let id = job_id(&id)?;
+    let reply = app.service.rerun(id).await?;
+    match reply.outcome {
+        RerunOutcome::Unknown => Err(ApiError::not_found(reply.message)),
+        RerunOutcome::Active => Err(ApiError::new(StatusCode::CONFLICT, reply.message)),
+        RerunOutcome::Queued => {
+            let attempts = app.service.attempts(id).await?;
+            let job = reply
+                .job
+                .as_ref()
+                .map(|j| JobJson::new(j, None).with_attempts(&attempts));
+            Ok(Json(json!({ "ok": true, "message": reply.message, "job": job })).into_response())
+        }
+    }
 }
 
 async fn cancel(

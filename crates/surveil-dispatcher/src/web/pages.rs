@@ -40,6 +40,7 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/repos/{key}", get(repo::page))
         .route("/jobs/{id}", get(job::page))
         .route("/jobs/{id}/cancel", post(cancel))
+        .route("/jobs/{id}/rerun", post(rerun))
         .route("/runners", get(fleet::runners))
         .route("/status", get(fleet::status))
         .route("/login", get(login_form).post(login))
@@ -292,6 +293,29 @@ async fn cancel(
         return Err(ApiError::new(StatusCode::CONFLICT, reply.message).into());
     }
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+async fn rerun(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, PageError> {
+    let who = app.auth.identify(&headers);
+    app.auth
+        .check_write(&who, form.csrf.as_deref())
+        .map_err(|r| ApiError::refused(&r))?;
+    let id = job_id(&id)?;
+    let reply = app.service.rerun(id).await?;
+    match reply.outcome {
+        crate::service::RerunOutcome::Queued => {
+            Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+        }
+        crate::service::RerunOutcome::Active => {
+            Err(ApiError::new(StatusCode::CONFLICT, reply.message).into())
+        }
+        crate::service::RerunOutcome::Unknown => Err(ApiError::not_found(reply.message).into()),
+    }
 }
 
 #[cfg(test)]

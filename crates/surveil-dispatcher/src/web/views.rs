@@ -9,7 +9,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::domain::{BranchHead, Job, LeaderView, RunnerView, StatusView, TaskResult, Waiting};
+use crate::domain::{
+    AttemptRecord, BranchHead, Job, LeaderView, RunnerView, StatusView, TaskResult, Waiting,
+};
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds and `Z` (contract).
 pub fn timestamp(unix_ms: u64) -> String {
@@ -37,6 +39,38 @@ pub struct JobJson {
     /// Why a queued job waits; absent for other jobs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<WaitingJson>,
+    /// Every attempt, oldest first: in one job's answers, absent in lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<AttemptJson>>,
+}
+
+/// One attempt of a job (as `surveil job ID --json` lists them).
+#[derive(Debug, Serialize)]
+pub struct AttemptJson {
+    pub attempt: u32,
+    pub runner: String,
+    /// `running`, a final status, or `revoked` (lost without a result).
+    pub status: &'static str,
+    pub message: Option<String>,
+    pub assigned_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub tasks: Vec<TaskJson>,
+}
+
+impl From<&AttemptRecord> for AttemptJson {
+    fn from(a: &AttemptRecord) -> Self {
+        AttemptJson {
+            attempt: a.attempt.0,
+            runner: a.runner.clone(),
+            status: a.status.label(),
+            message: non_empty(a.message.as_deref()),
+            assigned_at: timestamp(a.assigned_at_ms),
+            started_at: a.started_at_ms.map(timestamp),
+            finished_at: a.finished_at_ms.map(timestamp),
+            tasks: a.tasks.iter().map(TaskJson::from).collect(),
+        }
+    }
 }
 
 /// One task result.
@@ -98,7 +132,14 @@ impl JobJson {
             tasks: job.tasks.iter().map(TaskJson::from).collect(),
             repo_key: repo_key(&job.repo),
             waiting: waiting.map(WaitingJson::from),
+            attempts: None,
         }
+    }
+
+    /// With its attempts listed.
+    pub fn with_attempts(mut self, attempts: &[AttemptRecord]) -> JobJson {
+        self.attempts = Some(attempts.iter().map(AttemptJson::from).collect());
+        self
     }
 }
 

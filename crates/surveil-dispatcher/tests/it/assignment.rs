@@ -51,6 +51,7 @@ async fn submitted_commit_is_assigned_run_and_recorded() {
             job_id: ids[0],
             offset: 0,
             follow: false,
+            ..ReadLog::default()
         })
         .await
         .unwrap();

@@ -557,3 +557,109 @@ async fn waiting_reasons_badges_metrics_and_pages_show_the_real_state() {
     );
     d.stop().await;
 }
+
+fn log_chunk(job: u64, attempt: u32, data: &[u8]) -> Log {
+    Log {
+        job_id: job,
+        attempt,
+        task: 0,
+        stream: Stream::Stdout as i32,
+        offset: 0,
+        data: data.to_vec().into(),
+    }
+}
+
+async fn post_rerun(base: &str, id: u64, token: Option<&str>) -> (StatusCode, Value) {
+    let mut request = http().post(format!("{base}/api/v1/jobs/{id}/rerun"));
+    if let Some(token) = token {
+        request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let r = request.send().await.unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn rerun_queues_a_new_attempt_of_a_finished_job_and_keeps_the_first_attempts_log() {
+    let (_dir, d, base) = start(true).await;
+    let id = submit(&base, &[commit(1)]).await[0];
+    let mut runner = runner(&d).await;
+    assert_eq!(runner.expect_assign().await.attempt, 1);
+
+    // Refused while it runs (409), without the token (401), unknown (404).
+    let (code, body) = post_rerun(&base, id, Some(TOKEN)).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("only a finished job"),
+        "{body}"
+    );
+    let (code, _) = post_rerun(&base, id, None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, body) = post_rerun(&base, 4242, Some(TOKEN)).await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
+
+    runner.send(log_chunk(id, 1, b"first: broken\n")).await;
+    assert!(runner.finish(id, 1, JobStatus::Failed).await.accepted);
+    let (code, body) = post_rerun(&base, id, Some(TOKEN)).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["job"]["status"], "queued", "{body}");
+    assert_eq!(body["job"]["attempts"][0]["status"], "failed", "{body}");
+
+    // The second attempt runs and passes.
+    let assign = runner.expect_assign().await;
+    assert_eq!((assign.job_id, assign.attempt), (id, 2));
+    runner.send(log_chunk(id, 2, b"second: fixed\n")).await;
+    assert!(runner.finish(id, 2, JobStatus::Passed).await.accepted);
+
+    let (code, job) = get_json(&format!("{base}/api/v1/jobs/{id}")).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        (job["status"].as_str(), job["attempt"].as_u64()),
+        (Some("passed"), Some(2))
+    );
+    let attempts: Vec<(u64, &str)> = job["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["attempt"].as_u64().unwrap(),
+                a["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(attempts, vec![(1, "failed"), (2, "passed")], "{job}");
+    let log = |q: &str| {
+        let url = format!("{base}/api/v1/jobs/{id}/log{q}");
+        async move { http().get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(log("").await, "second: fixed\n");
+    assert_eq!(log("?attempt=1").await, "first: broken\n");
+    assert_eq!(log("?attempt=2").await, "second: fixed\n");
+    let r = http()
+        .get(format!("{base}/api/v1/jobs/{id}/log?attempt=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // The page lists both attempts, each linking its own log.
+    let page = http()
+        .get(format!("{base}/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&format!("/api/v1/jobs/{id}/log?attempt=1")),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!("/api/v1/jobs/{id}/log?attempt=2")),
+        "{page}"
+    );
+    d.stop().await;
+}

@@ -77,6 +77,7 @@ async fn read_log_follow_streams_until_the_job_ends() {
             job_id: id,
             offset: 0,
             follow: true,
+            ..ReadLog::default()
         })
         .await
         .unwrap();
@@ -123,6 +124,7 @@ async fn read_log_follow_streams_until_the_job_ends() {
             job_id: 4242,
             offset: 0,
             follow: true,
+            ..ReadLog::default()
         })
         .await
         .unwrap();

@@ -7,7 +7,7 @@ pub struct Envelope {
     /// The message carried by this frame; exactly one arm is set.
     #[prost(
         oneof = "envelope::Msg",
-        tags = "1, 2, 3, 4, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51"
+        tags = "1, 2, 3, 4, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53"
     )]
     pub msg: ::core::option::Option<envelope::Msg>,
 }
@@ -94,6 +94,12 @@ pub mod envelope {
         /// Dispatcher -> client: answer to cancel_job.
         #[prost(message, tag = "51")]
         CancelJobReply(super::CancelJobReply),
+        /// Client -> dispatcher: queue a new attempt of a finished job.
+        #[prost(message, tag = "52")]
+        RerunJob(super::RerunJob),
+        /// Dispatcher -> client: answer to rerun_job.
+        #[prost(message, tag = "53")]
+        RerunJobReply(super::RerunJobReply),
     }
 }
 /// Sent by the client (runner, observer or CLI) as the first frame.
@@ -406,6 +412,39 @@ pub struct JobInfo {
     /// Per-task results of the recorded attempt.
     #[prost(message, repeated, tag = "12")]
     pub tasks: ::prost::alloc::vec::Vec<TaskResult>,
+    /// Every attempt, oldest first; filled in GetJob and RerunJob replies
+    /// only (lists leave it empty).
+    #[prost(message, repeated, tag = "17")]
+    pub attempts: ::prost::alloc::vec::Vec<AttemptInfo>,
+}
+/// One attempt of a job: who ran it and how it ended.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AttemptInfo {
+    /// Its number (1 is the first).
+    #[prost(uint32, tag = "1")]
+    pub attempt: u32,
+    /// The runner it was assigned to.
+    #[prost(string, tag = "2")]
+    pub runner: ::prost::alloc::string::String,
+    /// How it stands: RUNNING, a final status, or UNSPECIFIED when it was
+    /// revoked without a result (runner lost, superseded, cancelled).
+    #[prost(enumeration = "JobStatus", tag = "3")]
+    pub status: i32,
+    /// The runner's message, or why it was revoked.
+    #[prost(string, optional, tag = "4")]
+    pub message: ::core::option::Option<::prost::alloc::string::String>,
+    /// Unix time in milliseconds when it was assigned.
+    #[prost(uint64, tag = "5")]
+    pub assigned_at_ms: u64,
+    /// Unix time in milliseconds when its runner said it started.
+    #[prost(uint64, optional, tag = "6")]
+    pub started_at_ms: ::core::option::Option<u64>,
+    /// Unix time in milliseconds when its result was recorded.
+    #[prost(uint64, optional, tag = "7")]
+    pub finished_at_ms: ::core::option::Option<u64>,
+    /// Per-task results of its result.
+    #[prost(message, repeated, tag = "8")]
+    pub tasks: ::prost::alloc::vec::Vec<TaskResult>,
 }
 /// Sent by a client: list jobs, newest first.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -453,6 +492,9 @@ pub struct ReadLog {
     /// Keep sending chunks as they arrive until the job ends.
     #[prost(bool, tag = "3")]
     pub follow: bool,
+    /// Read this attempt's log; 0 means the latest attempt.
+    #[prost(uint32, tag = "4")]
+    pub attempt: u32,
 }
 /// The dispatcher's answer to ReadLog: one or more of these; the last has
 /// `end` set.
@@ -578,6 +620,27 @@ pub struct CancelJobReply {
     #[prost(string, tag = "2")]
     pub message: ::prost::alloc::string::String,
     /// The job after the request.
+    #[prost(message, optional, tag = "3")]
+    pub job: ::core::option::Option<JobInfo>,
+}
+/// Sent by a client: queue a new attempt of a finished job; the earlier
+/// attempts' results and logs stay readable.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RerunJob {
+    /// The job id.
+    #[prost(uint64, tag = "1")]
+    pub job_id: u64,
+}
+/// The dispatcher's answer to RerunJob.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RerunJobReply {
+    /// True when a new attempt is queued.
+    #[prost(bool, tag = "1")]
+    pub ok: bool,
+    /// Why not, when ok is false (no such job, still queued or running).
+    #[prost(string, tag = "2")]
+    pub message: ::prost::alloc::string::String,
+    /// The job after the request, with its attempts; absent for no such job.
     #[prost(message, optional, tag = "3")]
     pub job: ::core::option::Option<JobInfo>,
 }

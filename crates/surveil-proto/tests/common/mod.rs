@@ -121,6 +121,7 @@ pub fn every_message() -> Vec<Msg> {
             job_id: 7,
             offset: 10,
             follow: true,
+            attempt: 2,
         }),
         Msg::ReadLogReply(ReadLogReply {
             job_id: 7,
@@ -167,10 +168,28 @@ pub fn every_message() -> Vec<Msg> {
             message: "job 7 already finished".into(),
             job: Some(job_info(7)),
         }),
+        Msg::RerunJob(RerunJob { job_id: 7 }),
+        Msg::RerunJobReply(RerunJobReply {
+            ok: true,
+            message: "job 7 queued again (attempt 3 next)".into(),
+            job: Some(JobInfo {
+                attempts: vec![AttemptInfo {
+                    attempt: 2,
+                    runner: "ci-1".into(),
+                    status: JobStatus::Failed as i32,
+                    message: Some("a task failed".into()),
+                    assigned_at_ms: 1_700_000_000_000,
+                    started_at_ms: Some(1_700_000_000_100),
+                    finished_at_ms: Some(1_700_000_001_000),
+                    tasks: Vec::new(),
+                }],
+                ..job_info(7)
+            }),
+        }),
     ];
     // Exhaustive on purpose: a new arm in the .proto stops this compiling
     // until a sample of it is added above.
-    let mut seen = [false; 26];
+    let mut seen = [false; 28];
     for msg in &msgs {
         let index = match msg {
             Msg::Hello(_) => 0,
@@ -199,6 +218,8 @@ pub fn every_message() -> Vec<Msg> {
             Msg::GetStatusReply(_) => 23,
             Msg::CancelJob(_) => 24,
             Msg::CancelJobReply(_) => 25,
+            Msg::RerunJob(_) => 26,
+            Msg::RerunJobReply(_) => 27,
         };
         seen[index] = true;
     }
@@ -243,6 +264,7 @@ pub fn job_info(id: u64) -> JobInfo {
         started_at_ms: Some(1_764_300_001_000),
         finished_at_ms: Some(1_764_300_002_000),
         tasks: vec![task_result()],
+        attempts: Vec::new(),
     }
 }
 

@@ -109,6 +109,10 @@ pub const MIGRATIONS: &[&str] = &[
         ADD COLUMN tests_failing  TEXT[],
         ADD COLUMN tests_problems TEXT[];
     "#,
+    // 3: reruns (issue 15), as in SQLite's third script.
+    r#"
+    ALTER TABLE jobs ADD COLUMN rerun_base BIGINT NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Applies every script the database has not had yet. Refuses a database

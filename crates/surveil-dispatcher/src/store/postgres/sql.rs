@@ -14,13 +14,13 @@ use tokio_postgres::types::ToSql;
 
 use super::Ctx;
 use crate::domain::{
-    Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus,
-    LogChunk, Submitted, TaskResult, TaskStatus, TestReport,
+    Attempt, AttemptRecord, AttemptStatus, BranchHead, CommitId, FinalStatus, Job, JobFilter,
+    JobId, JobResult, JobStatus, LogChunk, Submitted, TaskResult, TaskStatus, TestReport,
 };
 use crate::store::{RecordOutcome, StoreError};
 
 const JOB_COLUMNS: &str = "id, repo, branch, commit_id, status, attempt, runner, message, \
-                           queued_at_ms, started_at_ms, finished_at_ms";
+                           queued_at_ms, started_at_ms, finished_at_ms, rerun_base";
 
 /// A u64 from the API as a BIGINT; PostgreSQL has no unsigned type.
 fn int(value: u64, what: &str) -> Result<i64, StoreError> {
@@ -498,6 +498,26 @@ pub async fn finish(
     Ok(())
 }
 
+/// Queues a new run of a finished job (see the SQLite store's `rerun`).
+pub async fn rerun(c: &Conn, job: JobId) -> Result<(), StoreError> {
+    let (status, current) = job_state(c, job).await?;
+    if !status.is_final() {
+        return Err(StoreError::Conflict {
+            job,
+            reason: format!("it is {status}: only a finished job can be rerun"),
+        });
+    }
+    exec(
+        c,
+        "UPDATE jobs SET status = 'queued', runner = NULL, message = NULL, \
+         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = $2 WHERE id = $1",
+        &[&id_of(job), &att(current)],
+        "queueing a rerun",
+    )
+    .await?;
+    Ok(())
+}
+
 // ---- reads ----
 
 fn job_from_row(row: &Row) -> Result<Job, StoreError> {
@@ -515,6 +535,7 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
         started_at_ms: get_opt_u64(row, 9)?,
         finished_at_ms: get_opt_u64(row, 10)?,
         tasks: Vec::new(),
+        rerun_base: get_attempt(row, 11)?,
     })
 }
 
@@ -522,6 +543,12 @@ async fn with_tasks(c: &Conn, mut job: Job) -> Result<Job, StoreError> {
     if job.attempt == Attempt(0) || !job.status.is_final() {
         return Ok(job);
     }
+    job.tasks = tasks_of(c, job.id, job.attempt).await?;
+    Ok(job)
+}
+
+/// The task results recorded for one attempt, in order.
+async fn tasks_of(c: &Conn, job: JobId, attempt: Attempt) -> Result<Vec<TaskResult>, StoreError> {
     let stmt = c
         .prepare_cached(
             "SELECT name, status, exit_code, signal, duration_ms, message, started_at_ms, \
@@ -531,11 +558,10 @@ async fn with_tasks(c: &Conn, mut job: Job) -> Result<Job, StoreError> {
         .await
         .ctx("preparing task results")?;
     let rows = c
-        .query(&stmt, &[&id_of(job.id), &att(job.attempt)])
+        .query(&stmt, &[&id_of(job), &att(attempt)])
         .await
         .ctx("reading task results")?;
-    job.tasks = rows
-        .iter()
+    rows.iter()
         .map(|row| {
             let label: String = row.get(1);
             Ok(TaskResult {
@@ -550,8 +576,51 @@ async fn with_tasks(c: &Conn, mut job: Job) -> Result<Job, StoreError> {
                 report: report_from_row(row, 7)?,
             })
         })
-        .collect::<Result<_, StoreError>>()?;
-    Ok(job)
+        .collect()
+}
+
+/// Every attempt of a job, oldest first, each with its tasks.
+pub async fn attempts(c: &Conn, job: JobId) -> Result<Vec<AttemptRecord>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT attempt, runner, result_status, result_message, ended_reason, \
+             assigned_at_ms, started_at_ms, finished_at_ms \
+             FROM attempts WHERE job_id = $1 ORDER BY attempt",
+            &[&id_of(job)],
+        )
+        .await
+        .ctx("reading attempts")?;
+    let mut records = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let result: Option<String> = row.try_get(2).ctx("reading a result status")?;
+        let ended: Option<String> = row.try_get(4).ctx("reading why an attempt ended")?;
+        let status = match &result {
+            Some(label) => match JobStatus::from_label(label) {
+                Some(JobStatus::Final(s)) => AttemptStatus::Ended(s),
+                _ => return Err(invalid(&format!("unknown result {label:?}"))),
+            },
+            None if ended.is_some() => AttemptStatus::Revoked,
+            None => AttemptStatus::Running,
+        };
+        let message: Option<String> = row.try_get(3).ctx("reading a result message")?;
+        let attempt = get_attempt(row, 0)?;
+        let tasks = if matches!(status, AttemptStatus::Ended(_)) {
+            tasks_of(c, job, attempt).await?
+        } else {
+            Vec::new()
+        };
+        records.push(AttemptRecord {
+            attempt,
+            runner: row.try_get(1).ctx("reading a runner")?,
+            status,
+            message: message.or(ended),
+            assigned_at_ms: get_u64(row, 5)?,
+            started_at_ms: get_opt_u64(row, 6)?,
+            finished_at_ms: get_opt_u64(row, 7)?,
+            tasks,
+        });
+    }
+    Ok(records)
 }
 
 /// The report columns from `idx` on; `None` when the task had none.

@@ -98,6 +98,12 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE task_results ADD COLUMN tests_failing TEXT;
     ALTER TABLE task_results ADD COLUMN tests_problems TEXT;
     "#,
+    // 3: reruns (issue 15). The attempt a rerun started after: attempts up
+    // to it belong to earlier runs and no longer count against
+    // --max-attempts. Earlier attempts' rows stay as they are.
+    r#"
+    ALTER TABLE jobs ADD COLUMN rerun_base INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Applies every script the database has not had yet, each in its own

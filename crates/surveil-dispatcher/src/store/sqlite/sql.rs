@@ -13,13 +13,13 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::Ctx;
 use crate::domain::{
-    Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus,
-    LogChunk, Submitted, TaskResult, TaskStatus, TestReport,
+    Attempt, AttemptRecord, AttemptStatus, BranchHead, CommitId, FinalStatus, Job, JobFilter,
+    JobId, JobResult, JobStatus, LogChunk, Submitted, TaskResult, TaskStatus, TestReport,
 };
 use crate::store::{RecordOutcome, StoreError};
 
 const JOB_COLUMNS: &str = "id, repo, branch, commit_id, status, attempt, runner, message, \
-                           queued_at_ms, started_at_ms, finished_at_ms";
+                           queued_at_ms, started_at_ms, finished_at_ms, rerun_base";
 
 /// A u64 from the API as a SQLite integer; SQLite has no unsigned type.
 fn int(value: u64, what: &str) -> Result<i64, StoreError> {
@@ -454,6 +454,25 @@ pub fn finish(
     Ok(())
 }
 
+/// Queues a new run of a finished job: the next assignment is a new
+/// attempt, and the earlier attempts' rows (results, tasks, logs) stay.
+pub fn rerun(c: &Connection, job: JobId) -> Result<(), StoreError> {
+    let (status, current) = job_state(c, job)?;
+    if !status.is_final() {
+        return Err(StoreError::Conflict {
+            job,
+            reason: format!("it is {status}: only a finished job can be rerun"),
+        });
+    }
+    c.execute(
+        "UPDATE jobs SET status = 'queued', runner = NULL, message = NULL, \
+         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = ?2 WHERE id = ?1",
+        params![id_of(job), current.0],
+    )
+    .ctx("queueing a rerun")?;
+    Ok(())
+}
+
 // ---- reads ----
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
@@ -470,6 +489,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         started_at_ms: get_opt_u64(row, 9)?,
         finished_at_ms: get_opt_u64(row, 10)?,
         tasks: Vec::new(),
+        rerun_base: get_attempt(row, 11)?,
     })
 }
 
@@ -479,6 +499,12 @@ fn with_tasks(c: &Connection, mut job: Job) -> Result<Job, StoreError> {
     if job.attempt == Attempt(0) || !job.status.is_final() {
         return Ok(job);
     }
+    job.tasks = tasks_of(c, job.id, job.attempt)?;
+    Ok(job)
+}
+
+/// The task results recorded for one attempt, in order.
+fn tasks_of(c: &Connection, job: JobId, attempt: Attempt) -> Result<Vec<TaskResult>, StoreError> {
     let mut stmt = c
         .prepare_cached(
             "SELECT name, status, exit_code, signal, duration_ms, message, started_at_ms, \
@@ -487,22 +513,63 @@ fn with_tasks(c: &Connection, mut job: Job) -> Result<Job, StoreError> {
              WHERE job_id = ?1 AND attempt = ?2 ORDER BY idx",
         )
         .ctx("preparing task results")?;
-    job.tasks = stmt
-        .query_map(params![id_of(job.id), job.attempt.0], |row| {
-            Ok(TaskResult {
-                name: row.get(0)?,
-                status: task_status(row, 1)?,
-                exit_code: row.get(2)?,
-                signal: row.get(3)?,
-                duration_ms: get_u64(row, 4)?,
-                message: row.get(5)?,
-                started_at_ms: get_opt_u64(row, 6)?,
-                report: report(row, 7)?,
-            })
+    stmt.query_map(params![id_of(job), attempt.0], |row| {
+        Ok(TaskResult {
+            name: row.get(0)?,
+            status: task_status(row, 1)?,
+            exit_code: row.get(2)?,
+            signal: row.get(3)?,
+            duration_ms: get_u64(row, 4)?,
+            message: row.get(5)?,
+            started_at_ms: get_opt_u64(row, 6)?,
+            report: report(row, 7)?,
         })
-        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-        .ctx("reading task results")?;
-    Ok(job)
+    })
+    .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+    .ctx("reading task results")
+}
+
+/// Every attempt of a job, oldest first, each with its tasks.
+pub fn attempts(c: &Connection, job: JobId) -> Result<Vec<AttemptRecord>, StoreError> {
+    let mut records = c
+        .prepare_cached(
+            "SELECT attempt, runner, result_status, result_message, ended_reason, \
+             assigned_at_ms, started_at_ms, finished_at_ms \
+             FROM attempts WHERE job_id = ?1 ORDER BY attempt",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map([id_of(job)], |row| {
+                let result: Option<String> = row.get(2)?;
+                let ended: Option<String> = row.get(4)?;
+                let status = match (&result, &ended) {
+                    (Some(label), _) => match JobStatus::from_label(label) {
+                        Some(JobStatus::Final(s)) => AttemptStatus::Ended(s),
+                        _ => return Err(bad_value(2, &format!("unknown result {label:?}"))),
+                    },
+                    (None, Some(_)) => AttemptStatus::Revoked,
+                    (None, None) => AttemptStatus::Running,
+                };
+                let message: Option<String> = row.get(3)?;
+                Ok(AttemptRecord {
+                    attempt: get_attempt(row, 0)?,
+                    runner: row.get(1)?,
+                    status,
+                    message: message.or(ended),
+                    assigned_at_ms: get_u64(row, 5)?,
+                    started_at_ms: get_opt_u64(row, 6)?,
+                    finished_at_ms: get_opt_u64(row, 7)?,
+                    tasks: Vec::new(),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .ctx("reading attempts")?;
+    for record in &mut records {
+        if matches!(record.status, AttemptStatus::Ended(_)) {
+            record.tasks = tasks_of(c, job, record.attempt)?;
+        }
+    }
+    Ok(records)
 }
 
 /// A list of names as one text value, a name a line (a line break in a

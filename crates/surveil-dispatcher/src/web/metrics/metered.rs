@@ -91,6 +91,14 @@ impl JobStore for MeteredStore {
         self.timed(self.inner.finish(job, status, message, now_ms))
     }
 
+    fn rerun(&self, job: JobId) -> StoreFuture<'_, ()> {
+        self.timed(self.inner.rerun(job))
+    }
+
+    fn attempts(&self, job: JobId) -> StoreFuture<'_, Vec<crate::domain::AttemptRecord>> {
+        self.inner.attempts(job)
+    }
+
     fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>> {
         self.inner.get_job(id)
     }

@@ -2,7 +2,9 @@
 //! status, duration and exit code, and the ANSI-coloured log with a line
 //! anchor per line (`#L120`) and a raw download; for a signed-in operator
 //! the cancel button. The script appends new log lines live from the
-//! log stream, resuming at the offset this page was rendered up to.
+//! log stream, resuming at the offset this page was rendered up to. Every
+//! attempt is listed with a link to its own log; a signed-in operator can
+//! rerun a finished job.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use http::HeaderMap;
 use maud::{Markup, PreEscaped, html};
 
 use super::{PageError, PageResult, ago, duration, layout, short, status_label, viewer};
-use crate::domain::{Job, JobStatus};
+use crate::domain::{AttemptRecord, Job, JobStatus};
 use crate::service::{LogEvent, unix_ms};
 use crate::web::App;
 use crate::web::ansi::{Style, line_to_html};
@@ -42,12 +44,14 @@ pub async fn page(
     } else {
         None
     };
+    let attempts = app.service.attempts(id).await?;
     let (log, end, complete) = read_log(&app, &job).await?;
     let live = !job.status.is_final() && complete;
     let body = html! {
         div #job-head { (head(&job, waiting.as_ref(), &app)) }
         div #actions { (actions(&job, &who)) }
         section #tasks { (tasks(&job)) }
+        @if attempts.len() > 1 { section #attempts { (attempt_list(&job, &attempts)) } }
         section.log-section {
             h2 { "Log " a.raw href={ "/api/v1/jobs/" (job.id) "/log" } download={ "job-" (job.id) ".log" } { "raw" } }
             @if !complete { p.muted { "The log is longer than this page shows: download the raw log for the rest." } }
@@ -114,7 +118,10 @@ fn head(job: &Job, waiting: Option<&crate::domain::Waiting>, app: &App) -> Marku
             dt { "Commit" } dd { code title=(job.commit) { (short(job.commit.as_str())) } }
             dt { "Attempt" } dd {
                 (job.attempt.0)
-                @if job.attempt.0 > 1 { span.muted { " (" (job.attempt.0 - 1) " lost before; at most " (app.max_attempts) ")" } }
+                @if job.attempt.0 > job.rerun_base.0 + 1 {
+                    span.muted { " (" (job.attempt.0 - job.rerun_base.0 - 1) " lost before in this run; at most " (app.max_attempts) ")" }
+                }
+                @if job.rerun_base.0 > 0 { span.muted { " (rerun after attempt " (job.rerun_base.0) ")" } }
             }
             dt { "Runner" } dd { (job.runner.as_deref().unwrap_or("—")) }
             dt { "Queued" } dd { (ago(job.queued_at_ms, now)) }
@@ -136,10 +143,40 @@ fn actions(job: &Job, who: &Who) -> Markup {
                     input type="hidden" name="csrf" value=(csrf);
                     button #cancel.danger type="submit" { "Cancel" }
                 }
+            } @else {
+                form.inline method="post" action={ "/jobs/" (job.id) "/rerun" } {
+                    input type="hidden" name="csrf" value=(csrf);
+                    button #rerun type="submit" { "Rerun" }
+                }
             }
         } @else if !job.status.is_final() {
             p.muted { a href={ "/login?next=/jobs/" (job.id) } { "Sign in" } " to cancel this job." }
+        } @else {
+            p.muted { a href={ "/login?next=/jobs/" (job.id) } { "Sign in" } " to rerun this job." }
         }
+    }
+}
+
+/// Every attempt, newest first, each linking its own raw log.
+fn attempt_list(job: &Job, attempts: &[AttemptRecord]) -> Markup {
+    html! {
+        h2 { "Attempts" }
+        div.scroll { table {
+            thead { tr { th { "#" } th { "Runner" } th { "Status" } th { "Took" } th { "Log" } th { "Note" } } }
+            tbody { @for a in attempts.iter().rev() {
+                tr.attempt data-attempt=(a.attempt.0) {
+                    td { (a.attempt.0) @if a.attempt == job.attempt { span.muted { " (latest)" } } }
+                    td { (a.runner) }
+                    td { span class={ "status s-" (a.status.label()) } { (a.status.label()) } }
+                    td { @match (a.started_at_ms.or(Some(a.assigned_at_ms)), a.finished_at_ms) {
+                        (Some(s), Some(f)) => (duration(f.saturating_sub(s))),
+                        _ => "—",
+                    } }
+                    td { a href={ "/api/v1/jobs/" (job.id) "/log?attempt=" (a.attempt.0) } { "log" } }
+                    td { (a.message.as_deref().unwrap_or("")) }
+                }
+            } }
+        } }
     }
 }
 
