@@ -1,6 +1,6 @@
 //! One test binary for every story over real processes, so the daemons are
 //! built once: fault stories (`faults`), hostile input (`hostile`) and
-//! hostile pipelines against the task sandbox (`sandbox`).
+//! hostile pipelines against the task sandbox (`sandbox`), reruns (`rerun`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
@@ -8,4 +8,5 @@ mod common;
 mod faults;
 mod fetch;
 mod hostile;
+mod rerun;
 mod sandbox;
