@@ -75,10 +75,12 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    /// Creates `root/{mirrors,jobs,outbox}` as needed.
+    /// Creates `root/{mirrors,jobs,outbox}` as needed, each 0700 (the
+    /// sandbox opens the work dir and `jobs/` to a task user, if any).
     pub fn open(root: &Path) -> std::io::Result<Self> {
+        surveil_common::private::create_dir(root)?;
         for sub in ["mirrors", "jobs", "outbox"] {
-            std::fs::create_dir_all(root.join(sub))?;
+            surveil_common::private::create_dir(&root.join(sub))?;
         }
         Ok(Workspace {
             root: root.to_owned(),
