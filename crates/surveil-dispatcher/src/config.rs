@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use surveil_common::{LogFormat, Secret};
 use surveil_common::tls::ServerTls;
+use surveil_common::{LogFormat, Secret};
 
 /// `surveil-dispatcher`: the Surveil job queue and runner coordinator.
 #[derive(Debug, Clone, Parser)]
@@ -380,7 +380,10 @@ mod tests {
             token.to_str().unwrap(),
         ])
         .unwrap();
-        assert_eq!(c.token.as_ref().map(|t| t.expose().as_str()), Some("s3cret"));
+        assert_eq!(
+            c.token.as_ref().map(|t| t.expose().as_str()),
+            Some("s3cret")
+        );
     }
 
     #[test]

@@ -29,6 +29,11 @@ async fn each_supervised_task_restarts_after_a_panic_and_service_continues() {
             _ => "spawner-tick",
         };
         fail::cfg(point, "1*panic(failpoint test)").unwrap();
+        // The redistributor runs a pass only when woken, so a submit is
+        // what reaches its failpoint; the job must still be assigned by
+        // the restarted loop.
+        n += 1;
+        let id = client.submit(&[commit(n)]).await[0];
         // Wait until the supervisor has counted the restart.
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
@@ -43,10 +48,8 @@ async fn each_supervised_task_restarts_after_a_panic_and_service_continues() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         fail::remove(point);
-        // The service goes on: a new job is assigned, and the runner is
+        // The service goes on: the job is assigned, and the runner is
         // still considered alive (the monitor's pings resumed).
-        n += 1;
-        let id = client.submit(&[commit(n)]).await[0];
         assert_eq!(runner.expect_assign().await.job_id, id);
         assert!(runner.finish(id, 1, JobStatus::Passed).await.accepted);
     }
