@@ -190,31 +190,6 @@ fn write(out: &mut dyn Write, text: &str) -> anyhow::Result<()> {
         .context("writing to stdout")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn repo_filter_canonicalises_what_exists_and_keeps_remote_or_absolute_names() {
-        let dir = tempfile::tempdir().unwrap();
-        let canonical = std::fs::canonicalize(dir.path()).unwrap();
-        assert_eq!(
-            filter_repo(dir.path().to_str().unwrap()).unwrap(),
-            canonical.to_str().unwrap()
-        );
-        assert_eq!(
-            filter_repo("/srv/git/not-here-on-this-machine").unwrap(),
-            "/srv/git/not-here-on-this-machine"
-        );
-        assert_eq!(
-            filter_repo("https://example.com/a.git").unwrap(),
-            "https://example.com/a.git"
-        );
-        let err = filter_repo("surely/not/a/relative/path").unwrap_err();
-        assert!(format!("{err:#}").contains("--repo"), "{err:#}");
-    }
-}
-
 /// `surveil token …`: edits the tokens file; never dials.
 fn token(action: TokenCommand, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     use surveil_common::tokens;
@@ -257,9 +232,37 @@ fn token(action: TokenCommand, json: bool, out: &mut dyn Write) -> anyhow::Resul
             for entry in &list.tokens {
                 let scope = entry.scope.map_or("-", tokens::Scope::label);
                 let created = entry.created.as_deref().unwrap_or("-");
-                text.push_str(&format!("{}\t{}\t{scope}\t{created}\n", entry.name, entry.role));
+                text.push_str(&format!(
+                    "{}\t{}\t{scope}\t{created}\n",
+                    entry.name, entry.role
+                ));
             }
             write(out, &text)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_filter_canonicalises_what_exists_and_keeps_remote_or_absolute_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let canonical = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(
+            filter_repo(dir.path().to_str().unwrap()).unwrap(),
+            canonical.to_str().unwrap()
+        );
+        assert_eq!(
+            filter_repo("/srv/git/not-here-on-this-machine").unwrap(),
+            "/srv/git/not-here-on-this-machine"
+        );
+        assert_eq!(
+            filter_repo("https://example.com/a.git").unwrap(),
+            "https://example.com/a.git"
+        );
+        let err = filter_repo("surely/not/a/relative/path").unwrap_err();
+        assert!(format!("{err:#}").contains("--repo"), "{err:#}");
     }
 }

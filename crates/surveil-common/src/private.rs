@@ -112,7 +112,10 @@ pub enum CredentialFileError {
 /// only its owner may read or write it. A file inside `trusted_dir` (the
 /// systemd `$CREDENTIALS_DIRECTORY`, private to the service, where access
 /// may be granted through an ACL that shows as group bits) is not checked.
-pub fn read_credential(path: &Path, trusted_dir: Option<&Path>) -> Result<String, CredentialFileError> {
+pub fn read_credential(
+    path: &Path,
+    trusted_dir: Option<&Path>,
+) -> Result<String, CredentialFileError> {
     let unreadable = |source| CredentialFileError::Unreadable {
         path: path.to_owned(),
         source,
@@ -165,7 +168,10 @@ mod tests {
             fs::set_permissions(&file, Permissions::from_mode(open)).unwrap();
             let err = read_credential(&file, None).unwrap_err().to_string();
             assert!(err.contains(&format!("permissions {open:04o}")), "{err}");
-            assert!(err.contains(&format!("chmod 600 {}", file.display())), "{err}");
+            assert!(
+                err.contains(&format!("chmod 600 {}", file.display())),
+                "{err}"
+            );
             assert!(!err.contains("s3cret"), "{err}");
             // Inside the service's private credentials directory it is fine.
             assert!(read_credential(&file, Some(dir.path())).is_ok());

@@ -350,7 +350,12 @@ impl Stream {
         let tokio_rustls::TlsStream::Server(server) = &**tls else {
             return Vec::new();
         };
-        let Some(leaf) = server.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        let Some(leaf) = server
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+        else {
             return Vec::new();
         };
         certificate_names(leaf.as_ref())
@@ -525,8 +530,8 @@ pub mod test_certs {
     use std::path::{Path, PathBuf};
 
     use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-        IsCa, KeyPair,
+        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+        ExtendedKeyUsagePurpose, IsCa, KeyPair,
     };
 
     /// The PEM files, written in one directory.

@@ -161,7 +161,9 @@ impl TokensFile {
             }
             match (entry.role, entry.scope) {
                 (Role::Client, None) => {
-                    problems.push(format!("{at}: a client needs scope = \"read\" or \"operate\""));
+                    problems.push(format!(
+                        "{at}: a client needs scope = \"read\" or \"operate\""
+                    ));
                 }
                 (Role::Runner | Role::Observer, Some(_)) => problems.push(format!(
                     "{at}: scope applies to clients only, not to a {}",
@@ -270,14 +272,19 @@ mod tests {
         assert_eq!(ci.expose().len(), SECRET_PREFIX.len() + 64);
         assert_ne!(ci.expose(), alice.expose());
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(!text.contains(ci.expose()) && !text.contains(alice.expose()), "{text}");
+        assert!(
+            !text.contains(ci.expose()) && !text.contains(alice.expose()),
+            "{text}"
+        );
         assert!(text.contains(&hash(ci.expose())), "{text}");
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         let file = TokensFile::load(&path).unwrap();
         assert_eq!(file.tokens.len(), 2);
         assert_eq!(file.tokens[1].scope, Some(Scope::Read));
 
-        let err = add(&path, "ci-1", Role::Runner, None).unwrap_err().to_string();
+        let err = add(&path, "ci-1", Role::Runner, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("already has a token named \"ci-1\""), "{err}");
         assert!(revoke(&path, "ci-1").unwrap());
         assert!(!revoke(&path, "ci-1").unwrap());
@@ -292,9 +299,13 @@ mod tests {
         let path = dir.path().join("tokens.toml");
         let err = add(&path, "a", Role::Client, None).unwrap_err().to_string();
         assert!(err.contains("needs --scope"), "{err}");
-        let err = add(&path, "a", Role::Runner, Some(Scope::Read)).unwrap_err().to_string();
+        let err = add(&path, "a", Role::Runner, Some(Scope::Read))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("client tokens only"), "{err}");
-        let err = add(&path, "a b", Role::Runner, None).unwrap_err().to_string();
+        let err = add(&path, "a b", Role::Runner, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("only letters"), "{err}");
 
         let h = "ab".repeat(32);
@@ -303,11 +314,17 @@ mod tests {
              [[token]]\nname = \"x\"\nrole = \"runner\"\nscope = \"read\"\nsha256 = \"12\"\n"
         );
         let err = format!("{:#}", TokensFile::parse(&text).unwrap_err());
-        assert!(err.contains("token #1 (\"x\"): a client needs scope"), "{err}");
+        assert!(
+            err.contains("token #1 (\"x\"): a client needs scope"),
+            "{err}"
+        );
         assert!(err.contains("token #2 (\"x\"): the name is used"), "{err}");
         assert!(err.contains("sha256 must be 64 hex digits"), "{err}");
         assert!(err.contains("scope applies to clients only"), "{err}");
-        let err = format!("{:#}", TokensFile::parse("[[token]]\nname = 1\n").unwrap_err());
+        let err = format!(
+            "{:#}",
+            TokensFile::parse("[[token]]\nname = 1\n").unwrap_err()
+        );
         assert!(err.contains("not a valid tokens file"), "{err}");
     }
 

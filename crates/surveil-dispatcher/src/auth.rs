@@ -139,7 +139,9 @@ impl Identity {
             Access::Operate => "cancel, rerun or prune jobs",
         };
         let has = match self.grant {
-            Grant::Only(Role::Client, Some(scope)) => format!("a client credential with scope {scope}"),
+            Grant::Only(Role::Client, Some(scope)) => {
+                format!("a client credential with scope {scope}")
+            }
             Grant::Only(role, _) => format!("a {role} credential"),
             Grant::Everything => "every right".to_owned(),
         };
@@ -219,11 +221,14 @@ impl Table {
     }
 }
 
+/// Ends a session, telling the peer the reason (given by the session).
+pub type EndSession = Box<dyn Fn(&str) + Send + Sync>;
+
 /// A live session's identity and how to end it.
 struct Live {
     identity: Identity,
     runner: Option<String>,
-    end: Option<Box<dyn Fn(&str) + Send + Sync>>,
+    end: Option<EndSession>,
     /// Revoked before the session attached its closer.
     revoked: Option<String>,
 }
@@ -273,7 +278,12 @@ impl Authenticator {
     }
 
     fn table(&self) -> Arc<Table> {
-        Arc::clone(&self.table.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+        Arc::clone(
+            &self
+                .table
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Whether any token credential is configured.
@@ -291,7 +301,11 @@ impl Authenticator {
     /// [`authenticate`](Self::authenticate) with the names of the peer's
     /// verified client certificate (empty without mutual TLS): a `Hello`
     /// with no token is then the certificate's identity.
-    pub fn authenticate_peer(&self, token: &str, cert_names: &[String]) -> Result<Identity, AuthError> {
+    pub fn authenticate_peer(
+        &self,
+        token: &str,
+        cert_names: &[String],
+    ) -> Result<Identity, AuthError> {
         if !token.is_empty() {
             let presented = surveil_common::tokens::hash(token);
             if let Some(entry) = self.table().find(&presented) {
@@ -381,7 +395,7 @@ impl Authenticator {
     /// Gives an admitted session the way to end it (with a reason the
     /// peer is told). If its credential was revoked in between, it ends
     /// at once.
-    pub fn attach(&self, session: SessionId, end: Box<dyn Fn(&str) + Send + Sync>) {
+    pub fn attach(&self, session: SessionId, end: EndSession) {
         let mut sessions = lock(&self.sessions);
         let Some(live) = sessions.live.get_mut(&session) else {
             return;
@@ -422,7 +436,10 @@ impl Authenticator {
             return Ok(0);
         };
         let table = Arc::new(Table::new(TokensFile::load(path)?));
-        *self.table.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&table);
+        *self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&table);
         let mut ended = 0;
         let mut sessions = lock(&self.sessions);
         for live in sessions.live.values_mut() {
@@ -500,9 +517,15 @@ mod tests {
         assert_eq!(reader.label(), "token:reader");
         assert!(reader.allows(Access::Read).is_ok());
         let denied = reader.allows(Access::Operate).unwrap_err().0;
-        assert!(denied.contains("scope read") && denied.contains("scope operate"), "{denied}");
+        assert!(
+            denied.contains("scope read") && denied.contains("scope operate"),
+            "{denied}"
+        );
         assert!(reader.allows(Access::Submit).is_err());
-        assert!(matches!(reader.may_connect_as(Role::Runner), Err(AuthError::RoleNotAllowed(_))));
+        assert!(matches!(
+            reader.may_connect_as(Role::Runner),
+            Err(AuthError::RoleNotAllowed(_))
+        ));
 
         let op = s.auth.authenticate(s.operator.expose()).unwrap();
         for access in [Access::Read, Access::Submit, Access::Operate] {
@@ -510,14 +533,20 @@ mod tests {
         }
         let obs = s.auth.authenticate(s.observer.expose()).unwrap();
         assert!(obs.allows(Access::Submit).is_ok());
-        assert!(obs.allows(Access::Read).is_err(), "an observer cannot read logs");
+        assert!(
+            obs.allows(Access::Read).is_err(),
+            "an observer cannot read logs"
+        );
         assert!(obs.may_connect_as(Role::Runner).is_err());
         assert!(obs.may_connect_as(Role::Client).is_err());
         let runner = s.auth.authenticate(s.ci1.expose()).unwrap();
         assert!(runner.may_connect_as(Role::Runner).is_ok());
         assert!(runner.allows(Access::Read).is_err());
 
-        assert_eq!(s.auth.authenticate("svt_guess"), Err(AuthError::BadToken(UNKNOWN_TOKEN)));
+        assert_eq!(
+            s.auth.authenticate("svt_guess"),
+            Err(AuthError::BadToken(UNKNOWN_TOKEN))
+        );
         assert_eq!(s.auth.authenticate(""), Err(AuthError::BadToken(NO_TOKEN)));
     }
 
@@ -531,16 +560,27 @@ mod tests {
         // The shared token may not take a name a runner token holds...
         let shared = s.auth.authenticate("laptop-token").unwrap();
         assert_eq!(shared.grant, Grant::Everything);
-        assert!(matches!(s.auth.admit(SessionId(3), &shared, Some("ci-1")), Err(AuthError::NameBound(_))));
+        assert!(matches!(
+            s.auth.admit(SessionId(3), &shared, Some("ci-1")),
+            Err(AuthError::NameBound(_))
+        ));
         // ...but any free one, and then only it may replace that session.
         s.auth.admit(SessionId(4), &shared, Some("laptop")).unwrap();
         let cert = Identity {
-            kind: Kind::Certificate { names: vec!["laptop".into()] },
+            kind: Kind::Certificate {
+                names: vec!["laptop".into()],
+            },
             name: "laptop".into(),
             grant: Grant::Only(Role::Runner, None),
         };
-        let err = s.auth.admit(SessionId(5), &cert, Some("laptop")).unwrap_err();
-        assert!(err.to_string().contains("connected under another identity"), "{err}");
+        let err = s
+            .auth
+            .admit(SessionId(5), &cert, Some("laptop"))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("connected under another identity"),
+            "{err}"
+        );
         s.auth.admit(SessionId(6), &shared, Some("laptop")).unwrap();
         // The replaced session leaving does not free the name.
         s.auth.leave(SessionId(4));
@@ -554,9 +594,18 @@ mod tests {
         let names = vec!["runner-1".to_owned()];
         let open = Authenticator::new(None, None, true).unwrap();
         let id = open.authenticate_peer("", &names).unwrap();
-        assert_eq!((id.label().as_str(), id.grant), ("cert:runner-1", Grant::Everything));
-        assert!(matches!(open.admit(SessionId(1), &id, Some("runner-2")), Err(AuthError::NameBound(_))));
-        assert!(open.authenticate_peer("", &[]).is_err(), "mutual TLS without a certificate");
+        assert_eq!(
+            (id.label().as_str(), id.grant),
+            ("cert:runner-1", Grant::Everything)
+        );
+        assert!(matches!(
+            open.admit(SessionId(1), &id, Some("runner-2")),
+            Err(AuthError::NameBound(_))
+        ));
+        assert!(
+            open.authenticate_peer("", &[]).is_err(),
+            "mutual TLS without a certificate"
+        );
         let s = setup(None);
         let id = s.auth.authenticate_peer("", &names).unwrap();
         assert_eq!(id.grant, Grant::Only(Role::Runner, None));

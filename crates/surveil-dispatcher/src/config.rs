@@ -183,7 +183,12 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
     let listen = listen_addr(cli, problems);
     let tls = server_tls(cli, problems);
     if let Some(addr) = listen {
-        check_exposure(cli, addr, token.is_some() || cli.tokens_file.is_some(), problems);
+        check_exposure(
+            cli,
+            addr,
+            token.is_some() || cli.tokens_file.is_some(),
+            problems,
+        );
     }
     if !problems.is_empty() {
         return None;

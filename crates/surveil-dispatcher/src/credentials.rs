@@ -37,14 +37,13 @@ pub(crate) async fn watch(auth: Arc<Authenticator>, cancel: CancellationToken) {
     let Some(path) = auth.tokens_path().map(Path::to_owned) else {
         return;
     };
-    let mut hangup =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(signal) => Some(signal),
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot listen for SIGHUP; the tokens file is still reloaded when it changes");
-                None
-            }
-        };
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; the tokens file is still reloaded when it changes");
+            None
+        }
+    };
     let mut seen = stamp(&path);
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -151,7 +151,10 @@ async fn serve_on(
     let auth = auth::Authenticator::new(
         config.token.clone(),
         config.tokens_file.as_deref(),
-        config.tls.as_ref().is_some_and(|t| t.requires_client_certs()),
+        config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.requires_client_certs()),
     )
     .context("--tokens-file")?;
     let service = Service::open(store, sched)
@@ -166,7 +169,10 @@ async fn serve_on(
     let tracker = TaskTracker::new();
     credentials::warn_if_shared(&daemon.config, local_addr);
     if daemon.auth.tokens_path().is_some() {
-        tracker.spawn(credentials::watch(Arc::clone(&daemon.auth), shutdown.child_token()));
+        tracker.spawn(credentials::watch(
+            Arc::clone(&daemon.auth),
+            shutdown.child_token(),
+        ));
     }
 
     let tasks_cancel = shutdown.child_token();

@@ -9,12 +9,12 @@
 use surveil_proto as proto;
 use surveil_proto::{Envelope, Msg, Role};
 
+use crate::auth::Access;
 use crate::domain::{
     Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
     LogStream, ResultAck, RunnerHello, RunnerReport, RunnerView, StatusView, Submission,
     TaskResult, TaskStatus, ToRunner,
 };
-use crate::auth::Access;
 use crate::service::{CancelReply, LogEvent};
 
 /// Why a frame cannot be taken.

@@ -104,7 +104,10 @@ fn story() -> (Story, std::collections::HashMap<&'static str, String>) {
     let text = std::fs::read_to_string(&tokens).unwrap();
     for secret in secrets.values() {
         assert!(secret.starts_with("svt_"), "{secret}");
-        assert!(!text.contains(secret.as_str()), "the file holds a secret:\n{text}");
+        assert!(
+            !text.contains(secret.as_str()),
+            "the file holds a secret:\n{text}"
+        );
     }
     assert_eq!(std::fs::metadata(&tokens).unwrap().mode() & 0o777, 0o600);
     let tokens_arg = tokens.display().to_string();
@@ -128,7 +131,12 @@ fn a_stolen_runner_token_cannot_take_another_runners_name_or_session() {
     let addr = story.scene.addr.clone();
     story
         .scene
-        .add_runner_with("ci-1", &addr, &with_isolation(&["--token-file", &token_arg]), &[])
+        .add_runner_with(
+            "ci-1",
+            &addr,
+            &with_isolation(&["--token-file", &token_arg]),
+            &[],
+        )
         .unwrap();
     story.scene.wait_runners(&["ci-1"]).unwrap();
     let runners = story.scene.probe.runners().unwrap();
@@ -138,7 +146,8 @@ fn a_stolen_runner_token_cannot_take_another_runners_name_or_session() {
         // ci-2's token, stolen, used to pose as ci-1 (replacing its live
         // session) or as a new name.
         for name in ["ci-1", "ci-9"] {
-            let (code, message) = rejected(hello(&addr, Role::Runner, name, &secrets["ci-2"]).await);
+            let (code, message) =
+                rejected(hello(&addr, Role::Runner, name, &secrets["ci-2"]).await);
             assert_eq!(code, RejectCode::NameBound, "{message}");
             assert!(message.contains("belongs to runner \"ci-2\""), "{message}");
         }
@@ -162,7 +171,10 @@ fn with_isolation(args: &[&str]) -> Vec<&'static str> {
         .into_iter()
         .map(|a| &*Box::leak(a.into_boxed_str()))
         .collect();
-    all.extend(args.iter().map(|a| &*Box::leak((*a).to_owned().into_boxed_str())));
+    all.extend(
+        args.iter()
+            .map(|a| &*Box::leak((*a).to_owned().into_boxed_str())),
+    );
     all
 }
 
@@ -172,12 +184,12 @@ fn scopes_and_roles_limit_what_each_token_may_ask() {
     let addr = story.scene.addr.clone();
     let cancel = || Msg::CancelJob(surveil_proto::CancelJob { job_id: 1 });
     let submit = || {
-        Msg::Submit(surveil_proto::Submit {
-            repo: story.scene.repo.clone(),
-            branch: "main".into(),
-            commits: vec!["a".repeat(40)],
-            ..Default::default()
-        })
+        // Field by field: other branches add fields to Submit.
+        let mut submit = surveil_proto::Submit::default();
+        submit.repo.clone_from(&story.scene.repo);
+        submit.branch = "main".into();
+        submit.commits = vec!["a".repeat(40)];
+        Msg::Submit(submit)
     };
     let read_log = || {
         Msg::ReadLog(surveil_proto::ReadLog {
@@ -191,24 +203,45 @@ fn scopes_and_roles_limit_what_each_token_may_ask() {
     };
     runtime().block_on(async {
         for request in [cancel(), submit()] {
-            let mut reader = hello(&addr, Role::Client, "r", &secrets["reader"]).await.unwrap();
+            let mut reader = hello(&addr, Role::Client, "r", &secrets["reader"])
+                .await
+                .unwrap();
             refused(ask(&mut reader, request).await, "scope read");
         }
-        let mut reader = hello(&addr, Role::Client, "r", &secrets["reader"]).await.unwrap();
+        let mut reader = hello(&addr, Role::Client, "r", &secrets["reader"])
+            .await
+            .unwrap();
         assert!(matches!(
             ask(&mut reader, Msg::GetStatus(Default::default())).await,
             Some(Msg::GetStatusReply(_))
         ));
         // The observer submits, and nothing else.
-        let mut watcher = hello(&addr, Role::Observer, "w", &secrets["watcher"]).await.unwrap();
-        assert!(matches!(ask(&mut watcher, submit()).await, Some(Msg::SubmitAck(_))));
+        let mut watcher = hello(&addr, Role::Observer, "w", &secrets["watcher"])
+            .await
+            .unwrap();
+        assert!(matches!(
+            ask(&mut watcher, submit()).await,
+            Some(Msg::SubmitAck(_))
+        ));
         let (code, _) = rejected(hello(&addr, Role::Client, "w", &secrets["watcher"]).await);
-        assert_eq!(code, RejectCode::RoleNotAllowed, "an observer token cannot read logs");
+        assert_eq!(
+            code,
+            RejectCode::RoleNotAllowed,
+            "an observer token cannot read logs"
+        );
         let (code, _) = rejected(hello(&addr, Role::Runner, "watcher", &secrets["watcher"]).await);
         assert_eq!(code, RejectCode::RoleNotAllowed, "nor act as a runner");
-        let mut operator = hello(&addr, Role::Client, "o", &secrets["operator"]).await.unwrap();
-        assert!(matches!(ask(&mut operator, read_log()).await, Some(Msg::ReadLogReply(_))));
-        assert!(matches!(ask(&mut operator, cancel()).await, Some(Msg::CancelJobReply(_))));
+        let mut operator = hello(&addr, Role::Client, "o", &secrets["operator"])
+            .await
+            .unwrap();
+        assert!(matches!(
+            ask(&mut operator, read_log()).await,
+            Some(Msg::ReadLogReply(_))
+        ));
+        assert!(matches!(
+            ask(&mut operator, cancel()).await,
+            Some(Msg::CancelJobReply(_))
+        ));
     });
 }
 
@@ -221,7 +254,12 @@ fn revocation_and_new_tokens_take_effect_without_a_restart() {
     let token_arg = token_file.display().to_string();
     story
         .scene
-        .add_runner_with("ci-1", &addr, &with_isolation(&["--token-file", &token_arg]), &[])
+        .add_runner_with(
+            "ci-1",
+            &addr,
+            &with_isolation(&["--token-file", &token_arg]),
+            &[],
+        )
         .unwrap();
     story.scene.wait_runners(&["ci-1"]).unwrap();
     let pid = story.scene.dispatcher.pid();
@@ -231,7 +269,10 @@ fn revocation_and_new_tokens_take_effect_without_a_restart() {
         .block_on(hello(&addr, Role::Client, "r", &secrets["reader"]))
         .unwrap();
     // Issued after the dispatcher started: works at once, no restart.
-    let late = token_cmd(&story.tokens, &["add", "late", "--role", "client", "--scope", "read"]);
+    let late = token_cmd(
+        &story.tokens,
+        &["add", "late", "--role", "client", "--scope", "read"],
+    );
     rt.block_on(async {
         let deadline = Instant::now() + LIMIT;
         while hello(&addr, Role::Client, "l", &late).await.is_err() {
@@ -266,7 +307,10 @@ fn revocation_and_new_tokens_take_effect_without_a_restart() {
         if runners.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "the revoked runner is still connected: {runners:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the revoked runner is still connected: {runners:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     rt.block_on(async {
@@ -289,7 +333,14 @@ fn credential_files_others_may_read_are_refused_with_the_fix() {
         let file_arg = file.display().to_string();
         let out = run_bounded(
             &bins().dispatcher,
-            &["--state-dir", &state, "--listen", "127.0.0.1:0", flag, &file_arg],
+            &[
+                "--state-dir",
+                &state,
+                "--listen",
+                "127.0.0.1:0",
+                flag,
+                &file_arg,
+            ],
             LIMIT,
         )
         .unwrap();
@@ -304,7 +355,16 @@ fn credential_files_others_may_read_are_refused_with_the_fix() {
     let token_arg = token.display().to_string();
     let out = run_bounded(
         &bins().runner,
-        &["--dispatch", "127.0.0.1:9", "--work-dir", &work, "--token-file", &token_arg, "--unsandboxed", "/tmp"],
+        &[
+            "--dispatch",
+            "127.0.0.1:9",
+            "--work-dir",
+            &work,
+            "--token-file",
+            &token_arg,
+            "--unsandboxed",
+            "/tmp",
+        ],
         LIMIT,
     )
     .unwrap();

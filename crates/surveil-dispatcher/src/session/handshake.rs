@@ -64,9 +64,10 @@ pub(super) async fn accept(
             return None;
         }
     };
-    if let Err(err) = daemon
-        .auth
-        .admit(session, &identity, runner.as_ref().map(|r| r.name.as_str()))
+    if let Err(err) =
+        daemon
+            .auth
+            .admit(session, &identity, runner.as_ref().map(|r| r.name.as_str()))
     {
         tracing::warn!(name = %hello.name, identity = %identity.label(), reason = %err, "runner name refused");
         conn.reject(reject_code(&err), err.to_string()).await;

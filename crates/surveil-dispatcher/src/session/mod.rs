@@ -125,7 +125,7 @@ impl Drop for Admitted<'_> {
 
 /// How `auth` ends a session whose credential was revoked: an `Error`
 /// saying so (best effort), then the close.
-fn revoker(tx: Tx, close: CancellationToken) -> Box<dyn Fn(&str) + Send + Sync> {
+fn revoker(tx: Tx, close: CancellationToken) -> crate::auth::EndSession {
     Box::new(move |reason| {
         let _ = tx.try_send(outgoing(surveil_proto::Error {
             message: reason.to_owned(),
