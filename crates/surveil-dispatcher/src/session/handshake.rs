@@ -57,8 +57,14 @@ pub(super) async fn accept(
     let (identity, runner) = match check(daemon, &hello, &cert_names, peer, shutdown) {
         Ok(checked) => checked,
         Err((code, problem)) => {
-            if code != RejectCode::ShuttingDown {
-                tracing::warn!(name = %hello.name, role = ?hello.role(), reason = %problem, "credential refused");
+            match code {
+                RejectCode::ShuttingDown => {}
+                RejectCode::BadToken => {
+                    tracing::warn!(name = %hello.name, role = ?hello.role(), "wrong token")
+                }
+                _ => {
+                    tracing::warn!(name = %hello.name, role = ?hello.role(), reason = %problem, "credential refused")
+                }
             }
             conn.reject(code, problem).await;
             return None;
