@@ -55,6 +55,7 @@ pub(crate) async fn serve(
     ready();
     let standby = Arc::new(Standby {
         config: config.clone(),
+        auth: Arc::new(crate::authenticator(&config)?),
         leader: Arc::new(std::sync::Mutex::new(LeaderView {
             standby: true,
             ..LeaderView::default()
@@ -130,6 +131,11 @@ async fn stand_by(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<(u64, Instant)>> {
     let tracker = TaskTracker::new();
+    // A token revoked while this dispatcher stands by is refused here too.
+    tracker.spawn(crate::credentials::watch(
+        Arc::clone(&standby.auth),
+        standby.closed.clone(),
+    ));
     let mut tick = tokio::time::interval(ttl / 3);
     let elected = loop {
         tokio::select! {

@@ -4,6 +4,8 @@
 //!
 //! # Code map
 //!
+//! - [`auth`]: credentials to identities (role, scope, bound runner
+//!   name), the one access policy, revocation of live sessions.
 //! - [`config`]: the command-line contract and the validated [`Config`].
 //! - [`domain`]: ids, statuses, jobs, results, log chunks, queries and
 //!   views: what the scheduler, the store and the service speak.
@@ -45,6 +47,7 @@ macro_rules! failpoint {
 }
 pub(crate) use failpoint;
 
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod scheduler;
@@ -53,6 +56,7 @@ pub mod store;
 pub mod web;
 pub mod wire;
 
+mod credentials;
 mod ha;
 mod monitor;
 mod redistributor;
@@ -89,6 +93,8 @@ pub(crate) struct Daemon {
     /// The address runners are told to dial (the listener's).
     pub local_addr: SocketAddr,
     pub service: Arc<Service>,
+    /// Who peers are and what they may do.
+    pub auth: Arc<auth::Authenticator>,
 }
 
 /// Runs a dispatcher on `listener` until `shutdown` is cancelled, then
@@ -113,7 +119,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.state_dir)
+    surveil_common::private::create_dir(&config.state_dir)
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
     let http = bind_http(&config.http).await?;
     if let config::StoreConfig::Postgres(options) = &config.store {
@@ -182,6 +188,20 @@ pub async fn serve_with_http(
     serve_on(config, store, listener, Some(http), shutdown, None, || {}).await
 }
 
+/// The credentials `config` names (the shared token, the tokens file,
+/// client certificates), for the leader's and a standby's handshakes.
+pub(crate) fn authenticator(config: &Config) -> anyhow::Result<auth::Authenticator> {
+    auth::Authenticator::new(
+        config.token.clone(),
+        config.tokens_file.as_deref(),
+        config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.requires_client_certs()),
+    )
+    .context("--tokens-file")
+}
+
 /// Serves as the leader on `store` until `shutdown`; `leader` is the term
 /// it serves under (a PostgreSQL store), shown by `status`.
 pub(crate) async fn serve_on(
@@ -203,6 +223,7 @@ pub(crate) async fn serve_on(
     let metrics = web::Metrics::new();
     let store: Arc<dyn JobStore> =
         Arc::new(web::metrics::MeteredStore::new(store, Arc::clone(&metrics)));
+    let auth = authenticator(&config)?;
     let service = Service::open(store, sched)
         .await
         .context("reading unfinished jobs from the store")?;
@@ -213,8 +234,16 @@ pub(crate) async fn serve_on(
         config,
         local_addr,
         service: Arc::new(service),
+        auth: Arc::new(auth),
     });
     let tracker = TaskTracker::new();
+    credentials::warn_if_shared(&daemon.config, local_addr);
+    if daemon.auth.tokens_path().is_some() {
+        tracker.spawn(credentials::watch(
+            Arc::clone(&daemon.auth),
+            shutdown.child_token(),
+        ));
+    }
 
     let tasks_cancel = shutdown.child_token();
     let counter = Arc::clone(&daemon.service);

@@ -1,10 +1,13 @@
 //! One test binary for every story over real processes, so the daemons are
 //! built once: fault stories (`faults`), hostile input (`hostile`) and
-//! hostile pipelines against the task sandbox (`sandbox`), reruns (`rerun`).
+//! hostile pipelines against the task sandbox (`sandbox`), stolen,
+//! scoped and revoked credentials and files at rest (`credentials`), and
+//! reruns (`rerun`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
 mod common;
+mod credentials;
 mod faults;
 mod fetch;
 mod hostile;
