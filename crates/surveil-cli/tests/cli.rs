@@ -314,7 +314,11 @@ async fn job_json_is_one_contract_job_with_tasks() {
     .await;
     let out = output(surveil(fake.addr, &["job", "7", "--json"])).await;
     let job = stdout_json(&out);
-    assert_eq!(keys(&job), sorted(&JOB_KEYS));
+    // The contract's keys plus `attempts` (a compatible extension).
+    let mut expected = JOB_KEYS.to_vec();
+    expected.push("attempts");
+    assert_eq!(keys(&job), sorted(&expected));
+    assert_eq!(job["attempts"], serde_json::json!([]));
     assert_eq!(job["id"], 7);
     assert_eq!(job["commit"], COMMIT);
     assert_eq!(job["runner"], "ci-3");
