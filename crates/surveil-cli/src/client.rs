@@ -191,6 +191,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             repo: repo.to_owned(),
             branch: branch.to_owned(),
             commits,
+            ..Submit::default()
         };
         self.send("Submit", request).await?;
         match self.reply("Submit", Some(REPLY_TIMEOUT)).await? {

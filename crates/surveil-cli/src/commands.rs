@@ -29,6 +29,8 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
     match cli.command {
         Command::Jobs {
             repo,
+            branch,
+            pull_request,
             status,
             limit,
         } => {
@@ -36,6 +38,8 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
                 repo: repo.as_deref().map(filter_repo).transpose()?,
                 status: status.map_or(JobStatus::Unspecified, JobStatus::from) as i32,
                 limit,
+                branch,
+                pull_request,
             };
             let jobs = client.list_jobs(query).await?;
             if json {

@@ -40,6 +40,13 @@ pub struct JobJson {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub tasks: Vec<TaskJson>,
+    /// The full ref it was built for (`refs/heads/main`,
+    /// `refs/pull/7/head`); `null` when the submitter named none. Added
+    /// after the contract's keys, so older readers are undisturbed.
+    #[serde(rename = "ref")]
+    pub ref_name: Option<String>,
+    /// The pull (merge) request it was built for; `null` for a branch.
+    pub pull_request: Option<u64>,
 }
 
 /// One task result inside [`JobJson`].
@@ -141,6 +148,8 @@ impl From<&JobInfo> for JobJson {
             started_at: job.started_at_ms.map(timestamp),
             finished_at: job.finished_at_ms.map(timestamp),
             tasks: job.tasks.iter().map(TaskJson::from).collect(),
+            ref_name: non_empty(Some(&job.r#ref)),
+            pull_request: job.pull_request,
         }
     }
 }
@@ -479,6 +488,7 @@ pub fn job_details(job: &JobInfo, now: SystemTime, colour: bool) -> String {
         ("status", status_text),
         ("repo", job.repo.clone()),
         ("branch", job.branch.clone()),
+        ("ref", or_dash(Some(&job.r#ref))),
         ("commit", job.commit.clone()),
         ("attempt", job.attempt.to_string()),
         ("runner", or_dash(job.runner.as_deref())),
@@ -702,6 +712,8 @@ mod tests {
             queued_at_ms: QUEUED_MS,
             started_at_ms: Some(QUEUED_MS + 1_000),
             finished_at_ms: None,
+            r#ref: "refs/heads/main".into(),
+            pull_request: None,
             tasks: vec![
                 TaskResult {
                     name: "unit".into(),
@@ -770,9 +782,21 @@ mod tests {
                 r#""tasks":[{"name":"unit","status":"passed","exit_code":0,"signal":null,"#,
                 r#""duration_ms":12,"message":null},"#,
                 r#"{"name":"lint","status":"timed_out","exit_code":null,"signal":9,"#,
-                r#""duration_ms":600000,"message":"timed out after 10m"}]}"#,
+                r#""duration_ms":600000,"message":"timed out after 10m"}],"#,
+                r#""ref":"refs/heads/main","pull_request":null}"#,
             )
         );
+        let mut pr = job();
+        pr.r#ref = "refs/pull/12/head".into();
+        pr.pull_request = Some(12);
+        let text = serde_json::to_string(&JobJson::from(&pr)).unwrap();
+        assert!(
+            text.ends_with(r#""ref":"refs/pull/12/head","pull_request":12}"#),
+            "{text}"
+        );
+        pr.r#ref = String::new();
+        let text = serde_json::to_string(&JobJson::from(&pr)).unwrap();
+        assert!(text.contains(r#""ref":null"#), "{text}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 use crate::domain::{
-    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Submitted,
+    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Origin, Submitted,
 };
 
 #[cfg(feature = "testing")]
@@ -127,13 +127,13 @@ pub trait JobStore: Send + Sync + 'static {
     /// Records submitted commits as queued jobs, in one transaction, and
     /// says per commit (in the same order) which job it is and whether
     /// this call created it. A (repo, commit) already known keeps its id
-    /// and its state (not re-queued, branch unchanged); a commit repeated
-    /// within one call gets the same id twice. Fails with
-    /// [`StoreError::Invalid`] for an empty repository.
+    /// and its state (not re-queued, branch, ref and pull request
+    /// unchanged); a commit repeated within one call gets the same id
+    /// twice. Fails with [`StoreError::Invalid`] for an empty repository.
     fn submit<'a>(
         &'a self,
         repo: &'a str,
-        branch: &'a str,
+        origin: &'a Origin,
         commits: &'a [CommitId],
         now_ms: u64,
     ) -> StoreFuture<'a, Vec<Submitted>>;

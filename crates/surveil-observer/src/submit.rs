@@ -143,6 +143,8 @@ impl Link {
             repo: self.identity.repo.clone(),
             branch: branch.to_owned(),
             commits: commits.to_vec(),
+            r#ref: format!("refs/heads/{branch}"),
+            pull_request: None,
         })
         .await?;
         let ack = tokio::time::timeout(ACK_TIMEOUT, async {

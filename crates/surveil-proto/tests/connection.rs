@@ -479,6 +479,7 @@ async fn split_after_an_abandoned_recv_resumes_the_frame_in_flight() {
         repo: "/srv/git/app".into(),
         branch: "main".into(),
         commit: common::commit('e'),
+        ..Assign::default()
     });
     server
         .write_all(&frame[..LENGTH_PREFIX_LEN + 3])

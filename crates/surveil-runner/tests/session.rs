@@ -209,6 +209,7 @@ fn assign(job_id: u64, repo: &str, commit: &str) -> Assign {
         repo: repo.to_owned(),
         branch: "main".into(),
         commit: commit.to_owned(),
+        ..Assign::default()
     }
 }
 

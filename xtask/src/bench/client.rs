@@ -82,6 +82,7 @@ impl Client {
             repo: repo.map(str::to_owned),
             status: 0,
             limit,
+            ..ListJobs::default()
         };
         match self.request(query)? {
             Msg::ListJobsReply(reply) => Ok(reply.jobs),

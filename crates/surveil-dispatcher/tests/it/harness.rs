@@ -143,6 +143,7 @@ impl Client {
                 repo: REPO.to_owned(),
                 branch: "main".to_owned(),
                 commits: commits.to_vec(),
+                ..Submit::default()
             })
             .await
         {

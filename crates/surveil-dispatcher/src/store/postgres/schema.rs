@@ -109,6 +109,16 @@ pub const MIGRATIONS: &[&str] = &[
         ADD COLUMN tests_failing  TEXT[],
         ADD COLUMN tests_problems TEXT[];
     "#,
+    // 3: the ref and pull request a job was built for (issue 18), as in
+    // SQLite's third script.
+    r#"
+    ALTER TABLE jobs
+        ADD COLUMN ref_name     TEXT NOT NULL DEFAULT '',
+        ADD COLUMN pull_request BIGINT;
+    UPDATE jobs SET ref_name = 'refs/heads/' || branch WHERE branch <> '';
+    CREATE INDEX jobs_by_pull_request ON jobs (pull_request, id)
+        WHERE pull_request IS NOT NULL;
+    "#,
 ];
 
 /// Applies every script the database has not had yet. Refuses a database

@@ -98,6 +98,15 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE task_results ADD COLUMN tests_failing TEXT;
     ALTER TABLE task_results ADD COLUMN tests_problems TEXT;
     "#,
+    // The ref and pull request a job was built for (issue 18). Jobs from
+    // before were all submitted for a branch.
+    r#"
+    ALTER TABLE jobs ADD COLUMN ref_name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN pull_request INTEGER;
+    UPDATE jobs SET ref_name = 'refs/heads/' || branch WHERE branch <> '';
+    CREATE INDEX jobs_by_pull_request ON jobs (pull_request, id)
+        WHERE pull_request IS NOT NULL;
+    "#,
 ];
 
 /// Applies every script the database has not had yet, each in its own
