@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use surveil_common::tls;
 use surveil_proto::{JobStatus, ListJobs};
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, TokenCommand};
 use crate::client::Client;
 use crate::output::{self, JobJson, LogPrinter, RunnerJson, StatusJson, SubmitJson};
 
@@ -22,6 +22,9 @@ use crate::output::{self, JobJson, LogPrinter, RunnerJson, StatusJson, SubmitJso
 /// `out`. `colour` says whether statuses may be coloured (stdout is a
 /// terminal and `NO_COLOR` is unset).
 pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    if let Command::Token { action } = cli.command {
+        return token(action, cli.json, out);
+    }
     let token = cli.connect.token()?;
     let tls = cli.connect.tls()?;
     let mut client = Client::connect(&cli.connect.dispatch, token.as_ref(), tls.as_ref()).await?;
@@ -83,6 +86,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
             branch,
         } => submit(&mut client, &repo, &branch, commit, json, out).await,
         Command::Cancel { id } => cancel(&mut client, id, json, out).await,
+        Command::Token { .. } => unreachable!("handled before connecting"),
     }
 }
 
@@ -188,6 +192,58 @@ fn write(out: &mut dyn Write, text: &str) -> anyhow::Result<()> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .context("writing to stdout")
+}
+
+/// `surveil token …`: edits the tokens file; never dials.
+fn token(action: TokenCommand, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    use surveil_common::tokens;
+    match action {
+        TokenCommand::Add {
+            name,
+            role,
+            scope,
+            file,
+        } => {
+            let secret = tokens::add(&file.tokens_file, &name, role, scope)?;
+            eprintln!(
+                "surveil: added {role} token {name:?} to {}; this is the only time its secret is shown: put it in the peer's --token-file (chmod 600)",
+                file.tokens_file.display()
+            );
+            if json {
+                let value = serde_json::json!({
+                    "name": name,
+                    "role": role.label(),
+                    "scope": scope.map(tokens::Scope::label),
+                    "token": secret.expose(),
+                });
+                write(out, &format!("{}\n", serde_json::to_string(&value)?))
+            } else {
+                write(out, &format!("{}\n", secret.expose()))
+            }
+        }
+        TokenCommand::Revoke { name, file } => {
+            if !tokens::revoke(&file.tokens_file, &name)? {
+                bail!("{} has no token named {name:?}", file.tokens_file.display());
+            }
+            eprintln!(
+                "surveil: revoked token {name:?}; the dispatcher ends its sessions within a second"
+            );
+            Ok(())
+        }
+        TokenCommand::List { file } => {
+            let list = tokens::TokensFile::load(&file.tokens_file)?;
+            let mut text = String::new();
+            for entry in &list.tokens {
+                let scope = entry.scope.map_or("-", tokens::Scope::label);
+                let created = entry.created.as_deref().unwrap_or("-");
+                text.push_str(&format!(
+                    "{}\t{}\t{scope}\t{created}\n",
+                    entry.name, entry.role
+                ));
+            }
+            write(out, &text)
+        }
+    }
 }
 
 #[cfg(test)]
