@@ -32,7 +32,7 @@ pub struct Cli {
 }
 
 /// What to ask the dispatcher.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// List jobs, newest first.
     Jobs {

@@ -88,7 +88,7 @@ async fn cli_and_runner_get_a_job_done_over_mutual_tls_and_mistakes_are_explaine
     let dispatcher = tokio::spawn(surveil_dispatcher::run(config, listener, shutdown.clone()));
 
     let mut runner = surveil_runner::Config::new(dir.path().join("work"), vec![repo.clone()]);
-    runner.dispatch = addr.clone();
+    runner.dispatch = vec![addr.clone()];
     runner.name = "tls-runner".to_owned();
     runner.isolation =
         surveil_runner::sandbox::Isolation::detect(std::env::var_os("PATH").as_deref())
