@@ -81,6 +81,54 @@ pub enum Command {
         /// The job id.
         id: u64,
     },
+    /// Issue, revoke and list credentials in a tokens file (local file
+    /// edits: the dispatcher reloads the file by itself).
+    Token {
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
+}
+
+/// `surveil token …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenCommand {
+    /// Adds a credential and prints its secret, once: only its hash is
+    /// kept.
+    Add {
+        /// Its name; a runner's token only lets it connect under this name.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// The role it may connect as.
+        #[arg(long, value_enum)]
+        role: surveil_common::tokens::Role,
+        /// For a client: `read` (jobs, logs, runners, status) or `operate`
+        /// (also submit, cancel, rerun, prune).
+        #[arg(long, value_enum)]
+        scope: Option<surveil_common::tokens::Scope>,
+        #[command(flatten)]
+        file: TokensFileArg,
+    },
+    /// Removes a credential; the dispatcher ends its sessions within a
+    /// second.
+    Revoke {
+        /// The credential's name.
+        name: String,
+        #[command(flatten)]
+        file: TokensFileArg,
+    },
+    /// Lists the credentials (names, roles, scopes; never secrets).
+    List {
+        #[command(flatten)]
+        file: TokensFileArg,
+    },
+}
+
+/// The tokens file a `token` command edits.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokensFileArg {
+    /// The dispatcher's --tokens-file (created 0600 if missing).
+    #[arg(long, env = "SURVEIL_TOKENS_FILE", value_name = "FILE")]
+    pub tokens_file: PathBuf,
 }
 
 /// A job status as written on the command line.
@@ -122,6 +170,10 @@ fn parse_commit(text: &str) -> Result<String, String> {
     Err(format!(
         "`{text}` {problem}; give the full 40-hex commit id (e.g. from `git rev-parse {text}`)"
     ))
+}
+
+fn parse_name(text: &str) -> Result<String, String> {
+    surveil_common::tokens::check_name(text).map(|()| text.to_owned())
 }
 
 fn parse_repo(text: &str) -> Result<String, String> {

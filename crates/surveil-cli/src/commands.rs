@@ -15,7 +15,7 @@ use surveil_common::tls::{self, ClientTls};
 use surveil_common::{Dialer, Secret};
 use surveil_proto::{GetStatusReply, JobStatus, ListJobs};
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, TokenCommand};
 use crate::client::{CONNECT_TIMEOUT, Client, ClientError};
 use crate::output::{self, JobJson, LogPrinter, RunnerJson, StatusJson, SubmitJson};
 
@@ -43,6 +43,9 @@ impl Reach {
 /// with `NOT_LEADER`, before doing or printing anything: the command is
 /// then run again, once, against the leader it names.
 pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    if let Command::Token { action } = cli.command {
+        return token(action, cli.json, out);
+    }
     let reach = Reach {
         token: cli.connect.token()?,
         tls: cli.connect.tls()?,
@@ -123,6 +126,7 @@ async fn execute(
             branch,
         } => submit(client, &repo, &branch, commit, json, out).await,
         Command::Cancel { id } => cancel(client, id, json, out).await,
+        Command::Token { .. } => unreachable!("handled before connecting"),
     }
 }
 
@@ -249,6 +253,58 @@ fn write(out: &mut dyn Write, text: &str) -> anyhow::Result<()> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .context("writing to stdout")
+}
+
+/// `surveil token …`: edits the tokens file; never dials.
+fn token(action: TokenCommand, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    use surveil_common::tokens;
+    match action {
+        TokenCommand::Add {
+            name,
+            role,
+            scope,
+            file,
+        } => {
+            let secret = tokens::add(&file.tokens_file, &name, role, scope)?;
+            eprintln!(
+                "surveil: added {role} token {name:?} to {}; this is the only time its secret is shown: put it in the peer's --token-file (chmod 600)",
+                file.tokens_file.display()
+            );
+            if json {
+                let value = serde_json::json!({
+                    "name": name,
+                    "role": role.label(),
+                    "scope": scope.map(tokens::Scope::label),
+                    "token": secret.expose(),
+                });
+                write(out, &format!("{}\n", serde_json::to_string(&value)?))
+            } else {
+                write(out, &format!("{}\n", secret.expose()))
+            }
+        }
+        TokenCommand::Revoke { name, file } => {
+            if !tokens::revoke(&file.tokens_file, &name)? {
+                bail!("{} has no token named {name:?}", file.tokens_file.display());
+            }
+            eprintln!(
+                "surveil: revoked token {name:?}; the dispatcher ends its sessions within a second"
+            );
+            Ok(())
+        }
+        TokenCommand::List { file } => {
+            let list = tokens::TokensFile::load(&file.tokens_file)?;
+            let mut text = String::new();
+            for entry in &list.tokens {
+                let scope = entry.scope.map_or("-", tokens::Scope::label);
+                let created = entry.created.as_deref().unwrap_or("-");
+                text.push_str(&format!(
+                    "{}\t{}\t{scope}\t{created}\n",
+                    entry.name, entry.role
+                ));
+            }
+            write(out, &text)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -118,6 +118,10 @@ pub struct RunnerJson {
     pub slots: u32,
     pub running: Vec<u64>,
     pub last_seen: String,
+    /// The credential it authenticated with (`token:ci-3`, `cert:ci-3`,
+    /// `shared`, `anonymous`); absent from older dispatchers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// `surveil submit --json`.
@@ -203,6 +207,7 @@ impl From<&RunnerInfo> for RunnerJson {
             slots: runner.slots,
             running: runner.running.clone(),
             last_seen: timestamp(runner.last_seen_ms),
+            identity: Some(runner.identity.clone()).filter(|i| !i.is_empty()),
         }
     }
 }
@@ -828,10 +833,11 @@ mod tests {
             last_seen_ms: QUEUED_MS,
             labels: vec!["x".into()],
             repos: vec!["/r".into()],
+            identity: "token:ci-3".into(),
         };
         assert_eq!(
             serde_json::to_string(&RunnerJson::from(&runner)).unwrap(),
-            r#"{"name":"ci-3","addr":"127.0.0.1:53412","slots":1,"running":[7],"last_seen":"2026-11-28T04:00:00.123Z"}"#
+            r#"{"name":"ci-3","addr":"127.0.0.1:53412","slots":1,"running":[7],"last_seen":"2026-11-28T04:00:00.123Z","identity":"token:ci-3"}"#
         );
         assert_eq!(
             serde_json::to_string(&SubmitJson { job_ids: vec![7] }).unwrap(),

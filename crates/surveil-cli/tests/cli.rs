@@ -395,6 +395,7 @@ async fn runners_json_has_the_contract_fields() {
                     last_seen_ms: QUEUED_MS,
                     labels: vec!["linux".into()],
                     repos: vec!["/srv/git/app".into()],
+                    identity: String::new(),
                 }],
             }))],
             _ => vec![],
@@ -536,7 +537,7 @@ async fn a_wrong_token_is_rejected_with_exit_1_and_the_right_one_works() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "wrong\n").unwrap();
+    surveil_common::private::write_atomic(&token_file, b"wrong\n").unwrap();
     let path = token_file.to_str().unwrap();
     let out = output(surveil(fake.addr, &["--token-file", path, "status"])).await;
     assert_eq!(out.status.code(), Some(1));
@@ -549,7 +550,7 @@ async fn a_wrong_token_is_rejected_with_exit_1_and_the_right_one_works() {
         stderr(&out)
     );
 
-    std::fs::write(&token_file, "  s3cret\n").unwrap();
+    surveil_common::private::write_atomic(&token_file, b"  s3cret\n").unwrap();
     let mut from_env = surveil(fake.addr, &["status", "--json"]);
     from_env.env("SURVEIL_TOKEN_FILE", &token_file);
     let out = output(from_env).await;

@@ -89,7 +89,9 @@ async fn cli_and_runner_get_a_job_done_over_mutual_tls_and_mistakes_are_explaine
 
     let mut runner = surveil_runner::Config::new(dir.path().join("work"), vec![repo.clone()]);
     runner.dispatch = vec![addr.clone()];
-    runner.name = "tls-runner".to_owned();
+    // With mutual TLS a runner is called by a name its certificate
+    // carries (the test client certificate's is `runner-1`).
+    runner.name = "runner-1".to_owned();
     runner.isolation =
         surveil_runner::sandbox::Isolation::detect(std::env::var_os("PATH").as_deref())
             .unwrap_or_else(|e| {
@@ -135,7 +137,7 @@ async fn cli_and_runner_get_a_job_done_over_mutual_tls_and_mistakes_are_explaine
         assert!(out.status.success(), "job: {}", text(&out.stderr));
         let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
         if shown["status"] == "passed" {
-            assert_eq!(shown["runner"], "tls-runner", "{shown}");
+            assert_eq!(shown["runner"], "runner-1", "{shown}");
             break;
         }
         assert!(

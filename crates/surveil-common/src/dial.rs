@@ -125,11 +125,18 @@ impl DialError {
     }
 
     /// Whether retrying cannot help until someone changes the
-    /// configuration: a wrong token, protocol version or role.
+    /// configuration: a wrong token, protocol version or role, a
+    /// credential not allowed this role, a name bound to another identity.
     pub fn is_fatal(&self) -> bool {
         matches!(
             self.reject_code(),
-            Some(RejectCode::BadToken | RejectCode::UnsupportedVersion | RejectCode::BadRole)
+            Some(
+                RejectCode::BadToken
+                    | RejectCode::UnsupportedVersion
+                    | RejectCode::BadRole
+                    | RejectCode::RoleNotAllowed
+                    | RejectCode::NameBound
+            )
         )
     }
 }

@@ -19,11 +19,13 @@ pub mod daemon;
 pub mod dial;
 pub mod logging;
 pub mod notify;
+pub mod private;
 pub mod secret;
 pub mod shutdown;
 pub mod tls;
+pub mod tokens;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -64,12 +66,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Reads the shared secret: the contents of `token_file` with surrounding
 /// whitespace trimmed, or else the `SURVEIL_TOKEN` environment variable.
-/// `None` when neither is set.
+/// `None` when neither is set. A token file group or others may read is
+/// refused (see [`private::read_credential`]).
 pub fn read_token(token_file: Option<&Path>) -> anyhow::Result<Option<String>> {
     let token = match token_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read token file {}", path.display()))?;
+            let text = private::read_credential(path, credentials_dir().as_deref())
+                .context("cannot read token file")?;
             let token = text.trim().to_owned();
             if token.is_empty() {
                 bail!("token file {} is empty", path.display());
@@ -82,6 +85,14 @@ pub fn read_token(token_file: Option<&Path>) -> anyhow::Result<Option<String>> {
             .filter(|t| !t.is_empty()),
     };
     Ok(token)
+}
+
+/// systemd's `$CREDENTIALS_DIRECTORY` (`LoadCredential=`): private to the
+/// service, so its files need no mode check.
+pub fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
 }
 
 /// Why `--token VALUE` is refused: a command line is readable by every
@@ -191,9 +202,9 @@ mod tests {
     fn token_file_is_trimmed_and_empty_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
-        std::fs::write(&file, "  s3cret\n").unwrap();
+        private::write_atomic(&file, b"  s3cret\n").unwrap();
         assert_eq!(read_token(Some(&file)).unwrap().as_deref(), Some("s3cret"));
-        std::fs::write(&file, " \n").unwrap();
+        private::write_atomic(&file, b" \n").unwrap();
         let err = read_token(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("is empty"), "{err}");
         let missing = dir.path().join("nope");

@@ -365,6 +365,55 @@ impl AsyncWrite for Stream {
     }
 }
 
+impl Stream {
+    /// The names in the verified client certificate of a server-side TLS
+    /// session (mutual TLS): its subject's common names, then its DNS
+    /// subject alternative names. Empty for plaintext, for a client-side
+    /// session, and when the peer sent no certificate.
+    pub fn peer_names(&self) -> Vec<String> {
+        let Stream::Tls(tls) = self else {
+            return Vec::new();
+        };
+        let tokio_rustls::TlsStream::Server(server) = &**tls else {
+            return Vec::new();
+        };
+        let Some(leaf) = server
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+        else {
+            return Vec::new();
+        };
+        certificate_names(leaf.as_ref())
+    }
+}
+
+/// A DER certificate's subject common names and DNS alternative names, in
+/// that order, without repeats. Only called on certificates rustls has
+/// already verified against `--tls-client-ca`.
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(dns) = name
+                && !names.iter().any(|n| n == dns)
+            {
+                names.push((*dns).to_owned());
+            }
+        }
+    }
+    names
+}
+
 /// Why the dispatcher could not start a session on an accepted connection.
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
@@ -521,8 +570,8 @@ pub mod test_certs {
     use std::path::{Path, PathBuf};
 
     use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-        IsCa, KeyPair,
+        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+        ExtendedKeyUsagePurpose, IsCa, KeyPair,
     };
 
     /// The PEM files, written in one directory.
@@ -561,6 +610,15 @@ pub mod test_certs {
     ) -> (String, String) {
         let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
         let mut params = CertificateParams::new(names).expect("leaf params");
+        // The first name is the subject's common name too (rcgen's default
+        // is a placeholder), as an operator's CA would issue it.
+        let mut subject = DistinguishedName::new();
+        if let Some(first) = params.subject_alt_names.first()
+            && let rcgen::SanType::DnsName(name) = first
+        {
+            subject.push(DnType::CommonName, name.as_str());
+        }
+        params.distinguished_name = subject;
         params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, issuer).expect("signed leaf");

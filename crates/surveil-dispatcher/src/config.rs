@@ -28,6 +28,10 @@ pub struct Cli {
     /// File holding the shared token (whitespace trimmed); else `SURVEIL_TOKEN`.
     #[arg(long, env = "SURVEIL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Per-role and per-runner credentials (TOML, hashes only), written by
+    /// `surveil token add`; reloaded on change and on SIGHUP.
+    #[arg(long, env = "SURVEIL_TOKENS_FILE", value_name = "FILE")]
+    pub tokens_file: Option<PathBuf>,
     /// How often each runner is pinged.
     #[arg(long, env = "SURVEIL_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = surveil_common::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -115,6 +119,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The shared token; `None` lets anyone connect (loopback only).
     pub token: Option<Secret>,
+    /// The tokens file (per-role, per-runner credentials), if any.
+    pub tokens_file: Option<PathBuf>,
     /// How often runners are pinged.
     pub heartbeat_interval: Duration,
     /// Silence after which a runner is declared dead.
@@ -154,6 +160,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             state_dir: state_dir.into(),
             token: None,
+            tokens_file: None,
             heartbeat_interval: Duration::from_secs(1),
             runner_timeout: Duration::from_secs(5),
             max_attempts: 3,
@@ -184,6 +191,11 @@ impl Cli {
                 None
             }
         };
+        if let Some(path) = &self.tokens_file
+            && let Err(err) = surveil_common::tokens::TokensFile::load(path)
+        {
+            problems.push(format!("--tokens-file: {err:#}"));
+        }
         validate(&self, token, &mut problems).ok_or(ConfigError(problems))
     }
 }
@@ -217,7 +229,12 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
     let tls = server_tls(cli, problems);
     let store = store_config(cli, problems);
     if let Some(addr) = listen {
-        check_exposure(cli, addr, token.is_some(), problems);
+        check_exposure(
+            cli,
+            addr,
+            token.is_some() || cli.tokens_file.is_some(),
+            problems,
+        );
     }
     if !problems.is_empty() {
         return None;
@@ -226,6 +243,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         listen: listen?,
         state_dir: cli.state_dir.clone(),
         token: token.map(Secret::new),
+        tokens_file: cli.tokens_file.clone(),
         heartbeat_interval: cli.heartbeat_interval,
         runner_timeout: cli.runner_timeout,
         max_attempts: cli.max_attempts,
@@ -418,7 +436,7 @@ fn check_exposure(cli: &Cli, addr: SocketAddr, has_token: bool, problems: &mut V
         return;
     }
     problems.push(format!(
-        "--listen {addr} is not a loopback address and no token is set: anyone who can reach it could submit jobs or pose as a runner; set --token-file (or SURVEIL_TOKEN), require client certificates with --tls-client-ca, or listen on 127.0.0.1{}",
+        "--listen {addr} is not a loopback address and no token is set: anyone who can reach it could submit jobs or pose as a runner; set --tokens-file (see `surveil token add`) or --token-file (or SURVEIL_TOKEN), require client certificates with --tls-client-ca, or listen on 127.0.0.1{}",
         if cli.tls_cert.is_some() {
             " (TLS proves the dispatcher to its clients, not the clients to the dispatcher)"
         } else {

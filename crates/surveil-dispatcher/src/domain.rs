@@ -380,6 +380,9 @@ pub struct RunnerView {
     pub labels: Vec<String>,
     /// The repositories it builds.
     pub repos: Vec<String>,
+    /// The identity it authenticated as (`token:ci-3`, `cert:ci-3`,
+    /// `shared`, `anonymous`).
+    pub identity: String,
 }
 
 /// The dispatcher's health and counters, as `status` shows them.

@@ -102,6 +102,7 @@ async fn stand_by(
 ) -> anyhow::Result<Option<(u64, Instant)>> {
     let standby = Arc::new(Standby {
         config: config.clone(),
+        auth: Arc::new(crate::authenticator(config)?),
         leader: std::sync::Mutex::new(LeaderView {
             standby: true,
             ..LeaderView::default()
@@ -110,6 +111,11 @@ async fn stand_by(
         closed: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
+    // A token revoked while this dispatcher stands by is refused here too.
+    tracker.spawn(crate::credentials::watch(
+        Arc::clone(&standby.auth),
+        standby.closed.clone(),
+    ));
     let mut tick = tokio::time::interval(ttl / 3);
     let elected = loop {
         tokio::select! {

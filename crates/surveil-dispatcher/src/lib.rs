@@ -4,6 +4,8 @@
 //!
 //! # Code map
 //!
+//! - [`auth`]: credentials to identities (role, scope, bound runner
+//!   name), the one access policy, revocation of live sessions.
 //! - [`config`]: the command-line contract and the validated [`Config`].
 //! - [`domain`]: ids, statuses, jobs, results, log chunks, queries and
 //!   views: what the scheduler, the store and the service speak.
@@ -43,6 +45,7 @@ macro_rules! failpoint {
 }
 pub(crate) use failpoint;
 
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod scheduler;
@@ -50,6 +53,7 @@ pub mod service;
 pub mod store;
 pub mod wire;
 
+mod credentials;
 mod ha;
 mod monitor;
 mod redistributor;
@@ -86,6 +90,8 @@ pub(crate) struct Daemon {
     /// The address runners are told to dial (the listener's).
     pub local_addr: SocketAddr,
     pub service: Arc<Service>,
+    /// Who peers are and what they may do.
+    pub auth: Arc<auth::Authenticator>,
 }
 
 /// Runs a dispatcher on `listener` until `shutdown` is cancelled, then
@@ -110,7 +116,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.state_dir)
+    surveil_common::private::create_dir(&config.state_dir)
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
     if let config::StoreConfig::Postgres(options) = &config.store {
         let options = options.clone();
@@ -133,6 +139,20 @@ pub async fn serve_with_store(
     serve_on(config, store, listener, shutdown, None, || {}).await
 }
 
+/// The credentials `config` names (the shared token, the tokens file,
+/// client certificates), for the leader's and a standby's handshakes.
+pub(crate) fn authenticator(config: &Config) -> anyhow::Result<auth::Authenticator> {
+    auth::Authenticator::new(
+        config.token.clone(),
+        config.tokens_file.as_deref(),
+        config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.requires_client_certs()),
+    )
+    .context("--tokens-file")
+}
+
 /// Serves as the leader on `store` until `shutdown`; `leader` is the term
 /// it serves under (a PostgreSQL store), shown by `status`.
 pub(crate) async fn serve_on(
@@ -150,6 +170,7 @@ pub(crate) async fn serve_on(
         runner_timeout: config.runner_timeout,
         max_attempts: config.max_attempts,
     };
+    let auth = authenticator(&config)?;
     let service = Service::open(store, sched)
         .await
         .context("reading unfinished jobs from the store")?;
@@ -160,8 +181,16 @@ pub(crate) async fn serve_on(
         config,
         local_addr,
         service: Arc::new(service),
+        auth: Arc::new(auth),
     });
     let tracker = TaskTracker::new();
+    credentials::warn_if_shared(&daemon.config, local_addr);
+    if daemon.auth.tokens_path().is_some() {
+        tracker.spawn(credentials::watch(
+            Arc::clone(&daemon.auth),
+            shutdown.child_token(),
+        ));
+    }
 
     let tasks_cancel = shutdown.child_token();
     let counter = Arc::clone(&daemon.service);

@@ -239,6 +239,7 @@ impl Service {
         views
             .into_iter()
             .map(|r| RunnerView {
+                identity: self.identity_of(r.session),
                 last_seen_ms: wall.saturating_sub(
                     u64::try_from(at.saturating_duration_since(r.last_seen).as_millis())
                         .unwrap_or(u64::MAX),

@@ -9,6 +9,7 @@
 use surveil_proto as proto;
 use surveil_proto::{Envelope, Msg, Role};
 
+use crate::auth::Access;
 use crate::domain::{
     Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus, LogChunk,
     LogStream, ResultAck, RunnerHello, RunnerReport, RunnerView, StatusView, Submission,
@@ -52,6 +53,24 @@ pub enum ClientRequest {
     GetStatus,
     /// Cancel a job.
     Cancel(JobId),
+}
+
+impl ClientRequest {
+    /// What the request needs of the peer's identity (checked by
+    /// [`Identity::allows`](crate::auth::Identity::allows), the one policy);
+    /// `None` for a `Pong`, which asks nothing.
+    pub fn access(&self) -> Option<Access> {
+        Some(match self {
+            ClientRequest::Ignore => return None,
+            ClientRequest::ListJobs(_)
+            | ClientRequest::GetJob(_)
+            | ClientRequest::ReadLog { .. }
+            | ClientRequest::ListRunners
+            | ClientRequest::GetStatus => Access::Read,
+            ClientRequest::Submit(_) => Access::Submit,
+            ClientRequest::Cancel(_) => Access::Operate,
+        })
+    }
 }
 
 fn protocol(text: String) -> FrameError {
@@ -442,6 +461,7 @@ pub fn runners_reply(runners: Vec<RunnerView>) -> proto::ListRunnersReply {
                 last_seen_ms: r.last_seen_ms,
                 labels: r.labels,
                 repos: r.repos,
+                identity: r.identity,
             })
             .collect(),
     }

@@ -43,7 +43,7 @@ async fn tokens_never_reach_the_log_even_at_trace_level() {
     let dir = tempfile::tempdir().unwrap();
     let certs = tls::test_certs::write(dir.path());
     let token_file = dir.path().join("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    surveil_common::private::write_atomic(&token_file, format!("{TOKEN}\n").as_bytes()).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_surveil-dispatcher"))
         .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0"])

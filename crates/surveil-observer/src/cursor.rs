@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use gix::ObjectId;
@@ -115,6 +116,7 @@ impl CursorFile {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(surveil_common::private::FILE_MODE)
             .open(&path)
             .map_err(|source| CursorError::Write {
                 path: path.clone(),
@@ -189,7 +191,7 @@ impl CursorFile {
             let path = path.to_owned();
             move |source| CursorError::Write { path, source }
         };
-        let mut out = File::create(&temp).map_err(write_error(&temp))?;
+        let mut out = surveil_common::private::create_file(&temp).map_err(write_error(&temp))?;
         out.write_all(&text).map_err(write_error(&temp))?;
         out.sync_all().map_err(write_error(&temp))?;
         drop(out);

@@ -69,7 +69,7 @@ impl Observer {
     /// Blocking (small file reads); call it before serving, then report
     /// readiness.
     pub fn open(config: Config) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        surveil_common::private::create_dir(&config.state_dir).with_context(|| {
             format!(
                 "cannot create the state directory {}",
                 config.state_dir.display()

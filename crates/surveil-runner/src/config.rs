@@ -367,7 +367,7 @@ mod tests {
     fn a_read_only_path_holding_the_work_dir_or_token_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
-        std::fs::write(&token, "t\n").unwrap();
+        surveil_common::private::write_atomic(&token, b"t\n").unwrap();
         let work = dir.path().join("work");
         let work = work.to_str().unwrap();
         let token = token.to_str().unwrap();

@@ -26,7 +26,7 @@ impl Outbox {
     /// Uses `dir` (created if missing); temporary files of an interrupted
     /// write are removed, since their rename never happened.
     pub fn open(dir: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        surveil_common::private::create_dir(dir)?;
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|ext| ext == "tmp") {
@@ -48,7 +48,7 @@ impl Outbox {
         let path = self.path(result.job_id, result.attempt);
         let tmp = path.with_extension("tmp");
         {
-            let mut file = File::create(&tmp)?;
+            let mut file = surveil_common::private::create_file(&tmp)?;
             file.write_all(&result.encode_to_vec())?;
             file.sync_all()?;
         }

@@ -77,10 +77,19 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    /// Creates `root/{mirrors,jobs,outbox}` as needed.
+    /// Creates `root/{mirrors,jobs,outbox}` as needed, each 0700. Existing
+    /// directories keep their mode: the sandbox opens the work dir and
+    /// `jobs/` to a task user (0711), and a second opener must not undo it.
     pub fn open(root: &Path) -> std::io::Result<Self> {
-        for sub in ["mirrors", "jobs", "outbox"] {
-            std::fs::create_dir_all(root.join(sub))?;
+        for dir in [
+            root.to_owned(),
+            root.join("mirrors"),
+            root.join("jobs"),
+            root.join("outbox"),
+        ] {
+            if !dir.exists() {
+                surveil_common::private::create_dir(&dir)?;
+            }
         }
         Ok(Workspace {
             root: root.to_owned(),

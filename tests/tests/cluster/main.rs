@@ -1,11 +1,13 @@
 //! One test binary for every story over real processes, so the daemons are
 //! built once: fault stories (`faults`), high availability on PostgreSQL
-//! (`ha`), hostile input (`hostile`) and
-//! hostile pipelines against the task sandbox (`sandbox`).
+//! (`ha`), hostile input (`hostile`) and hostile pipelines against the
+//! task sandbox (`sandbox`), and stolen, scoped and revoked credentials and
+//! files at rest (`credentials`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
 mod common;
+mod credentials;
 mod faults;
 mod fetch;
 mod ha;

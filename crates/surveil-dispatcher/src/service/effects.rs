@@ -19,6 +19,12 @@ pub trait RunnerLink: Send + Sync {
     /// dispatcher buffer without bound. `false` when it was not queued.
     fn send(&self, msg: ToRunner) -> bool;
 
+    /// The identity the runner authenticated as (`token:ci-3`,
+    /// `cert:ci-3`, `shared`...), for listings; empty when unknown.
+    fn identity(&self) -> String {
+        String::new()
+    }
+
     /// Closes the connection, telling the runner why (best effort).
     fn close(&self, reason: &str);
 }
@@ -39,6 +45,14 @@ impl Service {
     /// registered.
     pub(super) fn unregister(&self, session: SessionId) -> Option<String> {
         lock(&self.links).remove(&session).map(|r| r.name)
+    }
+
+    /// The identity of a connected runner's session.
+    pub(super) fn identity_of(&self, session: SessionId) -> String {
+        lock(&self.links)
+            .get(&session)
+            .map(|r| r.link.identity())
+            .unwrap_or_default()
     }
 
     /// Queues a message for a runner; `false` when it is gone or slow.

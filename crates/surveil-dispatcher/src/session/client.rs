@@ -1,16 +1,18 @@
 //! An observer's or a client's session: each request, turned into a domain
-//! request by `wire`, is answered in turn by the service. An observer may
-//! only submit. `ReadLog` with `follow` streams replies until the job is
+//! request by `wire`, is answered in turn by the service, once the peer's
+//! identity allows it (`auth`'s policy: scope `read` or `operate`). An
+//! observer may only submit. `ReadLog` with `follow` streams replies until the job is
 //! final, or the peer leaves.
 
 use surveil_proto::{Envelope, GetJobReply, ListJobsReply, Role, SubmitAck};
 
 use super::{End, Io, next_frame};
+use crate::auth::Identity;
 use crate::domain::JobId;
 use crate::service::{Service, ServiceError};
 use crate::wire::{self, ClientRequest};
 
-pub(super) async fn run(service: &Service, role: Role, mut io: Io) -> End {
+pub(super) async fn run(service: &Service, role: Role, identity: &Identity, mut io: Io) -> End {
     let close = io.close.clone();
     let closed = close.cancelled();
     tokio::pin!(closed);
@@ -23,6 +25,13 @@ pub(super) async fn run(service: &Service, role: Role, mut io: Io) -> End {
             Ok(request) => request,
             Err(err) => return io.refuse(err).await,
         };
+        // The scope check, for every request, before the service sees it.
+        if let Some(access) = request.access()
+            && let Err(denied) = identity.allows(access)
+        {
+            tracing::warn!(identity = %identity.label(), reason = %denied, "request refused");
+            return io.protocol_error(denied.0).await;
+        }
         let reply = match answer(service, request, &io).await {
             Ok(reply) => reply,
             Err(end) => return end,

@@ -1,18 +1,20 @@
 //! A connection's first steps: TLS (when configured), a valid `Hello`
-//! within the handshake timeout, the token, the role's own checks, then
-//! `Welcome` with a new session id. Whatever is refused here gets a
-//! `Reject` naming the problem (or, when no frame can be exchanged, only a
-//! log line), and never reaches the service.
+//! within the handshake timeout, the credential (token or client
+//! certificate) as an identity through `auth`, whether that identity may
+//! take the role and, for a runner, the name, then `Welcome` with a new
+//! session id. Whatever is refused here gets a `Reject` naming the problem
+//! (`BAD_TOKEN`, `ROLE_NOT_ALLOWED`, `NAME_BOUND`...; or, when no frame can
+//! be exchanged, only a log line), and never reaches the service.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use subtle::ConstantTimeEq;
 use surveil_common::tls::{self, AcceptError};
 use surveil_proto::{Codec, Connection, Hello, RejectCode, Role, Welcome};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{self, AuthError, Authenticator, Identity};
 use crate::domain::{RunnerHello, SessionId};
 use crate::wire;
 use crate::{Config, Daemon};
@@ -24,6 +26,9 @@ pub(super) struct Accepted {
     /// For a runner, its checked `Hello`.
     pub runner: Option<RunnerHello>,
     pub session: SessionId,
+    /// Who it authenticated as (admitted to `auth`; the session must
+    /// `leave` when it ends).
+    pub identity: Identity,
 }
 
 /// Runs the handshake; `None` when the connection was refused (and is to
@@ -47,17 +52,33 @@ pub(super) async fn accept(
             return None;
         }
     };
-    let runner = match check(daemon, &hello, peer, shutdown) {
-        Ok(runner) => runner,
+    let cert_names = conn.get_ref().peer_names();
+    let session = daemon.service.new_session();
+    let (identity, runner) = match check(daemon, &hello, &cert_names, peer, shutdown) {
+        Ok(checked) => checked,
         Err((code, problem)) => {
-            if code == RejectCode::BadToken {
-                tracing::warn!(name = %hello.name, "wrong token");
+            match code {
+                RejectCode::ShuttingDown => {}
+                RejectCode::BadToken => {
+                    tracing::warn!(name = %hello.name, role = ?hello.role(), "wrong token")
+                }
+                _ => {
+                    tracing::warn!(name = %hello.name, role = ?hello.role(), reason = %problem, "credential refused")
+                }
             }
             conn.reject(code, problem).await;
             return None;
         }
     };
-    let session = daemon.service.new_session();
+    if let Err(err) =
+        daemon
+            .auth
+            .admit(session, &identity, runner.as_ref().map(|r| r.name.as_str()))
+    {
+        tracing::warn!(name = %hello.name, identity = %identity.label(), reason = %err, "runner name refused");
+        conn.reject(reject_code(&err), err.to_string()).await;
+        return None;
+    }
     let welcome = Welcome {
         session_id: format!("s-{session}"),
         heartbeat_interval_ms: millis_u32(config.heartbeat_interval),
@@ -66,6 +87,7 @@ pub(super) async fn accept(
     };
     if let Err(err) = conn.send(welcome).await {
         tracing::info!(error = %err, "peer left during the handshake");
+        daemon.auth.leave(session);
         return None;
     }
     Some(Accepted {
@@ -73,42 +95,67 @@ pub(super) async fn accept(
         role: hello.role(),
         runner,
         session,
+        identity,
     })
 }
 
+fn reject_code(err: &AuthError) -> RejectCode {
+    match err {
+        AuthError::BadToken(_) => RejectCode::BadToken,
+        AuthError::RoleNotAllowed(_) => RejectCode::RoleNotAllowed,
+        AuthError::NameBound(_) => RejectCode::NameBound,
+    }
+}
+
 /// What is wrong with a well-formed `Hello`, if anything: the reject to
-/// answer with. For a runner, its checked `Hello`.
+/// answer with. Else its identity and, for a runner, its checked `Hello`.
 fn check(
     daemon: &Daemon,
     hello: &Hello,
+    cert_names: &[String],
     peer: SocketAddr,
     shutdown: &CancellationToken,
-) -> Result<Option<RunnerHello>, (RejectCode, &'static str)> {
-    if !token_ok(&daemon.config, hello) {
-        return Err((
-            RejectCode::BadToken,
-            "the token does not match the dispatcher's; check --token-file or SURVEIL_TOKEN",
-        ));
-    }
-    let runner = if hello.role() == Role::Runner {
-        Some(wire::runner_hello(hello, peer.to_string()).map_err(|p| (RejectCode::BadRole, p))?)
+) -> Result<(Identity, Option<RunnerHello>), (RejectCode, String)> {
+    let (identity, role) = identify(&daemon.auth, hello, cert_names)?;
+    let runner = if role == auth::Role::Runner {
+        Some(
+            wire::runner_hello(hello, peer.to_string())
+                .map_err(|p| (RejectCode::BadRole, p.to_owned()))?,
+        )
     } else {
         None
     };
     if shutdown.is_cancelled() {
         return Err((
             RejectCode::ShuttingDown,
-            "the dispatcher is shutting down; retry later",
+            "the dispatcher is shutting down; retry later".to_owned(),
         ));
     }
-    Ok(runner)
+    Ok((identity, runner))
 }
 
-/// Whether `hello` carries the configured token (constant time).
-pub(super) fn token_ok(config: &Config, hello: &Hello) -> bool {
-    config.token.as_ref().is_none_or(|expected| {
-        bool::from(expected.expose().as_bytes().ct_eq(hello.token.as_bytes()))
-    })
+/// The identity `hello`'s credential (or the client certificate) proves
+/// and the role it asks for, if that identity may take it. A standby
+/// checks credentials exactly as the leader does.
+pub(super) fn identify(
+    auth: &Authenticator,
+    hello: &Hello,
+    cert_names: &[String],
+) -> Result<(Identity, auth::Role), (RejectCode, String)> {
+    let refuse = |err: AuthError| (reject_code(&err), err.to_string());
+    let identity = auth
+        .authenticate_peer(&hello.token, cert_names)
+        .map_err(refuse)?;
+    let role = match hello.role() {
+        Role::Runner => auth::Role::Runner,
+        Role::Observer => auth::Role::Observer,
+        Role::Client => auth::Role::Client,
+        Role::Unspecified => {
+            return Err((RejectCode::BadRole, "the Hello names no role".to_owned()));
+        }
+    };
+    identity.may_connect_as(role).map_err(refuse)?;
+    Ok((identity, role))
 }
 
 /// TLS when configured; on a plaintext port, a TLS hello is refused at

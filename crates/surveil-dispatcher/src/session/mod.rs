@@ -75,6 +75,15 @@ pub(crate) async fn serve(
     let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
     let close = shutdown.child_token();
     let writer_task = tokio::spawn(write_loop(writer, rx, close.clone()).in_current_span());
+    // A revoked credential ends the session from `auth`, telling the peer.
+    let _admitted = Admitted {
+        daemon: &daemon,
+        session: accepted.session,
+    };
+    daemon
+        .auth
+        .attach(accepted.session, revoker(tx.clone(), close.clone()));
+    let identity = accepted.identity;
     let io = Io {
         reader,
         tx,
@@ -84,9 +93,12 @@ pub(crate) async fn serve(
     let end = match (accepted.role, accepted.runner) {
         (Role::Runner, Some(hello)) => {
             tracing::Span::current().record("runner", hello.name.as_str());
-            runner::run(&daemon.service, accepted.session, hello, peer, io).await
+            let label = identity.label();
+            runner::run(&daemon.service, accepted.session, hello, label, peer, io).await
         }
-        (role @ (Role::Observer | Role::Client), _) => client::run(&daemon.service, role, io).await,
+        (role @ (Role::Observer | Role::Client), _) => {
+            client::run(&daemon.service, role, &identity, io).await
+        }
         // The handshake has already rejected any other role or Hello.
         _ => End::Closed("no role".to_owned()),
     };
@@ -98,6 +110,29 @@ pub(crate) async fn serve(
         End::Shutdown => tracing::debug!("connection closed for shutdown"),
     }
     let _ = writer_task.await;
+}
+
+/// Keeps a session admitted to `auth` for as long as it runs.
+struct Admitted<'a> {
+    daemon: &'a Daemon,
+    session: crate::domain::SessionId,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.daemon.auth.leave(self.session);
+    }
+}
+
+/// How `auth` ends a session whose credential was revoked: an `Error`
+/// saying so (best effort), then the close.
+fn revoker(tx: Tx, close: CancellationToken) -> crate::auth::EndSession {
+    Box::new(move |reason| {
+        let _ = tx.try_send(outgoing(surveil_proto::Error {
+            message: reason.to_owned(),
+        }));
+        close.cancel();
+    })
 }
 
 /// A session's ends of its connection.

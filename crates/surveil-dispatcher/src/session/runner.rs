@@ -19,6 +19,8 @@ use crate::wire;
 /// The service's link to this connection: frames on its bounded queue.
 struct Link {
     session: SessionId,
+    /// The identity it authenticated as, for listings.
+    identity: String,
     tx: mpsc::Sender<Outgoing>,
     close: CancellationToken,
 }
@@ -39,6 +41,10 @@ impl RunnerLink for Link {
         }
     }
 
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+
     fn close(&self, reason: &str) {
         // Best effort: the runner learns why before the connection closes.
         let _ = self.tx.try_send(outgoing(ErrorMsg {
@@ -52,6 +58,7 @@ pub(super) async fn run(
     service: &Service,
     session: SessionId,
     hello: RunnerHello,
+    identity: String,
     peer: SocketAddr,
     mut io: Io,
 ) -> End {
@@ -72,6 +79,7 @@ pub(super) async fn run(
     }
     let link = Link {
         session,
+        identity,
         tx: io.tx.clone(),
         close: io.close.clone(),
     };
@@ -149,6 +157,7 @@ mod tests {
         let close = CancellationToken::new();
         let link = Link {
             session: SessionId(7),
+            identity: "shared".to_owned(),
             tx,
             close: close.clone(),
         };

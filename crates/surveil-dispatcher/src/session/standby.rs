@@ -1,5 +1,5 @@
 //! A standby dispatcher's connections (high availability on PostgreSQL):
-//! the same TLS and token checks as the leader's handshake, then a client
+//! the same TLS and credential checks as the leader's handshake, then a client
 //! may ask `GetStatus` (answered with who leads), and every other session
 //! — runner, observer, or a client's other requests — is refused naming
 //! the leader, so it dials there instead.
@@ -21,6 +21,8 @@ use crate::wire;
 /// What a standby knows, shared by its connections.
 pub(crate) struct Standby {
     pub config: Config,
+    /// The same credentials the leader would check.
+    pub auth: Arc<crate::auth::Authenticator>,
     /// The leader as last read from the database.
     pub leader: std::sync::Mutex<LeaderView>,
     pub started: tokio::time::Instant,
@@ -81,12 +83,10 @@ pub(crate) async fn serve(standby: Arc<Standby>, stream: TcpStream, peer: Socket
             return;
         }
     };
-    if !handshake::token_ok(config, &hello) {
-        conn.reject(
-            RejectCode::BadToken,
-            "the token does not match the dispatcher's; check --token-file or SURVEIL_TOKEN",
-        )
-        .await;
+    let cert_names = conn.get_ref().peer_names();
+    if let Err((code, problem)) = handshake::identify(&standby.auth, &hello, &cert_names) {
+        tracing::warn!(%peer, name = %hello.name, role = ?hello.role(), reason = %problem, "credential refused");
+        conn.reject(code, problem).await;
         return;
     }
     if hello.role() != Role::Client {

@@ -83,11 +83,19 @@ impl SqliteStore {
     /// to the newest schema, then starts the writer thread. Creates the
     /// state directory when it is missing.
     pub fn open(state_dir: &Path) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
+        let dir_error = |source| StoreError::StateDir {
             path: state_dir.to_owned(),
             source,
-        })?;
+        };
+        surveil_common::private::create_dir(state_dir).map_err(dir_error)?;
         let path = state_dir.join(DB_FILE);
+        // SQLite creates the database 0644 less the umask, and its WAL and
+        // shared-memory files with the database's mode: make the database
+        // 0600 first, then the others once they exist.
+        if !path.exists() {
+            surveil_common::private::create_file(&path).map_err(dir_error)?;
+        }
+        surveil_common::private::restrict_file(&path).map_err(dir_error)?;
         let mut conn = Connection::open(&path).ctx(&format!("opening {}", path.display()))?;
         conn.busy_timeout(BUSY_TIMEOUT)
             .ctx("setting busy_timeout")?;
@@ -108,6 +116,14 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", true)
             .ctx("enabling foreign keys")?;
         migrations::migrate(&mut conn)?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.clone().into_os_string();
+            side.push(suffix);
+            let side = PathBuf::from(side);
+            if side.exists() {
+                surveil_common::private::restrict_file(&side).map_err(dir_error)?;
+            }
+        }
 
         let stats = Arc::new(writer::Stats::default());
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);

@@ -508,6 +508,10 @@ pub struct RunnerInfo {
     /// The repositories it builds.
     #[prost(string, repeated, tag = "7")]
     pub repos: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The identity it authenticated as ("token:ci-3", "cert:ci-3",
+    /// "shared", "anonymous").
+    #[prost(string, tag = "10")]
+    pub identity: ::prost::alloc::string::String,
 }
 /// The dispatcher's answer to ListRunners.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -644,6 +648,12 @@ pub enum RejectCode {
     /// The dispatcher is a standby (high availability on PostgreSQL): dial the
     /// leader, whose address is in Reject.leader_addr when known.
     NotLeader = 8,
+    /// The credential is valid but may not connect in Hello.role (a runner
+    /// token used as a client, an observer token used as a runner...).
+    RoleNotAllowed = 9,
+    /// Hello.name is bound to another identity: another runner's token or
+    /// certificate, or a live session of another identity.
+    NameBound = 10,
 }
 impl RejectCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -661,6 +671,8 @@ impl RejectCode {
             Self::HandshakeTimeout => "REJECT_CODE_HANDSHAKE_TIMEOUT",
             Self::ShuttingDown => "REJECT_CODE_SHUTTING_DOWN",
             Self::NotLeader => "REJECT_CODE_NOT_LEADER",
+            Self::RoleNotAllowed => "REJECT_CODE_ROLE_NOT_ALLOWED",
+            Self::NameBound => "REJECT_CODE_NAME_BOUND",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -675,6 +687,8 @@ impl RejectCode {
             "REJECT_CODE_HANDSHAKE_TIMEOUT" => Some(Self::HandshakeTimeout),
             "REJECT_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),
             "REJECT_CODE_NOT_LEADER" => Some(Self::NotLeader),
+            "REJECT_CODE_ROLE_NOT_ALLOWED" => Some(Self::RoleNotAllowed),
+            "REJECT_CODE_NAME_BOUND" => Some(Self::NameBound),
             _ => None,
         }
     }

@@ -141,6 +141,7 @@ pub fn every_message() -> Vec<Msg> {
                 last_seen_ms: 1_764_300_000_123,
                 labels: vec!["linux".into()],
                 repos: vec!["/srv/git/app".into()],
+                identity: "token:ci-1".into(),
             }],
         }),
         Msg::GetStatus(GetStatus {}),
