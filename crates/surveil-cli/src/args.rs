@@ -32,7 +32,7 @@ pub struct Cli {
 }
 
 /// What to ask the dispatcher.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// List jobs, newest first.
     Jobs {
@@ -97,7 +97,7 @@ pub enum Command {
 }
 
 /// `surveil token …`.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum TokenCommand {
     /// Adds a credential and prints its secret, once: only its hash is
     /// kept.

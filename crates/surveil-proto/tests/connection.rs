@@ -167,7 +167,7 @@ async fn a_reject_surfaces_with_its_code_and_message() {
         .await
         .unwrap_err();
     match &err {
-        HandshakeError::Rejected { code, message } => {
+        HandshakeError::Rejected { code, message, .. } => {
             assert_eq!(*code, RejectCode::BadToken);
             assert_eq!(message, "token does not match");
         }

@@ -172,7 +172,7 @@ fn isolation() -> Isolation {
 fn config(dispatch: &str, work: &Path, repos: Vec<String>) -> Config {
     let mut config = Config::new(work, repos);
     config.isolation = isolation();
-    config.dispatch = dispatch.to_owned();
+    config.dispatch = vec![dispatch.to_owned()];
     config.name = "ci-test".into();
     config.base_env = surveil_common::Secret::new(
         std::env::var_os("PATH")

@@ -9,7 +9,7 @@ use crate::harness::*;
 
 fn rejected(result: Result<impl std::fmt::Debug, HandshakeError>) -> (RejectCode, String) {
     match result {
-        Err(HandshakeError::Rejected { code, message }) => (code, message),
+        Err(HandshakeError::Rejected { code, message, .. }) => (code, message),
         other => panic!("expected a Reject, got {other:?}"),
     }
 }
