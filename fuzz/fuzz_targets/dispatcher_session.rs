@@ -211,6 +211,7 @@ fn submit(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<
         repo: repo.to_owned(),
         branch: "main".to_owned(),
         commits: ids.iter().map(|id| commit(*id)).collect(),
+        ..proto::Submit::default()
     });
     let Ok(ClientRequest::Submit(submission)) = wire::client_request(Role::Observer, msg) else {
         panic!("a valid Submit was refused");
@@ -228,6 +229,7 @@ fn submit(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<
                     stored_status(m, *id)
                 },
                 branch: "main".to_owned(),
+                ref_name: "refs/heads/main".to_owned(),
                 attempt: m.assigned.get(id).copied().unwrap_or_default(),
             }
         })
@@ -597,6 +599,8 @@ fn restart(s: &mut Scheduler, m: &mut Model) {
             id,
             repo: m.repo_of[&id].to_owned(),
             branch: "main".to_owned(),
+            ref_name: "refs/heads/main".to_owned(),
+            pull_request: None,
             commit: CommitId::parse(&commit(id)).expect("40 hex digits"),
             status: if running {
                 JobStatus::Running

@@ -109,12 +109,36 @@ impl Probe {
         }
     }
 
+    /// Submits `commits` of `repo` seen at the full ref `git_ref` (of
+    /// pull request `pull_request`, when given) on `branch`; the job ids.
+    pub fn submit_ref(
+        &self,
+        repo: &str,
+        branch: &str,
+        git_ref: &str,
+        pull_request: Option<u64>,
+        commits: &[&str],
+    ) -> Result<Vec<u64>> {
+        let submit = Submit {
+            repo: repo.to_owned(),
+            branch: branch.to_owned(),
+            commits: commits.iter().map(|c| (*c).to_owned()).collect(),
+            r#ref: git_ref.to_owned(),
+            pull_request,
+        };
+        match self.request(submit)? {
+            Msg::SubmitAck(ack) => Ok(ack.job_ids),
+            other => bail!("Submit answered with {}", other.name()),
+        }
+    }
+
     /// Submits `commits` (oldest first) of `repo` on `branch`; the job ids.
     pub fn submit(&self, repo: &str, branch: &str, commits: &[&str]) -> Result<Vec<u64>> {
         let submit = Submit {
             repo: repo.to_owned(),
             branch: branch.to_owned(),
             commits: commits.iter().map(|c| (*c).to_owned()).collect(),
+            ..Submit::default()
         };
         match self.request(submit)? {
             Msg::SubmitAck(ack) => Ok(ack.job_ids),

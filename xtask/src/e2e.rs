@@ -23,7 +23,7 @@ const HEARTBEAT_S: f64 = 0.5;
 const STEP_DEADLINE: Duration = Duration::from_secs(40);
 const POLL: Duration = Duration::from_millis(25);
 
-const PIPELINE: &str = r#"# Written by cargo xtask e2e.
+pub(crate) const PIPELINE: &str = r#"# Written by cargo xtask e2e.
 [[task]]
 name = "build"
 run = "echo building $SURVEIL_COMMIT; sleep $(cat delay)"
@@ -34,23 +34,30 @@ name = "test"
 run = "sh test.sh"
 "#;
 
-const TEST_SCRIPT: &str = "echo \"verdict: $(cat verdict)\"\ngrep -q pass verdict\n";
+pub(crate) const TEST_SCRIPT: &str = "echo \"verdict: $(cat verdict)\"\ngrep -q pass verdict\n";
 
 pub struct Options {
     pub keep: bool,
 }
 
-struct Story {
+pub(crate) struct Story {
     started: Instant,
-    failures: Vec<String>,
+    pub(crate) failures: Vec<String>,
 }
 
 impl Story {
-    fn step(&self, text: &str) {
+    pub(crate) fn new() -> Story {
+        Story {
+            started: Instant::now(),
+            failures: Vec::new(),
+        }
+    }
+
+    pub(crate) fn step(&self, text: &str) {
         println!("[{:6.1}s] {text}", self.started.elapsed().as_secs_f64());
     }
 
-    fn expect(&mut self, ok: bool, what: impl Into<String>) {
+    pub(crate) fn expect(&mut self, ok: bool, what: impl Into<String>) {
         let what = what.into();
         if ok {
             println!("           ok: {what}");

@@ -7,6 +7,7 @@ mod bench;
 mod chaos;
 mod codegen;
 mod e2e;
+mod e2e_pg;
 mod units;
 
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ commands:
   e2e        run a local cluster over a scratch repository and tell its story
              and print its pages' address [--keep: leave target/e2e/ for
              inspection and keep the dispatcher serving its pages]
+             [--store postgres: the failover story instead, two dispatchers
+             on a PostgreSQL this starts, the leader SIGKILLed mid-job]
   verify-units
              systemd-analyze verify dist/systemd/*.service
 ";
@@ -40,12 +43,14 @@ fn main() -> ExitCode {
         Some("chaos") => chaos::Options::parse(&args[1..])
             .and_then(|options| chaos::run(&workspace_root(), options)),
         Some("codegen") => codegen::write(&workspace_root()),
-        Some("e2e") => e2e::run(
-            &workspace_root(),
-            e2e::Options {
-                keep: args.iter().any(|a| a == "--keep"),
-            },
-        ),
+        Some("e2e") => {
+            let keep = args.iter().any(|a| a == "--keep");
+            match e2e_store(&args[1..]) {
+                Ok(None) => e2e::run(&workspace_root(), e2e::Options { keep }),
+                Ok(Some(())) => e2e_pg::run(&workspace_root(), keep),
+                Err(err) => Err(err),
+            }
+        }
         Some("verify-units") => units::verify(&workspace_root()),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
@@ -66,6 +71,25 @@ fn main() -> ExitCode {
             eprintln!("xtask: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `cargo xtask e2e`'s `--store`: `None` for the default (SQLite) story,
+/// `Some(())` for `--store postgres`; anything else is refused.
+fn e2e_store(args: &[String]) -> anyhow::Result<Option<()>> {
+    let mut store = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--keep" => {}
+            "--store" => store = Some(args.next().map(String::as_str).unwrap_or("")),
+            other => anyhow::bail!("e2e: unknown argument `{other}` (--keep, --store postgres)"),
+        }
+    }
+    match store {
+        None | Some("sqlite") => Ok(None),
+        Some("postgres") => Ok(Some(())),
+        Some(other) => anyhow::bail!("e2e: --store `{other}`: expected `postgres` or `sqlite`"),
     }
 }
 

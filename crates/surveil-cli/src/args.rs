@@ -32,13 +32,20 @@ pub struct Cli {
 }
 
 /// What to ask the dispatcher.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// List jobs, newest first.
     Jobs {
         /// Only jobs of this repository (a local path is made canonical).
         #[arg(long, value_name = "REPO")]
         repo: Option<String>,
+        /// Only jobs submitted on this branch (for a pull request: its
+        /// head branch).
+        #[arg(long, value_name = "BRANCH")]
+        branch: Option<String>,
+        /// Only jobs of this pull (merge) request.
+        #[arg(long = "pr", value_name = "N")]
+        pull_request: Option<u64>,
         /// Only jobs with this status.
         #[arg(long, value_enum, value_name = "STATUS")]
         status: Option<StatusArg>,
@@ -100,7 +107,7 @@ pub enum Command {
 }
 
 /// `surveil token …`.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum TokenCommand {
     /// Adds a credential and prints its secret, once: only its hash is
     /// kept.
@@ -223,11 +230,30 @@ mod tests {
             limit,
             status,
             repo,
+            branch,
+            pull_request,
         } = cli.command
         else {
             panic!("expected jobs");
         };
         assert_eq!((limit, status, repo), (100, None, None));
+        assert_eq!((branch, pull_request), (None, None));
+        let cli = Cli::try_parse_from(["surveil", "jobs", "--branch", "release/1", "--pr", "12"])
+            .unwrap();
+        let Command::Jobs {
+            branch,
+            pull_request,
+            ..
+        } = cli.command
+        else {
+            panic!("expected jobs");
+        };
+        assert_eq!(
+            (branch.as_deref(), pull_request),
+            (Some("release/1"), Some(12))
+        );
+        let err = Cli::try_parse_from(["surveil", "jobs", "--pr", "seven"]).unwrap_err();
+        assert!(err.to_string().contains("--pr"), "{err}");
         for label in [
             "queued",
             "running",

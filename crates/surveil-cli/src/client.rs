@@ -8,12 +8,12 @@
 
 use std::time::Duration;
 
-use surveil_common::tls::{self, ClientTls};
-use surveil_common::{DialError, Secret};
+use surveil_common::tls;
+use surveil_common::{DialError, Dialer, Secret};
 use surveil_proto::{
     CancelJob, CancelJobReply, CodecError, Connection, ConnectionError, GetJob, GetStatus,
-    GetStatusReply, Hello, JobInfo, ListJobs, ListRunners, Msg, ReadLog, ReadLogReply, RerunJob,
-    RerunJobReply, Role, RunnerInfo, Submit,
+    GetStatusReply, Hello, JobInfo, ListJobs, ListRunners, Msg, ReadLog, ReadLogReply, RejectCode,
+    RerunJob, RerunJobReply, Role, RunnerInfo, Submit,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -73,6 +73,17 @@ pub enum ClientError {
         /// Its explanation.
         message: String,
     },
+    /// The dispatcher is a standby: it answers only `GetStatus` and
+    /// refused `request` (high availability). Nothing was done.
+    #[error("the dispatcher is a standby and refused {request}: {message}")]
+    NotLeader {
+        /// The request's message name.
+        request: &'static str,
+        /// Where the leader is, empty while the standby knows none.
+        leader_addr: String,
+        /// The standby's explanation.
+        message: String,
+    },
     /// The dispatcher answered with a message that does not answer the
     /// request.
     #[error("the dispatcher answered {request} with {got}, expected {expected}")]
@@ -93,19 +104,16 @@ pub struct Client<S> {
 }
 
 impl Client<tls::Stream> {
-    /// Dials `addr` (`host:port`), says `Hello` as a client with `token`
-    /// (empty when `None`) and waits for `Welcome`.
-    /// With `tls` the connection is TLS, checked against its CA.
-    pub async fn connect(
-        addr: &str,
-        token: Option<&Secret>,
-        tls: Option<&ClientTls>,
-    ) -> Result<Self, ClientError> {
+    /// Dials the first of `dialer`'s addresses that answers, says `Hello`
+    /// as a client with `token` (empty when `None`) and waits for
+    /// `Welcome`. With TLS in `dialer`, the connection is TLS, checked
+    /// against its CA.
+    pub async fn connect(dialer: &mut Dialer, token: Option<&Secret>) -> Result<Self, ClientError> {
         let mut hello = Hello::new(Role::Client, CLIENT_NAME);
         if let Some(token) = token {
             hello.token = token.expose().clone();
         }
-        let (conn, _welcome) = surveil_common::dial(addr, tls, hello, CONNECT_TIMEOUT).await?;
+        let (conn, _welcome) = dialer.dial(hello).await?;
         Ok(Client { conn })
     }
 }
@@ -193,6 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             repo: repo.to_owned(),
             branch: branch.to_owned(),
             commits,
+            ..Submit::default()
         };
         self.send("Submit", request).await?;
         match self.reply("Submit", Some(REPLY_TIMEOUT)).await? {
@@ -248,6 +257,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 request,
                 message: error.message,
             }),
+            Ok(Some(Msg::Reject(reject))) if reject.code() == RejectCode::NotLeader => {
+                Err(ClientError::NotLeader {
+                    request,
+                    leader_addr: reject.leader_addr,
+                    message: reject.message,
+                })
+            }
             Ok(Some(msg)) => Ok(msg),
             Ok(None) => Err(ClientError::Closed { request }),
             Err(source) => Err(ClientError::Recv { request, source }),

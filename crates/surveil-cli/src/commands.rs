@@ -11,27 +11,73 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::{Context, bail};
-use surveil_common::tls;
-use surveil_proto::{JobStatus, ListJobs};
+use surveil_common::tls::{self, ClientTls};
+use surveil_common::{Dialer, Secret};
+use surveil_proto::{GetStatusReply, JobStatus, ListJobs};
 
 use crate::args::{Cli, Command, TokenCommand};
-use crate::client::Client;
+use crate::client::{CONNECT_TIMEOUT, Client, ClientError};
 use crate::output::{self, JobJson, LogPrinter, RunnerJson, StatusJson, SubmitJson};
+
+/// How to reach the dispatchers, for a second connection (to the leader).
+struct Reach {
+    token: Option<Secret>,
+    tls: Option<ClientTls>,
+    /// Whether `--dispatch` named several dispatchers: `status` then
+    /// describes the leader rather than the standby that answered.
+    several: bool,
+}
+
+impl Reach {
+    async fn connect(&self, addrs: Vec<String>) -> Result<Client<tls::Stream>, ClientError> {
+        let mut dialer = Dialer::new(addrs, self.tls.clone(), CONNECT_TIMEOUT);
+        Client::connect(&mut dialer, self.token.as_ref()).await
+    }
+}
 
 /// Runs `cli`'s command against its dispatcher, writing the answer to
 /// `out`. `colour` says whether statuses may be coloured (stdout is a
 /// terminal and `NO_COLOR` is unset).
+///
+/// A standby welcomes a client but refuses every request but `GetStatus`
+/// with `NOT_LEADER`, before doing or printing anything: the command is
+/// then run again, once, against the leader it names.
 pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Command::Token { action } = cli.command {
         return token(action, cli.json, out);
     }
-    let token = cli.connect.token()?;
-    let tls = cli.connect.tls()?;
-    let mut client = Client::connect(&cli.connect.dispatch, token.as_ref(), tls.as_ref()).await?;
+    let reach = Reach {
+        token: cli.connect.token()?,
+        tls: cli.connect.tls()?,
+        several: cli.connect.dispatch.len() > 1,
+    };
+    let mut client = reach.connect(cli.connect.dispatch.clone()).await?;
+    let err = match execute(&mut client, &cli, &reach, colour, out).await {
+        Ok(()) => return Ok(()),
+        Err(err) => err,
+    };
+    match err.downcast_ref::<ClientError>() {
+        Some(ClientError::NotLeader { leader_addr, .. }) if !leader_addr.is_empty() => {
+            let mut leader = reach.connect(vec![leader_addr.clone()]).await?;
+            execute(&mut leader, &cli, &reach, colour, out).await
+        }
+        _ => Err(err),
+    }
+}
+
+async fn execute(
+    client: &mut Client<tls::Stream>,
+    cli: &Cli,
+    reach: &Reach,
+    colour: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     let json = cli.json;
-    match cli.command {
+    match cli.command.clone() {
         Command::Jobs {
             repo,
+            branch,
+            pull_request,
             status,
             limit,
         } => {
@@ -39,6 +85,8 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
                 repo: repo.as_deref().map(filter_repo).transpose()?,
                 status: status.map_or(JobStatus::Unspecified, JobStatus::from) as i32,
                 limit,
+                branch,
+                pull_request,
             };
             let jobs = client.list_jobs(query).await?;
             if json {
@@ -62,7 +110,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
             id,
             follow,
             attempt,
-        } => logs(&mut client, id, follow, attempt, out).await,
+        } => logs(client, id, follow, attempt, out).await,
         Command::Runners => {
             let runners = client.list_runners().await?;
             if json {
@@ -73,7 +121,7 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
             }
         }
         Command::Status => {
-            let status = client.status().await?;
+            let status = status(client, reach).await?;
             if json {
                 write(out, &output::to_json(&StatusJson::from(&status))?)
             } else {
@@ -84,9 +132,9 @@ pub async fn run(cli: Cli, colour: bool, out: &mut dyn Write) -> anyhow::Result<
             repo,
             commit,
             branch,
-        } => submit(&mut client, &repo, &branch, commit, json, out).await,
-        Command::Cancel { id } => cancel(&mut client, id, json, out).await,
-        Command::Rerun { id } => rerun(&mut client, id, json, out).await,
+        } => submit(client, &repo, &branch, commit, json, out).await,
+        Command::Cancel { id } => cancel(client, id, json, out).await,
+        Command::Rerun { id } => rerun(client, id, json, out).await,
         Command::Token { .. } => unreachable!("handled before connecting"),
     }
 }
@@ -124,6 +172,27 @@ async fn rerun(
                 job.attempt + 1
             ),
         )
+    }
+}
+
+/// The dispatcher's status; with several `--dispatch` addresses, the
+/// leader's when a standby answered (the standby's own if the leader
+/// cannot be reached: it still says who leads).
+async fn status(
+    client: &mut Client<tls::Stream>,
+    reach: &Reach,
+) -> Result<GetStatusReply, ClientError> {
+    let status = client.status().await?;
+    if !(reach.several && status.standby && !status.leader_addr.is_empty()) {
+        return Ok(status);
+    }
+    let leader = async {
+        let mut leader = reach.connect(vec![status.leader_addr.clone()]).await?;
+        leader.status().await
+    };
+    match leader.await {
+        Ok(leader) if !leader.standby => Ok(leader),
+        _ => Ok(status),
     }
 }
 

@@ -41,6 +41,13 @@ pub struct JobJson {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub tasks: Vec<TaskJson>,
+    /// The full ref it was built for (`refs/heads/main`,
+    /// `refs/pull/7/head`); `null` when the submitter named none. Added
+    /// after the contract's keys, so older readers are undisturbed.
+    #[serde(rename = "ref")]
+    pub ref_name: Option<String>,
+    /// The pull (merge) request it was built for; `null` for a branch.
+    pub pull_request: Option<u64>,
     /// Every attempt, oldest first: `job` and `rerun` only (absent from
     /// `jobs`, whose rows do not carry them).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -192,6 +199,8 @@ impl From<&JobInfo> for JobJson {
             started_at: job.started_at_ms.map(timestamp),
             finished_at: job.finished_at_ms.map(timestamp),
             tasks: job.tasks.iter().map(TaskJson::from).collect(),
+            ref_name: non_empty(Some(&job.r#ref)),
+            pull_request: job.pull_request,
             attempts: None,
         }
     }
@@ -532,6 +541,7 @@ pub fn job_details(job: &JobInfo, now: SystemTime, colour: bool) -> String {
         ("status", status_text),
         ("repo", job.repo.clone()),
         ("branch", job.branch.clone()),
+        ("ref", or_dash(Some(&job.r#ref))),
         ("commit", job.commit.clone()),
         ("attempt", job.attempt.to_string()),
         ("runner", or_dash(job.runner.as_deref())),
@@ -766,6 +776,8 @@ mod tests {
             queued_at_ms: QUEUED_MS,
             started_at_ms: Some(QUEUED_MS + 1_000),
             finished_at_ms: None,
+            r#ref: "refs/heads/main".into(),
+            pull_request: None,
             attempts: Vec::new(),
             tasks: vec![
                 TaskResult {
@@ -835,9 +847,21 @@ mod tests {
                 r#""tasks":[{"name":"unit","status":"passed","exit_code":0,"signal":null,"#,
                 r#""duration_ms":12,"message":null},"#,
                 r#"{"name":"lint","status":"timed_out","exit_code":null,"signal":9,"#,
-                r#""duration_ms":600000,"message":"timed out after 10m"}]}"#,
+                r#""duration_ms":600000,"message":"timed out after 10m"}],"#,
+                r#""ref":"refs/heads/main","pull_request":null}"#,
             )
         );
+        let mut pr = job();
+        pr.r#ref = "refs/pull/12/head".into();
+        pr.pull_request = Some(12);
+        let text = serde_json::to_string(&JobJson::from(&pr)).unwrap();
+        assert!(
+            text.ends_with(r#""ref":"refs/pull/12/head","pull_request":12}"#),
+            "{text}"
+        );
+        pr.r#ref = String::new();
+        let text = serde_json::to_string(&JobJson::from(&pr)).unwrap();
+        assert!(text.contains(r#""ref":null"#), "{text}");
     }
 
     #[test]

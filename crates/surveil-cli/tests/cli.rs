@@ -178,6 +178,7 @@ fn job(id: u64, status: JobStatus) -> JobInfo {
         queued_at_ms: QUEUED_MS,
         started_at_ms: Some(QUEUED_MS + 1_000),
         finished_at_ms: finished.then_some(QUEUED_MS + 13_000),
+        r#ref: "refs/heads/main".into(),
         attempts: Vec::new(),
         tasks: if finished {
             vec![TaskResult {
@@ -192,10 +193,12 @@ fn job(id: u64, status: JobStatus) -> JobInfo {
         } else {
             Vec::new()
         },
+        ..JobInfo::default()
     }
 }
 
-const JOB_KEYS: [&str; 12] = [
+/// The contract's keys, then the compatible additions (issue 18).
+const JOB_KEYS: [&str; 14] = [
     "id",
     "repo",
     "branch",
@@ -208,6 +211,8 @@ const JOB_KEYS: [&str; 12] = [
     "started_at",
     "finished_at",
     "tasks",
+    "ref",
+    "pull_request",
 ];
 
 fn keys(value: &Value) -> Vec<String> {
@@ -244,6 +249,10 @@ async fn jobs_json_is_an_array_of_contract_jobs_and_sends_the_filters() {
             "running",
             "--limit",
             "5",
+            "--branch",
+            "release/2",
+            "--pr",
+            "31",
             "--json",
         ],
     ))
@@ -270,6 +279,8 @@ async fn jobs_json_is_an_array_of_contract_jobs_and_sends_the_filters() {
     assert_eq!(query.repo.as_deref(), Some("/srv/git/app"));
     assert_eq!(query.status(), JobStatus::Running);
     assert_eq!(query.limit, 5);
+    assert_eq!(query.branch.as_deref(), Some("release/2"));
+    assert_eq!(query.pull_request, Some(31));
 }
 
 #[tokio::test]
@@ -323,6 +334,8 @@ async fn job_json_is_one_contract_job_with_tasks() {
     assert_eq!(job["commit"], COMMIT);
     assert_eq!(job["runner"], "ci-3");
     assert_eq!(job["message"], Value::Null);
+    assert_eq!(job["ref"], "refs/heads/main");
+    assert_eq!(job["pull_request"], Value::Null);
     assert_eq!(
         job["tasks"],
         serde_json::json!([{"name": "unit", "status": "passed", "exit_code": 0,

@@ -88,7 +88,7 @@ async fn cli_and_runner_get_a_job_done_over_mutual_tls_and_mistakes_are_explaine
     let dispatcher = tokio::spawn(surveil_dispatcher::run(config, listener, shutdown.clone()));
 
     let mut runner = surveil_runner::Config::new(dir.path().join("work"), vec![repo.clone()]);
-    runner.dispatch = addr.clone();
+    runner.dispatch = vec![addr.clone()];
     // With mutual TLS a runner is called by a name its certificate
     // carries (the test client certificate's is `runner-1`).
     runner.name = "runner-1".to_owned();

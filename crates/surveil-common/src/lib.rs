@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 pub use backoff::Backoff;
-pub use dial::{DialError, DispatchArgs, dial, parse_addr};
+pub use dial::{DialError, Dialer, DispatchArgs, dial, parse_addr};
 pub use logging::LogFormat;
 pub use secret::Secret;
 

@@ -183,6 +183,10 @@ pub fn client_config_for_ca(
 pub struct ClientTls {
     connector: TlsConnector,
     server_name: ServerName<'static>,
+    /// Whether `server_name` was given (`--tls-server-name`); otherwise
+    /// each address dialled is checked against its own host, so one list
+    /// of dispatchers needs no per-address flag.
+    fixed_name: bool,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -230,6 +234,7 @@ impl ClientTls {
         Ok(ClientTls {
             connector: TlsConnector::from(Arc::new(config)),
             server_name,
+            fixed_name: true,
         })
     }
 }
@@ -250,14 +255,17 @@ pub struct ClientTlsArgs {
     #[arg(long, env = "SURVEIL_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Name the dispatcher's certificate must carry (default: the host part
-    /// of --dispatch; an IP address is matched against the IP SANs).
+    /// of each --dispatch address dialled; an IP address is matched against
+    /// the IP SANs).
     #[arg(long, env = "SURVEIL_TLS_SERVER_NAME", value_name = "NAME")]
     pub tls_server_name: Option<String>,
 }
 
 impl ClientTlsArgs {
     /// The client TLS these flags ask for, `None` without `--tls-ca`;
-    /// `dispatch` (`host:port`) gives the default server name.
+    /// without `--tls-server-name` each address dialled is checked against
+    /// its own host; `dispatch` (`host:port`, the first address) is
+    /// checked here so that a bad one is refused at start.
     pub fn load(&self, dispatch: &str) -> Result<Option<ClientTls>, TlsError> {
         let needs_ca = |flag: &'static str| TlsError::Config {
             flag,
@@ -288,11 +296,12 @@ impl ClientTlsArgs {
             }
             return Ok(None);
         };
-        let name = match &self.tls_server_name {
-            Some(name) => name.clone(),
-            None => host_of(dispatch).to_owned(),
+        let (name, fixed_name) = match &self.tls_server_name {
+            Some(name) => (name.clone(), true),
+            None => (host_of(dispatch).to_owned(), false),
         };
-        ClientTls::new(ca, identity, &name).map(Some)
+        let tls = ClientTls::new(ca, identity, &name)?;
+        Ok(Some(ClientTls { fixed_name, ..tls }))
     }
 }
 
@@ -488,7 +497,20 @@ pub async fn connect(addr: &str, tls: Option<&ClientTls>) -> io::Result<Stream> 
     let Some(tls) = tls else {
         return Ok(Stream::Plain(tcp));
     };
-    match tls.connector.connect(tls.server_name.clone(), tcp).await {
+    let server_name = if tls.fixed_name {
+        tls.server_name.clone()
+    } else {
+        ServerName::try_from(host_of(addr).to_owned()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "`{}` is not a DNS name or IP address for TLS ({e}); set --tls-server-name",
+                    host_of(addr)
+                ),
+            )
+        })?
+    };
+    match tls.connector.connect(server_name, tcp).await {
         Ok(stream) => Ok(Stream::Tls(Box::new(stream.into()))),
         Err(err) => Err(explain_client_handshake(err)),
     }

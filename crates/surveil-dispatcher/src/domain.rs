@@ -301,6 +301,11 @@ pub struct Job {
     pub repo: String,
     /// The branch it was first submitted on.
     pub branch: String,
+    /// The full ref it was first submitted for (`refs/heads/main`,
+    /// `refs/pull/7/head`); empty when the submitter named none.
+    pub ref_name: String,
+    /// The pull (or merge) request it was first submitted for.
+    pub pull_request: Option<u64>,
     /// The commit to build.
     pub commit: CommitId,
     /// Its status.
@@ -368,13 +373,43 @@ impl AttemptStatus {
     }
 }
 
+/// Where submitted commits were seen: a branch, or a pull (merge)
+/// request's head. Recorded on the jobs it creates; a known commit keeps
+/// the origin it was first submitted with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The branch (for a pull request: its head branch, when known).
+    pub branch: String,
+    /// The full ref (`refs/heads/main`, `refs/pull/7/head`,
+    /// `refs/merge-requests/3/head`); empty when unknown.
+    pub ref_name: String,
+    /// The pull or merge request number.
+    pub pull_request: Option<u64>,
+}
+
+impl Origin {
+    /// A plain branch: its ref is `refs/heads/<branch>` (none for an empty
+    /// branch).
+    pub fn branch(branch: &str) -> Self {
+        Origin {
+            branch: branch.to_owned(),
+            ref_name: if branch.is_empty() {
+                String::new()
+            } else {
+                format!("refs/heads/{branch}")
+            },
+            pull_request: None,
+        }
+    }
+}
+
 /// Commits to build, as an observer or a user submits them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Submission {
     /// The repository, named exactly as runners list it.
     pub repo: String,
-    /// The branch the commits are on.
-    pub branch: String,
+    /// The branch and ref the commits were seen on.
+    pub origin: Origin,
     /// The commits, oldest first.
     pub commits: Vec<CommitId>,
 }
@@ -390,6 +425,8 @@ pub struct Submitted {
     pub status: JobStatus,
     /// The branch it is recorded on (the first one it was submitted on).
     pub branch: String,
+    /// The ref it is recorded on (the first one it was submitted for).
+    pub ref_name: String,
     /// Its current attempt.
     pub attempt: Attempt,
 }
@@ -402,6 +439,8 @@ pub struct JobFilter {
     pub repo: Option<String>,
     /// Only this branch.
     pub branch: Option<String>,
+    /// Only jobs of this pull (merge) request.
+    pub pull_request: Option<u64>,
     /// Only jobs with this status.
     pub status: Option<JobStatus>,
     /// Only jobs older than this one (ids below it): the next page after a
@@ -615,6 +654,9 @@ pub struct Assignment {
     pub repo: String,
     /// Its branch.
     pub branch: String,
+    /// Its ref (empty when unknown): the runner fetches it when the commit
+    /// is on no branch (a pull request's head).
+    pub ref_name: String,
     /// Its commit.
     pub commit: CommitId,
 }

@@ -53,6 +53,8 @@ pub struct JobSpec {
     pub repo: String,
     /// The branch it was submitted on.
     pub branch: String,
+    /// The ref it was submitted for (empty when unknown).
+    pub ref_name: String,
     /// The commit to build.
     pub commit: CommitId,
     /// Its last attempt (0 when never assigned); the next is one more.
@@ -936,6 +938,7 @@ impl Scheduler {
                 attempt: j.spec.attempt,
                 repo: j.spec.repo.clone(),
                 branch: j.spec.branch.clone(),
+                ref_name: j.spec.ref_name.clone(),
                 commit: j.spec.commit.clone(),
             };
             self.emit(Effect::Assign {

@@ -173,7 +173,7 @@ impl Service {
     pub async fn submit(&self, submission: &Submission) -> Result<Vec<JobId>, ServiceError> {
         let Submission {
             repo,
-            branch,
+            origin,
             commits,
         } = submission;
         if repo.trim().is_empty() {
@@ -181,7 +181,7 @@ impl Service {
                 "a submit needs a repository, named as runners list it".to_owned(),
             ));
         }
-        let rows = self.store.submit(repo, branch, commits, unix_ms()).await?;
+        let rows = self.store.submit(repo, origin, commits, unix_ms()).await?;
         let queued = self.with_sched(|s| decide::submitted(s, repo, commits, &rows, now()));
         for row in rows.iter().filter(|r| r.created) {
             self.notifier.event(|| Event::Job {
@@ -190,7 +190,14 @@ impl Service {
             });
         }
         let ids: Vec<JobId> = rows.iter().map(|r| r.id).collect();
-        tracing::info!(repo = %repo, branch = %branch, jobs = ?ids, "submitted");
+        tracing::info!(
+            repo = %repo,
+            branch = %origin.branch,
+            git_ref = %origin.ref_name,
+            pull_request = ?origin.pull_request,
+            jobs = ?ids,
+            "submitted"
+        );
         if queued {
             self.wake_assigner();
         }
@@ -250,6 +257,7 @@ impl Service {
                     id: j.id,
                     repo: j.repo.clone(),
                     branch: j.branch.clone(),
+                    ref_name: j.ref_name.clone(),
                     commit: j.commit.clone(),
                     attempt: j.attempt,
                     rerun_base: j.rerun_base,

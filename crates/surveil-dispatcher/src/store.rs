@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 use crate::domain::{
     Attempt, AttemptRecord, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult,
-    LogChunk, Submitted,
+    LogChunk, Origin, Submitted,
 };
 
 #[cfg(feature = "testing")]
@@ -128,13 +128,13 @@ pub trait JobStore: Send + Sync + 'static {
     /// Records submitted commits as queued jobs, in one transaction, and
     /// says per commit (in the same order) which job it is and whether
     /// this call created it. A (repo, commit) already known keeps its id
-    /// and its state (not re-queued, branch unchanged); a commit repeated
-    /// within one call gets the same id twice. Fails with
-    /// [`StoreError::Invalid`] for an empty repository.
+    /// and its state (not re-queued, branch, ref and pull request
+    /// unchanged); a commit repeated within one call gets the same id
+    /// twice. Fails with [`StoreError::Invalid`] for an empty repository.
     fn submit<'a>(
         &'a self,
         repo: &'a str,
-        branch: &'a str,
+        origin: &'a Origin,
         commits: &'a [CommitId],
         now_ms: u64,
     ) -> StoreFuture<'a, Vec<Submitted>>;

@@ -12,8 +12,8 @@ use surveil_proto::{Envelope, Msg, Role};
 use crate::auth::Access;
 use crate::domain::{
     Attempt, AttemptRecord, AttemptStatus, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult,
-    JobStatus, LogChunk, LogStream, ResultAck, RunnerHello, RunnerReport, RunnerView, StatusView,
-    Submission, TaskResult, TaskStatus, TestReport, ToRunner,
+    JobStatus, LogChunk, LogStream, Origin, ResultAck, RunnerHello, RunnerReport, RunnerView,
+    StatusView, Submission, TaskResult, TaskStatus, TestReport, ToRunner,
 };
 use crate::service::{CancelReply, LogEvent, RerunOutcome, RerunReply};
 
@@ -251,6 +251,7 @@ pub fn to_runner(msg: ToRunner) -> Envelope {
             repo: a.repo,
             branch: a.branch,
             commit: a.commit.as_str().to_owned(),
+            r#ref: a.ref_name,
         }
         .into(),
         ToRunner::Cancel { job, attempt } => proto::Cancel {
@@ -349,6 +350,8 @@ fn submission(submit: proto::Submit) -> Result<Submission, FrameError> {
         repo,
         branch,
         commits,
+        r#ref,
+        pull_request,
     } = submit;
     if repo.trim().is_empty() {
         return Err(protocol(
@@ -365,10 +368,50 @@ fn submission(submit: proto::Submit) -> Result<Submission, FrameError> {
             })
         })
         .collect::<Result<_, _>>()?;
+    let origin = origin(branch, r#ref, pull_request)?;
     Ok(Submission {
         repo,
-        branch,
+        origin,
         commits,
+    })
+}
+
+/// The longest ref name accepted, as git's own limit on a path.
+const MAX_REF_LEN: usize = 4096;
+
+/// A Submit's branch, ref and pull request: an empty ref stands for the
+/// branch's; a ref must be a full one, and a pull request needs the ref
+/// of its head.
+fn origin(
+    branch: String,
+    ref_name: String,
+    pull_request: Option<u64>,
+) -> Result<Origin, FrameError> {
+    if ref_name.is_empty() {
+        if pull_request.is_some() {
+            return Err(protocol(
+                "Submit.pull_request is set without Submit.ref; name the request's head ref \
+                 (refs/pull/N/head, refs/merge-requests/N/head)"
+                    .to_owned(),
+            ));
+        }
+        return Ok(Origin::branch(&branch));
+    }
+    let well_formed = ref_name.starts_with("refs/")
+        && ref_name.len() <= MAX_REF_LEN
+        && !ref_name.contains("..")
+        && !ref_name.ends_with('/')
+        && !ref_name.chars().any(|c| c.is_control() || c == ' ');
+    if !well_formed {
+        return Err(protocol(format!(
+            "Submit.ref `{}` is not a full ref name (refs/heads/…, refs/pull/N/head, …)",
+            ref_name.chars().take(200).collect::<String>()
+        )));
+    }
+    Ok(Origin {
+        branch,
+        ref_name,
+        pull_request,
     })
 }
 
@@ -377,6 +420,8 @@ fn submission(submit: proto::Submit) -> Result<Submission, FrameError> {
 fn job_filter(q: &proto::ListJobs) -> JobFilter {
     JobFilter {
         repo: q.repo.clone(),
+        branch: q.branch.clone(),
+        pull_request: q.pull_request,
         status: proto::JobStatus::try_from(q.status)
             .ok()
             .and_then(job_status_from_proto),
@@ -435,6 +480,8 @@ pub fn job_info(job: Job) -> proto::JobInfo {
         queued_at_ms: job.queued_at_ms,
         started_at_ms: job.started_at_ms,
         finished_at_ms: job.finished_at_ms,
+        r#ref: job.ref_name,
+        pull_request: job.pull_request,
         tasks: job.tasks.into_iter().map(task_result).collect(),
         attempts: Vec::new(),
     }
@@ -687,6 +734,7 @@ mod tests {
                     repo: repo.into(),
                     branch: "main".into(),
                     commits: commits.iter().map(|c| (*c).to_owned()).collect(),
+                    ..proto::Submit::default()
                 }),
             )
         };
@@ -704,22 +752,64 @@ mod tests {
     }
 
     #[test]
-    fn list_jobs_takes_unset_values_as_any() {
-        let q = proto::ListJobs {
-            repo: None,
-            status: 0,
-            limit: 0,
+    fn a_submit_names_its_ref_or_stands_for_its_branch() {
+        let submit = |branch: &str, r#ref: &str, pull_request: Option<u64>| {
+            client_request(
+                Role::Observer,
+                Msg::Submit(proto::Submit {
+                    repo: "/r".into(),
+                    branch: branch.into(),
+                    commits: vec!["a".repeat(40)],
+                    r#ref: r#ref.into(),
+                    pull_request,
+                }),
+            )
+            .map(|request| match request {
+                ClientRequest::Submit(s) => s.origin,
+                other => panic!("not a submit: {other:?}"),
+            })
         };
+        // An older observer names only the branch.
+        assert_eq!(submit("main", "", None), Ok(Origin::branch("main")));
+        assert_eq!(
+            submit("main", "", None).unwrap().ref_name,
+            "refs/heads/main"
+        );
+        assert_eq!(submit("", "", None).unwrap().ref_name, "");
+        let pr = submit("feature", "refs/pull/7/head", Some(7)).unwrap();
+        assert_eq!(
+            (pr.branch.as_str(), pr.ref_name.as_str(), pr.pull_request),
+            ("feature", "refs/pull/7/head", Some(7))
+        );
+        for bad in ["main", "refs/heads/a b", "refs/heads/../x", "refs/heads/"] {
+            assert!(
+                matches!(submit("main", bad, None), Err(FrameError::Protocol(t)) if t.contains("not a full ref name")),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            submit("main", "", Some(3)),
+            Err(FrameError::Protocol(t)) if t.contains("Submit.pull_request is set without Submit.ref")
+        ));
+    }
+
+    #[test]
+    fn list_jobs_takes_unset_values_as_any() {
+        let q = proto::ListJobs::default();
         assert_eq!(job_filter(&q), JobFilter::default());
         let q = proto::ListJobs {
             repo: Some("/r".into()),
             status: proto::JobStatus::Running.into(),
             limit: 5,
+            branch: Some("dev".into()),
+            pull_request: Some(9),
         };
         assert_eq!(
             job_filter(&q),
             JobFilter {
                 repo: Some("/r".into()),
+                branch: Some("dev".into()),
+                pull_request: Some(9),
                 status: Some(JobStatus::Running),
                 limit: Some(5),
                 ..JobFilter::default()

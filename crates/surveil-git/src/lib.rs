@@ -164,12 +164,36 @@ impl Mirror {
         commit: ObjectId,
         interrupt: &AtomicBool,
     ) -> Result<(gix::Repository, bool), MirrorError> {
+        self.with_commit_at(commit, "", interrupt)
+    }
+
+    /// Like [`with_commit`](Mirror::with_commit), and when the commit is
+    /// still missing after fetching every branch and tag, fetches the full
+    /// ref `git_ref` too (unless empty, or a branch or tag, already
+    /// fetched): a pull request's head (`refs/pull/7/head`) is on no
+    /// branch.
+    pub fn with_commit_at(
+        &self,
+        commit: ObjectId,
+        git_ref: &str,
+        interrupt: &AtomicBool,
+    ) -> Result<(gix::Repository, bool), MirrorError> {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let repo = self.open_or_create()?;
         if repo.has_object(commit) {
             return Ok((repo, false));
         }
         self.fetch_into(&repo, Wanted::Everything, interrupt)?;
+        let fetched_already = ["refs/heads/", "refs/tags/"]
+            .iter()
+            .any(|p| git_ref.starts_with(p));
+        if !repo.has_object(commit) && git_ref.starts_with("refs/") && !fetched_already {
+            // A pattern would widen the fetch beyond the one ref we need.
+            if !git_ref.contains('*') {
+                let wanted = [git_ref.to_owned()];
+                self.fetch_into(&repo, Wanted::Refs(&wanted), interrupt)?;
+            }
+        }
         Ok((repo, true))
     }
 

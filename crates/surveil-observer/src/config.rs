@@ -19,8 +19,9 @@ use surveil_git::{FetchArgs, FetchSettings};
 /// token.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The dispatcher's `host:port`.
-    pub dispatch: String,
+    /// The dispatchers' `host:port`s (several with a standby); the leader
+    /// is found among them.
+    pub dispatch: Vec<String>,
     /// Where the cursor file and URL mirrors live.
     pub state_dir: PathBuf,
     /// The repository: a canonical local path or a URL, exactly as
@@ -53,7 +54,7 @@ impl Config {
     /// canonical) and `state_dir`.
     pub fn new(repo: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
         Config {
-            dispatch: surveil_common::dial::DEFAULT_DISPATCH.to_owned(),
+            dispatch: vec![surveil_common::dial::DEFAULT_DISPATCH.to_owned()],
             state_dir: state_dir.into(),
             repo: repo.into(),
             branch: "main".to_owned(),
@@ -180,7 +181,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_contract() {
         let cli = parse(&["--state-dir", "/s", "/r"]).unwrap();
-        assert_eq!(cli.connect.dispatch, "127.0.0.1:9000");
+        assert_eq!(cli.connect.dispatch, ["127.0.0.1:9000"]);
         assert_eq!(cli.branch, "main");
         assert_eq!(cli.interval, Duration::from_secs(1));
         assert!(!cli.every_commit);

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use surveil_common::tls::{self, ClientTls};
-use surveil_common::{DialError, Secret};
+use surveil_common::{DialError, Dialer, Secret};
 use surveil_proto::{Connection, ConnectionError, Hello, Msg, Pong, Role, Submit};
 
 /// How long dialing the dispatcher, and then the handshake, may each take.
@@ -76,19 +76,19 @@ pub struct Identity {
 }
 
 /// The connection to the dispatcher, dialed when first needed and again
-/// after it is lost.
+/// after it is lost (to the leader among the `--dispatch` addresses).
 pub struct Link {
-    addr: String,
+    dialer: Dialer,
     identity: Identity,
     conn: Option<Connection<tls::Stream>>,
 }
 
 impl Link {
-    /// A link to the dispatcher at `addr` (`host:port`); nothing is dialed
-    /// yet.
-    pub fn new(addr: String, identity: Identity) -> Self {
+    /// A link to the dispatcher at one of `addrs` (`host:port`); nothing
+    /// is dialed yet.
+    pub fn new(addrs: Vec<String>, identity: Identity) -> Self {
         Link {
-            addr,
+            dialer: Dialer::new(addrs, identity.tls.clone(), CONNECT_TIMEOUT),
             identity,
             conn: None,
         }
@@ -109,9 +109,11 @@ impl Link {
         if let Some(token) = &self.identity.token {
             hello.token = token.expose().clone();
         }
-        let tls = self.identity.tls.as_ref();
-        let (conn, welcome) = surveil_common::dial(&self.addr, tls, hello, CONNECT_TIMEOUT).await?;
-        tracing::info!(addr = %self.addr, session = %welcome.session_id, "connected to the dispatcher");
+        // Dialling again means the last connection was lost.
+        self.dialer.lost();
+        let (conn, welcome) = self.dialer.dial(hello).await?;
+        let addr = self.dialer.current().unwrap_or_default();
+        tracing::info!(%addr, session = %welcome.session_id, "connected to the dispatcher");
         self.conn = Some(conn);
         Ok(())
     }
@@ -143,6 +145,8 @@ impl Link {
             repo: self.identity.repo.clone(),
             branch: branch.to_owned(),
             commits: commits.to_vec(),
+            r#ref: format!("refs/heads/{branch}"),
+            pull_request: None,
         })
         .await?;
         let ack = tokio::time::timeout(ACK_TIMEOUT, async {
@@ -203,6 +207,7 @@ mod tests {
             SubmitError::Dial(DialError::Rejected(HandshakeError::Rejected {
                 code,
                 message: String::new(),
+                leader_addr: String::new(),
             }))
         };
         assert!(rejected(RejectCode::BadToken).is_fatal());

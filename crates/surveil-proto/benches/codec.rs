@@ -16,6 +16,7 @@ fn frames() -> Vec<(&'static str, Envelope)> {
         repo: "/srv/git/surveil-app".into(),
         branch: "main".into(),
         commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        r#ref: "refs/heads/main".into(),
     };
     let data: Vec<u8> = (0..64 * 1024)
         .map(|i| b"surveil log line\n"[i % 17])

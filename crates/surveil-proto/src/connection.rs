@@ -47,6 +47,9 @@ pub enum HandshakeError {
         code: RejectCode,
         /// Its explanation.
         message: String,
+        /// With [`RejectCode::NotLeader`], where the leader is (`host:port`,
+        /// empty while none is known): the address to dial instead.
+        leader_addr: String,
     },
     /// No complete answer arrived in time.
     #[error("handshake timed out after {0:?}")]
@@ -190,6 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Some(Msg::Reject(reject)) => Err(HandshakeError::Rejected {
                     code: reject.code(),
                     message: reject.message,
+                    leader_addr: reject.leader_addr,
                 }),
                 Some(other) => Err(HandshakeError::Unexpected {
                     expected: "Welcome",

@@ -167,7 +167,7 @@ async fn a_reject_surfaces_with_its_code_and_message() {
         .await
         .unwrap_err();
     match &err {
-        HandshakeError::Rejected { code, message } => {
+        HandshakeError::Rejected { code, message, .. } => {
             assert_eq!(*code, RejectCode::BadToken);
             assert_eq!(message, "token does not match");
         }
@@ -479,6 +479,7 @@ async fn split_after_an_abandoned_recv_resumes_the_frame_in_flight() {
         repo: "/srv/git/app".into(),
         branch: "main".into(),
         commit: common::commit('e'),
+        ..Assign::default()
     });
     server
         .write_all(&frame[..LENGTH_PREFIX_LEN + 3])

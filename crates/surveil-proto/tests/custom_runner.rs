@@ -87,6 +87,7 @@ fn assign(job_id: u64, repo: &str) -> Assign {
         repo: repo.into(),
         branch: "main".into(),
         commit: "c0ffee".into(),
+        r#ref: "refs/heads/main".into(),
     }
 }
 

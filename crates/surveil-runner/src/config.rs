@@ -25,8 +25,9 @@ use crate::sandbox::{self, Isolation};
 /// token nor the environment (which may hold secrets).
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The dispatcher's `host:port`.
-    pub dispatch: String,
+    /// The dispatchers' `host:port`s (several with a standby); the leader
+    /// is found among them.
+    pub dispatch: Vec<String>,
     /// Mirrors, job directories and the outbox live here.
     pub work_dir: PathBuf,
     /// The runner's unique name.
@@ -78,7 +79,7 @@ impl Config {
     /// canonical) and `work_dir`; the environment is empty.
     pub fn new(work_dir: impl Into<PathBuf>, repos: Vec<String>) -> Self {
         Config {
-            dispatch: surveil_common::dial::DEFAULT_DISPATCH.to_owned(),
+            dispatch: vec![surveil_common::dial::DEFAULT_DISPATCH.to_owned()],
             work_dir: work_dir.into(),
             name: "surveil-runner".to_owned(),
             token: None,
@@ -285,7 +286,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_contract() {
         let cli = parse(&["--work-dir", "/w", "/r"]).unwrap();
-        assert_eq!(cli.connect.dispatch, "127.0.0.1:9000");
+        assert_eq!(cli.connect.dispatch, ["127.0.0.1:9000"]);
         assert_eq!(cli.slots, 1);
         assert_eq!(cli.drain_timeout, Duration::from_secs(300));
         assert!(!cli.keep_workdirs);

@@ -47,6 +47,9 @@ pub struct JobEnv {
     pub repo: String,
     /// `SURVEIL_BRANCH`.
     pub branch: String,
+    /// `SURVEIL_REF`: the full ref the job was submitted for (empty when
+    /// the submitter named none).
+    pub git_ref: String,
     /// `SURVEIL_COMMIT`.
     pub commit: String,
 }
@@ -362,6 +365,7 @@ fn task_environment(task: &Task, job: &JobEnv, options: &ExecOptions) -> Vec<(Os
             ("SURVEIL_COMMIT", job.commit.clone()),
             ("SURVEIL_REPO", job.repo.clone()),
             ("SURVEIL_BRANCH", job.branch.clone()),
+            ("SURVEIL_REF", job.git_ref.clone()),
         ]
         .map(|(k, v)| (OsString::from(k), OsString::from(v))),
     );
@@ -650,6 +654,7 @@ mod tests {
             attempt: 2,
             repo: "/srv/git/app".into(),
             branch: "main".into(),
+            git_ref: "refs/heads/main".into(),
             commit: "a".repeat(40),
         }
     }
@@ -853,6 +858,7 @@ mod tests {
             "SURVEIL_ATTEMPT=2",
             "SURVEIL_REPO=/srv/git/app",
             "SURVEIL_BRANCH=main",
+            "SURVEIL_REF=refs/heads/main",
         ] {
             assert!(
                 env.lines().any(|l| l == line),

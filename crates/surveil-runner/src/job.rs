@@ -18,7 +18,7 @@ use crate::executor::{self, CancelSignal, ExecOptions, JobEnv};
 use crate::joblog::{JobEvent, JobLog};
 use crate::outbox::Outbox;
 use crate::pipeline;
-use crate::workspace::Workspace;
+use crate::workspace::{CheckoutInfo, Workspace, WorkspaceError};
 
 /// What every job of this runner shares.
 #[derive(Debug)]
@@ -126,6 +126,23 @@ async fn execute(
     result
 }
 
+/// Checks the assigned commit out into `dir` in a blocking thread; the
+/// job's ref is fetched too when the commit is on no branch.
+async fn checkout(
+    ctx: &JobContext,
+    assign: &Assign,
+    dir: &std::path::Path,
+    interrupt: Arc<AtomicBool>,
+) -> Result<Result<CheckoutInfo, WorkspaceError>, tokio::task::JoinError> {
+    let workspace = ctx.workspace.clone();
+    let (repo, commit, dir) = (assign.repo.clone(), assign.commit.clone(), dir.to_owned());
+    let git_ref = assign.r#ref.clone();
+    tokio::task::spawn_blocking(move || {
+        workspace.checkout_at(&repo, &commit, &git_ref, &dir, &interrupt)
+    })
+    .await
+}
+
 async fn checkout_and_run(
     ctx: &JobContext,
     assign: &Assign,
@@ -150,13 +167,7 @@ async fn checkout_and_run(
             interrupt.store(true, Ordering::Relaxed);
         })
     };
-    let checkout = {
-        let workspace = ctx.workspace.clone();
-        let (repo, commit, dir) = (assign.repo.clone(), assign.commit.clone(), dir.to_owned());
-        let interrupt = interrupt.clone();
-        tokio::task::spawn_blocking(move || workspace.checkout(&repo, &commit, &dir, &interrupt))
-            .await
-    };
+    let checkout = checkout(ctx, assign, dir, interrupt).await;
     watcher.abort();
     if cancel.is_cancelled() {
         log.system(
@@ -219,6 +230,7 @@ async fn checkout_and_run(
         attempt,
         repo: assign.repo.clone(),
         branch: assign.branch.clone(),
+        git_ref: assign.r#ref.clone(),
         commit: assign.commit.clone(),
     };
     let outcome = executor::run_pipeline(&pipeline, dir, &info, &ctx.exec, log, cancel).await;

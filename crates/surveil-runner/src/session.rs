@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use surveil_common::dial::Dialed;
-use surveil_common::tls::{self, ClientTls};
-use surveil_common::{Backoff, DialError};
+use surveil_common::tls;
+use surveil_common::{Backoff, DialError, Dialer};
 use surveil_proto::{Assign, Connection, Envelope, Hello, JobFinished, Msg};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -40,13 +40,16 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// First reconnect delay; doubled per failure up to the configured cap.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 
-type Dialing = Pin<Box<dyn Future<Output = Result<Dialed, DialError>> + Send>>;
+/// A dial round in progress; it hands back its copy of the dialer with the
+/// outcome (which address answered is the dialer's state).
+type Dialing = Pin<Box<dyn Future<Output = (Dialer, Result<Dialed, DialError>)> + Send>>;
 
 /// The session's driver.
 pub struct Session {
     core: RunnerCore,
-    dispatch: String,
-    tls: Option<ClientTls>,
+    /// Which dispatcher answered last; a round works on a copy and hands
+    /// it back.
+    dialer: Dialer,
     ctx: Arc<JobContext>,
     events_tx: mpsc::Sender<JobEvent>,
     events_rx: mpsc::Receiver<JobEvent>,
@@ -68,8 +71,11 @@ impl Session {
         let backoff = Backoff::new(BACKOFF_START, config.reconnect_max);
         Session {
             core: RunnerCore::new(config, backoff, pending, now()),
-            dispatch: config.dispatch.clone(),
-            tls: config.tls.clone(),
+            dialer: Dialer::new(
+                config.dispatch.clone(),
+                config.tls.clone(),
+                HANDSHAKE_TIMEOUT,
+            ),
             ctx,
             events_tx,
             events_rx,
@@ -104,10 +110,12 @@ impl Session {
                         Event::Disconnected { reason, unsent: None }
                     }
                 },
-                dialed = poll_dial(&mut self.dialing), if self.dialing.is_some() => {
+                (dialer, dialed) = poll_dial(&mut self.dialing), if self.dialing.is_some() => {
                     self.dialing = None;
+                    self.dialer = dialer;
                     match dialed {
                         Ok((conn, welcome)) => {
+                            tracing::info!(addr = self.dialer.current().unwrap_or_default(), "dialled the dispatcher");
                             self.link = Some(conn);
                             Event::Connected(welcome)
                         }
@@ -160,10 +168,14 @@ impl Session {
         }
     }
 
-    fn dial(&self, hello: Hello) -> Dialing {
-        let (addr, tls) = (self.dispatch.clone(), self.tls.clone());
+    /// A round over the `--dispatch` addresses. Dialling again means the
+    /// last connection (if any) is gone: the round starts after it.
+    fn dial(&mut self, hello: Hello) -> Dialing {
+        self.dialer.lost();
+        let mut dialer = self.dialer.clone();
         Box::pin(async move {
-            surveil_common::dial(&addr, tls.as_ref(), hello, HANDSHAKE_TIMEOUT).await
+            let dialed = dialer.dial(hello).await;
+            (dialer, dialed)
         })
     }
 
@@ -218,7 +230,7 @@ async fn recv(link: &mut Option<Connection<tls::Stream>>) -> Result<Msg, String>
     }
 }
 
-async fn poll_dial(dialing: &mut Option<Dialing>) -> Result<Dialed, DialError> {
+async fn poll_dial(dialing: &mut Option<Dialing>) -> (Dialer, Result<Dialed, DialError>) {
     match dialing {
         Some(dial) => dial.await,
         None => std::future::pending().await,

@@ -170,6 +170,20 @@ impl Workspace {
         dest: &Path,
         interrupt: &AtomicBool,
     ) -> Result<CheckoutInfo, WorkspaceError> {
+        self.checkout_at(repo, commit, "", dest, interrupt)
+    }
+
+    /// Like [`checkout`](Workspace::checkout), also fetching the job's
+    /// ref `git_ref` when the commit is on no branch or tag (a pull
+    /// request's head).
+    pub fn checkout_at(
+        &self,
+        repo: &str,
+        commit: &str,
+        git_ref: &str,
+        dest: &Path,
+        interrupt: &AtomicBool,
+    ) -> Result<CheckoutInfo, WorkspaceError> {
         let id = gix::ObjectId::from_hex(commit.as_bytes())
             .ok()
             .filter(|_| commit.len() == 40)
@@ -181,16 +195,16 @@ impl Workspace {
             commit: commit.to_owned(),
             reason,
         };
-        let (mirror, fetched) =
-            self.mirror(repo)
-                .with_commit(id, interrupt)
-                .map_err(|e| match e {
-                    MirrorError::Fetch { reason, .. } => WorkspaceError::Unreachable {
-                        repo: repo.to_owned(),
-                        reason,
-                    },
-                    other => failed(other.to_string()),
-                })?;
+        let (mirror, fetched) = self
+            .mirror(repo)
+            .with_commit_at(id, git_ref, interrupt)
+            .map_err(|e| match e {
+                MirrorError::Fetch { reason, .. } => WorkspaceError::Unreachable {
+                    repo: repo.to_owned(),
+                    reason,
+                },
+                other => failed(other.to_string()),
+            })?;
         let object = mirror
             .find_object(id)
             .map_err(|_| WorkspaceError::CommitMissing {

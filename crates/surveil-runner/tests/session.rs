@@ -172,7 +172,7 @@ fn isolation() -> Isolation {
 fn config(dispatch: &str, work: &Path, repos: Vec<String>) -> Config {
     let mut config = Config::new(work, repos);
     config.isolation = isolation();
-    config.dispatch = dispatch.to_owned();
+    config.dispatch = vec![dispatch.to_owned()];
     config.name = "ci-test".into();
     config.base_env = surveil_common::Secret::new(
         std::env::var_os("PATH")
@@ -209,6 +209,7 @@ fn assign(job_id: u64, repo: &str, commit: &str) -> Assign {
         repo: repo.to_owned(),
         branch: "main".into(),
         commit: commit.to_owned(),
+        ..Assign::default()
     }
 }
 

@@ -54,7 +54,7 @@ async fn hello(
 
 fn rejected(result: Result<Connection<TcpStream>, HandshakeError>) -> (RejectCode, String) {
     match result {
-        Err(HandshakeError::Rejected { code, message }) => (code, message),
+        Err(HandshakeError::Rejected { code, message, .. }) => (code, message),
         Err(other) => panic!("expected a Reject, got {other}"),
         Ok(_) => panic!("expected a Reject, got Welcome"),
     }

@@ -424,6 +424,7 @@ fn protocol_violations_after_the_handshake_get_an_error_and_a_close() {
                 repo: "/nowhere".into(),
                 branch: "main".into(),
                 commits: vec!["0".repeat(40)],
+                ..Submit::default()
             }))
             .await
             .unwrap();

@@ -1,8 +1,9 @@
 //! One test binary for every story over real processes, so the daemons are
-//! built once: fault stories (`faults`), hostile input (`hostile`) and
-//! hostile pipelines against the task sandbox (`sandbox`), stolen,
-//! scoped and revoked credentials and files at rest (`credentials`), and
-//! reruns (`rerun`).
+//! built once: fault stories (`faults`), high availability on PostgreSQL
+//! (`ha`), hostile input (`hostile`) and hostile pipelines against the
+//! task sandbox (`sandbox`), stolen, scoped and revoked credentials and
+//! files at rest (`credentials`), jobs and the refs they were built for
+//! (`refs`), and reruns (`rerun`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
@@ -10,6 +11,8 @@ mod common;
 mod credentials;
 mod faults;
 mod fetch;
+mod ha;
 mod hostile;
+mod refs;
 mod rerun;
 mod sandbox;

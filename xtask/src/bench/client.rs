@@ -83,6 +83,7 @@ impl Client {
             repo: repo.map(str::to_owned),
             status: 0,
             limit,
+            ..ListJobs::default()
         };
         match self.request(query)? {
             Msg::ListJobsReply(reply) => Ok(reply.jobs),
@@ -110,6 +111,7 @@ impl Client {
             repo: repo.to_owned(),
             branch: branch.to_owned(),
             commits,
+            ..Submit::default()
         };
         match self.request(submit)? {
             Msg::SubmitAck(ack) => Ok(ack.job_ids),

@@ -35,6 +35,7 @@ fn job(id: u64, repo: &str) -> JobSpec {
         id: j(id),
         repo: repo.to_owned(),
         branch: "main".to_owned(),
+        ref_name: "refs/heads/main".to_owned(),
         commit: CommitId::parse(&format!("{id:040x}")).unwrap(),
         attempt: a(0),
         rerun_base: a(0),

@@ -40,6 +40,7 @@ pub fn recover(sched: &mut Scheduler, unfinished: Vec<Job>, now: Instant) -> (us
             id: job.id,
             repo: job.repo,
             branch: job.branch,
+            ref_name: job.ref_name,
             commit: job.commit,
             attempt: job.attempt,
             rerun_base: job.rerun_base,
@@ -76,6 +77,7 @@ pub fn submitted(
                 id: row.id,
                 repo: repo.to_owned(),
                 branch: row.branch.clone(),
+                ref_name: row.ref_name.clone(),
                 commit: commit.clone(),
                 attempt: row.attempt,
                 // A commit resubmitted while queued after a rerun: the

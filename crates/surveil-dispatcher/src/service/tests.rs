@@ -40,12 +40,12 @@ impl JobStore for Counting {
     fn submit<'a>(
         &'a self,
         repo: &'a str,
-        branch: &'a str,
+        origin: &'a crate::domain::Origin,
         commits: &'a [CommitId],
         now_ms: u64,
     ) -> StoreFuture<'a, Vec<crate::domain::Submitted>> {
         self.write();
-        self.inner.submit(repo, branch, commits, now_ms)
+        self.inner.submit(repo, origin, commits, now_ms)
     }
 
     fn assign<'a>(
@@ -218,7 +218,7 @@ impl Harness {
     async fn submit(&self, from: u32, n: u32) -> Vec<JobId> {
         let submission = Submission {
             repo: REPO.to_owned(),
-            branch: "main".to_owned(),
+            origin: crate::domain::Origin::branch("main"),
             commits: (from..from + n)
                 .map(|i| CommitId::parse(&format!("{i:040x}")).unwrap())
                 .collect(),

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use super::{JobStore, RecordOutcome, StoreError};
 use crate::domain::{
     Attempt, AttemptStatus, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus,
-    LogChunk, LogStream, TaskResult, TaskStatus, TestReport,
+    LogChunk, LogStream, Origin, TaskResult, TaskStatus, TestReport,
 };
 
 /// Makes the stores the suite runs on.
@@ -62,6 +62,7 @@ macro_rules! store_conformance_tests {
             started_is_fenced,
             logs_are_idempotent_and_read_up_to_a_gap,
             listing_filters_newest_first,
+            jobs_record_their_ref_and_pull_request,
             listing_pages_by_before_without_gaps_or_repeats,
             unfinished_jobs_are_what_recovery_needs,
             branches_show_each_pairs_newest_job,
@@ -149,7 +150,7 @@ async fn fresh<F: StoreFactory>(factory: &F) -> (F::Place, Arc<dyn JobStore>) {
 
 async fn submit(store: &dyn JobStore, ns: &[u32]) -> Vec<JobId> {
     let ids = store
-        .submit(REPO, "main", &commits(ns), NOW)
+        .submit(REPO, &Origin::branch("main"), &commits(ns), NOW)
         .await
         .expect("submit");
     ids.into_iter().map(|s| s.id).collect()
@@ -200,12 +201,12 @@ pub async fn branches_show_each_pairs_newest_job<F: StoreFactory>(factory: &F) {
     assert!(store.branches().await.expect("branches").is_empty());
     let old = submit(&*store, &[1, 2]).await;
     let dev = store
-        .submit(REPO, "dev", &commits(&[3]), NOW)
+        .submit(REPO, &Origin::branch("dev"), &commits(&[3]), NOW)
         .await
         .expect("submit")[0]
         .id;
     let other = store
-        .submit("/a/first", "main", &commits(&[4]), NOW)
+        .submit("/a/first", &Origin::branch("main"), &commits(&[4]), NOW)
         .await
         .expect("submit")[0]
         .id;
@@ -237,7 +238,7 @@ pub async fn branches_show_each_pairs_newest_job<F: StoreFactory>(factory: &F) {
 pub async fn submit_keeps_order_and_is_idempotent<F: StoreFactory>(factory: &F) {
     let (_place, store) = fresh(factory).await;
     let first = store
-        .submit(REPO, "main", &commits(&[1, 2, 3]), NOW)
+        .submit(REPO, &Origin::branch("main"), &commits(&[1, 2, 3]), NOW)
         .await
         .unwrap();
     assert_eq!(first.len(), 3);
@@ -263,7 +264,12 @@ pub async fn submit_keeps_order_and_is_idempotent<F: StoreFactory>(factory: &F) 
         .await
         .unwrap();
     let again = store
-        .submit(REPO, "other-branch", &commits(&[3, 4, 2]), 5_000)
+        .submit(
+            REPO,
+            &Origin::branch("other-branch"),
+            &commits(&[3, 4, 2]),
+            5_000,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -288,25 +294,25 @@ pub async fn submit_keeps_order_and_is_idempotent<F: StoreFactory>(factory: &F) 
     // The same commit in another repository is another job; within one
     // submit, a repeated commit is one job.
     let other = store
-        .submit("/srv/git/lib", "main", &commits(&[1]), NOW)
+        .submit("/srv/git/lib", &Origin::branch("main"), &commits(&[1]), NOW)
         .await
         .unwrap();
     assert!(other[0].created && first.iter().all(|s| s.id != other[0].id));
     let twice = store
-        .submit(REPO, "main", &commits(&[9, 9]), NOW)
+        .submit(REPO, &Origin::branch("main"), &commits(&[9, 9]), NOW)
         .await
         .unwrap();
     assert_eq!(twice[0].id, twice[1].id);
     assert_eq!((twice[0].created, twice[1].created), (true, false));
 
     let err = store
-        .submit("", "main", &commits(&[5]), NOW)
+        .submit("", &Origin::branch("main"), &commits(&[5]), NOW)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err}");
     assert!(
         store
-            .submit(REPO, "main", &[], NOW)
+            .submit(REPO, &Origin::branch("main"), &[], NOW)
             .await
             .unwrap()
             .is_empty()
@@ -320,7 +326,10 @@ pub async fn concurrent_submits_get_distinct_ids<F: StoreFactory>(factory: &F) {
     for n in 0..200 {
         let store = Arc::clone(&store);
         tasks.spawn(async move {
-            let ids = store.submit(REPO, "main", &[commit(n)], NOW).await.unwrap();
+            let ids = store
+                .submit(REPO, &Origin::branch("main"), &[commit(n)], NOW)
+                .await
+                .unwrap();
             (ids[0].id, n)
         });
     }
@@ -489,7 +498,10 @@ pub async fn finish_is_final<F: StoreFactory>(factory: &F) {
         .finish(queued, FinalStatus::Error, "other", 60)
         .await
         .unwrap();
-    let resubmitted = store.submit(REPO, "main", &[commit(1)], 70).await.unwrap();
+    let resubmitted = store
+        .submit(REPO, &Origin::branch("main"), &[commit(1)], 70)
+        .await
+        .unwrap();
     assert_eq!(
         (resubmitted[0].created, resubmitted[0].status),
         (false, JobStatus::Final(FinalStatus::Cancelled))
@@ -598,12 +610,12 @@ pub async fn listing_filters_newest_first<F: StoreFactory>(factory: &F) {
     let store = &*store;
     let app = submit(store, &[1, 2, 3]).await;
     let lib = store
-        .submit("/srv/git/lib", "main", &commits(&[4]), NOW)
+        .submit("/srv/git/lib", &Origin::branch("main"), &commits(&[4]), NOW)
         .await
         .unwrap()[0]
         .id;
     let dev = store
-        .submit(REPO, "dev", &commits(&[5]), NOW)
+        .submit(REPO, &Origin::branch("dev"), &commits(&[5]), NOW)
         .await
         .unwrap()[0]
         .id;
@@ -692,6 +704,84 @@ pub async fn listing_filters_newest_first<F: StoreFactory>(factory: &F) {
     );
 
     assert_eq!(store.get_job(JobId(9_999)).await.unwrap(), None);
+}
+
+/// A job keeps the ref and pull request it was first submitted for, and
+/// listings filter by pull request (with branch and repository).
+pub async fn jobs_record_their_ref_and_pull_request<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let pr = |n: u64| Origin {
+        branch: "feature".into(),
+        ref_name: format!("refs/pull/{n}/head"),
+        pull_request: Some(n),
+    };
+    let main = store
+        .submit(REPO, &Origin::branch("main"), &commits(&[1]), NOW)
+        .await
+        .unwrap()[0]
+        .clone();
+    assert_eq!(
+        (main.ref_name.as_str(), main.branch.as_str()),
+        ("refs/heads/main", "main")
+    );
+    let seven = store
+        .submit(REPO, &pr(7), &commits(&[2, 3]), NOW)
+        .await
+        .unwrap();
+    assert_eq!(seven[0].ref_name, "refs/pull/7/head");
+    let eight = store
+        .submit("/srv/git/lib", &pr(8), &commits(&[4]), NOW)
+        .await
+        .unwrap()[0]
+        .id;
+    // A known commit keeps its first origin: the main job is not moved to
+    // pull request 9 (and the answer says where it is recorded).
+    let again = store
+        .submit(REPO, &pr(9), &commits(&[1]), NOW)
+        .await
+        .unwrap();
+    assert_eq!((again[0].id, again[0].created), (main.id, false));
+    assert_eq!(again[0].ref_name, "refs/heads/main");
+
+    let got = job(store, seven[1].id).await;
+    assert_eq!(
+        (got.branch.as_str(), got.ref_name.as_str(), got.pull_request),
+        ("feature", "refs/pull/7/head", Some(7))
+    );
+    let got = job(store, main.id).await;
+    assert_eq!(
+        (got.ref_name.as_str(), got.pull_request),
+        ("refs/heads/main", None)
+    );
+
+    let list = |filter: JobFilter| async move { ids(&store.list_jobs(&filter).await.unwrap()) };
+    let by_pr = |n: u64| JobFilter {
+        pull_request: Some(n),
+        ..JobFilter::default()
+    };
+    assert_eq!(list(by_pr(7)).await, vec![seven[1].id, seven[0].id]);
+    assert_eq!(list(by_pr(8)).await, vec![eight]);
+    assert_eq!(list(by_pr(9)).await, vec![]);
+    assert_eq!(list(by_pr(u64::MAX)).await, vec![]);
+    assert_eq!(
+        list(JobFilter {
+            repo: Some(REPO.into()),
+            branch: Some("feature".into()),
+            pull_request: Some(8),
+            ..JobFilter::default()
+        })
+        .await,
+        vec![]
+    );
+    // Recovery hands the ref back, so an assignment can name it.
+    let unfinished = store.unfinished().await.unwrap();
+    assert!(
+        unfinished
+            .iter()
+            .any(|j| j.id == eight && j.ref_name == "refs/pull/8/head"),
+        "{unfinished:?}"
+    );
 }
 
 /// Paging by `before`: every job is seen exactly once, newest first, even
@@ -808,7 +898,7 @@ pub async fn writes_after_close_fail_and_reads_still_work<F: StoreFactory>(facto
     let id = submit(&*store, &[1]).await[0];
     store.close().await.unwrap();
     let err = store
-        .submit(REPO, "main", &[commit(2)], 1)
+        .submit(REPO, &Origin::branch("main"), &[commit(2)], 1)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Closed), "{err}");

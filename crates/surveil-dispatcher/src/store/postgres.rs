@@ -25,7 +25,7 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{JobStore, RecordOutcome, StoreError, StoreFuture};
 use crate::domain::{
-    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Submitted,
+    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Origin, Submitted,
 };
 
 mod leader;
@@ -322,13 +322,13 @@ impl JobStore for PostgresStore {
     fn submit<'a>(
         &'a self,
         repo: &'a str,
-        branch: &'a str,
+        origin: &'a Origin,
         commits: &'a [CommitId],
         now_ms: u64,
     ) -> StoreFuture<'a, Vec<Submitted>> {
-        let (repo, branch, commits) = (repo.to_owned(), branch.to_owned(), commits.to_vec());
+        let (repo, origin, commits) = (repo.to_owned(), origin.clone(), commits.to_vec());
         Box::pin(self.write(op(Box::new(move |c: &Conn| {
-            Box::pin(async move { sql::submit(c, &repo, &branch, &commits, now_ms).await })
+            Box::pin(async move { sql::submit(c, &repo, &origin, &commits, now_ms).await })
         }))))
     }
 

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{JobStore, RecordOutcome, StoreError, StoreFuture};
 use crate::domain::{
-    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Submitted,
+    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Origin, Submitted,
 };
 
 mod migrations;
@@ -242,12 +242,12 @@ impl JobStore for SqliteStore {
     fn submit<'a>(
         &'a self,
         repo: &'a str,
-        branch: &'a str,
+        origin: &'a Origin,
         commits: &'a [CommitId],
         now_ms: u64,
     ) -> StoreFuture<'a, Vec<Submitted>> {
-        let (repo, branch, commits) = (repo.to_owned(), branch.to_owned(), commits.to_vec());
-        Box::pin(self.write(move |c| sql::submit(c, &repo, &branch, &commits, now_ms)))
+        let (repo, origin, commits) = (repo.to_owned(), origin.clone(), commits.to_vec());
+        Box::pin(self.write(move |c| sql::submit(c, &repo, &origin, &commits, now_ms)))
     }
 
     fn assign<'a>(

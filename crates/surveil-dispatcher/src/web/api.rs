@@ -22,7 +22,7 @@ use serde_json::json;
 use super::App;
 use super::auth::{CSRF_HEADER, Refusal, Who};
 use super::views::{self, JobJson, RunnerJson, StatusJson};
-use crate::domain::{CommitId, JobFilter, JobId, JobStatus, Submission};
+use crate::domain::{CommitId, JobFilter, JobId, JobStatus, Origin, Submission};
 use crate::service::{LogEvent, RerunOutcome, ServiceError};
 
 /// Jobs a page lists when `limit` is not given.
@@ -196,6 +196,7 @@ impl ListQuery {
                 .map(|b| number("before", b).map(JobId))
                 .transpose()?,
             limit: Some(limit),
+            pull_request: None,
         })
     }
 }
@@ -433,7 +434,7 @@ async fn submit(
         .service
         .submit(&Submission {
             repo: body.repo,
-            branch: body.branch,
+            origin: Origin::branch(&body.branch),
             commits,
         })
         .await?;

@@ -34,6 +34,11 @@ pub struct JobJson {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub tasks: Vec<TaskJson>,
+    /// The full ref it was built for, as in the CLI's Job JSON.
+    #[serde(rename = "ref")]
+    pub ref_name: Option<String>,
+    /// The pull (merge) request it was built for.
+    pub pull_request: Option<u64>,
     /// The repository's key (badges, `/repos/{key}`).
     pub repo_key: String,
     /// Why a queued job waits; absent for other jobs.
@@ -130,6 +135,8 @@ impl JobJson {
             started_at: job.started_at_ms.map(timestamp),
             finished_at: job.finished_at_ms.map(timestamp),
             tasks: job.tasks.iter().map(TaskJson::from).collect(),
+            ref_name: non_empty(Some(job.ref_name.as_str())),
+            pull_request: job.pull_request,
             repo_key: repo_key(&job.repo),
             waiting: waiting.map(WaitingJson::from),
             attempts: None,

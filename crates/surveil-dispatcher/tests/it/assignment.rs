@@ -88,6 +88,7 @@ async fn submit_is_deduplicated_and_validated() {
             repo: REPO.into(),
             branch: "main".into(),
             commits: vec!["abc123".into()],
+            ..Submit::default()
         })
         .await;
     match reply {

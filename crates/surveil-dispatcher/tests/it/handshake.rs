@@ -9,7 +9,7 @@ use crate::harness::*;
 
 fn rejected(result: Result<impl std::fmt::Debug, HandshakeError>) -> (RejectCode, String) {
     match result {
-        Err(HandshakeError::Rejected { code, message }) => (code, message),
+        Err(HandshakeError::Rejected { code, message, .. }) => (code, message),
         other => panic!("expected a Reject, got {other:?}"),
     }
 }
@@ -117,6 +117,7 @@ async fn a_message_the_role_may_not_send_gets_an_error_and_a_close() {
             repo: REPO.into(),
             branch: "main".into(),
             commits: vec![commit(1)],
+            ..Submit::default()
         })
         .await;
     match runner.recv().await {

@@ -187,6 +187,7 @@ impl Client {
                 repo: repo.to_owned(),
                 branch: "main".to_owned(),
                 commits: commits.to_vec(),
+                ..Submit::default()
             })
             .await
         {

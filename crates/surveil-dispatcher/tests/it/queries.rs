@@ -17,6 +17,7 @@ async fn list_jobs_filters_runners_and_status() {
         repo: Some(REPO.into()),
         status: status as i32,
         limit,
+        ..ListJobs::default()
     };
     match client.call(list(JobStatus::Queued, 0)).await {
         Msg::ListJobsReply(r) => assert_eq!(

@@ -294,7 +294,7 @@ impl RunningObserver {
 /// A configuration for `repo` talking to `dispatch`, with quick retries.
 pub fn config(repo: &TestRepo, state_dir: &Path, dispatch: SocketAddr) -> Config {
     let mut config = Config::new(repo.name(), state_dir);
-    config.dispatch = dispatch.to_string();
+    config.dispatch = vec![dispatch.to_string()];
     config.interval = Duration::from_millis(200);
     config.retry_min = Duration::from_millis(20);
     config.retry_max = Duration::from_millis(300);

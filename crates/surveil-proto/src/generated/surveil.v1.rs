@@ -198,6 +198,15 @@ pub struct Submit {
     /// Full 40-hex commit ids, oldest first.
     #[prost(string, repeated, tag = "3")]
     pub commits: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The full ref the commits were seen at (`refs/heads/main`,
+    /// `refs/pull/7/head`, `refs/merge-requests/3/head`). When empty, a
+    /// non-empty branch stands for `refs/heads/<branch>`.
+    #[prost(string, tag = "4")]
+    pub r#ref: ::prost::alloc::string::String,
+    /// The pull (GitHub, Gitea, Forgejo) or merge (GitLab) request whose
+    /// head the commits are, when they are one's.
+    #[prost(uint64, optional, tag = "5")]
+    pub pull_request: ::core::option::Option<u64>,
 }
 /// Sent by the dispatcher once the submitted jobs are durable.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -226,6 +235,11 @@ pub struct Assign {
     /// The full 40-hex commit id to build.
     #[prost(string, tag = "5")]
     pub commit: ::prost::alloc::string::String,
+    /// The full ref the job was submitted for; empty when unknown. A runner
+    /// that does not find the commit among the branches and tags fetches this
+    /// ref (a pull request's head is on no branch).
+    #[prost(string, tag = "6")]
+    pub r#ref: ::prost::alloc::string::String,
 }
 /// Sent by the dispatcher every heartbeat interval; answered with Pong.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -412,6 +426,12 @@ pub struct JobInfo {
     /// Per-task results of the recorded attempt.
     #[prost(message, repeated, tag = "12")]
     pub tasks: ::prost::alloc::vec::Vec<TaskResult>,
+    /// The full ref it was first submitted for; empty when unknown.
+    #[prost(string, tag = "13")]
+    pub r#ref: ::prost::alloc::string::String,
+    /// The pull or merge request it was first submitted for.
+    #[prost(uint64, optional, tag = "14")]
+    pub pull_request: ::core::option::Option<u64>,
     /// Every attempt, oldest first; filled in GetJob and RerunJob replies
     /// only (lists leave it empty).
     #[prost(message, repeated, tag = "17")]
@@ -458,6 +478,12 @@ pub struct ListJobs {
     /// At most this many jobs; 0 means all.
     #[prost(uint32, tag = "3")]
     pub limit: u32,
+    /// Only jobs submitted on this branch, when set.
+    #[prost(string, optional, tag = "5")]
+    pub branch: ::core::option::Option<::prost::alloc::string::String>,
+    /// Only jobs of this pull (merge) request, when set.
+    #[prost(uint64, optional, tag = "6")]
+    pub pull_request: ::core::option::Option<u64>,
 }
 /// The dispatcher's answer to ListJobs.
 #[derive(Clone, PartialEq, ::prost::Message)]

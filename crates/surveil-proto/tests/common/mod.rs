@@ -56,6 +56,8 @@ pub fn every_message() -> Vec<Msg> {
             repo: "/srv/git/app".into(),
             branch: "main".into(),
             commits: vec![commit('a'), commit('b')],
+            r#ref: "refs/pull/12/head".into(),
+            pull_request: Some(12),
         }),
         Msg::SubmitAck(SubmitAck {
             job_ids: vec![1, 2, 1 << 40],
@@ -66,6 +68,7 @@ pub fn every_message() -> Vec<Msg> {
             repo: "/srv/git/app".into(),
             branch: "feature/x".into(),
             commit: commit('c'),
+            r#ref: "refs/heads/feature/x".into(),
         }),
         Msg::Ping(Ping { seq: 12345 }),
         Msg::Pong(Pong { seq: 12345 }),
@@ -109,6 +112,8 @@ pub fn every_message() -> Vec<Msg> {
             repo: Some("/srv/git/app".into()),
             status: JobStatus::Running as i32,
             limit: 100,
+            branch: Some("main".into()),
+            pull_request: Some(3),
         }),
         Msg::ListJobsReply(ListJobsReply {
             jobs: vec![job_info(7), job_info(8)],
@@ -265,6 +270,8 @@ pub fn job_info(id: u64) -> JobInfo {
         started_at_ms: Some(1_764_300_001_000),
         finished_at_ms: Some(1_764_300_002_000),
         tasks: vec![task_result()],
+        r#ref: "refs/merge-requests/4/head".into(),
+        pull_request: Some(4),
         attempts: Vec::new(),
     }
 }

@@ -72,6 +72,7 @@ fn assign(job_id: u64, repo: &str) -> Msg {
         repo: repo.into(),
         branch: "main".into(),
         commit: format!("{job_id:040x}"),
+        ..Assign::default()
     })
 }
 

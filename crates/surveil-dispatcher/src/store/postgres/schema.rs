@@ -109,7 +109,17 @@ pub const MIGRATIONS: &[&str] = &[
         ADD COLUMN tests_failing  TEXT[],
         ADD COLUMN tests_problems TEXT[];
     "#,
-    // 3: reruns (issue 15), as in SQLite's third script.
+    // 3: the ref and pull request a job was built for (issue 18), as in
+    // SQLite's third script.
+    r#"
+    ALTER TABLE jobs
+        ADD COLUMN ref_name     TEXT NOT NULL DEFAULT '',
+        ADD COLUMN pull_request BIGINT;
+    UPDATE jobs SET ref_name = 'refs/heads/' || branch WHERE branch <> '';
+    CREATE INDEX jobs_by_pull_request ON jobs (pull_request, id)
+        WHERE pull_request IS NOT NULL;
+    "#,
+    // 4: reruns (issue 15), as in SQLite's fourth script.
     r#"
     ALTER TABLE jobs ADD COLUMN rerun_base BIGINT NOT NULL DEFAULT 0;
     "#,

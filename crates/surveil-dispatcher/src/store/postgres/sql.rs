@@ -15,12 +15,13 @@ use tokio_postgres::types::ToSql;
 use super::Ctx;
 use crate::domain::{
     Attempt, AttemptRecord, AttemptStatus, BranchHead, CommitId, FinalStatus, Job, JobFilter,
-    JobId, JobResult, JobStatus, LogChunk, Submitted, TaskResult, TaskStatus, TestReport,
+    JobId, JobResult, JobStatus, LogChunk, Origin, Submitted, TaskResult, TaskStatus, TestReport,
 };
 use crate::store::{RecordOutcome, StoreError};
 
 const JOB_COLUMNS: &str = "id, repo, branch, commit_id, status, attempt, runner, message, \
-                           queued_at_ms, started_at_ms, finished_at_ms, rerun_base";
+                           queued_at_ms, started_at_ms, finished_at_ms, ref_name, pull_request, \
+                           rerun_base";
 
 /// A u64 from the API as a BIGINT; PostgreSQL has no unsigned type.
 fn int(value: u64, what: &str) -> Result<i64, StoreError> {
@@ -99,7 +100,7 @@ async fn exec(
 pub async fn submit(
     c: &Conn,
     repo: &str,
-    branch: &str,
+    origin: &Origin,
     commits: &[CommitId],
     now_ms: u64,
 ) -> Result<Vec<Submitted>, StoreError> {
@@ -107,24 +108,39 @@ pub async fn submit(
         return Err(StoreError::Invalid("a submit needs a repository".into()));
     }
     let now = int(now_ms, "time")?;
+    let pull_request = origin
+        .pull_request
+        .map(|n| int(n, "pull request number"))
+        .transpose()?;
     let insert = c
         .prepare_cached(
-            "INSERT INTO jobs (repo, branch, commit_id, status, attempt, queued_at_ms) \
-             VALUES ($1, $2, $3, 'queued', 0, $4) \
+            "INSERT INTO jobs (repo, branch, commit_id, status, attempt, queued_at_ms, \
+             ref_name, pull_request) VALUES ($1, $2, $3, 'queued', 0, $4, $5, $6) \
              ON CONFLICT (repo, commit_id) DO NOTHING RETURNING id",
         )
         .await
         .ctx("preparing submit")?;
     let find = c
         .prepare_cached(
-            "SELECT id, status, branch, attempt FROM jobs WHERE repo = $1 AND commit_id = $2",
+            "SELECT id, status, branch, attempt, ref_name FROM jobs \
+             WHERE repo = $1 AND commit_id = $2",
         )
         .await
         .ctx("preparing submit")?;
     let mut out = Vec::with_capacity(commits.len());
     for commit in commits {
         let created = c
-            .query_opt(&insert, &[&repo, &branch, &commit.as_str(), &now])
+            .query_opt(
+                &insert,
+                &[
+                    &repo,
+                    &origin.branch,
+                    &commit.as_str(),
+                    &now,
+                    &origin.ref_name,
+                    &pull_request,
+                ],
+            )
             .await
             .ctx("inserting a job")?;
         let submitted = match created {
@@ -132,7 +148,8 @@ pub async fn submit(
                 id: JobId(get_u64(&row, 0)?),
                 created: true,
                 status: JobStatus::Queued,
-                branch: branch.to_owned(),
+                branch: origin.branch.clone(),
+                ref_name: origin.ref_name.clone(),
                 attempt: Attempt(0),
             },
             None => {
@@ -146,6 +163,7 @@ pub async fn submit(
                     status: job_status(&row, 1)?,
                     branch: row.try_get(2).ctx("reading a branch")?,
                     attempt: get_attempt(&row, 3)?,
+                    ref_name: row.try_get(4).ctx("reading a ref")?,
                 }
             }
         };
@@ -534,8 +552,10 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
         queued_at_ms: get_u64(row, 8)?,
         started_at_ms: get_opt_u64(row, 9)?,
         finished_at_ms: get_opt_u64(row, 10)?,
+        ref_name: row.try_get(11).ctx("reading a ref")?,
+        pull_request: get_opt_u64(row, 12)?,
         tasks: Vec::new(),
-        rerun_base: get_attempt(row, 11)?,
+        rerun_base: get_attempt(row, 13)?,
     })
 }
 
@@ -674,11 +694,14 @@ pub async fn list_jobs(c: &Conn, filter: &JobFilter) -> Result<Vec<Job>, StoreEr
     let before = filter
         .before
         .map(|b| i64::try_from(b.0).unwrap_or(i64::MAX));
+    // A number beyond the range matches no job.
+    let pull_request = filter.pull_request.map(|n| i64::try_from(n).unwrap_or(-1));
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
     let mut filters = Vec::new();
-    let wanted: [(&str, Option<&(dyn ToSql + Sync)>); 4] = [
+    let wanted: [(&str, Option<&(dyn ToSql + Sync)>); 5] = [
         ("repo =", filter.repo.as_ref().map(|v| v as _)),
         ("branch =", filter.branch.as_ref().map(|v| v as _)),
+        ("pull_request =", pull_request.as_ref().map(|v| v as _)),
         ("status =", status.as_ref().map(|v| v as _)),
         ("id <", before.as_ref().map(|v| v as _)),
     ];

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::domain::JobStatus;
+use crate::domain::{JobStatus, Origin};
 use crate::store::conformance::StoreFactory;
 use surveil_tests::postgres;
 
@@ -109,7 +109,7 @@ async fn a_store_without_the_term_cannot_write() {
     };
     let store = PostgresStore::open(&options).await.unwrap();
     let err = store
-        .submit(REPO, "main", &[commit(1)], 1)
+        .submit(REPO, &Origin::branch("main"), &[commit(1)], 1)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotLeader), "{err}");
@@ -133,7 +133,11 @@ async fn a_deposed_leaders_writes_are_refused_by_the_database() {
         .await
         .unwrap()
         .expect("elected");
-    let id = old.submit(REPO, "main", &[commit(1)], 1).await.unwrap()[0].id;
+    let id = old
+        .submit(REPO, &Origin::branch("main"), &[commit(1)], 1)
+        .await
+        .unwrap()[0]
+        .id;
     // The old leader stalls past its term (it does not renew) and the
     // standby takes over; the old one has not noticed.
     let mut second = None;
@@ -153,7 +157,10 @@ async fn a_deposed_leaders_writes_are_refused_by_the_database() {
     );
     let err = old.assign(id, Attempt(1), "ci-1", 2).await.unwrap_err();
     assert!(matches!(err, StoreError::NotLeader), "{err}");
-    let err = old.submit(REPO, "main", &[commit(2)], 3).await.unwrap_err();
+    let err = old
+        .submit(REPO, &Origin::branch("main"), &[commit(2)], 3)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotLeader), "{err}");
     tokio::time::timeout(Duration::from_secs(5), old.deposed())
         .await
@@ -190,7 +197,9 @@ async fn renewing_keeps_the_term_and_resigning_hands_it_over_at_once() {
         assert!(a.renew().await.unwrap(), "the leader renews its live term");
         assert_eq!(b.campaign("b", "127.0.0.1:2").await.unwrap(), None);
     }
-    a.submit(REPO, "main", &[commit(1)], 1).await.unwrap();
+    a.submit(REPO, &Origin::branch("main"), &[commit(1)], 1)
+        .await
+        .unwrap();
     a.close().await.unwrap();
     let next = b.campaign("b", "127.0.0.1:2").await.unwrap();
     assert_eq!(

@@ -98,7 +98,16 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE task_results ADD COLUMN tests_failing TEXT;
     ALTER TABLE task_results ADD COLUMN tests_problems TEXT;
     "#,
-    // 3: reruns (issue 15). The attempt a rerun started after: attempts up
+    // The ref and pull request a job was built for (issue 18). Jobs from
+    // before were all submitted for a branch.
+    r#"
+    ALTER TABLE jobs ADD COLUMN ref_name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN pull_request INTEGER;
+    UPDATE jobs SET ref_name = 'refs/heads/' || branch WHERE branch <> '';
+    CREATE INDEX jobs_by_pull_request ON jobs (pull_request, id)
+        WHERE pull_request IS NOT NULL;
+    "#,
+    // 4: reruns (issue 15). The attempt a rerun started after: attempts up
     // to it belong to earlier runs and no longer count against
     // --max-attempts. Earlier attempts' rows stay as they are.
     r#"

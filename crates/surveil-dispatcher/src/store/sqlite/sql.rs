@@ -14,12 +14,13 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::Ctx;
 use crate::domain::{
     Attempt, AttemptRecord, AttemptStatus, BranchHead, CommitId, FinalStatus, Job, JobFilter,
-    JobId, JobResult, JobStatus, LogChunk, Submitted, TaskResult, TaskStatus, TestReport,
+    JobId, JobResult, JobStatus, LogChunk, Origin, Submitted, TaskResult, TaskStatus, TestReport,
 };
 use crate::store::{RecordOutcome, StoreError};
 
 const JOB_COLUMNS: &str = "id, repo, branch, commit_id, status, attempt, runner, message, \
-                           queued_at_ms, started_at_ms, finished_at_ms, rerun_base";
+                           queued_at_ms, started_at_ms, finished_at_ms, ref_name, pull_request, \
+                           rerun_base";
 
 /// A u64 from the API as a SQLite integer; SQLite has no unsigned type.
 fn int(value: u64, what: &str) -> Result<i64, StoreError> {
@@ -97,7 +98,7 @@ fn job_state(c: &Connection, job: JobId) -> Result<(JobStatus, Attempt), StoreEr
 pub fn submit(
     c: &Connection,
     repo: &str,
-    branch: &str,
+    origin: &Origin,
     commits: &[CommitId],
     now_ms: u64,
 ) -> Result<Vec<Submitted>, StoreError> {
@@ -105,15 +106,20 @@ pub fn submit(
         return Err(StoreError::Invalid("a submit needs a repository".into()));
     }
     let now = int(now_ms, "time")?;
+    let pull_request = origin
+        .pull_request
+        .map(|n| int(n, "pull request number"))
+        .transpose()?;
     let mut find = c
         .prepare_cached(
-            "SELECT id, status, branch, attempt FROM jobs WHERE repo = ?1 AND commit_id = ?2",
+            "SELECT id, status, branch, attempt, ref_name FROM jobs \
+             WHERE repo = ?1 AND commit_id = ?2",
         )
         .ctx("preparing submit")?;
     let mut insert = c
         .prepare_cached(
-            "INSERT INTO jobs (repo, branch, commit_id, status, attempt, queued_at_ms) \
-             VALUES (?1, ?2, ?3, 'queued', 0, ?4)",
+            "INSERT INTO jobs (repo, branch, commit_id, status, attempt, queued_at_ms, \
+             ref_name, pull_request) VALUES (?1, ?2, ?3, 'queued', 0, ?4, ?5, ?6)",
         )
         .ctx("preparing submit")?;
     let mut out = Vec::with_capacity(commits.len());
@@ -126,6 +132,7 @@ pub fn submit(
                     status: job_status(row, 1)?,
                     branch: row.get(2)?,
                     attempt: get_attempt(row, 3)?,
+                    ref_name: row.get(4)?,
                 })
             })
             .optional()
@@ -134,14 +141,22 @@ pub fn submit(
             Some(known) => known,
             None => {
                 insert
-                    .execute(params![repo, branch, commit.as_str(), now])
+                    .execute(params![
+                        repo,
+                        origin.branch,
+                        commit.as_str(),
+                        now,
+                        origin.ref_name,
+                        pull_request
+                    ])
                     .ctx("inserting a job")?;
                 Submitted {
                     // Row ids are positive: AUTOINCREMENT starts at 1.
                     id: JobId(u64::try_from(c.last_insert_rowid()).unwrap_or_default()),
                     created: true,
                     status: JobStatus::Queued,
-                    branch: branch.to_owned(),
+                    branch: origin.branch.clone(),
+                    ref_name: origin.ref_name.clone(),
                     attempt: Attempt(0),
                 }
             }
@@ -488,8 +503,10 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         queued_at_ms: get_u64(row, 8)?,
         started_at_ms: get_opt_u64(row, 9)?,
         finished_at_ms: get_opt_u64(row, 10)?,
+        ref_name: row.get(11)?,
+        pull_request: get_opt_u64(row, 12)?,
         tasks: Vec::new(),
-        rerun_base: get_attempt(row, 11)?,
+        rerun_base: get_attempt(row, 13)?,
     })
 }
 
@@ -638,6 +655,13 @@ pub fn list_jobs(c: &Connection, filter: &JobFilter) -> Result<Vec<Job>, StoreEr
     }
     if let Some(branch) = &filter.branch {
         add("branch =", Value::Text(branch.clone()));
+    }
+    if let Some(number) = filter.pull_request {
+        // A number beyond SQLite's range matches no job.
+        add(
+            "pull_request =",
+            Value::Integer(i64::try_from(number).unwrap_or(-1)),
+        );
     }
     if let Some(status) = filter.status {
         add("status =", Value::Text(status.label().to_owned()));

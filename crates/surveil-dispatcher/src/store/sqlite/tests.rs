@@ -10,7 +10,7 @@ use tempfile::TempDir;
 use super::migrations::MIGRATIONS;
 use super::writer::MAX_BATCH;
 use super::*;
-use crate::domain::{JobStatus, LogStream};
+use crate::domain::{JobStatus, LogStream, Origin};
 use crate::store::conformance::StoreFactory;
 
 /// SQLite stores in temporary directories.
@@ -48,7 +48,7 @@ fn open() -> (TempDir, SqliteStore) {
 
 async fn one_job(store: &SqliteStore, n: u32) -> JobId {
     store
-        .submit(REPO, "main", &[commit(n)], 1_000)
+        .submit(REPO, &Origin::branch("main"), &[commit(n)], 1_000)
         .await
         .expect("submit")[0]
         .id
@@ -80,7 +80,11 @@ async fn pending_writes_share_one_commit() {
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..500 {
         let store = store.clone();
-        tasks.spawn(async move { store.submit(REPO, "main", &[commit(n)], 1).await });
+        tasks.spawn(async move {
+            store
+                .submit(REPO, &Origin::branch("main"), &[commit(n)], 1)
+                .await
+        });
     }
     // The writer holds the first request and waits for the pause lock;
     // 499 sit in the channel.
@@ -105,7 +109,11 @@ async fn a_failing_request_does_not_fail_its_batch() {
     let paused = store.pause_writer().await;
     let spawn_submit = |n| {
         let store = store.clone();
-        tokio::spawn(async move { store.submit(REPO, "main", &[commit(n)], 1).await })
+        tokio::spawn(async move {
+            store
+                .submit(REPO, &Origin::branch("main"), &[commit(n)], 1)
+                .await
+        })
     };
     let good = spawn_submit(1);
     let bad = {
@@ -130,7 +138,7 @@ async fn a_failed_commit_answers_an_error_and_keeps_nothing() {
     let kept = one_job(&store, 1).await;
     store.fail_next_commits(2);
     let err = store
-        .submit(REPO, "main", &[commit(2)], 1)
+        .submit(REPO, &Origin::branch("main"), &[commit(2)], 1)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Commit(_)), "{err}");
@@ -139,7 +147,13 @@ async fn a_failed_commit_answers_an_error_and_keeps_nothing() {
     // The hook is spent: writes commit again, and none of the failed ones
     // left a trace.
     assert_eq!(status(&store, kept).await, JobStatus::Queued);
-    assert!(store.submit(REPO, "main", &[commit(2)], 1).await.unwrap()[0].created);
+    assert!(
+        store
+            .submit(REPO, &Origin::branch("main"), &[commit(2)], 1)
+            .await
+            .unwrap()[0]
+            .created
+    );
 }
 
 #[tokio::test]
@@ -154,6 +168,35 @@ async fn reopening_keeps_the_schema_version() {
     assert_eq!(version() as usize, MIGRATIONS.len());
     drop(SqliteStore::open(dir.path()).unwrap());
     assert_eq!(version() as usize, MIGRATIONS.len());
+}
+
+/// A database made before jobs recorded refs (two scripts applied) keeps
+/// its jobs, which read back with the ref of their branch.
+#[tokio::test]
+async fn jobs_from_before_refs_get_their_branch_ref() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let tx = conn.transaction().unwrap();
+        for script in &MIGRATIONS[..2] {
+            tx.execute_batch(script).unwrap();
+        }
+        tx.execute(
+            "INSERT INTO jobs (repo, branch, commit_id, status, queued_at_ms) \
+             VALUES (?1, 'release/1', ?2, 'queued', 5)",
+            rusqlite::params![REPO, commit(1).as_str()],
+        )
+        .unwrap();
+        tx.pragma_update(None, "user_version", 2).unwrap();
+        tx.commit().unwrap();
+    }
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let jobs = store.unfinished().await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        (jobs[0].ref_name.as_str(), jobs[0].pull_request),
+        ("refs/heads/release/1", None)
+    );
 }
 
 #[tokio::test]

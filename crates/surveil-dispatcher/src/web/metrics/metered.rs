@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::Metrics;
 use crate::domain::{
-    Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk,
+    Attempt, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Origin,
     Submitted,
 };
 use crate::store::{JobStore, RecordOutcome, StoreFuture};
@@ -42,11 +42,11 @@ impl JobStore for MeteredStore {
     fn submit<'a>(
         &'a self,
         repo: &'a str,
-        branch: &'a str,
+        origin: &'a Origin,
         commits: &'a [CommitId],
         now_ms: u64,
     ) -> StoreFuture<'a, Vec<Submitted>> {
-        self.timed(self.inner.submit(repo, branch, commits, now_ms))
+        self.timed(self.inner.submit(repo, origin, commits, now_ms))
     }
 
     fn assign<'a>(
