@@ -32,6 +32,7 @@ use crate::domain::{
 };
 
 #[cfg(feature = "testing")]
+mod columns;
 pub mod conformance;
 mod postgres;
 mod sqlite;

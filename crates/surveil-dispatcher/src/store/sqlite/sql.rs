@@ -16,22 +16,8 @@ use crate::domain::{
     Attempt, AttemptRecord, AttemptStatus, BranchHead, CommitId, FinalStatus, Job, JobFilter,
     JobId, JobResult, JobStatus, LogChunk, Origin, Submitted, TaskResult, TaskStatus, TestReport,
 };
+use crate::store::columns::{JOB_COLUMNS, id_of, int};
 use crate::store::{RecordOutcome, StoreError};
-
-const JOB_COLUMNS: &str = "id, repo, branch, commit_id, status, attempt, runner, message, \
-                           queued_at_ms, started_at_ms, finished_at_ms, ref_name, pull_request, \
-                           rerun_base";
-
-/// A u64 from the API as a SQLite integer; SQLite has no unsigned type.
-fn int(value: u64, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(value)
-        .map_err(|_| StoreError::Invalid(format!("{what} {value} is beyond the store's range")))
-}
-
-/// A job id as a SQLite integer; ids beyond SQLite's range match no row.
-fn id_of(job: JobId) -> i64 {
-    i64::try_from(job.0).unwrap_or(-1)
-}
 
 /// A non-negative SQLite integer as u64; a negative one means the file was
 /// edited or damaged.
