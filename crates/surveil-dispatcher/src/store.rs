@@ -31,8 +31,8 @@ use crate::domain::{
     LogChunk, Origin, Submitted,
 };
 
-#[cfg(feature = "testing")]
 mod columns;
+#[cfg(feature = "testing")]
 pub mod conformance;
 mod postgres;
 mod sqlite;
