@@ -9,19 +9,20 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use surveil_tests::cluster::{self, Bins, Cli, Daemon, wait_for};
+
+use crate::story::{
+    POLL, STEP_DEADLINE, Story, short, shut_down, status, wait_final, wait_running,
+};
 
 /// Short liveness settings so the story's faults resolve in seconds.
 const HEARTBEAT: &str = "500ms";
 const RUNNER_TIMEOUT: &str = "2s";
 const RUNNER_TIMEOUT_S: f64 = 2.0;
 const HEARTBEAT_S: f64 = 0.5;
-/// Upper bound on any single wait in the story.
-const STEP_DEADLINE: Duration = Duration::from_secs(40);
-const POLL: Duration = Duration::from_millis(25);
 
 pub(crate) const PIPELINE: &str = r#"# Written by cargo xtask e2e.
 [[task]]
@@ -40,34 +41,6 @@ pub struct Options {
     pub keep: bool,
 }
 
-pub(crate) struct Story {
-    started: Instant,
-    pub(crate) failures: Vec<String>,
-}
-
-impl Story {
-    pub(crate) fn new() -> Story {
-        Story {
-            started: Instant::now(),
-            failures: Vec::new(),
-        }
-    }
-
-    pub(crate) fn step(&self, text: &str) {
-        println!("[{:6.1}s] {text}", self.started.elapsed().as_secs_f64());
-    }
-
-    pub(crate) fn expect(&mut self, ok: bool, what: impl Into<String>) {
-        let what = what.into();
-        if ok {
-            println!("           ok: {what}");
-        } else {
-            println!("           FAILED: {what}");
-            self.failures.push(what);
-        }
-    }
-}
-
 struct Cluster {
     dir: PathBuf,
     repo: PathBuf,
@@ -80,10 +53,7 @@ struct Cluster {
 }
 
 pub fn run(root: &Path, options: Options) -> Result<()> {
-    let mut story = Story {
-        started: Instant::now(),
-        failures: Vec::new(),
-    };
+    let mut story = Story::new();
     story.step("building the binaries");
     let bins = cluster::build(root, false)?;
 
@@ -99,21 +69,11 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     cluster::git(&repo, &["init", "--quiet", "--initial-branch=main"])?;
     let mut cluster = start(&dir, repo, bins, &mut story)?;
     let result = tell(&mut cluster, &mut story);
-    let shutdown = shut_down(&mut cluster, &mut story);
-
-    if let Err(err) = &result {
-        story.failures.push(format!("{err:#}"));
-    }
-    if let Err(err) = &shutdown {
-        story.failures.push(format!("{err:#}"));
-    }
-    if !story.failures.is_empty() {
-        println!("\nlogs are in {}", cluster.dir.display());
-        for failure in &story.failures {
-            eprintln!("e2e: FAILED: {failure}");
-        }
-        bail!("{} expectation(s) failed", story.failures.len());
-    }
+    let daemons = std::iter::once(&mut cluster.observer)
+        .chain(cluster.runners.iter_mut())
+        .chain(std::iter::once(&mut cluster.dispatcher));
+    let shutdown = shut_down(daemons, &mut story);
+    story.verdict([result, shutdown], &cluster.dir)?;
     if options.keep {
         println!("\ncluster directory kept: {}", cluster.dir.display());
         keep_serving(&mut cluster)?;
@@ -232,7 +192,7 @@ fn start(dir: &Path, repo: PathBuf, bins: Bins, story: &mut Story) -> Result<Clu
     };
     wait_runners(&cluster, 2)?;
     story.step("two runners and the observer are up");
-    let job = wait_final(&cluster, &first)?;
+    let job = wait_final(&cluster.cli, &first)?;
     story.expect(
         status(&job) == "passed",
         format!(
@@ -252,7 +212,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
 
     story.step("a failing commit is reported as failed");
     let failing = cluster::commit(&c.repo, "second: fails", &[("verdict", "fail\n")])?;
-    let job = wait_final(c, &failing)?;
+    let job = wait_final(&c.cli, &failing)?;
     story.expect(
         status(&job) == "failed",
         format!("commit {} failed (got {})", short(&failing), status(&job)),
@@ -270,7 +230,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
         "third: slow",
         &[("verdict", "pass\n"), ("delay", "3\n")],
     )?;
-    let (id, victim) = wait_running(c, &commit)?;
+    let (id, victim) = wait_running(&c.cli, &commit)?;
     let index = runner_index(c, &victim)?;
     let killed_at = Instant::now();
     c.runners[index].kill()?;
@@ -289,7 +249,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
         moved["runner"].as_str() != Some(victim.as_str()),
         format!("job {id} reassigned from {victim} in {secs:.2}s"),
     );
-    let job = wait_final(c, &commit)?;
+    let job = wait_final(&c.cli, &commit)?;
     story.expect(
         status(&job) == "passed" && job["attempt"] == 2,
         format!(
@@ -304,7 +264,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
 
     story.step("a runner is SIGSTOPped mid-job; its job moves within the timeout");
     let commit = cluster::commit(&c.repo, "fourth: slow", &[("delay", "4\n")])?;
-    let (id, victim) = wait_running(c, &commit)?;
+    let (id, victim) = wait_running(&c.cli, &commit)?;
     let index = runner_index(c, &victim)?;
     let refused_before = c.cli.json(&["status"])?["refused_results"]
         .as_u64()
@@ -330,7 +290,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
             "job {id} moved off the stopped {victim} in {secs:.2}s (timeout {RUNNER_TIMEOUT}, heartbeat {HEARTBEAT})"
         ),
     );
-    let job = wait_final(c, &commit)?;
+    let job = wait_final(&c.cli, &commit)?;
     story.expect(
         status(&job) == "passed" && job["attempt"] == 2,
         format!(
@@ -370,7 +330,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
 
     story.step("the dispatcher is SIGKILLed with a job running and restarted on its state dir");
     let running_commit = cluster::commit(&c.repo, "fifth: slow", &[("delay", "3\n")])?;
-    let (running_id, _) = wait_running(c, &running_commit)?;
+    let (running_id, _) = wait_running(&c.cli, &running_commit)?;
     c.dispatcher.kill()?;
     let while_down = cluster::commit(
         &c.repo,
@@ -384,7 +344,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
         POLL,
         || Ok(c.cli.json(&["status"]).ok()),
     )?;
-    let job = wait_final(c, &running_commit)?;
+    let job = wait_final(&c.cli, &running_commit)?;
     story.expect(
         status(&job) == "passed",
         format!(
@@ -398,7 +358,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
             }
         ),
     );
-    let job = wait_final(c, &while_down)?;
+    let job = wait_final(&c.cli, &while_down)?;
     story.expect(
         status(&job) == "passed",
         format!(
@@ -415,7 +375,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
     let b = cluster::commit(&c.repo, "eighth", &[("delay", "0\n")])?;
     c.observer.restart()?;
     for commit in [&a, &b] {
-        let job = wait_final(c, commit)?;
+        let job = wait_final(&c.cli, commit)?;
         story.expect(
             status(&job) == "passed",
             format!(
@@ -489,66 +449,6 @@ fn keep_serving(c: &mut Cluster) -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
     Ok(())
-}
-
-fn shut_down(c: &mut Cluster, story: &mut Story) -> Result<()> {
-    story.step("SIGTERM to every daemon");
-    let deadline = Duration::from_secs(20);
-    let mut daemons: Vec<&mut Daemon> = vec![&mut c.observer];
-    daemons.extend(c.runners.iter_mut());
-    daemons.push(&mut c.dispatcher);
-    for daemon in daemons {
-        let name = daemon.name.clone();
-        match daemon.terminate(deadline) {
-            Ok(status) => story.expect(
-                status.code() == Some(0),
-                format!("{name} exited with {status}"),
-            ),
-            Err(err) => story.expect(false, format!("{name}: {err:#}")),
-        }
-    }
-    Ok(())
-}
-
-fn status(job: &Value) -> &str {
-    job["status"].as_str().unwrap_or("?")
-}
-
-fn short(commit: &str) -> &str {
-    &commit[..commit.len().min(10)]
-}
-
-fn find_job(c: &Cluster, commit: &str) -> Result<Option<Value>> {
-    Ok(c.cli
-        .jobs()?
-        .into_iter()
-        .find(|j| j["commit"].as_str() == Some(commit)))
-}
-
-fn wait_final(c: &Cluster, commit: &str) -> Result<Value> {
-    wait_for(
-        &format!("commit {} to reach a final status", short(commit)),
-        STEP_DEADLINE,
-        POLL,
-        || {
-            Ok(find_job(c, commit)?
-                .filter(|j| matches!(status(j), "passed" | "failed" | "error" | "cancelled")))
-        },
-    )
-}
-
-fn wait_running(c: &Cluster, commit: &str) -> Result<(u64, String)> {
-    wait_for(
-        &format!("commit {} to be running", short(commit)),
-        STEP_DEADLINE,
-        POLL,
-        || {
-            Ok(find_job(c, commit)?.and_then(|j| {
-                let runner = j["runner"].as_str()?.to_owned();
-                (status(&j) == "running").then(|| (j["id"].as_u64().unwrap_or(0), runner))
-            }))
-        },
-    )
 }
 
 fn wait_runners(c: &Cluster, n: usize) -> Result<()> {

@@ -7,24 +7,25 @@
 //! built, and the record (read from the database) holds one job and one
 //! attempt per commit. Exits non-zero if any expectation failed.
 //!
-//! It shares nothing with the default story but its pipeline and its way
-//! of printing: `cargo xtask e2e` without `--store` never starts
-//! PostgreSQL.
+//! It shares the default story's pipeline and its way of telling and
+//! checking (`story.rs`), nothing else: `cargo xtask e2e` without `--store`
+//! never starts PostgreSQL.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::Value;
 use surveil_tests::cluster::{self, Bins, Cli, Daemon, wait_for};
 use surveil_tests::postgres::Postgres;
 
-use crate::e2e::{PIPELINE, Story, TEST_SCRIPT};
+use crate::e2e::{PIPELINE, TEST_SCRIPT};
+use crate::story::{
+    POLL, STEP_DEADLINE, Story, short, shut_down, status, wait_final, wait_running,
+};
 
 const LEADER_TTL: &str = "3s";
-const STEP_DEADLINE: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(25);
 
 struct Cluster {
     dir: PathBuf,
@@ -55,17 +56,13 @@ pub fn run(root: &Path, keep: bool) -> Result<()> {
     story.step(&format!("PostgreSQL on {}, database {db}", pg.addr()));
     let mut c = start(&dir, &bins, pg, db, &mut story)?;
     let result = tell(&mut c, &mut story);
-    let shutdown = shut_down(&mut c, &mut story);
-    for err in [result.err(), shutdown.err()].into_iter().flatten() {
-        story.failures.push(format!("{err:#}"));
-    }
-    if !story.failures.is_empty() {
-        println!("\nlogs are in {}", c.dir.display());
-        for failure in &story.failures {
-            eprintln!("e2e: FAILED: {failure}");
-        }
-        bail!("{} expectation(s) failed", story.failures.len());
-    }
+    let daemons = c
+        .observer
+        .iter_mut()
+        .chain(c.runners.iter_mut())
+        .chain(c.dispatchers.iter_mut());
+    let shutdown = shut_down(daemons, &mut story);
+    story.verdict([result, shutdown], &c.dir)?;
     if keep {
         println!("\ncluster directory kept: {}", c.dir.display());
     } else {
@@ -212,7 +209,7 @@ fn start(dir: &Path, bins: &Bins, pg: Postgres, db: String, story: &mut Story) -
         },
     };
     story.step("two runners (--dispatch A,B) and the observer (--dispatch B,A) are up");
-    let job = wait_final(&c, &first)?;
+    let job = wait_final(&c.cli, &first)?;
     story.expect(
         status(&job) == "passed",
         format!(
@@ -236,7 +233,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
     let [a, b] = c.addrs.clone();
     story.step("a slow commit runs; the leader is SIGKILLed mid-job");
     let slow = cluster::commit(&c.repo, "second: slow", &[("delay", "6\n")])?;
-    let (id, runner) = wait_running(c, &slow)?;
+    let (id, runner) = wait_running(&c.cli, &slow)?;
     story.expect(true, format!("job {id} runs on {runner}"));
     let term_before = term(c)?;
     let killed = Instant::now();
@@ -257,7 +254,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
         term(c)? > term_before,
         format!("the leader term moved on from {term_before}"),
     );
-    let job = wait_final(c, &slow)?;
+    let job = wait_final(&c.cli, &slow)?;
     story.expect(
         status(&job) == "passed" && job["attempt"] == 1,
         format!(
@@ -269,7 +266,7 @@ fn tell(c: &mut Cluster, story: &mut Story) -> Result<()> {
 
     story.step("a commit made after the failover reaches the new leader");
     let after = cluster::commit(&c.repo, "third: after the failover", &[("delay", "0\n")])?;
-    let job = wait_final(c, &after)?;
+    let job = wait_final(&c.cli, &after)?;
     story.expect(
         status(&job) == "passed",
         format!("it {} ({})", status(&job), short(&after)),
@@ -331,64 +328,4 @@ fn term(c: &Cluster) -> Result<u64> {
     c.pg.psql(&c.db, "SELECT term FROM leader")?
         .parse()
         .context("reading the leader term")
-}
-
-fn shut_down(c: &mut Cluster, story: &mut Story) -> Result<()> {
-    story.step("SIGTERM to every daemon");
-    let deadline = Duration::from_secs(20);
-    let mut daemons: Vec<&mut Daemon> = c.observer.iter_mut().collect();
-    daemons.extend(c.runners.iter_mut());
-    daemons.extend(c.dispatchers.iter_mut());
-    for daemon in daemons {
-        let name = daemon.name.clone();
-        match daemon.terminate(deadline) {
-            Ok(status) => story.expect(
-                status.code() == Some(0),
-                format!("{name} exited with {status}"),
-            ),
-            Err(err) => story.expect(false, format!("{name}: {err:#}")),
-        }
-    }
-    Ok(())
-}
-
-fn status(job: &Value) -> &str {
-    job["status"].as_str().unwrap_or("?")
-}
-
-fn short(commit: &str) -> &str {
-    &commit[..commit.len().min(10)]
-}
-
-fn find_job(c: &Cluster, commit: &str) -> Result<Option<Value>> {
-    Ok(c.cli
-        .jobs()?
-        .into_iter()
-        .find(|j| j["commit"].as_str() == Some(commit)))
-}
-
-fn wait_final(c: &Cluster, commit: &str) -> Result<Value> {
-    wait_for(
-        &format!("commit {} to finish", short(commit)),
-        STEP_DEADLINE,
-        POLL,
-        || {
-            Ok(find_job(c, commit)?
-                .filter(|j| matches!(status(j), "passed" | "failed" | "error" | "cancelled")))
-        },
-    )
-}
-
-fn wait_running(c: &Cluster, commit: &str) -> Result<(u64, String)> {
-    wait_for(
-        &format!("commit {} to run", short(commit)),
-        STEP_DEADLINE,
-        POLL,
-        || {
-            Ok(find_job(c, commit)?.and_then(|j| {
-                let runner = j["runner"].as_str()?.to_owned();
-                (status(&j) == "running").then(|| (j["id"].as_u64().unwrap_or(0), runner))
-            }))
-        },
-    )
 }

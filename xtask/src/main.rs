@@ -8,6 +8,7 @@ mod chaos;
 mod codegen;
 mod e2e;
 mod e2e_pg;
+mod story;
 mod units;
 
 use std::path::PathBuf;
