@@ -34,6 +34,7 @@ use crate::domain::{
 mod columns;
 #[cfg(feature = "testing")]
 pub mod conformance;
+mod fencing;
 mod postgres;
 mod sqlite;
 

@@ -2,9 +2,10 @@
 //! runs inside its own savepoint of a batch transaction, each read as a
 //! function run on a pooled connection.
 //!
-//! They keep the SQLite store's rules statement for statement (fencing by
-//! attempt re-checked in the transaction; the contiguous log end); the
-//! leader-term fence is the writer's, checked once per transaction. This
+//! The attempt-fencing decisions are `store/fencing.rs`'s, shared with the
+//! SQLite store and re-checked inside the transaction; the contiguous log
+//! end follows the SQLite store's rule; the leader-term fence is the
+//! writer's, checked once per transaction. This
 //! file must not begin or commit transactions or open connections.
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use crate::domain::{
     JobId, JobResult, JobStatus, LogChunk, Origin, Submitted, TaskResult, TaskStatus, TestReport,
 };
 use crate::store::columns::{JOB_COLUMNS, id_of, int};
+use crate::store::fencing::{self, AssignPlan, AttemptRow};
 use crate::store::{RecordOutcome, StoreError};
 
 fn att(attempt: Attempt) -> i64 {
@@ -166,41 +168,29 @@ pub async fn assign(
     now_ms: u64,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job).await?;
-    let conflict = |reason: String| Err(StoreError::Conflict { job, reason });
-    if status.is_final() {
-        return conflict(format!("it is {status} and cannot be assigned"));
-    }
     let id = id_of(job);
-    if attempt == current && status == JobStatus::Running {
-        let holder: Option<String> = c
-            .query_opt(
-                "SELECT runner FROM attempts WHERE job_id = $1 AND attempt = $2",
-                &[&id, &att(attempt)],
-            )
-            .await
-            .ctx("reading an attempt")?
-            .map(|row| row.get(0));
-        return match holder {
-            Some(holder) if holder == runner => Ok(()),
-            holder => conflict(format!(
-                "attempt {attempt} is already held by runner {}",
-                holder.as_deref().unwrap_or("?")
-            )),
-        };
-    }
-    if attempt <= current {
-        return conflict(format!(
-            "attempt {attempt} is not newer than its current attempt {current}"
-        ));
-    }
+    let supersede = match fencing::assign(job, status, current, attempt)? {
+        AssignPlan::CheckHolder => {
+            let holder: Option<String> = c
+                .query_opt(
+                    "SELECT runner FROM attempts WHERE job_id = $1 AND attempt = $2",
+                    &[&id, &att(attempt)],
+                )
+                .await
+                .ctx("reading an attempt")?
+                .map(|row| row.get(0));
+            return fencing::same_holder(job, attempt, runner, holder.as_deref());
+        }
+        AssignPlan::Insert { supersede } => supersede,
+    };
     let now = int(now_ms, "time")?;
-    if status == JobStatus::Running {
-        let reason = format!("superseded by attempt {attempt}");
+    if let Some(superseded) = supersede {
+        let reason = fencing::superseded_by(attempt);
         exec(
             c,
             "UPDATE attempts SET ended_reason = $3 WHERE job_id = $1 AND attempt = $2 \
              AND ended_reason IS NULL AND result_status IS NULL",
-            &[&id, &att(current), &reason],
+            &[&id, &att(superseded), &reason],
             "revoking a superseded attempt",
         )
         .await?;
@@ -230,7 +220,7 @@ pub async fn started(
     now_ms: u64,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job).await?;
-    if status != JobStatus::Running || attempt != current {
+    if !fencing::is_running_attempt(status, current, attempt) {
         return Ok(());
     }
     exec(
@@ -251,23 +241,11 @@ pub async fn append_log(
     chunk: &LogChunk,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job).await?;
-    // The same acceptance rule as the SQLite store (see its `append_log`).
-    if attempt != current
-        || attempt == Attempt(0)
-        || status == JobStatus::Queued
-        || chunk.data.is_empty()
-    {
+    if !fencing::log_accepted(status, current, attempt, chunk) {
         return Ok(());
     }
     let (id, a) = (id_of(job), att(attempt));
-    let offset = chunk.offset;
-    let start = int(offset, "log offset")?;
-    let end = offset
-        .checked_add(chunk.data.len() as u64)
-        .and_then(|end| i64::try_from(end).ok())
-        .ok_or_else(|| {
-            StoreError::Invalid(format!("log offset {offset} is beyond the store's range"))
-        })?;
+    let (start, end) = fencing::log_span(chunk)?;
     let stmt = c
         .prepare_cached("SELECT log_end FROM attempts WHERE job_id = $1 AND attempt = $2")
         .await
@@ -350,21 +328,18 @@ pub async fn record_result(
     let (id, a) = (id_of(job), att(attempt));
     let row = c
         .query_opt(
-            "SELECT result_status, ended_reason FROM attempts WHERE job_id = $1 AND attempt = $2",
+            "SELECT result_status IS NOT NULL, ended_reason IS NOT NULL \
+             FROM attempts WHERE job_id = $1 AND attempt = $2",
             &[&id, &a],
         )
         .await
         .ctx("reading an attempt")?
-        .map(|row| {
-            (
-                row.get::<_, Option<String>>(0),
-                row.get::<_, Option<String>>(1),
-            )
+        .map(|row| AttemptRow {
+            has_result: row.get(0),
+            revoked: row.get(1),
         });
-    match row {
-        Some((Some(_), _)) => return Ok(RecordOutcome::Duplicate),
-        Some((None, None)) if attempt == current && status == JobStatus::Running => {}
-        _ => return Ok(RecordOutcome::Stale),
+    if let Some(outcome) = fencing::result(status, current, attempt, row) {
+        return Ok(outcome);
     }
     let now = int(now_ms, "time")?;
     let label = result.status.label();
@@ -442,7 +417,7 @@ pub async fn requeue(
     reason: &str,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job).await?;
-    if status != JobStatus::Running || current != attempt {
+    if !fencing::is_running_attempt(status, current, attempt) {
         return Ok(());
     }
     let id = id_of(job);
@@ -505,12 +480,7 @@ pub async fn finish(
 /// Queues a new run of a finished job (see the SQLite store's `rerun`).
 pub async fn rerun(c: &Conn, job: JobId) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job).await?;
-    if !status.is_final() {
-        return Err(StoreError::Conflict {
-            job,
-            reason: format!("it is {status}: only a finished job can be rerun"),
-        });
-    }
+    fencing::rerun(job, status)?;
     exec(
         c,
         "UPDATE jobs SET status = 'queued', runner = NULL, message = NULL, \

@@ -17,6 +17,7 @@ use crate::domain::{
     JobId, JobResult, JobStatus, LogChunk, Origin, Submitted, TaskResult, TaskStatus, TestReport,
 };
 use crate::store::columns::{JOB_COLUMNS, id_of, int};
+use crate::store::fencing::{self, AssignPlan, AttemptRow};
 use crate::store::{RecordOutcome, StoreError};
 
 /// A non-negative SQLite integer as u64; a negative one means the file was
@@ -160,40 +161,27 @@ pub fn assign(
     now_ms: u64,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job)?;
-    let conflict = |reason: String| Err(StoreError::Conflict { job, reason });
-    if status.is_final() {
-        return conflict(format!("it is {status} and cannot be assigned"));
-    }
     let id = id_of(job);
-    if attempt == current && status == JobStatus::Running {
-        let holder: Option<String> = c
-            .query_row(
-                "SELECT runner FROM attempts WHERE job_id = ?1 AND attempt = ?2",
-                params![id, attempt.0],
-                |row| row.get(0),
-            )
-            .optional()
-            .ctx("reading an attempt")?;
-        return match holder {
-            // The same assignment again (a retried call): already recorded.
-            Some(holder) if holder == runner => Ok(()),
-            holder => conflict(format!(
-                "attempt {attempt} is already held by runner {}",
-                holder.as_deref().unwrap_or("?")
-            )),
-        };
-    }
-    if attempt <= current {
-        return conflict(format!(
-            "attempt {attempt} is not newer than its current attempt {current}"
-        ));
-    }
+    let supersede = match fencing::assign(job, status, current, attempt)? {
+        AssignPlan::CheckHolder => {
+            let holder: Option<String> = c
+                .query_row(
+                    "SELECT runner FROM attempts WHERE job_id = ?1 AND attempt = ?2",
+                    params![id, attempt.0],
+                    |row| row.get(0),
+                )
+                .optional()
+                .ctx("reading an attempt")?;
+            return fencing::same_holder(job, attempt, runner, holder.as_deref());
+        }
+        AssignPlan::Insert { supersede } => supersede,
+    };
     let now = int(now_ms, "time")?;
-    if status == JobStatus::Running {
+    if let Some(superseded) = supersede {
         c.execute(
             "UPDATE attempts SET ended_reason = ?3 \
              WHERE job_id = ?1 AND attempt = ?2 AND ended_reason IS NULL AND result_status IS NULL",
-            params![id, current.0, format!("superseded by attempt {attempt}")],
+            params![id, superseded.0, fencing::superseded_by(attempt)],
         )
         .ctx("revoking a superseded attempt")?;
     }
@@ -218,7 +206,7 @@ pub fn started(
     now_ms: u64,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job)?;
-    if status != JobStatus::Running || attempt != current {
+    if !fencing::is_running_attempt(status, current, attempt) {
         return Ok(());
     }
     // The first Started wins: a resend after a reconnect changes nothing.
@@ -238,28 +226,11 @@ pub fn append_log(
     chunk: &LogChunk,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job)?;
-    // Accepted: the job's current attempt unless it was requeued. That
-    // includes the attempt whose result was recorded, and the last attempt
-    // of a job finished without a result (a cancel), whose output is still
-    // that job's log; an attempt revoked to give the job to another runner
-    // is refused. Logs are keyed by attempt, so this guards storage, not
-    // another attempt's bytes.
-    if attempt != current
-        || attempt == Attempt(0)
-        || status == JobStatus::Queued
-        || chunk.data.is_empty()
-    {
+    if !fencing::log_accepted(status, current, attempt, chunk) {
         return Ok(());
     }
     let id = id_of(job);
-    let offset = chunk.offset;
-    let start = int(offset, "log offset")?;
-    let end = offset
-        .checked_add(chunk.data.len() as u64)
-        .and_then(|end| i64::try_from(end).ok())
-        .ok_or_else(|| {
-            StoreError::Invalid(format!("log offset {offset} is beyond the store's range"))
-        })?;
+    let (start, end) = fencing::log_span(chunk)?;
     let log_end: Option<i64> = c
         .prepare_cached("SELECT log_end FROM attempts WHERE job_id = ?1 AND attempt = ?2")
         .and_then(|mut stmt| {
@@ -334,18 +305,22 @@ pub fn record_result(
 ) -> Result<RecordOutcome, StoreError> {
     let (status, current) = job_state(c, job)?;
     let id = id_of(job);
-    let row: Option<(Option<String>, Option<String>)> = c
+    let row = c
         .query_row(
-            "SELECT result_status, ended_reason FROM attempts WHERE job_id = ?1 AND attempt = ?2",
+            "SELECT result_status IS NOT NULL, ended_reason IS NOT NULL \
+             FROM attempts WHERE job_id = ?1 AND attempt = ?2",
             params![id, attempt.0],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+            |row| {
+                Ok(AttemptRow {
+                    has_result: row.get(0)?,
+                    revoked: row.get(1)?,
+                })
+            },
         )
         .optional()
         .ctx("reading an attempt")?;
-    match row {
-        Some((Some(_), _)) => return Ok(RecordOutcome::Duplicate),
-        Some((None, None)) if attempt == current && status == JobStatus::Running => {}
-        _ => return Ok(RecordOutcome::Stale),
+    if let Some(outcome) = fencing::result(status, current, attempt, row) {
+        return Ok(outcome);
     }
     let now = int(now_ms, "time")?;
     let label = result.status.label();
@@ -403,7 +378,7 @@ pub fn requeue(
     reason: &str,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job)?;
-    if status != JobStatus::Running || current != attempt {
+    if !fencing::is_running_attempt(status, current, attempt) {
         return Ok(());
     }
     let id = id_of(job);
@@ -459,12 +434,7 @@ pub fn finish(
 /// attempt, and the earlier attempts' rows (results, tasks, logs) stay.
 pub fn rerun(c: &Connection, job: JobId) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job)?;
-    if !status.is_final() {
-        return Err(StoreError::Conflict {
-            job,
-            reason: format!("it is {status}: only a finished job can be rerun"),
-        });
-    }
+    fencing::rerun(job, status)?;
     c.execute(
         "UPDATE jobs SET status = 'queued', runner = NULL, message = NULL, \
          started_at_ms = NULL, finished_at_ms = NULL, rerun_base = ?2 WHERE id = ?1",
