@@ -474,6 +474,39 @@ pub fn bare_copy(source: &Path, root: &Path, name: &str) -> anyhow::Result<PathB
     Ok(target)
 }
 
+/// `root/app.git`, served by a [`GitHttpServer`] rooted at `root`: one
+/// commit on `main`, plus `branches` pointing at it.
+pub struct ServedRepo {
+    /// The directory to give [`GitHttpConfig::new`].
+    pub root: PathBuf,
+    /// The commit every branch points at.
+    pub head: String,
+}
+
+/// Builds a [`ServedRepo`] under `dir` (a work tree beside it, `served/`
+/// as the root) with the git CLI.
+pub fn served_repo(dir: &Path, branches: &[&str]) -> anyhow::Result<ServedRepo> {
+    let work = dir.join("work");
+    std::fs::create_dir(&work)?;
+    crate::cluster::git(&work, &["init", "--quiet", "--initial-branch=main"])?;
+    crate::cluster::commit(&work, "first", &[("README", "served over smart HTTP\n")])?;
+    for branch in branches {
+        crate::cluster::git(&work, &["branch", branch])?;
+    }
+    let head = crate::cluster::git(&work, &["rev-parse", "HEAD"])?;
+    let root = dir.join("served");
+    std::fs::create_dir(&root)?;
+    bare_copy(&work, &root, "app.git")?;
+    Ok(ServedRepo { root, head })
+}
+
+/// Starts the server or fails the test saying what it needs.
+pub async fn start_server(config: GitHttpConfig) -> GitHttpServer {
+    GitHttpServer::start(config)
+        .await
+        .expect("the test git server needs `git http-backend` (Debian: apt-get install git)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use surveil_common::tls::{ServerTls, test_certs};
 use surveil_git::{Auth, Credential, FetchSettings, Mirror, MirrorError, Wanted};
-use surveil_tests::githttp::{GitHttpConfig, GitHttpServer, bare_copy};
+use surveil_tests::cluster::git;
+use surveil_tests::githttp::{GitHttpConfig, served_repo, start_server as start};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -20,45 +21,16 @@ struct Fixture {
     head: gix::ObjectId,
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let output = std::process::Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", dir)
-        .output()
-        .expect("the git CLI runs (Debian: apt-get install git)");
-    assert!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
 /// `served/app.git` with `main` and two release branches.
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    git(&work, &["init", "--quiet", "--initial-branch=main"]);
-    std::fs::write(work.join("README"), "fetched by surveil\n").unwrap();
-    git(&work, &["add", "README"]);
-    git(&work, &["commit", "--quiet", "-m", "first"]);
-    git(&work, &["branch", "release/1"]);
-    git(&work, &["branch", "release/2"]);
-    let head = gix::ObjectId::from_hex(git(&work, &["rev-parse", "HEAD"]).as_bytes()).unwrap();
-    let root = dir.path().join("served");
-    std::fs::create_dir(&root).unwrap();
-    bare_copy(&work, &root, "app.git").unwrap();
-    Fixture { dir, root, head }
-}
-
-async fn start(config: GitHttpConfig) -> GitHttpServer {
-    GitHttpServer::start(config)
-        .await
-        .expect("the test git server needs `git http-backend` (Debian: apt-get install git)")
+    let served = served_repo(dir.path(), &["release/1", "release/2"]).unwrap();
+    let head = gix::ObjectId::from_hex(served.head.as_bytes()).unwrap();
+    Fixture {
+        dir,
+        root: served.root,
+        head,
+    }
 }
 
 fn basic(user: &str, password: &str) -> FetchSettings {
@@ -304,7 +276,7 @@ async fn glob_refspecs_fetch_matching_branches_and_forget_deleted_ones() {
     let names: Vec<&str> = refs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["refs/heads/release/1", "refs/heads/release/2"]);
 
-    git(&f.root.join("app.git"), &["branch", "-D", "release/1"]);
+    git(&f.root.join("app.git"), &["branch", "-D", "release/1"]).unwrap();
     let refs = fetch(&mirror, wanted).await.unwrap();
     let names: Vec<&str> = refs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(

@@ -9,7 +9,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use surveil_common::tls::{ServerTls, test_certs};
-use surveil_tests::githttp::{GitHttpConfig, GitHttpServer, REALM, bare_copy};
+use surveil_tests::githttp::{
+    GitHttpConfig, REALM, ServedRepo, served_repo, start_server as start,
+};
 
 /// Every git command here ends within this, or the test fails.
 const GIT_DEADLINE: Duration = Duration::from_secs(60);
@@ -22,53 +24,14 @@ struct Fixture {
     head: String,
 }
 
-fn git_sync(dir: &Path, args: &[&str]) -> String {
-    let output = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", dir)
-        .output()
-        .expect("the git CLI runs (Debian: apt-get install git)");
-    assert!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    git_sync(&work, &["init", "--quiet", "--initial-branch=main"]);
-    std::fs::write(work.join("README"), "served over smart HTTP\n").unwrap();
-    git_sync(&work, &["add", "README"]);
-    git_sync(
-        &work,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "--quiet",
-            "-m",
-            "first",
-        ],
-    );
-    let head = git_sync(&work, &["rev-parse", "HEAD"]);
-    let root = dir.path().join("served");
-    std::fs::create_dir(&root).unwrap();
-    bare_copy(&work, &root, "app.git").unwrap();
+    let ServedRepo { root, head } = served_repo(dir.path(), &[]).unwrap();
     Fixture { dir, root, head }
 }
 
-async fn start(config: GitHttpConfig) -> GitHttpServer {
-    GitHttpServer::start(config)
-        .await
-        .expect("the test git server needs `git http-backend` (Debian: apt-get install git)")
+fn git_sync(dir: &Path, args: &[&str]) -> String {
+    surveil_tests::cluster::git(dir, args).unwrap()
 }
 
 /// Runs the git CLI with no user config, no prompts and no credential
