@@ -98,6 +98,18 @@ pub enum Command {
         /// The job id.
         id: u64,
     },
+    /// Delete the stored logs of old finished jobs (their results and
+    /// attempts stay); without a bound, as the dispatcher's --retain-logs
+    /// says.
+    Prune {
+        /// Jobs that finished longer ago than this (`30d`, `12h`).
+        #[arg(long, value_parser = parse_age)]
+        older_than: Option<std::time::Duration>,
+        /// Keep the newest N finished jobs' logs (0: delete every finished
+        /// job's log).
+        #[arg(long)]
+        keep_jobs: Option<u64>,
+    },
     /// Issue, revoke and list credentials in a tokens file (local file
     /// edits: the dispatcher reloads the file by itself).
     Token {
@@ -191,6 +203,15 @@ fn parse_commit(text: &str) -> Result<String, String> {
 
 fn parse_name(text: &str) -> Result<String, String> {
     surveil_common::tokens::check_name(text).map(|()| text.to_owned())
+}
+
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    match surveil_common::parse_duration(text)? {
+        age if age.is_zero() => Err(format!(
+            "`{text}` would select every finished job; use --keep-jobs 0 to mean that"
+        )),
+        age => Ok(age),
+    }
 }
 
 fn parse_repo(text: &str) -> Result<String, String> {

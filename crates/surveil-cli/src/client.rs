@@ -12,8 +12,8 @@ use surveil_common::tls;
 use surveil_common::{DialError, Dialer, Secret};
 use surveil_proto::{
     CancelJob, CancelJobReply, CodecError, Connection, ConnectionError, GetJob, GetStatus,
-    GetStatusReply, Hello, JobInfo, ListJobs, ListRunners, Msg, ReadLog, ReadLogReply, RejectCode,
-    RerunJob, RerunJobReply, Role, RunnerInfo, Submit,
+    GetStatusReply, Hello, JobInfo, ListJobs, ListRunners, Msg, Prune, PruneReply, ReadLog,
+    ReadLogReply, RejectCode, RerunJob, RerunJobReply, Role, RunnerInfo, Submit,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -27,6 +27,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a one-shot reply may take. Following a log has no such limit:
 /// a task may print nothing for a long time.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long `prune` waits: it may delete many attempts' logs.
+pub const PRUNE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What went wrong talking to the dispatcher. Messages leave out their
 /// `source`: `main` prints the whole chain (`{:#}`), so it is said once.
@@ -207,6 +210,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         match self.reply("Submit", Some(REPLY_TIMEOUT)).await? {
             Msg::SubmitAck(ack) => Ok(ack.job_ids),
             other => Err(unexpected("Submit", "SubmitAck", &other)),
+        }
+    }
+
+    /// Asks the dispatcher to delete old finished jobs' logs: by age, all
+    /// but the newest `keep_jobs`, or (neither) as its `--retain-logs` says.
+    pub async fn prune(
+        &mut self,
+        older_than_ms: Option<u64>,
+        keep_jobs: Option<u64>,
+    ) -> Result<PruneReply, ClientError> {
+        self.send(
+            "Prune",
+            Prune {
+                older_than_ms,
+                keep_jobs,
+            },
+        )
+        .await?;
+        // Deleting a large backlog of logs takes longer than a lookup.
+        match self.reply("Prune", Some(PRUNE_TIMEOUT)).await? {
+            Msg::PruneReply(reply) => Ok(reply),
+            other => Err(unexpected("Prune", "PruneReply", &other)),
         }
     }
 

@@ -135,7 +135,44 @@ async fn execute(
         } => submit(client, &repo, &branch, commit, json, out).await,
         Command::Cancel { id } => cancel(client, id, json, out).await,
         Command::Rerun { id } => rerun(client, id, json, out).await,
+        Command::Prune {
+            older_than,
+            keep_jobs,
+        } => prune(client, older_than, keep_jobs, json, out).await,
         Command::Token { .. } => unreachable!("handled before connecting"),
+    }
+}
+
+/// Deletes old finished jobs' logs and says how much went (`{"attempts":
+/// N, "bytes": B}` under `--json`).
+async fn prune(
+    client: &mut Client<tls::Stream>,
+    older_than: Option<std::time::Duration>,
+    keep_jobs: Option<u64>,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let older_than_ms = older_than.map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    let reply = client.prune(older_than_ms, keep_jobs).await?;
+    if !reply.ok {
+        bail!("cannot prune: {}", reply.message);
+    }
+    if json {
+        write(
+            out,
+            &output::to_json(&output::PruneJson {
+                attempts: reply.attempts,
+                bytes: reply.bytes,
+            })?,
+        )
+    } else {
+        write(
+            out,
+            &format!(
+                "deleted the logs of {} attempts ({} bytes); their jobs and results are kept\n",
+                reply.attempts, reply.bytes
+            ),
+        )
     }
 }
 

@@ -52,6 +52,10 @@ pub struct JobJson {
     /// `jobs`, whose rows do not carry them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts: Option<Vec<AttemptJson>>,
+    /// Whether the current attempt's log was cut at the dispatcher's
+    /// `--max-log-size`: with `attempts` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_truncated: Option<bool>,
 }
 
 /// One attempt inside [`JobJson`].
@@ -66,6 +70,12 @@ pub struct AttemptJson {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub tasks: Vec<TaskJson>,
+    /// Bytes of its log stored.
+    pub log_bytes: u64,
+    /// Its log reached `--max-log-size`; later output was dropped.
+    pub log_truncated: bool,
+    /// Its log was deleted by retention (the attempt is kept).
+    pub log_pruned: bool,
 }
 
 impl From<&AttemptInfo> for AttemptJson {
@@ -82,6 +92,9 @@ impl From<&AttemptInfo> for AttemptJson {
             started_at: a.started_at_ms.map(timestamp),
             finished_at: a.finished_at_ms.map(timestamp),
             tasks: a.tasks.iter().map(TaskJson::from).collect(),
+            log_bytes: a.log_bytes,
+            log_truncated: a.log_truncated,
+            log_pruned: a.log_pruned,
         }
     }
 }
@@ -91,6 +104,7 @@ impl JobJson {
     pub fn with_attempts(job: &JobInfo) -> JobJson {
         JobJson {
             attempts: Some(job.attempts.iter().map(AttemptJson::from).collect()),
+            log_truncated: Some(job.log_truncated),
             ..JobJson::from(job)
         }
     }
@@ -122,6 +136,15 @@ pub struct TestsJson {
     pub skipped: u32,
     pub failing: Vec<String>,
     pub problems: Vec<String>,
+}
+
+/// `surveil prune --json`.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct PruneJson {
+    /// Attempts whose logs were deleted.
+    pub attempts: u64,
+    /// Log bytes deleted.
+    pub bytes: u64,
 }
 
 /// `surveil status --json`.
@@ -202,6 +225,7 @@ impl From<&JobInfo> for JobJson {
             ref_name: non_empty(Some(&job.r#ref)),
             pull_request: job.pull_request,
             attempts: None,
+            log_truncated: None,
         }
     }
 }
@@ -559,6 +583,19 @@ pub fn job_details(job: &JobInfo, now: SystemTime, colour: bool) -> String {
     if let Some(ran) = run_time(job, now_ms) {
         pairs.push(("duration", short_duration(ran)));
     }
+    if let Some(current) = job.attempts.iter().find(|a| a.attempt == job.attempt) {
+        if current.log_pruned {
+            pairs.push(("log", "deleted by retention".to_owned()));
+        } else if current.log_truncated {
+            pairs.push((
+                "log",
+                format!(
+                    "truncated at --max-log-size ({} bytes stored)",
+                    current.log_bytes
+                ),
+            ));
+        }
+    }
     let mut out = key_values(&pairs);
     if !job.tasks.is_empty() {
         out.push('\n');
@@ -778,6 +815,7 @@ mod tests {
             finished_at_ms: None,
             r#ref: "refs/heads/main".into(),
             pull_request: None,
+            log_truncated: false,
             attempts: Vec::new(),
             tasks: vec![
                 TaskResult {

@@ -325,11 +325,13 @@ async fn job_json_is_one_contract_job_with_tasks() {
     .await;
     let out = output(surveil(fake.addr, &["job", "7", "--json"])).await;
     let job = stdout_json(&out);
-    // The contract's keys plus `attempts` (a compatible extension).
+    // The contract's keys plus `attempts` and `log_truncated` (compatible
+    // extensions).
     let mut expected = JOB_KEYS.to_vec();
-    expected.push("attempts");
+    expected.extend(["attempts", "log_truncated"]);
     assert_eq!(keys(&job), sorted(&expected));
     assert_eq!(job["attempts"], serde_json::json!([]));
+    assert_eq!(job["log_truncated"], false);
     assert_eq!(job["id"], 7);
     assert_eq!(job["commit"], COMMIT);
     assert_eq!(job["runner"], "ci-3");

@@ -64,6 +64,25 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .map_err(|e| format!("`{text}` is not a size ({e}); write e.g. 8MiB, 64KiB or 1024"))
 }
 
+/// A size as [`parse_size`] reads it back, in the largest binary unit
+/// that divides it exactly (`64MiB`, `1536KiB`, `1000`), for messages that
+/// name a configured limit.
+///
+/// ```
+/// assert_eq!(surveil_common::format_size(64 << 20), "64MiB");
+/// assert_eq!(surveil_common::format_size(1000), "1000");
+/// ```
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    UNITS
+        .iter()
+        .find(|(unit, _)| bytes != 0 && bytes.is_multiple_of(*unit))
+        .map_or_else(
+            || bytes.to_string(),
+            |(unit, name)| format!("{}{name}", bytes / unit),
+        )
+}
+
 /// Reads the shared secret: the contents of `token_file` with surrounding
 /// whitespace trimmed, or else the `SURVEIL_TOKEN` environment variable.
 /// `None` when neither is set. A token file group or others may read is

@@ -13,6 +13,7 @@ use clap::Parser;
 use surveil_common::tls::ServerTls;
 use surveil_common::{LogFormat, Secret};
 
+pub use crate::domain::LogRetention;
 use crate::store::PostgresOptions;
 pub use crate::web::HttpConfig;
 
@@ -48,6 +49,15 @@ pub struct Cli {
     /// Largest frame accepted or sent.
     #[arg(long, env = "SURVEIL_MAX_FRAME", default_value = "8MiB", value_parser = surveil_common::parse_size)]
     pub max_frame: u64,
+    /// Most bytes of one attempt's log stored; later output is dropped
+    /// (the job keeps running, its log says it was truncated).
+    #[arg(long, env = "SURVEIL_MAX_LOG_SIZE", default_value = "64MiB", value_parser = surveil_common::parse_size)]
+    pub max_log_size: u64,
+    /// Delete finished jobs' logs older than this (`30d`) or beyond the
+    /// newest N finished jobs (`1000jobs`), in the background; `off` keeps
+    /// every log. Job rows and results are always kept.
+    #[arg(long, env = "SURVEIL_RETAIN_LOGS", default_value = "off", value_parser = LogRetention::parse)]
+    pub retain_logs: LogRetention,
     /// Local runners to start when jobs wait and no runner is connected.
     #[arg(long, env = "SURVEIL_SPAWN_RUNNERS", default_value_t = 0)]
     pub spawn_runners: u32,
@@ -115,6 +125,9 @@ pub struct Cli {
     pub refuse_token: surveil_common::RefuseTokenFlag,
 }
 
+/// Smallest `--max-log-size`: one log chunk.
+const MIN_MAX_LOG_SIZE: u64 = surveil_proto::MAX_LOG_CHUNK as u64;
+
 /// Smallest frame limit that still fits a `Hello` and the replies.
 const MIN_MAX_FRAME: u64 = 1024;
 /// Frames are length-prefixed with a u32.
@@ -142,6 +155,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Largest frame accepted or sent, in bytes.
     pub max_frame: usize,
+    /// `--max-log-size`: the most bytes of one attempt's log stored.
+    pub max_log_size: u64,
+    /// `--retain-logs`: which finished jobs' logs are kept.
+    pub retain_logs: LogRetention,
     /// Local runners to start when needed (0: never).
     pub spawn_runners: u32,
     /// The command starting one local runner.
@@ -179,6 +196,8 @@ impl Config {
             max_attempts: 3,
             handshake_timeout: Duration::from_secs(5),
             max_frame: surveil_proto::DEFAULT_MAX_FRAME,
+            max_log_size: crate::service::DEFAULT_MAX_LOG_SIZE,
+            retain_logs: LogRetention::Off,
             spawn_runners: 0,
             runner_command: None,
             tls: None,
@@ -229,6 +248,13 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
             cli.max_frame
         ));
     }
+    if cli.max_log_size < MIN_MAX_LOG_SIZE || i64::try_from(cli.max_log_size).is_err() {
+        problems.push(format!(
+            "--max-log-size must be at least {} (one log chunk) and fit the store (got {})",
+            surveil_common::format_size(MIN_MAX_LOG_SIZE),
+            cli.max_log_size
+        ));
+    }
     let runner_command = cli
         .runner_command
         .as_ref()
@@ -268,6 +294,8 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         max_attempts: cli.max_attempts,
         handshake_timeout: cli.handshake_timeout,
         max_frame: usize::try_from(cli.max_frame).ok()?,
+        max_log_size: cli.max_log_size,
+        retain_logs: cli.retain_logs,
         spawn_runners: cli.spawn_runners,
         runner_command,
         tls,
@@ -541,6 +569,45 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(5));
         assert_eq!(c.max_frame, 8 * 1024 * 1024);
         assert_eq!(c.spawn_runners, 0);
+        assert_eq!(c.max_log_size, 64 * 1024 * 1024);
+        assert_eq!(c.retain_logs, LogRetention::Off);
+    }
+
+    #[test]
+    fn log_bounds_parse_and_name_what_is_wrong() {
+        let c = parse(&[
+            "--state-dir",
+            "/tmp/x",
+            "--max-log-size",
+            "1MiB",
+            "--retain-logs",
+            "30d",
+        ])
+        .unwrap();
+        assert_eq!(c.max_log_size, 1 << 20);
+        assert_eq!(
+            c.retain_logs,
+            LogRetention::Age(Duration::from_secs(30 * 86_400))
+        );
+        let rule = c.retain_logs.rule(40 * 86_400_000);
+        assert_eq!(rule.finished_before_ms, Some(10 * 86_400_000));
+        assert_eq!(rule.keep_jobs, None);
+        assert_eq!(
+            LogRetention::parse("1000jobs").unwrap().rule(5).keep_jobs,
+            Some(1000)
+        );
+        assert!(LogRetention::Off.rule(5).is_empty());
+        let err = parse(&["--state-dir", "/tmp/x", "--max-log-size", "1KiB"]).unwrap_err();
+        assert!(
+            err.contains("--max-log-size must be at least 64KiB"),
+            "{err}"
+        );
+        for bad in ["0s", "ten", "xjobs"] {
+            let err = LogRetention::parse(bad).unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
+        let err = parse(&["--state-dir", "/tmp/x", "--retain-logs", "soon"]).unwrap_err();
+        assert!(err.contains("retain-logs"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -348,6 +349,92 @@ pub struct AttemptRecord {
     pub finished_at_ms: Option<u64>,
     /// The task results of its result; empty without one.
     pub tasks: Vec<TaskResult>,
+    /// How many bytes of its log were stored (contiguously from 0).
+    pub log_bytes: u64,
+    /// Its log reached `--max-log-size`: later output was dropped.
+    pub log_truncated: bool,
+    /// Its log was deleted by retention (`--retain-logs`, `surveil prune`).
+    pub log_pruned: bool,
+}
+
+/// Which finished jobs' logs a prune deletes: those either bound selects.
+/// Queued and running jobs are never pruned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneRule {
+    /// Jobs that reached their final status before this time (unix ms).
+    pub finished_before_ms: Option<u64>,
+    /// Every finished job but the newest this many (by id).
+    pub keep_jobs: Option<u64>,
+}
+
+impl PruneRule {
+    /// Whether the rule selects anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.finished_before_ms.is_none() && self.keep_jobs.is_none()
+    }
+}
+
+/// Which finished jobs' logs the dispatcher keeps (`--retain-logs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogRetention {
+    /// Every log is kept.
+    Off,
+    /// Logs of jobs that finished longer ago than this are deleted.
+    Age(Duration),
+    /// Logs of all finished jobs but the newest this many are deleted.
+    Jobs(u64),
+}
+
+impl LogRetention {
+    /// Parses `off`, a duration (`30d`, `12h`) or a job count (`1000jobs`).
+    pub fn parse(text: &str) -> Result<LogRetention, String> {
+        let text = text.trim();
+        if text == "off" {
+            return Ok(LogRetention::Off);
+        }
+        if let Some(count) = text.strip_suffix("jobs") {
+            return count
+                .trim()
+                .parse()
+                .map(LogRetention::Jobs)
+                .map_err(|_| format!("`{text}` is not a number of jobs; write e.g. 1000jobs"));
+        }
+        match surveil_common::parse_duration(text) {
+            Ok(age) if age.is_zero() => Err(format!(
+                "`{text}` would delete every log at once; give a longer age, a number of jobs (1000jobs) or off"
+            )),
+            Ok(age) => Ok(LogRetention::Age(age)),
+            Err(_) => Err(format!(
+                "`{text}` is neither an age (30d, 12h), a number of jobs (1000jobs) nor off"
+            )),
+        }
+    }
+
+    /// What a prune at `now_ms` deletes under this retention.
+    pub fn rule(self, now_ms: u64) -> PruneRule {
+        let mut rule = PruneRule::default();
+        match self {
+            LogRetention::Off => {}
+            LogRetention::Age(age) => {
+                let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+                rule.finished_before_ms = Some(now_ms.saturating_sub(age_ms));
+            }
+            LogRetention::Jobs(keep) => rule.keep_jobs = Some(keep),
+        }
+        rule
+    }
+}
+
+/// What a prune deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Attempts whose logs were deleted.
+    pub attempts: u64,
+    /// Log bytes deleted.
+    pub bytes: u64,
+    /// Whether more attempts may be waiting (a store call's batch was
+    /// full).
+    pub more: bool,
 }
 
 /// How an attempt stands.

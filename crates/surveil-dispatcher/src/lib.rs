@@ -59,6 +59,7 @@ pub mod wire;
 mod credentials;
 mod ha;
 mod monitor;
+mod pruner;
 mod redistributor;
 mod session;
 mod spawner;
@@ -230,6 +231,7 @@ pub(crate) async fn serve_on(
     if let Some(view) = leader {
         service.set_leader(view);
     }
+    service.set_log_limits(config.max_log_size, config.retain_logs);
     let daemon = Arc::new(Daemon {
         config,
         local_addr,
@@ -360,6 +362,7 @@ fn supervised_tasks(daemon: &Arc<Daemon>) -> Vec<(&'static str, TaskFactory)> {
     let monitor = Arc::clone(daemon);
     let redistributor = Arc::clone(&daemon.service);
     let spawner = Arc::clone(daemon);
+    let pruner = Arc::clone(&daemon.service);
     vec![
         (
             "monitor",
@@ -372,6 +375,10 @@ fn supervised_tasks(daemon: &Arc<Daemon>) -> Vec<(&'static str, TaskFactory)> {
         (
             "spawner",
             Arc::new(move |cancel| Box::pin(spawner::run(spawner.clone(), cancel))),
+        ),
+        (
+            "pruner",
+            Arc::new(move |cancel| Box::pin(pruner::run(pruner.clone(), cancel))),
         ),
     ]
 }

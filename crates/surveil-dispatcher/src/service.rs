@@ -22,8 +22,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, broadcast};
 
 use crate::domain::{
-    AttemptRecord, BranchHead, Job, JobFilter, JobId, RunnerView, SessionId, StatusView,
-    Submission, Waiting,
+    AttemptRecord, BranchHead, Job, JobFilter, JobId, LogRetention, PruneRule, Pruned, RunnerView,
+    SessionId, StatusView, Submission, Waiting,
 };
 use crate::scheduler::{CancelOutcome, Scheduler, SchedulerConfig};
 use crate::store::{JobStore, StoreError};
@@ -42,7 +42,14 @@ pub use notify::{Event, JobChange, RunnerChange};
 
 /// The supervised tasks, by the names used in logs, failpoints and
 /// `status`'s `supervisor_restarts`.
-pub const TASK_NAMES: [&str; 3] = ["monitor", "redistributor", "spawner"];
+pub const TASK_NAMES: [&str; 4] = ["monitor", "redistributor", "spawner", "pruner"];
+
+/// `--max-log-size`'s default: 64 MiB of log per attempt.
+pub const DEFAULT_MAX_LOG_SIZE: u64 = 64 * 1024 * 1024;
+
+/// How many attempts one store call of a prune handles: a short
+/// transaction, so runners' writes wait little behind it.
+const PRUNE_BATCH: u32 = 200;
 
 /// Why an operation failed. Nothing was acknowledged: a peer may retry.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +113,10 @@ pub struct Service {
     assign_failed: AtomicBool,
     notifier: Arc<notify::Notifier>,
     refused_results: AtomicU64,
+    /// `--max-log-size`: the most bytes of one attempt's log stored.
+    max_log_size: AtomicU64,
+    /// `--retain-logs`: what a prune without bounds deletes.
+    retention: Mutex<LogRetention>,
     restarts: Mutex<BTreeMap<&'static str, u64>>,
     started: tokio::time::Instant,
     /// The leader term this dispatcher serves under (PostgreSQL store).
@@ -152,6 +163,8 @@ impl Service {
             assign_failed: AtomicBool::new(false),
             notifier: notify::Notifier::new(),
             refused_results: AtomicU64::new(0),
+            max_log_size: AtomicU64::new(DEFAULT_MAX_LOG_SIZE),
+            retention: Mutex::new(LogRetention::Off),
             restarts: Mutex::new(TASK_NAMES.iter().map(|n| (*n, 0)).collect()),
             started: tokio::time::Instant::now(),
             leader: Mutex::new(None),
@@ -391,6 +404,62 @@ impl Service {
     /// Records the leader term this dispatcher serves under, for `status`.
     pub(crate) fn set_leader(&self, view: crate::domain::LeaderView) {
         *lock(&self.leader) = Some(view);
+    }
+
+    /// Sets `--max-log-size` (the most bytes of one attempt's log stored
+    /// from now on) and `--retain-logs`.
+    pub fn set_log_limits(&self, max_log_size: u64, retention: LogRetention) {
+        self.max_log_size.store(max_log_size, Ordering::Relaxed);
+        *lock(&self.retention) = retention;
+    }
+
+    /// `--retain-logs`, as [`Service::set_log_limits`] set it.
+    pub fn retention(&self) -> LogRetention {
+        *lock(&self.retention)
+    }
+
+    /// [`Service::prune_logs`] with the bounds `--retain-logs` gives; a
+    /// prune that names none. Refused when retention is off.
+    pub async fn prune_by_retention(&self) -> Result<Pruned, ServiceError> {
+        match self.retention() {
+            LogRetention::Off => Err(ServiceError::Invalid(
+                "the dispatcher keeps every log (--retain-logs off): give a bound, \
+                 --older-than AGE or --keep-jobs N"
+                    .to_owned(),
+            )),
+            retention => self.prune_logs(retention.rule(unix_ms())).await,
+        }
+    }
+
+    /// Deletes the logs of the finished jobs `rule` selects (the jobs,
+    /// attempts and results stay), in short transactions until none is
+    /// left, and says how much went. An empty rule is refused.
+    pub async fn prune_logs(&self, rule: PruneRule) -> Result<Pruned, ServiceError> {
+        if rule.is_empty() {
+            return Err(ServiceError::Invalid(
+                "a prune needs a bound: an age (--older-than) or a number of jobs to keep (--keep-jobs)"
+                    .to_owned(),
+            ));
+        }
+        let mut total = Pruned::default();
+        loop {
+            let batch = self.store.prune_logs(rule, PRUNE_BATCH).await?;
+            total.attempts += batch.attempts;
+            total.bytes += batch.bytes;
+            // Each full batch marks its attempts pruned, so the next call
+            // finds fewer: the loop ends.
+            if !batch.more || batch.attempts == 0 {
+                break;
+            }
+        }
+        if total.attempts > 0 {
+            tracing::info!(
+                attempts = total.attempts,
+                bytes = total.bytes,
+                "pruned old logs"
+            );
+        }
+        Ok(total)
     }
 
     /// Counts a restart of a supervised task, for `status`.

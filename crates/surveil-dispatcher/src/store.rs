@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 use crate::domain::{
     Attempt, AttemptRecord, BranchHead, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult,
-    LogChunk, Origin, Submitted,
+    LogChunk, Origin, PruneRule, Pruned, Submitted,
 };
 
 mod columns;
@@ -159,14 +159,22 @@ pub trait JobStore: Send + Sync + 'static {
     /// `attempt` is the job's current, running attempt.
     fn started(&self, job: JobId, attempt: Attempt, now_ms: u64) -> StoreFuture<'_, ()>;
 
-    /// Stores a chunk of (job, attempt)'s combined log. Idempotent: a chunk
-    /// already stored at that offset is kept as it is. Ignored when the
-    /// attempt is not the job's current one or its job is queued again, so
-    /// a fenced runner cannot write into a job's log; the last attempt of
-    /// a job that ended (its result recorded, or cancelled) still takes
-    /// its late output. Fails with [`StoreError::Invalid`] when the chunk
-    /// would end beyond the store's range.
-    fn append_log(&self, job: JobId, attempt: Attempt, chunk: LogChunk) -> StoreFuture<'_, ()>;
+    /// Stores a chunk of (job, attempt)'s combined log, keeping the log
+    /// within `cap` bytes: a chunk crossing it keeps its head, one past it
+    /// is dropped, and the first such chunk marks the attempt
+    /// `log_truncated` and stores a SYSTEM line saying so at offset `cap`.
+    /// Idempotent: a chunk already stored at that offset is kept as it is.
+    /// Ignored unless `attempt` is the job's current, running attempt, so
+    /// neither a fenced runner nor a late sender can grow a log. Fails with
+    /// [`StoreError::Invalid`] when the chunk would end beyond the store's
+    /// range.
+    fn append_log(
+        &self,
+        job: JobId,
+        attempt: Attempt,
+        chunk: LogChunk,
+        cap: u64,
+    ) -> StoreFuture<'_, ()>;
 
     /// Records a runner's result: only the job's current attempt, while
     /// the job is running, is [`Recorded`](RecordOutcome::Recorded); the
@@ -221,6 +229,13 @@ pub trait JobStore: Send + Sync + 'static {
     /// tasks and logs stay readable. `Conflict` for a queued or running
     /// job; `NoSuchJob` for an unknown one.
     fn rerun(&self, job: JobId) -> StoreFuture<'_, ()>;
+
+    /// Deletes the stored logs of up to `batch` attempts of finished jobs
+    /// that `rule` selects, marking them `log_pruned` (the job and attempt
+    /// rows, results and tasks stay). One transaction per call, so a large
+    /// prune never holds the writer long; `more` says whether another call
+    /// may find more.
+    fn prune_logs(&self, rule: PruneRule, batch: u32) -> StoreFuture<'_, Pruned>;
 
     /// Every attempt of `job`, oldest first, with its tasks; empty for an
     /// unknown job or one never assigned.

@@ -12,8 +12,8 @@ use surveil_proto::{Envelope, Msg, Role};
 use crate::auth::Access;
 use crate::domain::{
     Attempt, AttemptRecord, AttemptStatus, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult,
-    JobStatus, LogChunk, LogStream, Origin, ResultAck, RunnerHello, RunnerReport, RunnerView,
-    StatusView, Submission, TaskResult, TaskStatus, TestReport, ToRunner,
+    JobStatus, LogChunk, LogStream, Origin, Pruned, ResultAck, RunnerHello, RunnerReport,
+    RunnerView, StatusView, Submission, TaskResult, TaskStatus, TestReport, ToRunner,
 };
 use crate::service::{CancelReply, LogEvent, RerunOutcome, RerunReply};
 
@@ -57,6 +57,14 @@ pub enum ClientRequest {
     Cancel(JobId),
     /// Queue a new attempt of a finished job.
     Rerun(JobId),
+    /// Delete old finished jobs' logs: by age, beyond the newest N, or
+    /// (neither given) as `--retain-logs` says.
+    Prune {
+        /// Jobs finished longer ago than this.
+        older_than_ms: Option<u64>,
+        /// All finished jobs but the newest this many.
+        keep_jobs: Option<u64>,
+    },
 }
 
 impl ClientRequest {
@@ -72,7 +80,9 @@ impl ClientRequest {
             | ClientRequest::ListRunners
             | ClientRequest::GetStatus => Access::Read,
             ClientRequest::Submit(_) => Access::Submit,
-            ClientRequest::Cancel(_) | ClientRequest::Rerun(_) => Access::Operate,
+            ClientRequest::Cancel(_) | ClientRequest::Rerun(_) | ClientRequest::Prune { .. } => {
+                Access::Operate
+            }
         })
     }
 }
@@ -141,7 +151,9 @@ pub fn runner_report(msg: Msg) -> Result<RunnerReport, FrameError> {
         | Msg::CancelJob(_)
         | Msg::CancelJobReply(_)
         | Msg::RerunJob(_)
-        | Msg::RerunJobReply(_)) => Err(protocol(format!(
+        | Msg::RerunJobReply(_)
+        | Msg::Prune(_)
+        | Msg::PruneReply(_)) => Err(protocol(format!(
             "a runner may not send {}; runners send Pong, Started, Log and JobFinished",
             other.name()
         ))),
@@ -298,6 +310,10 @@ pub fn client_request(role: Role, msg: Msg) -> Result<ClientRequest, FrameError>
         Msg::GetStatus(_) if queries => Ok(ClientRequest::GetStatus),
         Msg::CancelJob(q) if queries => Ok(ClientRequest::Cancel(JobId(q.job_id))),
         Msg::RerunJob(q) if queries => Ok(ClientRequest::Rerun(JobId(q.job_id))),
+        Msg::Prune(q) if queries => Ok(ClientRequest::Prune {
+            older_than_ms: q.older_than_ms,
+            keep_jobs: q.keep_jobs,
+        }),
         other @ (Msg::ListJobs(_)
         | Msg::GetJob(_)
         | Msg::ReadLog(_)
@@ -305,6 +321,7 @@ pub fn client_request(role: Role, msg: Msg) -> Result<ClientRequest, FrameError>
         | Msg::GetStatus(_)
         | Msg::CancelJob(_)
         | Msg::RerunJob(_)
+        | Msg::Prune(_)
         | Msg::Welcome(_)
         | Msg::Reject(_)
         | Msg::SubmitAck(_)
@@ -321,9 +338,10 @@ pub fn client_request(role: Role, msg: Msg) -> Result<ClientRequest, FrameError>
         | Msg::ListRunnersReply(_)
         | Msg::GetStatusReply(_)
         | Msg::CancelJobReply(_)
-        | Msg::RerunJobReply(_)) => {
+        | Msg::RerunJobReply(_)
+        | Msg::PruneReply(_)) => {
             let allowed = if queries {
-                "clients send Submit, ListJobs, GetJob, ReadLog, ListRunners, GetStatus, CancelJob and RerunJob"
+                "clients send Submit, ListJobs, GetJob, ReadLog, ListRunners, GetStatus, CancelJob, RerunJob and Prune"
             } else {
                 "observers send Submit"
             };
@@ -483,6 +501,7 @@ pub fn job_info(job: Job) -> proto::JobInfo {
         r#ref: job.ref_name,
         pull_request: job.pull_request,
         tasks: job.tasks.into_iter().map(task_result).collect(),
+        log_truncated: false,
         attempts: Vec::new(),
     }
 }
@@ -524,8 +543,16 @@ pub fn job_with_attempts(job: Job, attempts: Vec<AttemptRecord>) -> proto::JobIn
             started_at_ms: a.started_at_ms,
             finished_at_ms: a.finished_at_ms,
             tasks: a.tasks.into_iter().map(task_result).collect(),
+            log_bytes: a.log_bytes,
+            log_truncated: a.log_truncated,
+            log_pruned: a.log_pruned,
         })
         .collect();
+    info.log_truncated = info
+        .attempts
+        .iter()
+        .find(|a| a.attempt == info.attempt)
+        .is_some_and(|a| a.log_truncated);
     info
 }
 
@@ -584,6 +611,26 @@ pub fn rerun_reply(reply: RerunReply, attempts: Vec<AttemptRecord>) -> proto::Re
         ok: reply.outcome == RerunOutcome::Queued,
         message: reply.message,
         job: reply.job.map(|j| job_with_attempts(j, attempts)),
+    }
+}
+
+/// The answer to `Prune`.
+pub fn prune_reply(outcome: Result<Pruned, String>) -> proto::PruneReply {
+    match outcome {
+        Ok(pruned) => proto::PruneReply {
+            ok: true,
+            message: format!(
+                "deleted the logs of {} attempts ({} bytes)",
+                pruned.attempts, pruned.bytes
+            ),
+            attempts: pruned.attempts,
+            bytes: pruned.bytes,
+        },
+        Err(message) => proto::PruneReply {
+            ok: false,
+            message,
+            ..proto::PruneReply::default()
+        },
     }
 }
 

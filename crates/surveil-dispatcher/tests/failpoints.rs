@@ -57,3 +57,29 @@ async fn each_supervised_task_restarts_after_a_panic_and_service_continues() {
     assert_eq!(status.runners, 1);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn the_pruner_restarts_after_a_panic() {
+    // Only a dispatcher with retention on runs pruner passes, so no other
+    // test here reaches this failpoint.
+    fail::cfg("pruner-pass", "1*panic(failpoint test)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = fast_config(dir.path());
+    config.retain_logs = surveil_dispatcher::config::LogRetention::Jobs(100);
+    let d = Dispatcher::start(config).await;
+    let mut client = d.client().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = client.status().await;
+        if status.supervisor_restarts.get("pruner") == Some(&1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pruner restart never counted: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    fail::remove("pruner-pass");
+    d.stop().await;
+}

@@ -12,6 +12,17 @@ use crate::v1::{Envelope, RejectCode};
 /// The default largest frame body accepted or sent: 8 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
 
+/// The most bytes one `Log` message may carry in `data` (the contract's
+/// 64 KiB). A runner splits longer output; a dispatcher drops a longer
+/// chunk (and logs why) instead of storing it.
+///
+/// ```
+/// let output = vec![b'x'; 100_000];
+/// let chunks: Vec<_> = output.chunks(surveil_proto::MAX_LOG_CHUNK).collect();
+/// assert_eq!(chunks.len(), 2);
+/// ```
+pub const MAX_LOG_CHUNK: usize = 64 * 1024;
+
 /// Bytes in the length prefix of every frame.
 pub const LENGTH_PREFIX_LEN: usize = 4;
 

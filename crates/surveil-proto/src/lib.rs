@@ -88,7 +88,7 @@ pub mod v1 {
     include!("generated/surveil.v1.rs");
 }
 
-pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME, LENGTH_PREFIX_LEN};
+pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME, LENGTH_PREFIX_LEN, MAX_LOG_CHUNK};
 pub use connection::{Connection, ConnectionError, FrameReader, FrameWriter, HandshakeError};
 pub use v1::envelope::Msg;
 pub use v1::*;

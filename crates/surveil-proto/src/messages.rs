@@ -60,6 +60,8 @@ arms!(
     CancelJobReply,
     RerunJob,
     RerunJobReply,
+    Prune,
+    PruneReply,
 );
 
 impl From<Msg> for Envelope {

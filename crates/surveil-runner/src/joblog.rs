@@ -10,7 +10,7 @@ use surveil_proto::{JobFinished, Log, Started, Stream};
 use tokio::sync::mpsc;
 
 /// The largest `Log.data` sent, as the contract allows.
-pub const MAX_CHUNK: usize = 64 * 1024;
+pub const MAX_CHUNK: usize = surveil_proto::MAX_LOG_CHUNK;
 
 /// What a running job tells the session, in order.
 #[derive(Debug, Clone, PartialEq)]

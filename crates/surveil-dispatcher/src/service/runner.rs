@@ -115,7 +115,20 @@ impl Service {
         attempt: Attempt,
         chunk: LogChunk,
     ) -> Result<(), ServiceError> {
-        self.store.append_log(job, attempt, chunk).await?;
+        if chunk.data.len() > surveil_proto::MAX_LOG_CHUNK {
+            // Not a reason to end the runner's session: the chunk is
+            // dropped and named, and the job goes on.
+            tracing::warn!(
+                job = job.0,
+                attempt = attempt.0,
+                bytes = chunk.data.len(),
+                limit = surveil_proto::MAX_LOG_CHUNK,
+                "a log chunk over the protocol's 64 KiB limit was refused"
+            );
+            return Ok(());
+        }
+        let cap = self.max_log_size.load(Ordering::Relaxed);
+        self.store.append_log(job, attempt, chunk, cap).await?;
         self.notifier.job_changed(job);
         Ok(())
     }

@@ -64,9 +64,15 @@ impl JobStore for Counting {
         self.inner.started(job, attempt, now_ms)
     }
 
-    fn append_log(&self, job: JobId, attempt: Attempt, chunk: LogChunk) -> StoreFuture<'_, ()> {
+    fn append_log(
+        &self,
+        job: JobId,
+        attempt: Attempt,
+        chunk: LogChunk,
+        cap: u64,
+    ) -> StoreFuture<'_, ()> {
         self.write();
-        self.inner.append_log(job, attempt, chunk)
+        self.inner.append_log(job, attempt, chunk, cap)
     }
 
     fn record_result<'a>(
@@ -99,6 +105,15 @@ impl JobStore for Counting {
     fn rerun(&self, job: JobId) -> StoreFuture<'_, ()> {
         self.write();
         self.inner.rerun(job)
+    }
+
+    fn prune_logs(
+        &self,
+        rule: crate::domain::PruneRule,
+        batch: u32,
+    ) -> StoreFuture<'_, crate::domain::Pruned> {
+        self.write();
+        self.inner.prune_logs(rule, batch)
     }
 
     fn attempts(&self, job: JobId) -> StoreFuture<'_, Vec<crate::domain::AttemptRecord>> {

@@ -8,7 +8,7 @@ use surveil_proto::{Envelope, GetJobReply, ListJobsReply, Role, SubmitAck};
 
 use super::{End, Io, next_frame};
 use crate::auth::Identity;
-use crate::domain::JobId;
+use crate::domain::{JobId, PruneRule};
 use crate::service::{Service, ServiceError};
 use crate::wire::{self, ClientRequest};
 
@@ -102,6 +102,28 @@ async fn answer(
             let reply = read(service.rerun(id).await, io).await?;
             let attempts = read(service.attempts(id).await, io).await?;
             wire::rerun_reply(reply, attempts).into()
+        }
+        ClientRequest::Prune {
+            older_than_ms,
+            keep_jobs,
+        } => {
+            let outcome = if older_than_ms.is_none() && keep_jobs.is_none() {
+                service.prune_by_retention().await
+            } else {
+                let rule = PruneRule {
+                    finished_before_ms: older_than_ms
+                        .map(|age| crate::service::unix_ms().saturating_sub(age)),
+                    keep_jobs,
+                };
+                service.prune_logs(rule).await
+            };
+            // A refused or failed prune is answered, not a reason to end
+            // the session: nothing was half-done (each batch commits alone).
+            wire::prune_reply(outcome.map_err(|err| {
+                tracing::warn!(error = %err, "prune failed");
+                err.to_string()
+            }))
+            .into()
         }
     };
     Ok(Some(reply))

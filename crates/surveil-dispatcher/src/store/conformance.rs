@@ -22,7 +22,7 @@ use bytes::Bytes;
 use super::{JobStore, RecordOutcome, StoreError};
 use crate::domain::{
     Attempt, AttemptStatus, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, JobStatus,
-    LogChunk, LogStream, Origin, TaskResult, TaskStatus, TestReport,
+    LogChunk, LogStream, Origin, PruneRule, Pruned, TaskResult, TaskStatus, TestReport,
 };
 
 /// Makes the stores the suite runs on.
@@ -61,6 +61,8 @@ macro_rules! store_conformance_tests {
             finish_is_final,
             started_is_fenced,
             logs_are_idempotent_and_read_up_to_a_gap,
+            logs_stop_at_the_cap_and_after_the_result,
+            prune_deletes_old_logs_and_keeps_the_jobs,
             listing_filters_newest_first,
             jobs_record_their_ref_and_pull_request,
             listing_pages_by_before_without_gaps_or_repeats,
@@ -88,6 +90,8 @@ macro_rules! store_conformance_tests {
 
 const REPO: &str = "/srv/git/app";
 const NOW: u64 = 1_000;
+/// `--max-log-size` in the cases that are not about it.
+const NO_CAP: u64 = u64::MAX;
 
 /// The commit id numbered `n`.
 fn commit(n: u32) -> CommitId {
@@ -166,7 +170,7 @@ async fn job(store: &dyn JobStore, id: JobId) -> Job {
 
 async fn log(store: &dyn JobStore, id: JobId, attempt: u32, offset: u64, data: &'static [u8]) {
     store
-        .append_log(id, Attempt(attempt), chunk(offset, data))
+        .append_log(id, Attempt(attempt), chunk(offset, data), NO_CAP)
         .await
         .expect("append_log");
 }
@@ -480,8 +484,8 @@ pub async fn requeue_needs_the_live_attempt<F: StoreFactory>(factory: &F) {
     );
 }
 
-/// A job ended without a result stays ended; its last attempt's late
-/// output still lands, its late result does not.
+/// A job ended without a result stays ended; neither its last attempt's
+/// late output nor its late result lands.
 pub async fn finish_is_final<F: StoreFactory>(factory: &F) {
     let (_place, store) = fresh(factory).await;
     let store = &*store;
@@ -519,7 +523,7 @@ pub async fn finish_is_final<F: StoreFactory>(factory: &F) {
         .await
         .unwrap();
     log(store, running, 3, 0, b"tail").await;
-    assert_eq!(read_all(store, running, 3).await, &b"tail"[..]);
+    assert!(read_all(store, running, 3).await.is_empty());
     assert_eq!(
         record(store, running, 3, FinalStatus::Passed).await,
         RecordOutcome::Stale
@@ -591,7 +595,7 @@ pub async fn logs_are_idempotent_and_read_up_to_a_gap<F: StoreFactory>(factory: 
     assert_eq!(read_all(store, id, 1).await.len(), 18);
 
     let err = store
-        .append_log(id, Attempt(1), chunk(u64::MAX - 1, b"xx"))
+        .append_log(id, Attempt(1), chunk(u64::MAX - 1, b"xx"), NO_CAP)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err}");
@@ -601,6 +605,118 @@ pub async fn logs_are_idempotent_and_read_up_to_a_gap<F: StoreFactory>(factory: 
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+/// `--max-log-size`: a chunk crossing the cap keeps its head, later ones
+/// are dropped, the attempt is marked truncated and its log ends with one
+/// SYSTEM note; once the result is recorded, nothing more is appended.
+pub async fn logs_stop_at_the_cap_and_after_the_result<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let id = submit(store, &[1]).await[0];
+    store.assign(id, Attempt(1), "ci-1", 1).await.unwrap();
+    let capped = |offset, data| store.append_log(id, Attempt(1), chunk(offset, data), 10);
+    capped(0, b"abcdef").await.unwrap();
+    assert!(!store.attempts(id).await.unwrap()[0].log_truncated);
+    capped(6, b"ghijkl").await.unwrap();
+    capped(12, b"mnop").await.unwrap();
+    // A resend of the crossing chunk changes nothing.
+    capped(6, b"ghijkl").await.unwrap();
+    let stored = read_all(store, id, 1).await;
+    let text = String::from_utf8_lossy(&stored);
+    assert!(
+        text.starts_with("abcdefghij\n[surveil] log truncated"),
+        "{text}"
+    );
+    assert_eq!(text.matches("log truncated").count(), 1, "{text}");
+    assert!(!text.contains("kl") && !text.contains("mnop"), "{text}");
+    let attempt = &store.attempts(id).await.unwrap()[0];
+    assert!(attempt.log_truncated && !attempt.log_pruned);
+    assert_eq!(attempt.log_bytes, stored.len() as u64);
+
+    // Without crossing, a chunk past the cap still marks the log.
+    let other = submit(store, &[2]).await[0];
+    store.assign(other, Attempt(1), "ci-1", 1).await.unwrap();
+    store
+        .append_log(other, Attempt(1), chunk(20, b"far"), 10)
+        .await
+        .unwrap();
+    assert!(store.attempts(other).await.unwrap()[0].log_truncated);
+
+    // After the result: refused, whatever the cap.
+    let done = submit(store, &[3]).await[0];
+    store.assign(done, Attempt(1), "ci-1", 1).await.unwrap();
+    log(store, done, 1, 0, b"out").await;
+    record(store, done, 1, FinalStatus::Passed).await;
+    log(store, done, 1, 3, b"late").await;
+    assert_eq!(read_all(store, done, 1).await, &b"out"[..]);
+}
+
+/// A prune deletes the logs of finished jobs older than its bounds (by
+/// finish time, or beyond the newest N), marks their attempts, keeps every
+/// job row and result, never touches an unfinished job, and reports the
+/// bytes it freed; a second prune finds nothing.
+pub async fn prune_deletes_old_logs_and_keeps_the_jobs<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let ids = submit(store, &[1, 2, 3, 4]).await;
+    for (n, id) in ids.iter().enumerate() {
+        store.assign(*id, Attempt(1), "ci-1", 1).await.unwrap();
+        log(store, *id, 1, 0, b"0123456789").await;
+        if n < 3 {
+            store
+                .record_result(
+                    *id,
+                    Attempt(1),
+                    &result(FinalStatus::Passed),
+                    100 * (n as u64 + 1),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    // ids[0..3] finished at 100, 200, 300; ids[3] still runs.
+    let by_age = PruneRule {
+        finished_before_ms: Some(250),
+        keep_jobs: None,
+    };
+    let pruned = store.prune_logs(by_age, 1).await.unwrap();
+    assert_eq!((pruned.attempts, pruned.bytes, pruned.more), (1, 10, true));
+    let pruned = store.prune_logs(by_age, 10).await.unwrap();
+    assert_eq!((pruned.attempts, pruned.bytes, pruned.more), (1, 10, false));
+    assert_eq!(store.prune_logs(by_age, 10).await.unwrap().attempts, 0);
+    for id in &ids[..2] {
+        assert!(read_all(store, *id, 1).await.is_empty());
+        let attempt = &store.attempts(*id).await.unwrap()[0];
+        assert!(attempt.log_pruned);
+        assert_eq!(
+            job(store, *id).await.status,
+            JobStatus::Final(FinalStatus::Passed)
+        );
+        assert_eq!(
+            job(store, *id).await.tasks,
+            result(FinalStatus::Passed).tasks
+        );
+    }
+    assert_eq!(read_all(store, ids[2], 1).await.len(), 10);
+
+    let keep_one = PruneRule {
+        finished_before_ms: None,
+        keep_jobs: Some(1),
+    };
+    assert_eq!(store.prune_logs(keep_one, 10).await.unwrap().attempts, 0);
+    let keep_none = PruneRule {
+        finished_before_ms: None,
+        keep_jobs: Some(0),
+    };
+    let pruned = store.prune_logs(keep_none, 10).await.unwrap();
+    assert_eq!((pruned.attempts, pruned.bytes), (1, 10));
+    assert!(read_all(store, ids[2], 1).await.is_empty());
+    assert_eq!(read_all(store, ids[3], 1).await.len(), 10, "running: kept");
+    assert_eq!(
+        store.prune_logs(PruneRule::default(), 10).await.unwrap(),
+        Pruned::default()
     );
 }
 

@@ -71,22 +71,59 @@ pub(super) fn is_running_attempt(status: JobStatus, current: Attempt, attempt: A
     status == JobStatus::Running && attempt == current
 }
 
-/// Whether a log chunk is stored: the job's current attempt unless it was
-/// requeued. That includes the attempt whose result was recorded, and the
-/// last attempt of a job finished without a result (a cancel), whose output
-/// is still that job's log; an attempt revoked to give the job to another
-/// runner is refused. Logs are keyed by attempt, so this guards storage,
-/// not another attempt's bytes.
+/// Whether a log chunk is stored: only while the job runs its current
+/// attempt. A stale attempt's chunk, and any chunk after the attempt ended
+/// (its result recorded, the job cancelled, requeued or finished without
+/// a result), is refused: the runner sends its output before its result
+/// on one ordered stream, so nothing that belongs to the log arrives
+/// later, and a final job's log cannot grow.
 pub(super) fn log_accepted(
     status: JobStatus,
     current: Attempt,
     attempt: Attempt,
     chunk: &LogChunk,
 ) -> bool {
-    attempt == current
-        && attempt != Attempt(0)
-        && status != JobStatus::Queued
-        && !chunk.data.is_empty()
+    is_running_attempt(status, current, attempt) && !chunk.data.is_empty()
+}
+
+/// What `--max-log-size` leaves of a chunk spanning `[start, end)`.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum LogClip {
+    /// Within the cap: stored whole.
+    Whole,
+    /// Crosses the cap: only its first `n` bytes are stored.
+    Head(usize),
+    /// Starts at or past the cap: nothing of it is stored.
+    Beyond,
+}
+
+impl LogClip {
+    /// Whether the attempt's log is marked truncated by this chunk.
+    pub(super) fn truncates(&self) -> bool {
+        *self != LogClip::Whole
+    }
+}
+
+pub(super) fn log_clip(start: i64, end: i64, cap: i64) -> LogClip {
+    if end <= cap {
+        LogClip::Whole
+    } else if start < cap {
+        // start < cap < end, so the difference is positive and below the
+        // chunk's length.
+        LogClip::Head(usize::try_from(cap - start).unwrap_or(0))
+    } else {
+        LogClip::Beyond
+    }
+}
+
+/// The line a truncated log ends with (in the SYSTEM stream, at the cap's
+/// offset), so a reader of the raw log knows why it stops.
+pub(super) fn truncation_note(cap: u64) -> String {
+    format!(
+        "\n[surveil] log truncated: this attempt's log reached --max-log-size ({}); \
+         later output was dropped, the job kept running\n",
+        surveil_common::format_size(cap)
+    )
 }
 
 /// The chunk's `[start, end)` byte range as the store's integers, refused
@@ -219,7 +256,7 @@ mod tests {
         };
         let c = chunk(10, b"abc");
         assert!(log_accepted(JobStatus::Running, Attempt(1), Attempt(1), &c));
-        assert!(log_accepted(
+        assert!(!log_accepted(
             JobStatus::Final(FinalStatus::Cancelled),
             Attempt(1),
             Attempt(1),
@@ -241,6 +278,18 @@ mod tests {
         assert_eq!(log_span(&c).unwrap(), (10, 13));
         assert!(log_span(&chunk(u64::MAX - 1, b"abc")).is_err());
         assert!(log_span(&chunk(i64::MAX as u64, b"a")).is_err());
+    }
+
+    #[test]
+    fn the_cap_keeps_a_chunks_head_and_drops_what_lies_past_it() {
+        assert_eq!(log_clip(0, 10, 10), LogClip::Whole);
+        assert_eq!(log_clip(5, 15, 10), LogClip::Head(5));
+        assert_eq!(log_clip(9, 10_000, 10), LogClip::Head(1));
+        assert_eq!(log_clip(10, 11, 10), LogClip::Beyond);
+        assert_eq!(log_clip(50, 60, 10), LogClip::Beyond);
+        assert!(!LogClip::Whole.truncates());
+        assert!(LogClip::Head(1).truncates() && LogClip::Beyond.truncates());
+        assert!(truncation_note(64 << 20).contains("64MiB"));
     }
 
     #[test]

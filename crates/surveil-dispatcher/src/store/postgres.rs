@@ -25,7 +25,8 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{JobStore, RecordOutcome, StoreError, StoreFuture};
 use crate::domain::{
-    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Origin, Submitted,
+    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Origin, PruneRule,
+    Pruned, Submitted,
 };
 
 mod leader;
@@ -351,9 +352,21 @@ impl JobStore for PostgresStore {
         }))))
     }
 
-    fn append_log(&self, job: JobId, attempt: Attempt, chunk: LogChunk) -> StoreFuture<'_, ()> {
+    fn append_log(
+        &self,
+        job: JobId,
+        attempt: Attempt,
+        chunk: LogChunk,
+        cap: u64,
+    ) -> StoreFuture<'_, ()> {
         Box::pin(self.write(op(Box::new(move |c: &Conn| {
-            Box::pin(async move { sql::append_log(c, job, attempt, &chunk).await })
+            Box::pin(async move { sql::append_log(c, job, attempt, &chunk, cap).await })
+        }))))
+    }
+
+    fn prune_logs(&self, rule: PruneRule, batch: u32) -> StoreFuture<'_, Pruned> {
+        Box::pin(self.write(op(Box::new(move |c: &Conn| {
+            Box::pin(sql::prune_logs(c, rule, batch))
         }))))
     }
 

@@ -23,7 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{JobStore, RecordOutcome, StoreError, StoreFuture};
 use crate::domain::{
-    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Origin, Submitted,
+    Attempt, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult, LogChunk, Origin, PruneRule,
+    Pruned, Submitted,
 };
 
 mod migrations;
@@ -38,6 +39,9 @@ pub const DB_FILE: &str = "surveil.db";
 /// How long a connection waits for a lock held by another connection
 /// (a checkpoint, another process opening the file) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes of WAL kept after a checkpoint (`PRAGMA journal_size_limit`).
+const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// How many write requests may wait for the writer before callers wait
 /// for room: back-pressure instead of unbounded memory.
@@ -115,6 +119,10 @@ impl SqliteStore {
             .ctx("setting synchronous=FULL")?;
         conn.pragma_update(None, "foreign_keys", true)
             .ctx("enabling foreign keys")?;
+        // A burst of log output (or a prune) grows the WAL; without a limit
+        // it keeps its peak size on disk after every checkpoint.
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
+            .ctx("setting journal_size_limit")?;
         migrations::migrate(&mut conn)?;
         for suffix in ["-wal", "-shm"] {
             let mut side = path.clone().into_os_string();
@@ -265,8 +273,18 @@ impl JobStore for SqliteStore {
         Box::pin(self.write(move |c| sql::started(c, job, attempt, now_ms)))
     }
 
-    fn append_log(&self, job: JobId, attempt: Attempt, chunk: LogChunk) -> StoreFuture<'_, ()> {
-        Box::pin(self.write(move |c| sql::append_log(c, job, attempt, &chunk)))
+    fn append_log(
+        &self,
+        job: JobId,
+        attempt: Attempt,
+        chunk: LogChunk,
+        cap: u64,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c| sql::append_log(c, job, attempt, &chunk, cap)))
+    }
+
+    fn prune_logs(&self, rule: PruneRule, batch: u32) -> StoreFuture<'_, Pruned> {
+        Box::pin(self.write(move |c| sql::prune_logs(c, rule, batch)))
     }
 
     fn record_result<'a>(

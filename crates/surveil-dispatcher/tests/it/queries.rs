@@ -56,7 +56,7 @@ async fn list_jobs_filters_runners_and_status() {
     }
     let status = client.status().await;
     assert_eq!((status.runners, status.queued, status.running), (1, 2, 1));
-    assert_eq!(status.supervisor_restarts.len(), 3);
+    assert_eq!(status.supervisor_restarts.len(), 4);
     assert!(status.supervisor_restarts.values().all(|n| *n == 0));
     assert_eq!(client.job(9999).await, None);
     d.stop().await;

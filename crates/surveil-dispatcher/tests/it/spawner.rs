@@ -50,7 +50,12 @@ async fn runners_are_spawned_when_jobs_wait_and_killed_on_shutdown() {
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect();
-        (pids.len() == 2).then_some(pids)
+        // A child creates its mark before it writes the address into it.
+        let written = pids.iter().all(|pid| {
+            std::fs::read_to_string(marks.join(pid.to_string()))
+                .is_ok_and(|told| !told.trim().is_empty())
+        });
+        (pids.len() == 2 && written).then_some(pids)
     })
     .await;
     for pid in &pids {

@@ -7,7 +7,7 @@ pub struct Envelope {
     /// The message carried by this frame; exactly one arm is set.
     #[prost(
         oneof = "envelope::Msg",
-        tags = "1, 2, 3, 4, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53"
+        tags = "1, 2, 3, 4, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55"
     )]
     pub msg: ::core::option::Option<envelope::Msg>,
 }
@@ -100,6 +100,12 @@ pub mod envelope {
         /// Dispatcher -> client: answer to rerun_job.
         #[prost(message, tag = "53")]
         RerunJobReply(super::RerunJobReply),
+        /// Client -> dispatcher: delete old finished jobs' logs.
+        #[prost(message, tag = "54")]
+        Prune(super::Prune),
+        /// Dispatcher -> client: answer to prune.
+        #[prost(message, tag = "55")]
+        PruneReply(super::PruneReply),
     }
 }
 /// Sent by the client (runner, observer or CLI) as the first frame.
@@ -432,6 +438,10 @@ pub struct JobInfo {
     /// The pull or merge request it was first submitted for.
     #[prost(uint64, optional, tag = "14")]
     pub pull_request: ::core::option::Option<u64>,
+    /// The current (or last) attempt's log was truncated at --max-log-size;
+    /// filled where attempts are (GetJob and RerunJob replies).
+    #[prost(bool, tag = "15")]
+    pub log_truncated: bool,
     /// Every attempt, oldest first; filled in GetJob and RerunJob replies
     /// only (lists leave it empty).
     #[prost(message, repeated, tag = "17")]
@@ -465,6 +475,17 @@ pub struct AttemptInfo {
     /// Per-task results of its result.
     #[prost(message, repeated, tag = "8")]
     pub tasks: ::prost::alloc::vec::Vec<TaskResult>,
+    /// Bytes of its log stored (contiguously from offset 0).
+    #[prost(uint64, tag = "9")]
+    pub log_bytes: u64,
+    /// Its log reached the dispatcher's --max-log-size: later output was
+    /// dropped (the log ends with a SYSTEM line saying so).
+    #[prost(bool, tag = "10")]
+    pub log_truncated: bool,
+    /// Its log was deleted by retention (--retain-logs, Prune); the attempt
+    /// and its results are kept.
+    #[prost(bool, tag = "11")]
+    pub log_pruned: bool,
 }
 /// Sent by a client: list jobs, newest first.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -673,6 +694,35 @@ pub struct RerunJobReply {
     /// The job after the request, with its attempts; absent for no such job.
     #[prost(message, optional, tag = "3")]
     pub job: ::core::option::Option<JobInfo>,
+}
+/// Sent by a client with scope operate: delete the stored logs of finished
+/// jobs either bound selects (job rows, attempts and results are kept).
+/// Neither bound set: the dispatcher's --retain-logs, refused when that is
+/// off.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Prune {
+    /// Jobs that finished more than this many milliseconds ago.
+    #[prost(uint64, optional, tag = "1")]
+    pub older_than_ms: ::core::option::Option<u64>,
+    /// All finished jobs but the newest this many (0: every finished job).
+    #[prost(uint64, optional, tag = "2")]
+    pub keep_jobs: ::core::option::Option<u64>,
+}
+/// The dispatcher's answer to Prune.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PruneReply {
+    /// False when the prune was refused (no bound) or the store failed.
+    #[prost(bool, tag = "1")]
+    pub ok: bool,
+    /// What happened, for a person.
+    #[prost(string, tag = "2")]
+    pub message: ::prost::alloc::string::String,
+    /// Attempts whose logs were deleted.
+    #[prost(uint64, tag = "3")]
+    pub attempts: u64,
+    /// Log bytes deleted.
+    #[prost(uint64, tag = "4")]
+    pub bytes: u64,
 }
 /// What kind of peer opens a connection; it decides which messages the peer
 /// may send after the handshake.

@@ -188,14 +188,27 @@ pub fn every_message() -> Vec<Msg> {
                     started_at_ms: Some(1_700_000_000_100),
                     finished_at_ms: Some(1_700_000_001_000),
                     tasks: Vec::new(),
+                    log_bytes: 4_096,
+                    log_truncated: false,
+                    log_pruned: true,
                 }],
                 ..job_info(7)
             }),
         }),
+        Msg::Prune(Prune {
+            older_than_ms: Some(30 * 86_400_000),
+            keep_jobs: None,
+        }),
+        Msg::PruneReply(PruneReply {
+            ok: true,
+            message: "deleted the logs of 3 attempts (12288 bytes)".into(),
+            attempts: 3,
+            bytes: 12_288,
+        }),
     ];
     // Exhaustive on purpose: a new arm in the .proto stops this compiling
     // until a sample of it is added above.
-    let mut seen = [false; 28];
+    let mut seen = [false; 30];
     for msg in &msgs {
         let index = match msg {
             Msg::Hello(_) => 0,
@@ -226,6 +239,8 @@ pub fn every_message() -> Vec<Msg> {
             Msg::CancelJobReply(_) => 25,
             Msg::RerunJob(_) => 26,
             Msg::RerunJobReply(_) => 27,
+            Msg::Prune(_) => 28,
+            Msg::PruneReply(_) => 29,
         };
         seen[index] = true;
     }
@@ -272,6 +287,7 @@ pub fn job_info(id: u64) -> JobInfo {
         tasks: vec![task_result()],
         r#ref: "refs/merge-requests/4/head".into(),
         pull_request: Some(4),
+        log_truncated: true,
         attempts: Vec::new(),
     }
 }

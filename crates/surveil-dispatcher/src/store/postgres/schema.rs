@@ -123,6 +123,13 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN rerun_base BIGINT NOT NULL DEFAULT 0;
     "#,
+    // 5: bounded logs (issue 19), as in SQLite's fifth script.
+    r#"
+    ALTER TABLE attempts
+        ADD COLUMN log_truncated BOOLEAN NOT NULL DEFAULT false,
+        ADD COLUMN log_pruned    BOOLEAN NOT NULL DEFAULT false;
+    CREATE INDEX attempts_with_logs ON attempts (job_id, attempt) WHERE NOT log_pruned;
+    "#,
 ];
 
 /// Applies every script the database has not had yet. Refuses a database

@@ -16,7 +16,8 @@ use tokio_postgres::types::ToSql;
 use super::Ctx;
 use crate::domain::{
     Attempt, AttemptRecord, AttemptStatus, BranchHead, CommitId, FinalStatus, Job, JobFilter,
-    JobId, JobResult, JobStatus, LogChunk, Origin, Submitted, TaskResult, TaskStatus, TestReport,
+    JobId, JobResult, JobStatus, LogChunk, LogStream, Origin, PruneRule, Pruned, Submitted,
+    TaskResult, TaskStatus, TestReport,
 };
 use crate::store::columns::{JOB_COLUMNS, id_of, int};
 use crate::store::fencing::{self, AssignPlan, AttemptRow};
@@ -239,6 +240,7 @@ pub async fn append_log(
     job: JobId,
     attempt: Attempt,
     chunk: &LogChunk,
+    cap: u64,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job).await?;
     if !fencing::log_accepted(status, current, attempt, chunk) {
@@ -246,6 +248,46 @@ pub async fn append_log(
     }
     let (id, a) = (id_of(job), att(attempt));
     let (start, end) = fencing::log_span(chunk)?;
+    // A cap past the store's range is no cap.
+    let cap_at = i64::try_from(cap).unwrap_or(i64::MAX);
+    let clip = fencing::log_clip(start, end, cap_at);
+    let data = match clip {
+        fencing::LogClip::Whole => &chunk.data[..],
+        fencing::LogClip::Head(n) => &chunk.data[..n],
+        fencing::LogClip::Beyond => &[][..],
+    };
+    let task = i64::from(chunk.task);
+    if !data.is_empty() {
+        store_chunk(c, id, a, start, task, chunk.stream, data).await?;
+    }
+    if clip.truncates() {
+        let marked = exec(
+            c,
+            "UPDATE attempts SET log_truncated = true \
+             WHERE job_id = $1 AND attempt = $2 AND NOT log_truncated",
+            &[&id, &a],
+            "marking an attempt's log truncated",
+        )
+        .await?;
+        if marked > 0 {
+            let note = fencing::truncation_note(cap);
+            store_chunk(c, id, a, cap_at, task, LogStream::System, note.as_bytes()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Inserts one chunk (unless one is stored at its offset) and moves the
+/// attempt's contiguous end past it when it joins up.
+async fn store_chunk(
+    c: &Conn,
+    id: i64,
+    a: i64,
+    start: i64,
+    task: i64,
+    stream: LogStream,
+    data: &[u8],
+) -> Result<(), StoreError> {
     let stmt = c
         .prepare_cached("SELECT log_end FROM attempts WHERE job_id = $1 AND attempt = $2")
         .await
@@ -258,18 +300,12 @@ pub async fn append_log(
         return Ok(());
     };
     let log_end: i64 = row.get(0);
+    let end = start.saturating_add(i64::try_from(data.len()).unwrap_or(i64::MAX));
     let inserted = exec(
         c,
         "INSERT INTO log_chunks (job_id, attempt, log_offset, task, stream, data) \
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (job_id, attempt, log_offset) DO NOTHING",
-        &[
-            &id,
-            &a,
-            &start,
-            &i64::from(chunk.task),
-            &i16::from(chunk.stream.code()),
-            &&chunk.data[..],
-        ],
+        &[&id, &a, &start, &task, &i16::from(stream.code()), &data],
         "inserting a log chunk",
     )
     .await?;
@@ -492,6 +528,66 @@ pub async fn rerun(c: &Conn, job: JobId) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Deletes the logs of up to `batch` attempts of finished jobs `rule`
+/// selects (see the SQLite store's `prune_logs`).
+pub async fn prune_logs(c: &Conn, rule: PruneRule, batch: u32) -> Result<Pruned, StoreError> {
+    let before = rule
+        .finished_before_ms
+        .map(|ms| int(ms, "time"))
+        .transpose()?;
+    let below_id: Option<i64> = match rule.keep_jobs {
+        None => None,
+        Some(0) => Some(i64::MAX),
+        Some(keep) => c
+            .query_opt(
+                "SELECT id FROM jobs WHERE status NOT IN ('queued', 'running') \
+                 ORDER BY id DESC LIMIT 1 OFFSET $1",
+                &[&int(keep - 1, "--keep-jobs")?],
+            )
+            .await
+            .ctx("finding the newest jobs to keep")?
+            .map(|row| row.get(0)),
+    };
+    if before.is_none() && below_id.is_none() {
+        return Ok(Pruned::default());
+    }
+    let rows = c
+        .query(
+            "SELECT a.job_id, a.attempt FROM attempts a JOIN jobs j ON j.id = a.job_id \
+             WHERE NOT a.log_pruned AND j.status NOT IN ('queued', 'running') \
+             AND (j.finished_at_ms < $1 OR j.id < $2) LIMIT $3",
+            &[&before, &below_id, &i64::from(batch)],
+        )
+        .await
+        .ctx("choosing attempts to prune")?;
+    let mut pruned = Pruned {
+        more: rows.len() >= batch as usize,
+        ..Pruned::default()
+    };
+    for row in &rows {
+        let (id, a): (i64, i64) = (row.get(0), row.get(1));
+        let deleted = c
+            .query_one(
+                "WITH gone AS (DELETE FROM log_chunks WHERE job_id = $1 AND attempt = $2 \
+                 RETURNING length(data) AS n) SELECT COALESCE(SUM(n), 0)::BIGINT FROM gone",
+                &[&id, &a],
+            )
+            .await
+            .ctx("deleting a pruned log")?;
+        let bytes: i64 = deleted.get(0);
+        exec(
+            c,
+            "UPDATE attempts SET log_pruned = true WHERE job_id = $1 AND attempt = $2",
+            &[&id, &a],
+            "marking a log pruned",
+        )
+        .await?;
+        pruned.attempts += 1;
+        pruned.bytes += u64::try_from(bytes).unwrap_or(0);
+    }
+    Ok(pruned)
+}
+
 // ---- reads ----
 
 fn job_from_row(row: &Row) -> Result<Job, StoreError> {
@@ -560,7 +656,7 @@ pub async fn attempts(c: &Conn, job: JobId) -> Result<Vec<AttemptRecord>, StoreE
     let rows = c
         .query(
             "SELECT attempt, runner, result_status, result_message, ended_reason, \
-             assigned_at_ms, started_at_ms, finished_at_ms \
+             assigned_at_ms, started_at_ms, finished_at_ms, log_end, log_truncated, log_pruned \
              FROM attempts WHERE job_id = $1 ORDER BY attempt",
             &[&id_of(job)],
         )
@@ -594,6 +690,9 @@ pub async fn attempts(c: &Conn, job: JobId) -> Result<Vec<AttemptRecord>, StoreE
             started_at_ms: get_opt_u64(row, 6)?,
             finished_at_ms: get_opt_u64(row, 7)?,
             tasks,
+            log_bytes: get_u64(row, 8)?,
+            log_truncated: row.try_get(9).ctx("reading whether a log was truncated")?,
+            log_pruned: row.try_get(10).ctx("reading whether a log was pruned")?,
         });
     }
     Ok(records)

@@ -113,6 +113,13 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN rerun_base INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 5: bounded logs (issue 19). An attempt's log cut at --max-log-size,
+    // or deleted by retention; the partial index is what a prune scans.
+    r#"
+    ALTER TABLE attempts ADD COLUMN log_truncated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN log_pruned INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX attempts_with_logs ON attempts (job_id, attempt) WHERE log_pruned = 0;
+    "#,
 ];
 
 /// Applies every script the database has not had yet, each in its own

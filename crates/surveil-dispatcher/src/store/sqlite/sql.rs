@@ -14,7 +14,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::Ctx;
 use crate::domain::{
     Attempt, AttemptRecord, AttemptStatus, BranchHead, CommitId, FinalStatus, Job, JobFilter,
-    JobId, JobResult, JobStatus, LogChunk, Origin, Submitted, TaskResult, TaskStatus, TestReport,
+    JobId, JobResult, JobStatus, LogChunk, LogStream, Origin, PruneRule, Pruned, Submitted,
+    TaskResult, TaskStatus, TestReport,
 };
 use crate::store::columns::{JOB_COLUMNS, id_of, int};
 use crate::store::fencing::{self, AssignPlan, AttemptRow};
@@ -224,6 +225,7 @@ pub fn append_log(
     job: JobId,
     attempt: Attempt,
     chunk: &LogChunk,
+    cap: u64,
 ) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job)?;
     if !fencing::log_accepted(status, current, attempt, chunk) {
@@ -231,6 +233,52 @@ pub fn append_log(
     }
     let id = id_of(job);
     let (start, end) = fencing::log_span(chunk)?;
+    // A cap past the store's range is no cap.
+    let cap_at = i64::try_from(cap).unwrap_or(i64::MAX);
+    let clip = fencing::log_clip(start, end, cap_at);
+    let data = match clip {
+        fencing::LogClip::Whole => &chunk.data[..],
+        fencing::LogClip::Head(n) => &chunk.data[..n],
+        fencing::LogClip::Beyond => &[][..],
+    };
+    if !data.is_empty() {
+        store_chunk(c, id, attempt, start, chunk.task, chunk.stream, data)?;
+    }
+    if clip.truncates() {
+        let marked = c
+            .prepare_cached(
+                "UPDATE attempts SET log_truncated = 1 \
+                 WHERE job_id = ?1 AND attempt = ?2 AND log_truncated = 0",
+            )
+            .and_then(|mut stmt| stmt.execute(params![id, attempt.0]))
+            .ctx("marking an attempt's log truncated")?;
+        if marked > 0 {
+            let note = fencing::truncation_note(cap);
+            store_chunk(
+                c,
+                id,
+                attempt,
+                cap_at,
+                chunk.task,
+                LogStream::System,
+                note.as_bytes(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Inserts one chunk (unless one is stored at its offset) and moves the
+/// attempt's contiguous end past it when it joins up.
+fn store_chunk(
+    c: &Connection,
+    id: i64,
+    attempt: Attempt,
+    start: i64,
+    task: u32,
+    stream: LogStream,
+    data: &[u8],
+) -> Result<(), StoreError> {
     let log_end: Option<i64> = c
         .prepare_cached("SELECT log_end FROM attempts WHERE job_id = ?1 AND attempt = ?2")
         .and_then(|mut stmt| {
@@ -241,21 +289,13 @@ pub fn append_log(
     let Some(log_end) = log_end else {
         return Ok(());
     };
+    let end = start.saturating_add(i64::try_from(data.len()).unwrap_or(i64::MAX));
     let inserted = c
         .prepare_cached(
             "INSERT INTO log_chunks (job_id, attempt, log_offset, task, stream, data) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (job_id, attempt, log_offset) DO NOTHING",
         )
-        .and_then(|mut stmt| {
-            stmt.execute(params![
-                id,
-                attempt.0,
-                start,
-                chunk.task,
-                chunk.stream.code(),
-                &chunk.data[..]
-            ])
-        })
+        .and_then(|mut stmt| stmt.execute(params![id, attempt.0, start, task, stream.code(), data]))
         .ctx("inserting a log chunk")?;
     if inserted == 0 || start > log_end || end <= log_end {
         return Ok(());
@@ -444,6 +484,66 @@ pub fn rerun(c: &Connection, job: JobId) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Deletes the logs of up to `batch` attempts of finished jobs `rule`
+/// selects (see [`JobStore::prune_logs`](crate::store::JobStore::prune_logs)).
+pub fn prune_logs(c: &Connection, rule: PruneRule, batch: u32) -> Result<Pruned, StoreError> {
+    let before = rule
+        .finished_before_ms
+        .map(|ms| int(ms, "time"))
+        .transpose()?;
+    let below_id = match rule.keep_jobs {
+        None => None,
+        Some(0) => Some(i64::MAX),
+        Some(keep) => c
+            .query_row(
+                "SELECT id FROM jobs WHERE status NOT IN ('queued', 'running') \
+                 ORDER BY id DESC LIMIT 1 OFFSET ?1",
+                [int(keep - 1, "--keep-jobs")?],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()
+            .ctx("finding the newest jobs to keep")?,
+    };
+    if before.is_none() && below_id.is_none() {
+        return Ok(Pruned::default());
+    }
+    let picked: Vec<(i64, i64)> = c
+        .prepare_cached(
+            "SELECT a.job_id, a.attempt FROM attempts a JOIN jobs j ON j.id = a.job_id \
+             WHERE a.log_pruned = 0 AND j.status NOT IN ('queued', 'running') \
+             AND (j.finished_at_ms < ?1 OR j.id < ?2) LIMIT ?3",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map(params![before, below_id, batch], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
+            .collect()
+        })
+        .ctx("choosing attempts to prune")?;
+    let mut pruned = Pruned {
+        more: picked.len() >= batch as usize,
+        ..Pruned::default()
+    };
+    for (id, attempt) in picked {
+        let bytes: i64 = c
+            .prepare_cached(
+                "SELECT COALESCE(SUM(length(data)), 0) FROM log_chunks \
+                 WHERE job_id = ?1 AND attempt = ?2",
+            )
+            .and_then(|mut stmt| stmt.query_row(params![id, attempt], |row| row.get(0)))
+            .ctx("measuring a log to prune")?;
+        c.prepare_cached("DELETE FROM log_chunks WHERE job_id = ?1 AND attempt = ?2")
+            .and_then(|mut stmt| stmt.execute(params![id, attempt]))
+            .ctx("deleting a pruned log")?;
+        c.prepare_cached("UPDATE attempts SET log_pruned = 1 WHERE job_id = ?1 AND attempt = ?2")
+            .and_then(|mut stmt| stmt.execute(params![id, attempt]))
+            .ctx("marking a log pruned")?;
+        pruned.attempts += 1;
+        pruned.bytes += u64::try_from(bytes).unwrap_or(0);
+    }
+    Ok(pruned)
+}
+
 // ---- reads ----
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
@@ -507,7 +607,7 @@ pub fn attempts(c: &Connection, job: JobId) -> Result<Vec<AttemptRecord>, StoreE
     let mut records = c
         .prepare_cached(
             "SELECT attempt, runner, result_status, result_message, ended_reason, \
-             assigned_at_ms, started_at_ms, finished_at_ms \
+             assigned_at_ms, started_at_ms, finished_at_ms, log_end, log_truncated, log_pruned \
              FROM attempts WHERE job_id = ?1 ORDER BY attempt",
         )
         .and_then(|mut stmt| {
@@ -532,6 +632,9 @@ pub fn attempts(c: &Connection, job: JobId) -> Result<Vec<AttemptRecord>, StoreE
                     started_at_ms: get_opt_u64(row, 6)?,
                     finished_at_ms: get_opt_u64(row, 7)?,
                     tasks: Vec::new(),
+                    log_bytes: get_u64(row, 8)?,
+                    log_truncated: row.get(9)?,
+                    log_pruned: row.get(10)?,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()

@@ -252,7 +252,10 @@ async fn acked_writes_survive_a_store_that_never_ran_its_destructors() {
         offset: 0,
         data: Bytes::from_static(b"partial"),
     };
-    store.append_log(id, Attempt(1), chunk).await.unwrap();
+    store
+        .append_log(id, Attempt(1), chunk, u64::MAX)
+        .await
+        .unwrap();
     // As if the process stopped here: no drop, no close, no checkpoint; the
     // old writer still holds its connection open.
     std::mem::forget(store);

@@ -63,8 +63,14 @@ impl JobStore for MeteredStore {
         self.timed(self.inner.started(job, attempt, now_ms))
     }
 
-    fn append_log(&self, job: JobId, attempt: Attempt, chunk: LogChunk) -> StoreFuture<'_, ()> {
-        self.timed(self.inner.append_log(job, attempt, chunk))
+    fn append_log(
+        &self,
+        job: JobId,
+        attempt: Attempt,
+        chunk: LogChunk,
+        cap: u64,
+    ) -> StoreFuture<'_, ()> {
+        self.timed(self.inner.append_log(job, attempt, chunk, cap))
     }
 
     fn record_result<'a>(
@@ -93,6 +99,14 @@ impl JobStore for MeteredStore {
 
     fn rerun(&self, job: JobId) -> StoreFuture<'_, ()> {
         self.timed(self.inner.rerun(job))
+    }
+
+    fn prune_logs(
+        &self,
+        rule: crate::domain::PruneRule,
+        batch: u32,
+    ) -> StoreFuture<'_, crate::domain::Pruned> {
+        self.timed(self.inner.prune_logs(rule, batch))
     }
 
     fn attempts(&self, job: JobId) -> StoreFuture<'_, Vec<crate::domain::AttemptRecord>> {
