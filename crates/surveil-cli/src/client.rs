@@ -129,11 +129,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// Jobs matching `query`, newest first.
-    pub async fn list_jobs(&mut self, query: ListJobs) -> Result<Vec<JobInfo>, ClientError> {
-        self.send("ListJobs", query).await?;
-        match self.reply("ListJobs", Some(REPLY_TIMEOUT)).await? {
-            Msg::ListJobsReply(reply) => Ok(reply.jobs),
-            other => Err(unexpected("ListJobs", "ListJobsReply", &other)),
+    pub async fn list_jobs(&mut self, mut query: ListJobs) -> Result<Vec<JobInfo>, ClientError> {
+        // The dispatcher answers in pages (each fits its frame limit): ask
+        // for the next one below the last job until the limit is reached
+        // or nothing more is left.
+        let wanted = (query.limit > 0).then_some(query.limit as usize);
+        let mut jobs: Vec<JobInfo> = Vec::new();
+        loop {
+            if let Some(wanted) = wanted {
+                query.limit = u32::try_from(wanted - jobs.len()).unwrap_or(u32::MAX);
+            }
+            self.send("ListJobs", query.clone()).await?;
+            let reply = match self.reply("ListJobs", Some(REPLY_TIMEOUT)).await? {
+                Msg::ListJobsReply(reply) => reply,
+                other => return Err(unexpected("ListJobs", "ListJobsReply", &other)),
+            };
+            let last = reply.jobs.last().map(|j| j.id);
+            jobs.extend(reply.jobs);
+            if !reply.more || wanted.is_some_and(|w| jobs.len() >= w) {
+                return Ok(jobs);
+            }
+            match last {
+                Some(id) => query.before = Some(id),
+                None => {
+                    return Err(ClientError::Refused {
+                        request: "ListJobs",
+                        message: "a single job does not fit the dispatcher's --max-frame".into(),
+                    });
+                }
+            }
         }
     }
 

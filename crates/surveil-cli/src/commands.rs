@@ -87,6 +87,7 @@ async fn execute(
                 limit,
                 branch,
                 pull_request,
+                before: None,
             };
             let jobs = client.list_jobs(query).await?;
             if json {

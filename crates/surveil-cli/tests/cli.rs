@@ -228,12 +228,53 @@ fn sorted(names: &[&str]) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn jobs_pages_through_replies_the_dispatcher_cut_short() {
+    let fake = FakeDispatcher::start(
+        "",
+        Box::new(|msg| match msg {
+            // The first page stops at job 7 and says more follow; the next
+            // request must ask below it, with the filters kept.
+            Msg::ListJobs(q) if q.before.is_none() => {
+                vec![Step::Send(Msg::ListJobsReply(ListJobsReply {
+                    jobs: vec![job(8, JobStatus::Running), job(7, JobStatus::Passed)],
+                    more: true,
+                }))]
+            }
+            Msg::ListJobs(q)
+                if q.before == Some(7) && q.repo.as_deref() == Some("/srv/git/app") =>
+            {
+                vec![Step::Send(Msg::ListJobsReply(ListJobsReply {
+                    jobs: vec![job(6, JobStatus::Failed)],
+                    more: false,
+                }))]
+            }
+            _ => vec![],
+        }),
+    )
+    .await;
+    let out = output(surveil(
+        fake.addr,
+        &["jobs", "--repo", "/srv/git/app", "--limit", "0", "--json"],
+    ))
+    .await;
+    let jobs = stdout_json(&out);
+    let ids: Vec<u64> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![8, 7, 6]);
+}
+
+#[tokio::test]
 async fn jobs_json_is_an_array_of_contract_jobs_and_sends_the_filters() {
     let fake = FakeDispatcher::start(
         "",
         Box::new(|msg| match msg {
             Msg::ListJobs(_) => vec![Step::Send(Msg::ListJobsReply(ListJobsReply {
                 jobs: vec![job(8, JobStatus::Running), job(7, JobStatus::Passed)],
+                more: false,
             }))],
             _ => vec![],
         }),
@@ -290,6 +331,7 @@ async fn jobs_without_json_is_an_uncoloured_table_when_piped() {
         Box::new(|msg| match msg {
             Msg::ListJobs(_) => vec![Step::Send(Msg::ListJobsReply(ListJobsReply {
                 jobs: vec![job(8, JobStatus::Running), job(7, JobStatus::Passed)],
+                more: false,
             }))],
             _ => vec![],
         }),

@@ -49,6 +49,18 @@ pub struct Cli {
     /// Largest frame accepted or sent.
     #[arg(long, env = "SURVEIL_MAX_FRAME", default_value = "8MiB", value_parser = surveil_common::parse_size)]
     pub max_frame: u64,
+    /// Most connections open at once (runners, observers, clients); more
+    /// are refused until some close.
+    #[arg(long, env = "SURVEIL_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: u32,
+    /// Most connections from one source address still in their handshake
+    /// (not yet authenticated); more from it are refused.
+    #[arg(
+        long,
+        env = "SURVEIL_MAX_UNAUTHENTICATED_PER_IP",
+        default_value_t = 256
+    )]
+    pub max_unauthenticated_per_ip: u32,
     /// Most bytes of one attempt's log stored; later output is dropped
     /// (the job keeps running, its log says it was truncated).
     #[arg(long, env = "SURVEIL_MAX_LOG_SIZE", default_value = "64MiB", value_parser = surveil_common::parse_size)]
@@ -125,6 +137,10 @@ pub struct Cli {
     pub refuse_token: surveil_common::RefuseTokenFlag,
 }
 
+/// `--max-connections`' default: the S4 benchmark's 10,000 runners, with
+/// room for observers and clients.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16_384;
+
 /// Smallest `--max-log-size`: one log chunk.
 const MIN_MAX_LOG_SIZE: u64 = surveil_proto::MAX_LOG_CHUNK as u64;
 
@@ -155,6 +171,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Largest frame accepted or sent, in bytes.
     pub max_frame: usize,
+    /// `--max-connections`.
+    pub max_connections: u32,
+    /// `--max-unauthenticated-per-ip`.
+    pub max_unauthenticated_per_ip: u32,
     /// `--max-log-size`: the most bytes of one attempt's log stored.
     pub max_log_size: u64,
     /// `--retain-logs`: which finished jobs' logs are kept.
@@ -196,6 +216,8 @@ impl Config {
             max_attempts: 3,
             handshake_timeout: Duration::from_secs(5),
             max_frame: surveil_proto::DEFAULT_MAX_FRAME,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_unauthenticated_per_ip: 256,
             max_log_size: crate::service::DEFAULT_MAX_LOG_SIZE,
             retain_logs: LogRetention::Off,
             spawn_runners: 0,
@@ -248,6 +270,12 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
             cli.max_frame
         ));
     }
+    if cli.max_connections == 0 {
+        problems.push("--max-connections must be at least 1".to_owned());
+    }
+    if cli.max_unauthenticated_per_ip == 0 {
+        problems.push("--max-unauthenticated-per-ip must be at least 1".to_owned());
+    }
     if cli.max_log_size < MIN_MAX_LOG_SIZE || i64::try_from(cli.max_log_size).is_err() {
         problems.push(format!(
             "--max-log-size must be at least {} (one log chunk) and fit the store (got {})",
@@ -294,6 +322,8 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         max_attempts: cli.max_attempts,
         handshake_timeout: cli.handshake_timeout,
         max_frame: usize::try_from(cli.max_frame).ok()?,
+        max_connections: cli.max_connections,
+        max_unauthenticated_per_ip: cli.max_unauthenticated_per_ip,
         max_log_size: cli.max_log_size,
         retain_logs: cli.retain_logs,
         spawn_runners: cli.spawn_runners,
@@ -571,6 +601,13 @@ mod tests {
         assert_eq!(c.spawn_runners, 0);
         assert_eq!(c.max_log_size, 64 * 1024 * 1024);
         assert_eq!(c.retain_logs, LogRetention::Off);
+        assert_eq!(c.max_connections, 16_384);
+        assert_eq!(c.max_unauthenticated_per_ip, 256);
+        let err = parse(&["--state-dir", "/tmp/x", "--max-connections", "0"]).unwrap_err();
+        assert!(
+            err.contains("--max-connections must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

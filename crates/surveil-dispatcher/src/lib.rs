@@ -58,6 +58,7 @@ pub mod wire;
 
 mod credentials;
 mod ha;
+mod limits;
 mod monitor;
 mod pruner;
 mod redistributor;
@@ -96,6 +97,8 @@ pub(crate) struct Daemon {
     pub service: Arc<Service>,
     /// Who peers are and what they may do.
     pub auth: Arc<auth::Authenticator>,
+    /// `--max-connections` and `--max-unauthenticated-per-ip`.
+    pub limits: Arc<limits::ConnLimits>,
 }
 
 /// Runs a dispatcher on `listener` until `shutdown` is cancelled, then
@@ -232,7 +235,12 @@ pub(crate) async fn serve_on(
         service.set_leader(view);
     }
     service.set_log_limits(config.max_log_size, config.retain_logs);
+    let limits = limits::ConnLimits::new(
+        usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+        usize::try_from(config.max_unauthenticated_per_ip).unwrap_or(usize::MAX),
+    );
     let daemon = Arc::new(Daemon {
+        limits,
         config,
         local_addr,
         service: Arc::new(service),
@@ -312,10 +320,14 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let span = tracing::info_span!("conn", %peer, runner = tracing::field::Empty);
-                tracker.spawn(
-                    session::serve(Arc::clone(daemon), stream, peer, shutdown.clone())
-                        .instrument(span),
-                );
+                match daemon.limits.open() {
+                    Ok(place) => tracker.spawn(
+                        session::serve(Arc::clone(daemon), stream, peer, place, shutdown.clone())
+                            .instrument(span),
+                    ),
+                    Err(why) => tracker
+                        .spawn(session::refuse(Arc::clone(daemon), stream, why).instrument(span)),
+                };
             }
             Err(err) => {
                 tracing::warn!(error = %err, "accept failed");

@@ -19,8 +19,34 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, shutdown: Shutdown, ready: Ready) -> anyhow::Result<()> {
+    check_fd_limit(config.max_connections);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on --listen {}", config.listen))?;
     surveil_dispatcher::serve(config, listener, shutdown.graceful, || ready.notify()).await
+}
+
+/// Lifts the soft limit on open files to the hard one (the usual soft
+/// default, 1024, is far below `--max-connections`), and warns when even
+/// the hard limit cannot hold that many connections.
+fn check_fd_limit(max_connections: u32) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    // The store, the listeners and the log need a few descriptors too.
+    let needed = u64::from(max_connections) + 64;
+    if limit < needed {
+        tracing::warn!(
+            open_files = limit,
+            max_connections,
+            "the open-file limit is below --max-connections: connections past it fail to be accepted; \
+             raise LimitNOFILE (or ulimit -n) or lower --max-connections"
+        );
+    }
 }

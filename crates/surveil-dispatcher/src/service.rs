@@ -135,7 +135,7 @@ pub(crate) fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock (a bug) must not wedge the daemon: the
     // state is still consistent between calls, so keep using it.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

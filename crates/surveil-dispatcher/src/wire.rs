@@ -443,9 +443,51 @@ fn job_filter(q: &proto::ListJobs) -> JobFilter {
         status: proto::JobStatus::try_from(q.status)
             .ok()
             .and_then(job_status_from_proto),
+        before: q.before.map(JobId),
         limit: (q.limit > 0).then_some(q.limit),
-        ..JobFilter::default()
     }
+}
+
+/// The most jobs one `ListJobsReply` carries, whatever the limit asked.
+pub const MAX_LIST_PAGE: u32 = 1_000;
+
+/// Bytes kept free in a reply frame for the envelope around the jobs.
+const REPLY_MARGIN: usize = 64;
+
+/// `filter` as one page: at most [`MAX_LIST_PAGE`] jobs, plus one to learn
+/// whether more follow.
+pub fn list_page(mut filter: JobFilter) -> (JobFilter, u32) {
+    let page = filter.limit.map_or(MAX_LIST_PAGE, |l| l.min(MAX_LIST_PAGE));
+    filter.limit = Some(page + 1);
+    (filter, page)
+}
+
+/// The `ListJobsReply` for the jobs [`list_page`]'s filter found: cut to the
+/// page and to what fits `max_frame`, with `more` saying so.
+pub fn list_reply(
+    jobs: Vec<Job>,
+    page: u32,
+    asked: Option<u32>,
+    max_frame: usize,
+) -> proto::ListJobsReply {
+    use prost::Message as _;
+    let found = jobs.len();
+    let mut reply = proto::ListJobsReply {
+        jobs: jobs.into_iter().take(page as usize).map(job_info).collect(),
+        more: false,
+    };
+    // More than the page exist, and the asker wanted more than the page.
+    let cut_by_page = found > page as usize && asked.is_none_or(|l| l > page);
+    let budget = max_frame.saturating_sub(REPLY_MARGIN);
+    let mut cut_by_size = false;
+    while reply.encoded_len() > budget && !reply.jobs.is_empty() {
+        // Halving keeps the trimming cheap for a page far over the limit.
+        let keep = reply.jobs.len() / 2;
+        reply.jobs.truncate(keep);
+        cut_by_size = true;
+    }
+    reply.more = cut_by_page || cut_by_size;
+    reply
 }
 
 fn job_status_from_proto(status: proto::JobStatus) -> Option<JobStatus> {
@@ -850,6 +892,7 @@ mod tests {
             limit: 5,
             branch: Some("dev".into()),
             pull_request: Some(9),
+            before: Some(40),
         };
         assert_eq!(
             job_filter(&q),
@@ -859,7 +902,7 @@ mod tests {
                 pull_request: Some(9),
                 status: Some(JobStatus::Running),
                 limit: Some(5),
-                ..JobFilter::default()
+                before: Some(JobId(40)),
             }
         );
     }

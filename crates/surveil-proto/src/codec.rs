@@ -124,6 +124,21 @@ impl Codec {
     pub fn max_frame(&self) -> usize {
         self.max_frame
     }
+
+    /// Changes the limit from the next frame on, keeping a frame already
+    /// being read (so a server can take a small limit until the handshake
+    /// is done, then its full one).
+    ///
+    /// ```
+    /// let mut codec = surveil_proto::Codec::with_max_frame(64 * 1024);
+    /// codec.set_max_frame(8 * 1024 * 1024);
+    /// assert_eq!(codec.max_frame(), 8 * 1024 * 1024);
+    /// ```
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        let max_frame = max_frame.min(u32::MAX as usize);
+        self.frames.set_max_frame_length(max_frame);
+        self.max_frame = max_frame;
+    }
 }
 
 impl Default for Codec {

@@ -132,6 +132,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.framed.send(msg.into()).await
     }
 
+    /// Changes the frame limit for what is read and written from now on
+    /// (see [`Codec::set_max_frame`]); the limit carries over into
+    /// [`split`](Connection::split).
+    ///
+    /// ```
+    /// # use surveil_proto::{Codec, Connection};
+    /// let (io, _peer) = tokio::io::duplex(1024);
+    /// let mut conn = Connection::with_codec(io, Codec::with_max_frame(64 * 1024));
+    /// conn.set_max_frame(8 * 1024 * 1024);
+    /// ```
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.framed.codec_mut().set_max_frame(max_frame);
+    }
+
     /// Receives the next message; `Ok(None)` when the peer closed the
     /// connection cleanly between frames.
     pub async fn recv(&mut self) -> Result<Option<Msg>, ConnectionError> {

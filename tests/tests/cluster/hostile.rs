@@ -167,18 +167,21 @@ fn a_job_still_passes(s: &Scene, what: &str) {
 }
 
 fn guarded_scene() -> Scene {
-    let mut s = Scene::with_token(
-        &[
-            "--handshake-timeout",
-            "1s",
-            "--heartbeat-interval",
-            "200ms",
-            "--runner-timeout",
-            "2s",
-        ],
-        Some(TOKEN),
-    )
-    .expect("starting the dispatcher");
+    guarded_scene_with(&[])
+}
+
+/// [`guarded_scene`] with `extra` dispatcher flags.
+fn guarded_scene_with(extra: &[&str]) -> Scene {
+    let mut args = vec![
+        "--handshake-timeout",
+        "1s",
+        "--heartbeat-interval",
+        "200ms",
+        "--runner-timeout",
+        "2s",
+    ];
+    args.extend_from_slice(extra);
+    let mut s = Scene::with_token(&args, Some(TOKEN)).expect("starting the dispatcher");
     s.add_runner("r1", &s.addr.clone()).unwrap();
     s.wait_runners(&["r1"]).unwrap();
     s
@@ -241,7 +244,8 @@ fn garbage_and_bad_handshakes_are_rejected_and_a_runner_keeps_working() {
             message.contains("4294967295"),
             "names the length: {message}"
         );
-        assert!(message.contains("8388608"), "names the limit: {message}");
+        // Before Welcome the limit is the handshake's 64 KiB.
+        assert!(message.contains("65536"), "names the limit: {message}");
 
         let message = expect_reject(
             "an HTTP request",
@@ -303,7 +307,9 @@ fn garbage_and_bad_handshakes_are_rejected_and_a_runner_keeps_working() {
 
 #[test]
 fn five_hundred_silent_connections_time_out_and_memory_stays_flat() {
-    let s = guarded_scene();
+    // From the test's own host (as the probe is): the per-host cap is
+    // raised, so all 500 wait out the handshake timeout.
+    let s = guarded_scene_with(&["--max-unauthenticated-per-ip", "2000"]);
     let addr = s.addr.clone();
     a_job_still_passes(&s, "warm-up");
     let pid = s.dispatcher.pid().unwrap();
@@ -355,6 +361,193 @@ fn five_hundred_silent_connections_time_out_and_memory_stays_flat() {
         "dispatcher RSS grew from {before} KiB to {after} KiB"
     );
     a_job_still_passes(&s, "after the silent connections");
+}
+
+/// A connection from `source` (another loopback address: the flood's
+/// host, not the runner's).
+async fn connect_from(source: [u8; 4], addr: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .expect("binding a second loopback address");
+    socket
+        .connect(addr.parse().unwrap())
+        .await
+        .expect("connecting")
+}
+
+/// Lifts this test process's open-file limit: it holds thousands of
+/// sockets at once.
+fn enough_files(needed: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < needed {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+    assert!(
+        hard >= needed,
+        "this test needs {needed} open files; the hard limit is {hard} (raise ulimit -Hn)"
+    );
+}
+
+#[test]
+fn a_flood_from_one_host_is_capped_and_another_hosts_runner_reconnects_meanwhile() {
+    enough_files(4_000);
+    let mut s = guarded_scene();
+    let addr = s.addr.clone();
+    a_job_still_passes(&s, "warm-up");
+    let pid = s.dispatcher.pid().unwrap();
+    let before = rss_kib(pid);
+    const FLOOD: [u8; 4] = [127, 0, 0, 2];
+
+    // 2,000 connections announce an 8 MiB frame and go silent: before
+    // Welcome only 64 KiB may be announced, and past 256 in their handshake
+    // the host is refused at once, so none of it is allocated.
+    let answers = s.probe.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..2_000 {
+            streams.push(connect_from(FLOOD, &addr).await);
+        }
+        let mut tasks = Vec::new();
+        for mut stream in streams {
+            tasks.push(tokio::spawn(async move {
+                let _ = stream.write_all(&(8u32 << 20).to_be_bytes()).await;
+                read_until_close(&mut stream, EXCHANGE).await
+            }));
+        }
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(task.await.unwrap());
+        }
+        answers
+    });
+    let mut codes = std::collections::BTreeMap::new();
+    for (msgs, ending) in answers {
+        assert_eq!(ending, Ending::Closed);
+        let code = match msgs.as_slice() {
+            [Msg::Reject(r)] => r.code(),
+            other => panic!("expected one Reject, got {other:?}"),
+        };
+        *codes.entry(format!("{code:?}")).or_insert(0) += 1;
+    }
+    assert_eq!(codes.values().sum::<u32>(), 2_000, "{codes:?}");
+    // Refused at once past the cap; the others either announced too much
+    // for a handshake or, opened before their prefix was sent, timed out.
+    assert!(
+        codes.get("TooManyConnections").is_some_and(|n| *n > 0),
+        "{codes:?}"
+    );
+    let answers = ["FrameTooLarge", "TooManyConnections", "HandshakeTimeout"];
+    assert!(
+        codes.keys().all(|c| answers.contains(&c.as_str())),
+        "{codes:?}"
+    );
+    let after_flood = rss_kib(pid);
+
+    // 1,100 idle connections from the flooding host while the runner (on
+    // 127.0.0.1) restarts: it reconnects and builds.
+    let idle: Vec<TcpStream> = s.probe.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..1_100 {
+            streams.push(connect_from(FLOOD, &addr).await);
+        }
+        streams
+    });
+    s.runner("r1").unwrap().restart().unwrap();
+    s.wait_runners(&["r1"]).unwrap();
+    a_job_still_passes(&s, "with 1,100 idle connections from another host");
+    drop(idle);
+    eprintln!(
+        "dispatcher VmRSS: before {before} KiB, after 2,000 announced 8 MiB frames {after_flood} KiB; answers {codes:?}"
+    );
+    assert!(
+        after_flood < before + 16 * 1024,
+        "dispatcher RSS grew from {before} KiB to {after_flood} KiB"
+    );
+}
+
+#[test]
+fn past_max_connections_a_peer_is_refused_by_name_until_one_closes() {
+    let s = Scene::new(&["--max-connections", "3", "--handshake-timeout", "30s"])
+        .expect("starting the dispatcher");
+    let addr = s.addr.clone();
+    // The scene's probe reconnects per request; three silent peers hold
+    // every place.
+    let held: Vec<TcpStream> = s.probe.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            streams.push(TcpStream::connect(&addr).await.unwrap());
+        }
+        streams
+    });
+    let refused = s.probe.block_on(async {
+        read_until_close(&mut TcpStream::connect(&addr).await.unwrap(), EXCHANGE).await
+    });
+    let message = expect_reject(
+        "the fourth connection",
+        refused,
+        RejectCode::TooManyConnections,
+    );
+    assert!(message.contains("--max-connections"), "{message}");
+    let out = run_bounded(&bins().cli, &["--dispatch", &addr, "status"], EXCHANGE).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--max-connections"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(held);
+    surveil_tests::cluster::wait_for(
+        "a place to free",
+        EXCHANGE,
+        Duration::from_millis(50),
+        || Ok(s.probe.status().ok()),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_hello_over_the_handshake_frame_limit_is_refused_and_big_replies_come_in_pages() {
+    let s = Scene::new(&["--max-frame", "4KiB"]).expect("starting the dispatcher");
+    let addr = s.addr.clone();
+    // A Hello may not exceed 4 KiB here (the handshake limit is 64 KiB or
+    // --max-frame, whichever is smaller).
+    let mut big = hello(Role::Client, "big", "");
+    big.repos = vec!["r".repeat(1_000); 8];
+    let answer = s.probe.block_on(send_raw(&addr, &envelope(big)));
+    expect_reject("an oversized Hello", answer, RejectCode::FrameTooLarge);
+
+    // 60 jobs' rows do not fit one 4 KiB reply: the CLI pages through
+    // them and lists every one, newest first.
+    let commits: Vec<String> = (0..60)
+        .map(|n| s.commit_quick(&format!("c{n}")).unwrap())
+        .collect();
+    let refs: Vec<&str> = commits.iter().map(String::as_str).collect();
+    let ids = s.submit(&refs).unwrap();
+    let out = run_bounded(
+        &bins().cli,
+        &["--dispatch", &addr, "--json", "jobs", "--limit", "0"],
+        EXCHANGE,
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<u64> = listed.iter().map(|j| j["id"].as_u64().unwrap()).collect();
+    let mut expected = ids.clone();
+    expected.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(listed, expected);
+    let out = run_bounded(
+        &bins().cli,
+        &["--dispatch", &addr, "--json", "jobs", "--limit", "45"],
+        EXCHANGE,
+    )
+    .unwrap();
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 45);
 }
 
 #[test]

@@ -132,3 +132,73 @@ fn retain_logs_prunes_all_but_the_newest_jobs_at_start() {
     let log = ok_stdout(&cli(&s, &["logs", &new.to_string()]));
     assert!(log.contains("quick"), "{log}");
 }
+
+/// Open sockets of process `pid` (its store's read connections, which a
+/// burst of readers leaves pooled, are files and do not count).
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|target| target.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn followers_killed_mid_follow_release_their_connections_while_the_job_runs() {
+    let mut s = Scene::new(&[]).expect("starting the dispatcher");
+    s.add_runner("r1", &s.addr.clone()).unwrap();
+    s.wait_runners(&["r1"]).unwrap();
+    let gate = s.gate("hold");
+    let commit = s.commit_gated("held", &gate).unwrap();
+    let id = s.submit(&[&commit]).unwrap()[0];
+    s.wait_running(id).unwrap();
+    let pid = s.dispatcher.pid().unwrap();
+
+    let id_text = id.to_string();
+    let outputs: Vec<std::path::PathBuf> = (0..20)
+        .map(|n| s.path().join(format!("follower-{n}.out")))
+        .collect();
+    let mut followers: Vec<std::process::Child> = outputs
+        .iter()
+        .map(|out| {
+            Command::new(&bins().cli)
+                .args(["--dispatch", &s.addr, "logs", &id_text, "--follow"])
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(out).unwrap())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Each has printed the log so far (the task's echoed command): all 20
+    // are following.
+    wait_for("20 followers to print the log so far", STEP, POLL, || {
+        Ok(outputs
+            .iter()
+            .all(|out| std::fs::metadata(out).is_ok_and(|m| m.len() > 0))
+            .then_some(()))
+    })
+    .unwrap();
+    let following = fds(pid);
+    assert!(following >= 20, "{following} sockets open while 20 follow");
+    // Killed as Ctrl-C would: nothing is said, the sockets just close.
+    for follower in &mut followers {
+        follower.kill().unwrap();
+        follower.wait().unwrap();
+    }
+    wait_for(
+        "the followers' connections to be released",
+        STEP,
+        POLL,
+        || Ok((fds(pid) + 18 <= following).then_some(())),
+    )
+    .unwrap();
+    let job = s.probe.job(id).unwrap().unwrap();
+    assert_eq!(status_of(&job), JobStatus::Running, "the job still runs");
+    s.open(&gate).unwrap();
+    let done = s.wait_final(id).unwrap();
+    assert_eq!(status_of(&done), JobStatus::Passed, "{}", describe(&done));
+}

@@ -4,12 +4,12 @@
 //! observer may only submit. `ReadLog` with `follow` streams replies until the job is
 //! final, or the peer leaves.
 
-use surveil_proto::{Envelope, GetJobReply, ListJobsReply, Role, SubmitAck};
+use surveil_proto::{Envelope, GetJobReply, Msg, Role, SubmitAck};
 
 use super::{End, Io, next_frame};
 use crate::auth::Identity;
 use crate::domain::{JobId, PruneRule};
-use crate::service::{Service, ServiceError};
+use crate::service::{LogEvent, Service, ServiceError};
 use crate::wire::{self, ClientRequest};
 
 pub(super) async fn run(service: &Service, role: Role, identity: &Identity, mut io: Io) -> End {
@@ -32,7 +32,7 @@ pub(super) async fn run(service: &Service, role: Role, identity: &Identity, mut 
             tracing::warn!(identity = %identity.label(), reason = %denied, "request refused");
             return io.protocol_error(denied.0).await;
         }
-        let reply = match answer(service, request, &io).await {
+        let reply = match answer(service, request, &mut io).await {
             Ok(reply) => reply,
             Err(end) => return end,
         };
@@ -49,7 +49,7 @@ pub(super) async fn run(service: &Service, role: Role, identity: &Identity, mut 
 async fn answer(
     service: &Service,
     request: ClientRequest,
-    io: &Io,
+    io: &mut Io,
 ) -> Result<Option<Envelope>, End> {
     let reply: Envelope = match request {
         ClientRequest::Ignore => return Ok(None),
@@ -66,11 +66,10 @@ async fn answer(
             }
         },
         ClientRequest::ListJobs(filter) => {
+            let asked = filter.limit;
+            let (filter, page) = wire::list_page(filter);
             let jobs = read(service.list_jobs(&filter).await, io).await?;
-            ListJobsReply {
-                jobs: jobs.into_iter().map(wire::job_info).collect(),
-            }
-            .into()
+            wire::list_reply(jobs, page, asked, io.max_frame).into()
         }
         ClientRequest::GetJob(id) => {
             let job = read(service.get_job(id).await, io).await?;
@@ -146,16 +145,43 @@ async fn read<T>(result: Result<T, ServiceError>, io: &Io) -> Result<T, End> {
 /// Answers `ReadLog`: the attempt's log (the latest's by default) from
 /// the offset, and with `follow` new pieces as they are stored until the
 /// job is final.
-async fn read_log(mut log: crate::service::LogFollow, job: JobId, io: &Io) -> Result<(), End> {
+async fn read_log(mut log: crate::service::LogFollow, job: JobId, io: &mut Io) -> Result<(), End> {
+    enum Step {
+        Log(Result<LogEvent, crate::store::StoreError>),
+        Closed,
+        Gone,
+        // Boxed: a frame is rare here, and a Msg is large.
+        Frame(Box<Result<Option<Msg>, surveil_proto::ConnectionError>>),
+    }
     loop {
-        let event = tokio::select! {
-            event = log.next() => read(event.map_err(ServiceError::from), io).await?,
-            () = io.close.cancelled() => {
-                return Err(End::Closed("closed while following a log".to_owned()));
-            }
-            () = io.tx.closed() => {
+        let step = tokio::select! {
+            event = log.next() => Step::Log(event),
+            () = io.close.cancelled() => Step::Closed,
+            () = io.tx.closed() => Step::Gone,
+            // Reading too is what notices a client that went away (Ctrl-C)
+            // while no log arrives: otherwise only the next write would.
+            frame = io.reader.recv() => Step::Frame(Box::new(frame)),
+        };
+        let event = match step {
+            Step::Log(event) => read(event.map_err(ServiceError::from), io).await?,
+            Step::Closed => return Err(End::Closed("closed while following a log".to_owned())),
+            Step::Gone => {
                 return Err(End::PeerGone("peer left while following a log".to_owned()));
             }
+            Step::Frame(frame) => match *frame {
+                Ok(None) | Err(_) => {
+                    return Err(End::PeerGone("peer left while following a log".to_owned()));
+                }
+                Ok(Some(Msg::Pong(_))) => continue,
+                Ok(Some(other)) => {
+                    return Err(io
+                        .protocol_error(format!(
+                            "{} sent while following a log; wait for its end",
+                            other.name()
+                        ))
+                        .await);
+                }
+            },
         };
         let last = event.is_last();
         io.send(wire::read_log_reply(job, event)).await?;

@@ -19,6 +19,10 @@ use crate::domain::{RunnerHello, SessionId};
 use crate::wire;
 use crate::{Config, Daemon};
 
+/// The frame limit until `Welcome`: a `Hello` listing a thousand
+/// repositories fits.
+pub(crate) const HANDSHAKE_MAX_FRAME: usize = 64 * 1024;
+
 /// A connection past its handshake.
 pub(super) struct Accepted {
     pub conn: Connection<tls::Stream>,
@@ -40,10 +44,22 @@ pub(super) async fn accept(
     shutdown: &CancellationToken,
 ) -> Option<Accepted> {
     let config = &daemon.config;
+    let pending = match daemon.limits.handshake(peer.ip()) {
+        Ok(pending) => pending,
+        Err(why) => {
+            super::refuse_stream(config, stream, why).await;
+            return None;
+        }
+    };
     // One deadline covers the TLS handshake and the Hello.
     let deadline = tokio::time::Instant::now() + config.handshake_timeout;
     let stream = secure(config, stream, deadline).await?;
-    let mut conn = Connection::with_codec(stream, Codec::with_max_frame(config.max_frame));
+    // Until the peer is known, a frame may not be large: a stranger cannot
+    // make the dispatcher hold megabytes for its Hello.
+    let mut conn = Connection::with_codec(
+        stream,
+        Codec::with_max_frame(HANDSHAKE_MAX_FRAME.min(config.max_frame)),
+    );
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     let hello = match conn.accept_hello(remaining).await {
         Ok(hello) => hello,
@@ -79,6 +95,8 @@ pub(super) async fn accept(
         conn.reject(reject_code(&err), err.to_string()).await;
         return None;
     }
+    conn.set_max_frame(config.max_frame);
+    drop(pending);
     let welcome = Welcome {
         session_id: format!("s-{session}"),
         heartbeat_interval_ms: millis_u32(config.heartbeat_interval),

@@ -61,11 +61,13 @@ enum End {
     Shutdown,
 }
 
-/// Serves one accepted connection until it closes.
+/// Serves one accepted connection until it closes; `_place` holds its
+/// place under `--max-connections` until then.
 pub(crate) async fn serve(
     daemon: Arc<Daemon>,
     stream: TcpStream,
     peer: SocketAddr,
+    _place: crate::limits::Open,
     shutdown: CancellationToken,
 ) {
     let Some(accepted) = handshake::accept(&daemon, stream, peer, &shutdown).await else {
@@ -89,6 +91,7 @@ pub(crate) async fn serve(
         tx,
         close,
         shutdown,
+        max_frame: daemon.config.max_frame,
     };
     let end = match (accepted.role, accepted.runner) {
         (Role::Runner, Some(hello)) => {
@@ -110,6 +113,26 @@ pub(crate) async fn serve(
         End::Shutdown => tracing::debug!("connection closed for shutdown"),
     }
     let _ = writer_task.await;
+}
+
+/// Closes a connection over a connection limit: on a plaintext port after
+/// a `Reject` saying which (written without waiting for the `Hello`, and
+/// given a moment at most), over TLS at once, since a TLS handshake is what
+/// the limit saves.
+pub(crate) async fn refuse(daemon: Arc<Daemon>, stream: TcpStream, why: String) {
+    refuse_stream(&daemon.config, stream, why).await;
+}
+
+async fn refuse_stream(config: &crate::Config, stream: TcpStream, why: String) {
+    if config.tls.is_some() {
+        return;
+    }
+    let mut conn = surveil_proto::Connection::new(tls::Stream::Plain(stream));
+    let _ = tokio::time::timeout(
+        CLOSE_FLUSH_TIMEOUT,
+        conn.reject(surveil_proto::RejectCode::TooManyConnections, why),
+    )
+    .await;
 }
 
 /// Keeps a session admitted to `auth` for as long as it runs.
@@ -142,6 +165,8 @@ struct Io {
     /// Closes this connection (the writer stops after flushing briefly).
     close: CancellationToken,
     shutdown: CancellationToken,
+    /// `--max-frame`: what a reply must fit.
+    max_frame: usize,
 }
 
 impl Io {
@@ -199,7 +224,15 @@ async fn write_loop(
             () = &mut closed => break,
         };
         let Some(first) = first else { return };
-        if write_batch(&mut writer, first, &mut rx).await.is_err() {
+        if let Err(err) = write_batch(&mut writer, first, &mut rx).await {
+            // A frame over --max-frame is our bug, not the peer's: say
+            // which, or the close has no visible reason.
+            match &err {
+                CodecError::Io(_) => tracing::info!(error = %err, "writing to the peer failed"),
+                _ => {
+                    tracing::warn!(error = %err, "a frame for the peer could not be encoded; closing")
+                }
+            }
             close.cancel();
             return;
         }

@@ -505,6 +505,10 @@ pub struct ListJobs {
     /// Only jobs of this pull (merge) request, when set.
     #[prost(uint64, optional, tag = "6")]
     pub pull_request: ::core::option::Option<u64>,
+    /// Only jobs older than this one (ids below it): the next page after a
+    /// reply whose last job this was.
+    #[prost(uint64, optional, tag = "7")]
+    pub before: ::core::option::Option<u64>,
 }
 /// The dispatcher's answer to ListJobs.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -512,6 +516,10 @@ pub struct ListJobsReply {
     /// Newest first.
     #[prost(message, repeated, tag = "1")]
     pub jobs: ::prost::alloc::vec::Vec<JobInfo>,
+    /// The reply stops short of the limit (a page holds at most 1,000 jobs
+    /// and fits the frame limit): ask again with before = the last job's id.
+    #[prost(bool, tag = "2")]
+    pub more: bool,
 }
 /// Sent by a client: one job.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -793,6 +801,11 @@ pub enum RejectCode {
     /// Hello.name is bound to another identity: another runner's token or
     /// certificate, or a live session of another identity.
     NameBound = 10,
+    /// The dispatcher is at --max-connections, or this source address has
+    /// --max-unauthenticated-per-ip connections still in their handshake:
+    /// retry later. Sent before the Hello is read, on plaintext ports only
+    /// (over TLS the connection is closed).
+    TooManyConnections = 11,
 }
 impl RejectCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -812,6 +825,7 @@ impl RejectCode {
             Self::NotLeader => "REJECT_CODE_NOT_LEADER",
             Self::RoleNotAllowed => "REJECT_CODE_ROLE_NOT_ALLOWED",
             Self::NameBound => "REJECT_CODE_NAME_BOUND",
+            Self::TooManyConnections => "REJECT_CODE_TOO_MANY_CONNECTIONS",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -828,6 +842,7 @@ impl RejectCode {
             "REJECT_CODE_NOT_LEADER" => Some(Self::NotLeader),
             "REJECT_CODE_ROLE_NOT_ALLOWED" => Some(Self::RoleNotAllowed),
             "REJECT_CODE_NAME_BOUND" => Some(Self::NameBound),
+            "REJECT_CODE_TOO_MANY_CONNECTIONS" => Some(Self::TooManyConnections),
             _ => None,
         }
     }

@@ -114,9 +114,11 @@ pub fn every_message() -> Vec<Msg> {
             limit: 100,
             branch: Some("main".into()),
             pull_request: Some(3),
+            before: Some(9),
         }),
         Msg::ListJobsReply(ListJobsReply {
             jobs: vec![job_info(7), job_info(8)],
+            more: true,
         }),
         Msg::GetJob(GetJob { job_id: 7 }),
         Msg::GetJobReply(GetJobReply {
