@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, broadcast};
 
 use crate::domain::{
-    AttemptRecord, BranchHead, Job, JobFilter, JobId, RunnerView, SessionId, StatusView,
+    AttemptRecord, BranchHead, Job, JobFilter, JobId, JobStatus, RunnerView, SessionId, StatusView,
     Submission, Waiting,
 };
 use crate::scheduler::{CancelOutcome, Scheduler, SchedulerConfig};
@@ -309,6 +309,17 @@ impl Service {
     /// state now (see [`Waiting`]).
     pub fn waiting(&self) -> Vec<(JobId, Waiting)> {
         self.with_sched(|s| s.waiting())
+    }
+
+    /// [`Service::waiting`] for those of `jobs` that are queued, by id;
+    /// empty (without asking the scheduler) when none is.
+    pub fn waiting_of(&self, jobs: &[Job]) -> HashMap<JobId, Waiting> {
+        if !jobs.iter().any(|j| j.status == JobStatus::Queued) {
+            return HashMap::new();
+        }
+        let mut waiting: HashMap<JobId, Waiting> = self.waiting().into_iter().collect();
+        waiting.retain(|id, _| jobs.iter().any(|j| j.id == *id));
+        waiting
     }
 
     /// The newest job of every (repository, branch) pair.

@@ -13,7 +13,7 @@ use crate::auth::Access;
 use crate::domain::{
     Attempt, AttemptRecord, AttemptStatus, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult,
     JobStatus, LogChunk, LogStream, Origin, ResultAck, RunnerHello, RunnerReport, RunnerView,
-    StatusView, Submission, TaskResult, TaskStatus, TestReport, ToRunner,
+    StatusView, Submission, TaskResult, TaskStatus, TestReport, ToRunner, Waiting,
 };
 use crate::service::{CancelReply, LogEvent, RerunOutcome, RerunReply};
 
@@ -484,7 +484,18 @@ pub fn job_info(job: Job) -> proto::JobInfo {
         pull_request: job.pull_request,
         tasks: job.tasks.into_iter().map(task_result).collect(),
         attempts: Vec::new(),
+        reason: None,
     }
+}
+
+/// `info` with why its job still waits, for a queued job the scheduler
+/// holds (`waiting`, from [`crate::service::Service::waiting_of`]). Other
+/// jobs carry no reason: a stale one would mislead more than none.
+pub fn with_reason(mut info: proto::JobInfo, waiting: Option<&Waiting>) -> proto::JobInfo {
+    if info.status == proto::JobStatus::Queued as i32 {
+        info.reason = waiting.map(|w| w.reason.describe());
+    }
+    info
 }
 
 fn task_result(t: TaskResult) -> proto::TaskResult {

@@ -3,7 +3,7 @@
 //! (`ha`), hostile input (`hostile`) and hostile pipelines against the
 //! task sandbox (`sandbox`), stolen, scoped and revoked credentials and
 //! files at rest (`credentials`), jobs and the refs they were built for
-//! (`refs`), and reruns (`rerun`).
+//! (`refs`), reruns (`rerun`), and why a queued job waits (`waiting`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
@@ -16,3 +16,4 @@ mod hostile;
 mod refs;
 mod rerun;
 mod sandbox;
+mod waiting;

@@ -67,8 +67,15 @@ async fn answer(
         },
         ClientRequest::ListJobs(filter) => {
             let jobs = read(service.list_jobs(&filter).await, io).await?;
+            let waiting = service.waiting_of(&jobs);
             ListJobsReply {
-                jobs: jobs.into_iter().map(wire::job_info).collect(),
+                jobs: jobs
+                    .into_iter()
+                    .map(|j| {
+                        let why = waiting.get(&j.id);
+                        wire::with_reason(wire::job_info(j), why)
+                    })
+                    .collect(),
             }
             .into()
         }
@@ -78,8 +85,12 @@ async fn answer(
                 Some(_) => read(service.attempts(id).await, io).await?,
                 None => Vec::new(),
             };
+            let waiting = service.waiting_of(job.as_slice());
             GetJobReply {
-                job: job.map(|j| wire::job_with_attempts(j, attempts)),
+                job: job.map(|j| {
+                    let why = waiting.get(&j.id);
+                    wire::with_reason(wire::job_with_attempts(j, attempts), why)
+                }),
             }
             .into()
         }

@@ -273,6 +273,7 @@ pub fn job_info(id: u64) -> JobInfo {
         r#ref: "refs/merge-requests/4/head".into(),
         pull_request: Some(4),
         attempts: Vec::new(),
+        reason: None,
     }
 }
 
