@@ -856,6 +856,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dropping_a_running_sandboxed_task_kills_its_processes() {
+        let Some(opts) = sandboxed(&[]) else {
+            return;
+        };
+        let marker = marker();
+        let toml = format!("[[task]]\nname = \"hang\"\nrun = \"sleep {marker} & wait\"\n");
+        let pipeline = crate::pipeline::parse(toml.as_bytes(), ".surveil.toml").unwrap();
+        let checkout = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::channel(1000);
+        let mut log = JobLog::new(7, 2, tx);
+        let (cancel, job) = (CancelSignal::new(), job());
+        {
+            let running = run_pipeline(&pipeline, checkout.path(), &job, &opts, &mut log, &cancel);
+            tokio::pin!(running);
+            let mut started = false;
+            for _ in 0..200 {
+                tokio::select! {
+                    outcome = &mut running => panic!("the task ended by itself: {outcome:?}"),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                if running_with(&marker) {
+                    started = true;
+                    break;
+                }
+            }
+            assert!(started, "the sandboxed task started its sleep");
+        }
+        assert!(
+            gone(&marker).await,
+            "the sandboxed task's sleep outlived its dropped future"
+        );
+    }
+
+    #[tokio::test]
     async fn a_timeout_past_the_clock_runs_the_task_instead_of_panicking() {
         // The parser caps timeouts, but `Task` is public: the executor must
         // not overflow an Instant after the process was spawned.
