@@ -311,15 +311,13 @@ impl Service {
         self.with_sched(|s| s.waiting())
     }
 
-    /// [`Service::waiting`] for those of `jobs` that are queued, by id;
-    /// empty (without asking the scheduler) when none is.
+    /// [`Service::waiting`] by job id, for looking up those of `jobs` that
+    /// are queued; empty (without asking the scheduler) when none is.
     pub fn waiting_of(&self, jobs: &[Job]) -> HashMap<JobId, Waiting> {
         if !jobs.iter().any(|j| j.status == JobStatus::Queued) {
             return HashMap::new();
         }
-        let mut waiting: HashMap<JobId, Waiting> = self.waiting().into_iter().collect();
-        waiting.retain(|id, _| jobs.iter().any(|j| j.id == *id));
-        waiting
+        self.waiting().into_iter().collect()
     }
 
     /// The newest job of every (repository, branch) pair.
