@@ -48,6 +48,11 @@ pub struct JobJson {
     pub ref_name: Option<String>,
     /// The pull (merge) request it was built for; `null` for a branch.
     pub pull_request: Option<u64>,
+    /// Why a queued job still waits (`no connected runner lists this
+    /// repository …`), as the dispatcher saw it when it answered; present
+    /// only for queued jobs, and only from dispatchers that say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Every attempt, oldest first: `job` and `rerun` only (absent from
     /// `jobs`, whose rows do not carry them).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -224,6 +229,7 @@ impl From<&JobInfo> for JobJson {
             tasks: job.tasks.iter().map(TaskJson::from).collect(),
             ref_name: non_empty(Some(&job.r#ref)),
             pull_request: job.pull_request,
+            reason: waiting_reason(job),
             attempts: None,
             log_truncated: None,
         }
@@ -489,6 +495,14 @@ fn run_time(job: &JobInfo, now_ms: u64) -> Option<Duration> {
     Some(between(started, job.finished_at_ms.unwrap_or(now_ms)))
 }
 
+/// The dispatcher's reason a queued job waits; `None` for any other job
+/// (a reason left on one that has started since would be stale).
+fn waiting_reason(job: &JobInfo) -> Option<String> {
+    (job.status() == JobStatus::Queued)
+        .then(|| non_empty(job.reason.as_deref()))
+        .flatten()
+}
+
 fn short_commit(commit: &str) -> String {
     commit.chars().take(SHORT_COMMIT).collect()
 }
@@ -533,7 +547,20 @@ pub fn jobs_table(jobs: &[JobInfo], now: SystemTime, colour: bool) -> String {
             Cell::plain(run_time(job, now_ms).map_or_else(|| "-".to_owned(), short_duration)),
         ]);
     }
-    table.render(colour)
+    let mut out = table.render(colour);
+    // Under the table rather than in a column: reasons are sentences, and
+    // only queued jobs have one.
+    let waits: Vec<(u64, String)> = jobs
+        .iter()
+        .filter_map(|j| waiting_reason(j).map(|r| (j.id, r)))
+        .collect();
+    if !waits.is_empty() {
+        out.push('\n');
+        for (id, reason) in waits {
+            out.push_str(&format!("job {id} waits: {reason}\n"));
+        }
+    }
+    out
 }
 
 /// `key: value` lines with the values lined up.
@@ -572,6 +599,9 @@ pub fn job_details(job: &JobInfo, now: SystemTime, colour: bool) -> String {
     ];
     if let Some(message) = non_empty(job.message.as_deref()) {
         pairs.push(("message", message));
+    }
+    if let Some(reason) = waiting_reason(job) {
+        pairs.push(("waiting", reason));
     }
     pairs.push(("queued", when(job.queued_at_ms, now_ms)));
     if let Some(started) = job.started_at_ms {
@@ -816,6 +846,7 @@ mod tests {
             r#ref: "refs/heads/main".into(),
             pull_request: None,
             log_truncated: false,
+            reason: None,
             attempts: Vec::new(),
             tasks: vec![
                 TaskResult {
@@ -1016,6 +1047,43 @@ mod tests {
             ]
         );
         assert_eq!(jobs_table(&[], now, false), "no jobs\n");
+    }
+
+    #[test]
+    fn a_queued_jobs_reason_shows_in_job_jobs_and_json_and_nowhere_else() {
+        let now = UNIX_EPOCH + Duration::from_millis(QUEUED_MS + 2_000);
+        let why =
+            "no connected runner lists this repository (1 connected build other repositories)";
+        let mut queued = job();
+        queued.id = 8;
+        queued.status = JobStatus::Queued as i32;
+        queued.reason = Some(why.into());
+        let table = jobs_table(&[queued.clone(), job()], now, false);
+        assert!(
+            table.ends_with(&format!("\n\njob 8 waits: {why}\n")),
+            "{table}"
+        );
+        let details = job_details(&queued, now, false);
+        assert!(
+            details.contains(&format!("\nwaiting:  {why}\n")),
+            "{details}"
+        );
+        let json = serde_json::to_string(&JobJson::from(&queued)).unwrap();
+        assert!(
+            json.contains(&format!(r#""pull_request":null,"reason":"{why}"}}"#)),
+            "{json}"
+        );
+
+        // A reason on a job that is no longer queued is not shown.
+        let mut started = queued;
+        started.status = JobStatus::Running as i32;
+        assert!(!jobs_table(std::slice::from_ref(&started), now, false).contains("waits"));
+        assert!(!job_details(&started, now, false).contains("waiting"));
+        assert!(
+            !serde_json::to_string(&JobJson::from(&started))
+                .unwrap()
+                .contains("reason")
+        );
     }
 
     #[test]

@@ -29,6 +29,14 @@ pub fn create_dir(dir: &Path) -> io::Result<()> {
     fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
 }
 
+/// Creates `dir`, which must not exist yet (its parent must), as 0700
+/// whatever the umask: for a directory whose absence is the proof that
+/// nobody else prepared it, such as a job's fresh checkout.
+pub fn create_new_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().mode(DIR_MODE).create(dir)?;
+    fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
+}
+
 /// Creates (or truncates) `path` as a 0600 file for writing. The mode is
 /// set on the open descriptor too, since the umask could only have removed
 /// bits from it and an existing file keeps its old mode on open.
@@ -157,6 +165,16 @@ mod tests {
         assert_eq!(fs::read_to_string(&file).unwrap(), "new");
         assert_eq!(mode(&file), 0o600);
         assert!(!dir.join(".f.tmp").exists(), "no temporary file left");
+    }
+
+    #[test]
+    fn a_new_directory_is_private_and_an_existing_one_is_an_error() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("fresh");
+        create_new_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let again = create_new_dir(&dir).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
     }
 
     #[test]

@@ -22,8 +22,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, broadcast};
 
 use crate::domain::{
-    AttemptRecord, BranchHead, Job, JobFilter, JobId, LogRetention, PruneRule, Pruned, RunnerView,
-    SessionId, StatusView, Submission, Waiting,
+    AttemptRecord, BranchHead, Job, JobFilter, JobId, JobStatus, LogRetention, PruneRule, Pruned,
+    RunnerView, SessionId, StatusView, Submission, Waiting,
 };
 use crate::scheduler::{CancelOutcome, Scheduler, SchedulerConfig};
 use crate::store::{JobStore, StoreError};
@@ -322,6 +322,15 @@ impl Service {
     /// state now (see [`Waiting`]).
     pub fn waiting(&self) -> Vec<(JobId, Waiting)> {
         self.with_sched(|s| s.waiting())
+    }
+
+    /// [`Service::waiting`] by job id, for looking up those of `jobs` that
+    /// are queued; empty (without asking the scheduler) when none is.
+    pub fn waiting_of(&self, jobs: &[Job]) -> HashMap<JobId, Waiting> {
+        if !jobs.iter().any(|j| j.status == JobStatus::Queued) {
+            return HashMap::new();
+        }
+        self.waiting().into_iter().collect()
     }
 
     /// The newest job of every (repository, branch) pair.

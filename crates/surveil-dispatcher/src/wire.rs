@@ -13,7 +13,7 @@ use crate::auth::Access;
 use crate::domain::{
     Attempt, AttemptRecord, AttemptStatus, CommitId, FinalStatus, Job, JobFilter, JobId, JobResult,
     JobStatus, LogChunk, LogStream, Origin, Pruned, ResultAck, RunnerHello, RunnerReport,
-    RunnerView, StatusView, Submission, TaskResult, TaskStatus, TestReport, ToRunner,
+    RunnerView, StatusView, Submission, TaskResult, TaskStatus, TestReport, ToRunner, Waiting,
 };
 use crate::service::{CancelReply, LogEvent, RerunOutcome, RerunReply};
 
@@ -469,11 +469,19 @@ pub fn list_reply(
     page: u32,
     asked: Option<u32>,
     max_frame: usize,
+    waiting: &std::collections::HashMap<JobId, Waiting>,
 ) -> proto::ListJobsReply {
     use prost::Message as _;
     let found = jobs.len();
     let mut reply = proto::ListJobsReply {
-        jobs: jobs.into_iter().take(page as usize).map(job_info).collect(),
+        jobs: jobs
+            .into_iter()
+            .take(page as usize)
+            .map(|j| {
+                let why = waiting.get(&j.id);
+                with_reason(job_info(j), why)
+            })
+            .collect(),
         more: false,
     };
     // More than the page exist, and the asker wanted more than the page.
@@ -545,7 +553,18 @@ pub fn job_info(job: Job) -> proto::JobInfo {
         tasks: job.tasks.into_iter().map(task_result).collect(),
         log_truncated: false,
         attempts: Vec::new(),
+        reason: None,
     }
+}
+
+/// `info` with why its job still waits, for a queued job the scheduler
+/// holds (`waiting`, from [`crate::service::Service::waiting_of`]). Other
+/// jobs carry no reason: a stale one would mislead more than none.
+pub fn with_reason(mut info: proto::JobInfo, waiting: Option<&Waiting>) -> proto::JobInfo {
+    if info.status == proto::JobStatus::Queued as i32 {
+        info.reason = waiting.map(|w| w.reason.describe());
+    }
+    info
 }
 
 fn task_result(t: TaskResult) -> proto::TaskResult {

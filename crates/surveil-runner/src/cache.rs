@@ -11,7 +11,6 @@
 //! while no task of the job runs (see [`crate::files`]).
 
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,10 +56,10 @@ pub enum Saved {
 impl Cache {
     /// Opens (creating) the store at `root`, at most `cap` bytes.
     pub fn open(root: &Path, cap: u64) -> io::Result<Self> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(root.join("tmp"))?;
+        // The root is the boundary that keeps the entries (made with the
+        // umask's modes) the runner's: 0700 even if it existed looser.
+        surveil_common::private::create_dir(root)?;
+        surveil_common::private::create_dir(&root.join("tmp"))?;
         // Left by a runner that stopped during a save or an eviction.
         for entry in std::fs::read_dir(root.join("tmp"))? {
             let _ = std::fs::remove_dir_all(entry?.path());

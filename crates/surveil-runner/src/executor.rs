@@ -36,6 +36,19 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a task's process group gets between SIGTERM and SIGKILL.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
 
+/// The furthest the executor ever waits: longer than any task timeout
+/// (the parser caps them at [`crate::pipeline::MAX_TIMEOUT`]) or kill
+/// grace, short enough that adding it to the clock cannot overflow.
+const NEVER: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// `wait` after `start`, saturated at [`NEVER`]: deadline arithmetic must
+/// not panic once the task's processes exist, whatever `Task` or flag it
+/// was handed. (A clock that cannot take even a year more yields `start`:
+/// a deadline at once is loud; a panic would orphan the group.)
+fn after(start: Instant, wait: Duration) -> Instant {
+    start.checked_add(wait.min(NEVER)).unwrap_or(start)
+}
+
 /// Who the job is, for the tasks' `SURVEIL_*` variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEnv {
@@ -409,7 +422,7 @@ async fn run_task(
     let (mut rx, readers) = read_output(&mut child);
 
     let mut pending = Pending::default();
-    let deadline = started + task.timeout;
+    let deadline = after(started, task.timeout);
     let mut exit: Option<ExitStatus> = None;
     let mut stop: Option<Stop> = None;
     let mut kill_at: Option<Instant> = None;
@@ -421,7 +434,7 @@ async fn run_task(
         if exit.is_some() && !pipes_open {
             break;
         }
-        let far = Instant::now() + Duration::from_secs(86_400);
+        let far = after(Instant::now(), NEVER);
         tokio::select! {
             chunk = rx.recv(), if pipes_open => match chunk {
                 Some((stream, data)) => pending.push(index, stream, &data, log).await,
@@ -443,9 +456,9 @@ async fn run_task(
                 if stop.is_none() {
                     stop = Some(Stop::Leftovers);
                     group.signal(Signal::SIGTERM);
-                    kill_at = Some(Instant::now() + options.kill_grace);
+                    kill_at = Some(after(Instant::now(), options.kill_grace));
                 }
-                give_up_at = Some(Instant::now() + options.kill_grace * 2);
+                give_up_at = Some(after(Instant::now(), options.kill_grace.saturating_mul(2)));
             }
             () = tokio::time::sleep_until(deadline), if stop.is_none() => {
                 stop = Some(Stop::TimedOut);
@@ -454,13 +467,13 @@ async fn run_task(
                     task.name, humantime::format_duration(task.timeout)
                 )).await;
                 group.signal(Signal::SIGTERM);
-                kill_at = Some(Instant::now() + options.kill_grace);
+                kill_at = Some(after(Instant::now(), options.kill_grace));
             }
             () = cancel.cancelled(), if stop.is_none() => {
                 stop = Some(Stop::Cancelled);
                 say(log, index, &format!("task `{}` cancelled ({}): terminating its process group", task.name, cancel.reason())).await;
                 group.signal(Signal::SIGTERM);
-                kill_at = Some(Instant::now() + options.kill_grace);
+                kill_at = Some(after(Instant::now(), options.kill_grace));
             }
             () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
                 kill_at = None;
@@ -483,9 +496,9 @@ async fn run_task(
         pending.push(index, stream, &data, log).await;
     }
     pending.flush(index, log).await;
-    // Whatever is left of the group dies with the task. (The group id cannot
-    // have been reused while any member lived, and is normally empty here.)
-    group.signal(Signal::SIGKILL);
+    // Whatever is left of the group dies with the task; on the ways out
+    // that never get here, dropping `group` does it.
+    group.finish();
 
     let exit = exit.unwrap_or_else(|| ExitStatus::from_raw(-1));
     (result.exit_code, result.signal) = group.decode(exit);
@@ -625,7 +638,7 @@ impl Pending {
         if self.stdout.is_empty() && self.stderr.is_empty() {
             self.flush_at = None;
         } else if self.flush_at.is_none() {
-            self.flush_at = Some(Instant::now() + FLUSH_INTERVAL);
+            self.flush_at = Some(after(Instant::now(), FLUSH_INTERVAL));
         }
     }
 
@@ -795,6 +808,112 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(gone, "grandchild {pid} survived the task's timeout");
+    }
+
+    #[tokio::test]
+    async fn dropping_a_running_task_kills_its_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let toml = format!(
+            "[[task]]\nname = \"hang\"\nrun = \"sleep 1000 & echo $! > {}.tmp; mv {0}.tmp {0}; wait\"\n",
+            pid_file.display()
+        );
+        let pipeline = crate::pipeline::parse(toml.as_bytes(), ".surveil.toml").unwrap();
+        let checkout = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::channel(1000);
+        let mut log = JobLog::new(7, 2, tx);
+        let (opts, cancel, job) = (options(&[]), CancelSignal::new(), job());
+        let pid = {
+            let running = run_pipeline(&pipeline, checkout.path(), &job, &opts, &mut log, &cancel);
+            tokio::pin!(running);
+            let mut pid = None;
+            for _ in 0..200 {
+                tokio::select! {
+                    outcome = &mut running => panic!("the task ended by itself: {outcome:?}"),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                if let Ok(text) = std::fs::read_to_string(&pid_file) {
+                    pid = Some(text.trim().parse::<i32>().unwrap());
+                    break;
+                }
+            }
+            // The runner drops a job's future when it shuts down or gives
+            // the job up: no timeout, cancel or exit is ever seen.
+            pid.expect("the task started its sleep")
+        };
+        let mut gone = false;
+        for _ in 0..100 {
+            if !alive(pid) {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !gone {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        assert!(gone, "the task's sleep {pid} outlived its dropped future");
+    }
+
+    #[tokio::test]
+    async fn dropping_a_running_sandboxed_task_kills_its_processes() {
+        let Some(opts) = sandboxed(&[]) else {
+            return;
+        };
+        let marker = marker();
+        let toml = format!("[[task]]\nname = \"hang\"\nrun = \"sleep {marker} & wait\"\n");
+        let pipeline = crate::pipeline::parse(toml.as_bytes(), ".surveil.toml").unwrap();
+        let checkout = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::channel(1000);
+        let mut log = JobLog::new(7, 2, tx);
+        let (cancel, job) = (CancelSignal::new(), job());
+        {
+            let running = run_pipeline(&pipeline, checkout.path(), &job, &opts, &mut log, &cancel);
+            tokio::pin!(running);
+            let mut started = false;
+            for _ in 0..200 {
+                tokio::select! {
+                    outcome = &mut running => panic!("the task ended by itself: {outcome:?}"),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                if running_with(&marker) {
+                    started = true;
+                    break;
+                }
+            }
+            assert!(started, "the sandboxed task started its sleep");
+        }
+        assert!(
+            gone(&marker).await,
+            "the sandboxed task's sleep outlived its dropped future"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_timeout_past_the_clock_runs_the_task_instead_of_panicking() {
+        // The parser caps timeouts, but `Task` is public: the executor must
+        // not overflow an Instant after the process was spawned.
+        let mut pipeline =
+            crate::pipeline::parse(b"[[task]]\nname = \"a\"\nrun = \"true\"\n", ".surveil.toml")
+                .unwrap();
+        pipeline.tasks[0].timeout = Duration::MAX;
+        let opts = ExecOptions {
+            kill_grace: Duration::MAX,
+            ..options(&[])
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::channel(1000);
+        let mut log = JobLog::new(7, 2, tx);
+        let outcome = run_pipeline(
+            &pipeline,
+            dir.path(),
+            &job(),
+            &opts,
+            &mut log,
+            &CancelSignal::new(),
+        )
+        .await;
+        assert_eq!(outcome.status, JobStatus::Passed, "{outcome:?}");
     }
 
     #[tokio::test]

@@ -28,6 +28,12 @@ pub const MAX_PIPELINE_BYTES: usize = 1024 * 1024;
 /// A task's timeout when the file gives none (the contract's default).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// The longest `timeout` a task may ask for. A week is beyond any build
+/// a CI runner should hold a slot for, and the cap keeps every deadline the
+/// executor computes (start + timeout + kill grace) far from overflowing an
+/// `Instant`, whatever the file says.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
 /// The largest matrix one task may expand into.
 pub const MAX_MATRIX: usize = 256;
 
@@ -325,19 +331,31 @@ fn text_of<'a>(bytes: &'a [u8], file: &str) -> Result<&'a str, PipelineError> {
     Ok(text)
 }
 
-/// The `timeout` key: a positive duration, [`DEFAULT_TIMEOUT`] when
-/// absent; a bad value is the byte offset of the value and the problem.
+/// The `timeout` key: a positive duration up to [`MAX_TIMEOUT`],
+/// [`DEFAULT_TIMEOUT`] when absent; a bad value is the byte offset of the value and the problem.
 fn timeout(value: Option<&Spanned<String>>, name: &str) -> Result<Duration, (usize, String)> {
     let Some(spanned) = value else {
         return Ok(DEFAULT_TIMEOUT);
     };
     let text = spanned.get_ref();
+    let too_long = || {
+        (
+            spanned.span().start,
+            format!(
+                "task `{name}`: timeout `{text}` is too long; a task's timeout is at most {}",
+                humantime::format_duration(MAX_TIMEOUT)
+            ),
+        )
+    };
     match humantime::parse_duration(text.trim()) {
         Ok(d) if d.is_zero() => Err((
             spanned.span().start,
             format!("task `{name}`: timeout must be greater than zero"),
         )),
+        Ok(d) if d > MAX_TIMEOUT => Err(too_long()),
         Ok(d) => Ok(d),
+        // Past u64 seconds: the same mistake as any other huge value.
+        Err(humantime::DurationError::NumberOverflow) => Err(too_long()),
         Err(e) => Err((
             spanned.span().start,
             format!(
@@ -506,6 +524,47 @@ run = "cargo clippy"
         );
         let e = err("[[task]]\nname = \"a\"\nrun = \"true\"\ntimeout = \"0s\"\n");
         assert!(e.ends_with("timeout must be greater than zero"), "{e}");
+    }
+
+    #[test]
+    fn timeout_is_capped_at_a_week() {
+        let timeout = |value: &str| {
+            parse(
+                format!("[[task]]\nname = \"a\"\nrun = \"true\"\ntimeout = \"{value}\"\n")
+                    .as_bytes(),
+                PIPELINE_FILE,
+            )
+            .map(|p| p.tasks[0].timeout)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(timeout("7d"), Ok(MAX_TIMEOUT));
+        assert_eq!(
+            timeout("7d 1s"),
+            Err(".surveil.toml: line 4, column 11: task `a`: timeout `7d 1s` is too long; a task's timeout is at most 7days".to_owned())
+        );
+        // Fits in a Duration, but start + timeout overflowed the executor's
+        // Instant after the task was spawned.
+        assert!(
+            timeout("100000000000d").unwrap_err().ends_with(
+                "timeout `100000000000d` is too long; a task's timeout is at most 7days"
+            )
+        );
+    }
+
+    #[test]
+    fn a_timeout_past_u64_seconds_is_the_same_error_not_a_parse_failure() {
+        let e =
+            err("[[task]]\nname = \"a\"\nrun = \"true\"\ntimeout = \"99999999999999999999999s\"\n");
+        assert_eq!(
+            e,
+            ".surveil.toml: line 4, column 11: task `a`: timeout `99999999999999999999999s` is too long; a task's timeout is at most 7days"
+        );
+        let e =
+            err("[[task]]\nname = \"a\"\nrun = \"true\"\ntimeout = \"300000000000000000000y\"\n");
+        assert!(
+            e.ends_with("is too long; a task's timeout is at most 7days"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -722,6 +722,7 @@ impl Isolation {
             leader: pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw),
             sandboxed: matches!(self, Isolation::Sandbox(_)),
             reaped: false,
+            finished: false,
         }
     }
 
@@ -809,11 +810,19 @@ impl Isolation {
 /// that group leaves the monitor alive to report the exit status, and a
 /// SIGKILL of PID 1 ends everything in the namespace, even processes that
 /// left the group.
+///
+/// Dropping it kills the group, so that no way out of a running task (a
+/// timeout, a cancel, a failed wait, its future dropped by a runner that
+/// shuts down or gives the job up, a panic) leaves its processes running
+/// unsupervised beside the next job.
 #[derive(Debug)]
 pub struct TaskGroup {
     leader: Option<Pid>,
     sandboxed: bool,
     reaped: bool,
+    /// [`finish`](Self::finish) sent the last SIGKILL: the group is empty,
+    /// and its id may be handed to someone else's processes from now on.
+    finished: bool,
 }
 
 impl TaskGroup {
@@ -844,6 +853,16 @@ impl TaskGroup {
         }
     }
 
+    /// Kills whatever is left of the group, once. (The group id cannot have
+    /// been reused while any member lived, and is normally empty here.)
+    /// Afterwards dropping the group signals nothing.
+    pub fn finish(&mut self) {
+        if !self.finished {
+            self.signal(Signal::SIGKILL);
+            self.finished = true;
+        }
+    }
+
     /// The spawned process has been waited for.
     pub fn reaped(&mut self) {
         self.reaped = true;
@@ -859,6 +878,12 @@ impl TaskGroup {
             }
             (code, signal) => (code, signal),
         }
+    }
+}
+
+impl Drop for TaskGroup {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -1014,6 +1039,7 @@ mod tests {
             leader: None,
             sandboxed,
             reaped: false,
+            finished: false,
         };
         let code = |c: i32| ExitStatus::from_raw(c << 8);
         assert_eq!(group(true).decode(code(137)), (None, Some(9)));

@@ -227,7 +227,10 @@ impl Workspace {
             .checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)
             .map_err(|e| failed(format!("checkout options: {e}")))?;
         options.destination_is_initially_empty = true;
-        std::fs::create_dir(dest)
+        // 0700 whatever the umask: with a task user, `jobs/` lets everyone
+        // through (0711) and job ids are guessable, so a checkout made
+        // 0777 under umask 000 could be rewritten by any local user.
+        surveil_common::private::create_new_dir(dest)
             .map_err(|e| failed(format!("creating {}: {e}", dest.display())))?;
         let objects = mirror
             .objects

@@ -437,5 +437,25 @@ fn state_files_are_private_under_umask_000() {
     for dir in ["outbox", "mirrors"] {
         assert_eq!(mode(&work.join(dir)), 0o700, "{dir}");
     }
+    // A job's checkout is made by the runner under the same umask; its task
+    // sees the mode, and fails the job if anyone else could enter it.
+    let commit = surveil_tests::cluster::commit(
+        &scene.repo_dir,
+        "report the checkout's mode",
+        &[(
+            ".surveil.toml",
+            "[[task]]\nname = \"mode\"\nrun = \"mkdir -p kept; echo x > kept/f; m=$(stat -c %a .); echo checkout mode $m; test $m = 700\"\ncache = { key = \"k\", paths = [\"kept\"] }\n",
+        )],
+    )
+    .unwrap();
+    let id = scene.submit(&[&commit]).unwrap()[0];
+    let job = scene.wait_final(id).unwrap();
+    assert_eq!(
+        surveil_tests::probe::status_of(&job),
+        surveil_proto::JobStatus::Passed,
+        "{}",
+        surveil_tests::probe::describe(&job)
+    );
+    assert_eq!(mode(&work.join("cache")), 0o700, "cache");
     runner.kill().unwrap();
 }

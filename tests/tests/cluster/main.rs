@@ -3,7 +3,8 @@
 //! (`ha`), hostile input (`hostile`) and hostile pipelines against the
 //! task sandbox (`sandbox`), stolen, scoped and revoked credentials and
 //! files at rest (`credentials`), jobs and the refs they were built for
-//! (`refs`), reruns (`rerun`), and bounded, pruned logs (`logs`).
+//! (`refs`), reruns (`rerun`), bounded, pruned logs (`logs`), and why a
+//! queued job waits (`waiting`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
@@ -17,3 +18,4 @@ mod logs;
 mod refs;
 mod rerun;
 mod sandbox;
+mod waiting;

@@ -69,7 +69,8 @@ async fn answer(
             let asked = filter.limit;
             let (filter, page) = wire::list_page(filter);
             let jobs = read(service.list_jobs(&filter).await, io).await?;
-            wire::list_reply(jobs, page, asked, io.max_frame).into()
+            let waiting = service.waiting_of(&jobs);
+            wire::list_reply(jobs, page, asked, io.max_frame, &waiting).into()
         }
         ClientRequest::GetJob(id) => {
             let job = read(service.get_job(id).await, io).await?;
@@ -77,8 +78,12 @@ async fn answer(
                 Some(_) => read(service.attempts(id).await, io).await?,
                 None => Vec::new(),
             };
+            let waiting = service.waiting_of(job.as_slice());
             GetJobReply {
-                job: job.map(|j| wire::job_with_attempts(j, attempts)),
+                job: job.map(|j| {
+                    let why = waiting.get(&j.id);
+                    wire::with_reason(wire::job_with_attempts(j, attempts), why)
+                }),
             }
             .into()
         }

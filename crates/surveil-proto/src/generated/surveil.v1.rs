@@ -442,6 +442,12 @@ pub struct JobInfo {
     /// filled where attempts are (GetJob and RerunJob replies).
     #[prost(bool, tag = "15")]
     pub log_truncated: bool,
+    /// Why a queued job still waits, for a person (e.g. "no connected runner
+    /// lists this repository (1 connected build other repositories)"), from
+    /// the dispatcher's runners at the time of the reply; absent unless the
+    /// job is QUEUED.
+    #[prost(string, optional, tag = "16")]
+    pub reason: ::core::option::Option<::prost::alloc::string::String>,
     /// Every attempt, oldest first; filled in GetJob and RerunJob replies
     /// only (lists leave it empty).
     #[prost(message, repeated, tag = "17")]

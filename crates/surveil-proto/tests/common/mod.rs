@@ -291,6 +291,7 @@ pub fn job_info(id: u64) -> JobInfo {
         pull_request: Some(4),
         log_truncated: true,
         attempts: Vec::new(),
+        reason: None,
     }
 }
 
