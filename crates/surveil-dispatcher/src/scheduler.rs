@@ -742,14 +742,34 @@ impl Scheduler {
             return ResultDecision::Unknown;
         };
         let live = j.spec.attempt == attempt;
+        // Only the lease's holder may finish it: its session, or (after a
+        // reconnect or a dispatcher restart) a session of the same runner.
+        let reporter = self.runners.get(&session).map(|r| r.name.as_str());
+        let not_holder = |holder: &str| ResultDecision::Revoked {
+            message: format!(
+                "attempt {attempt} of job {job} is held by runner {holder}, not by {}; result refused",
+                reporter.unwrap_or("this session")
+            ),
+        };
         let runner = match &j.state {
             JobState::Finishing { .. } if live => return ResultDecision::Pending,
-            JobState::Leased { session } if live => self
-                .runners
-                .get(session)
-                .map(|r| r.name.clone())
-                .unwrap_or_default(),
-            JobState::Orphaned { runner, .. } if live => runner.clone(),
+            JobState::Leased { session: holder } if live => {
+                let name = self
+                    .runners
+                    .get(holder)
+                    .map(|r| r.name.clone())
+                    .unwrap_or_default();
+                if *holder != session && reporter != Some(name.as_str()) {
+                    return not_holder(&name);
+                }
+                name
+            }
+            JobState::Orphaned { runner, .. } if live => {
+                if reporter != Some(runner.as_str()) {
+                    return not_holder(runner);
+                }
+                runner.clone()
+            }
             state => {
                 return ResultDecision::Revoked {
                     message: format!(

@@ -658,6 +658,8 @@ fn event() -> impl Strategy<Value = Event> {
 struct Model {
     /// job → attempt per the last Assign not since revoked.
     live: HashMap<JobId, Attempt>,
+    /// job → the runner name its live lease belongs to.
+    holders: HashMap<JobId, String>,
     /// Highest attempt ever assigned per job (the store's).
     assigned: HashMap<JobId, Attempt>,
     finals: HashMap<JobId, FinalStatus>,
@@ -674,8 +676,11 @@ impl Model {
     fn absorb(&mut self, effects: Vec<Effect>) -> Result<(), TestCaseError> {
         for e in effects {
             match e {
-                Effect::Assign { assignment, .. } => {
+                Effect::Assign {
+                    assignment, runner, ..
+                } => {
                     let (job, attempt) = (assignment.job, assignment.attempt);
+                    self.holders.insert(job, runner);
                     let prev = self.assigned.insert(job, attempt).unwrap_or(a(0));
                     prop_assert!(attempt > prev, "attempts grow: {prev} then {attempt}");
                     prop_assert!(!self.finals.contains_key(&job), "assigned after final");
@@ -764,7 +769,10 @@ fn result(
     // Effects emitted before the result are applied first, as the service
     // does.
     m.absorb(s.drain_effects())?;
-    let was_live = m.live.get(&id) == Some(&attempt);
+    // Live, and reported by a connected session of the runner holding it.
+    let was_live = m.live.get(&id) == Some(&attempt)
+        && m.sessions.contains_key(&name)
+        && m.holders.get(&id).map(String::as_str) == Some(NAMES[name]);
     let in_flight = m.writing.iter().any(|w| w.0 == id && w.1 == attempt);
     match s.handle_result(session, id, attempt, status, "", now) {
         ResultDecision::Accept { status, .. } => {
@@ -851,6 +859,7 @@ fn restart(s: &mut Scheduler, m: &mut Model, now: Instant) -> Result<(), TestCas
         spec.attempt = m.assigned.get(&spec.id).copied().unwrap_or(a(0));
         if m.live.contains_key(&spec.id) {
             let name = NAMES[spec.id.0 as usize % NAMES.len()].to_owned();
+            m.holders.insert(spec.id, name.clone());
             running.push((spec, name));
         } else {
             queued.push(spec);

@@ -173,6 +173,14 @@ impl Service {
             .await;
         let outcome = match answer {
             Ok(outcome) => outcome,
+            // Not this dispatcher's job (a result kept across a store
+            // restored from backup, or a confused peer): refused, so the
+            // runner drops it, and the session goes on.
+            Err(crate::store::StoreError::NoSuchJob(_)) => {
+                return Ok(self.refused(format!(
+                    "there is no job {job} in this dispatcher's store; result refused"
+                )));
+            }
             Err(err) => {
                 tracing::error!(error = %err, "cannot record the result");
                 self.with_sched(|s| decide::result_failed(s, job, attempt, now()));

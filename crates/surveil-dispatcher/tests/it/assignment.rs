@@ -146,3 +146,38 @@ async fn cancel_queued_and_running_jobs() {
     assert_eq!(job.status(), JobStatus::Cancelled);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn results_from_a_non_holder_or_for_an_unknown_job_are_refused_and_the_session_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Dispatcher::start(fast_config(dir.path())).await;
+    let mut holder = d.runner("ci-1", 1).await;
+    let mut client = d.client().await;
+    let id = client.submit(&[commit(1)]).await[0];
+    assert_eq!(holder.expect_assign().await.job_id, id);
+
+    // Another runner cannot finish ci-1's lease, even with the right
+    // (job, attempt).
+    let mut other = d.runner("ci-2", 1).await;
+    let ack = other.finish(id, 1, JobStatus::Failed).await;
+    assert!(!ack.accepted);
+    assert!(
+        ack.message.contains("held by runner ci-1"),
+        "{}",
+        ack.message
+    );
+
+    // A result for a job this store never had is refused, not a reason to
+    // close the connection: the runner drops it and carries on.
+    let ack = other.finish(9_999, 1, JobStatus::Passed).await;
+    assert!(!ack.accepted);
+    assert!(ack.message.contains("no job 9999"), "{}", ack.message);
+    let next = client.submit(&[commit(2)]).await[0];
+    assert_eq!(other.expect_assign().await.job_id, next);
+    assert!(other.finish(next, 1, JobStatus::Passed).await.accepted);
+
+    // The holder's own result still lands.
+    assert!(holder.finish(id, 1, JobStatus::Passed).await.accepted);
+    assert_eq!(client.job(id).await.unwrap().status(), JobStatus::Passed);
+    d.stop().await;
+}
