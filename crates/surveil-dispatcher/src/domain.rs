@@ -328,6 +328,9 @@ pub struct Job {
     /// The last attempt of the runs before the latest rerun (0 when never
     /// rerun): attempts after it count against `--max-attempts`.
     pub rerun_base: Attempt,
+    /// A cancel was asked while it ran and its runner has not answered yet
+    /// (recovery tells the runner again).
+    pub cancel_requested: bool,
 }
 
 /// One attempt of a job, as recorded: who ran it and how it ended.

@@ -222,6 +222,15 @@ impl Service {
     /// lost. The reply shows the job as recorded after the decision.
     pub async fn cancel(&self, job: JobId) -> Result<CancelReply, ServiceError> {
         let outcome = self.with_sched(|s| s.handle_cancel(job, now()));
+        if outcome == CancelOutcome::Cancelling {
+            // Durable before acknowledged: a restart must still cancel it.
+            // On failure the runner may already stop the job (the
+            // scheduler keeps the request), but the user is told it failed.
+            if let Err(err) = self.store.request_cancel(job).await {
+                self.apply_effects().await;
+                return Err(err.into());
+            }
+        }
         // The reply reflects the durable state: apply the decision first.
         self.apply_effects().await;
         if outcome == CancelOutcome::Cancelling {

@@ -230,6 +230,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// job; `NoSuchJob` for an unknown one.
     fn rerun(&self, job: JobId) -> StoreFuture<'_, ()>;
 
+    /// Records that a cancel was asked of a running job, so a restarted
+    /// dispatcher still cancels it (`Job::cancel_requested`; cleared by a
+    /// rerun). `false`, changing nothing, when the job is not running.
+    fn request_cancel(&self, job: JobId) -> StoreFuture<'_, bool>;
+
     /// Deletes the stored logs of up to `batch` attempts of finished jobs
     /// that `rule` selects, marking them `log_pruned` (the job and attempt
     /// rows, results and tasks stay). One transaction per call, so a large

@@ -34,8 +34,12 @@ pub enum ReportDecision {
 pub fn recover(sched: &mut Scheduler, unfinished: Vec<Job>, now: Instant) -> (usize, usize) {
     let mut queued = Vec::new();
     let mut running = Vec::new();
+    let mut cancelled = Vec::new();
     for job in unfinished {
         let runner = job.runner.clone().unwrap_or_default();
+        if job.status == JobStatus::Running && job.cancel_requested {
+            cancelled.push(job.id);
+        }
         let spec = JobSpec {
             id: job.id,
             repo: job.repo,
@@ -53,6 +57,11 @@ pub fn recover(sched: &mut Scheduler, unfinished: Vec<Job>, now: Instant) -> (us
     }
     let counts = (queued.len(), running.len());
     sched.handle_recovered(queued, running, now);
+    // An acknowledged cancel outlives the restart: the runner is told again
+    // when it reclaims the lease, or the job ends cancelled if it does not.
+    for job in cancelled {
+        sched.handle_cancel(job, now);
+    }
     counts
 }
 

@@ -107,6 +107,11 @@ impl JobStore for Counting {
         self.inner.rerun(job)
     }
 
+    fn request_cancel(&self, job: JobId) -> StoreFuture<'_, bool> {
+        self.write();
+        self.inner.request_cancel(job)
+    }
+
     fn prune_logs(
         &self,
         rule: crate::domain::PruneRule,

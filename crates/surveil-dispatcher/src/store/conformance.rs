@@ -63,6 +63,7 @@ macro_rules! store_conformance_tests {
             logs_are_idempotent_and_read_up_to_a_gap,
             logs_stop_at_the_cap_and_after_the_result,
             prune_deletes_old_logs_and_keeps_the_jobs,
+            a_cancel_request_is_kept_until_a_rerun,
             listing_filters_newest_first,
             jobs_record_their_ref_and_pull_request,
             listing_pages_by_before_without_gaps_or_repeats,
@@ -718,6 +719,25 @@ pub async fn prune_deletes_old_logs_and_keeps_the_jobs<F: StoreFactory>(factory:
         store.prune_logs(PruneRule::default(), 10).await.unwrap(),
         Pruned::default()
     );
+}
+
+/// A cancel asked of a running job is recorded (recovery reads it from
+/// `unfinished`); of any other job it changes nothing; a rerun clears it.
+pub async fn a_cancel_request_is_kept_until_a_rerun<F: StoreFactory>(factory: &F) {
+    let (_place, store) = fresh(factory).await;
+    let store = &*store;
+    let id = submit(store, &[1]).await[0];
+    assert!(!store.request_cancel(id).await.unwrap(), "queued: nothing");
+    store.assign(id, Attempt(1), "ci-1", 1).await.unwrap();
+    assert!(store.request_cancel(id).await.unwrap());
+    assert!(job(store, id).await.cancel_requested);
+    let unfinished = store.unfinished().await.unwrap();
+    assert!(unfinished.iter().any(|j| j.id == id && j.cancel_requested));
+    record(store, id, 1, FinalStatus::Cancelled).await;
+    assert!(!store.request_cancel(id).await.unwrap(), "final: nothing");
+    store.rerun(id).await.unwrap();
+    assert!(!job(store, id).await.cancel_requested);
+    assert!(!store.request_cancel(JobId(404)).await.unwrap());
 }
 
 /// Listing: newest first, filters combine, a limit caps.

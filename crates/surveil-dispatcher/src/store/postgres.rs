@@ -364,6 +364,12 @@ impl JobStore for PostgresStore {
         }))))
     }
 
+    fn request_cancel(&self, job: JobId) -> StoreFuture<'_, bool> {
+        Box::pin(self.write(op(Box::new(move |c: &Conn| {
+            Box::pin(sql::request_cancel(c, job))
+        }))))
+    }
+
     fn prune_logs(&self, rule: PruneRule, batch: u32) -> StoreFuture<'_, Pruned> {
         Box::pin(self.write(op(Box::new(move |c: &Conn| {
             Box::pin(sql::prune_logs(c, rule, batch))

@@ -283,6 +283,10 @@ impl JobStore for SqliteStore {
         Box::pin(self.write(move |c| sql::append_log(c, job, attempt, &chunk, cap)))
     }
 
+    fn request_cancel(&self, job: JobId) -> StoreFuture<'_, bool> {
+        Box::pin(self.write(move |c| sql::request_cancel(c, job)))
+    }
+
     fn prune_logs(&self, rule: PruneRule, batch: u32) -> StoreFuture<'_, Pruned> {
         Box::pin(self.write(move |c| sql::prune_logs(c, rule, batch)))
     }

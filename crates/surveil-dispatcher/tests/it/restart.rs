@@ -89,3 +89,43 @@ async fn a_runner_reconnecting_within_the_timeout_after_restart_keeps_its_lease(
     assert_eq!((first.status(), first.attempt), (JobStatus::Passed, 1));
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_cancel_acknowledged_before_a_restart_still_cancels_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Dispatcher::start(fast_config(dir.path())).await;
+    let mut client = d.client().await;
+    let id = client.submit(&[commit(1)]).await[0];
+    let mut runner = d.runner("ci-1", 1).await;
+    assert_eq!(runner.expect_assign().await.job_id, id);
+    match client.call(CancelJob { job_id: id }).await {
+        Msg::CancelJobReply(r) => assert!(r.ok, "{r:?}"),
+        other => panic!("expected CancelJobReply, got {other:?}"),
+    }
+    // The dispatcher goes down before the runner acts on its Cancel.
+    drop(client);
+    d.stop().await;
+    drop(runner);
+
+    let d = Dispatcher::start(fast_config(dir.path())).await;
+    let mut runner = d
+        .runner_with_leases(
+            "ci-1",
+            1,
+            vec![Lease {
+                job_id: id,
+                attempt: 1,
+            }],
+        )
+        .await;
+    match runner.recv().await {
+        Some(Msg::Cancel(c)) => assert_eq!((c.job_id, c.attempt), (id, 1)),
+        other => panic!("expected Cancel after the restart, got {other:?}"),
+    }
+    let ack = runner.finish(id, 1, JobStatus::Passed).await;
+    assert!(ack.accepted);
+    let mut client = d.client().await;
+    let job = client.job(id).await.unwrap();
+    assert_eq!(job.status(), JobStatus::Cancelled, "the cancel wins");
+    d.stop().await;
+}

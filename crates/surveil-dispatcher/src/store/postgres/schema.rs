@@ -130,6 +130,10 @@ pub const MIGRATIONS: &[&str] = &[
         ADD COLUMN log_pruned    BOOLEAN NOT NULL DEFAULT false;
     CREATE INDEX attempts_with_logs ON attempts (job_id, attempt) WHERE NOT log_pruned;
     "#,
+    // 6: a cancel asked of a running job, as in SQLite's sixth script.
+    r#"
+    ALTER TABLE jobs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT false;
+    "#,
 ];
 
 /// Applies every script the database has not had yet. Refuses a database

@@ -520,12 +520,26 @@ pub async fn rerun(c: &Conn, job: JobId) -> Result<(), StoreError> {
     exec(
         c,
         "UPDATE jobs SET status = 'queued', runner = NULL, message = NULL, \
-         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = $2 WHERE id = $1",
+         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = $2, cancel_requested = false \
+         WHERE id = $1",
         &[&id_of(job), &att(current)],
         "queueing a rerun",
     )
     .await?;
     Ok(())
+}
+
+/// Records that a cancel was asked of a running job (see the SQLite
+/// store's `request_cancel`).
+pub async fn request_cancel(c: &Conn, job: JobId) -> Result<bool, StoreError> {
+    let changed = exec(
+        c,
+        "UPDATE jobs SET cancel_requested = true WHERE id = $1 AND status = 'running'",
+        &[&id_of(job)],
+        "recording a cancel request",
+    )
+    .await?;
+    Ok(changed > 0)
 }
 
 /// Deletes the logs of up to `batch` attempts of finished jobs `rule`
@@ -608,6 +622,7 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
         pull_request: get_opt_u64(row, 12)?,
         tasks: Vec::new(),
         rerun_base: get_attempt(row, 13)?,
+        cancel_requested: row.try_get(14).ctx("reading whether a cancel was asked")?,
     })
 }
 

@@ -120,6 +120,11 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE attempts ADD COLUMN log_pruned INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX attempts_with_logs ON attempts (job_id, attempt) WHERE log_pruned = 0;
     "#,
+    // 6: a cancel asked of a running job, kept until its runner answers
+    // (issue 19): a restart must not forget an acknowledged cancel.
+    r#"
+    ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Applies every script the database has not had yet, each in its own

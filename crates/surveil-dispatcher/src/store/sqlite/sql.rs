@@ -477,11 +477,22 @@ pub fn rerun(c: &Connection, job: JobId) -> Result<(), StoreError> {
     fencing::rerun(job, status)?;
     c.execute(
         "UPDATE jobs SET status = 'queued', runner = NULL, message = NULL, \
-         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = ?2 WHERE id = ?1",
+         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = ?2, cancel_requested = 0 \
+         WHERE id = ?1",
         params![id_of(job), current.0],
     )
     .ctx("queueing a rerun")?;
     Ok(())
+}
+
+/// Records that a cancel was asked of a running job (see
+/// [`JobStore::request_cancel`](crate::store::JobStore::request_cancel)).
+pub fn request_cancel(c: &Connection, job: JobId) -> Result<bool, StoreError> {
+    let changed = c
+        .prepare_cached("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND status = 'running'")
+        .and_then(|mut stmt| stmt.execute([id_of(job)]))
+        .ctx("recording a cancel request")?;
+    Ok(changed > 0)
 }
 
 /// Deletes the logs of up to `batch` attempts of finished jobs `rule`
@@ -563,6 +574,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         pull_request: get_opt_u64(row, 12)?,
         tasks: Vec::new(),
         rerun_base: get_attempt(row, 13)?,
+        cancel_requested: row.get(14)?,
     })
 }
 

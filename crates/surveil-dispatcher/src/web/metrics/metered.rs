@@ -101,6 +101,10 @@ impl JobStore for MeteredStore {
         self.timed(self.inner.rerun(job))
     }
 
+    fn request_cancel(&self, job: JobId) -> StoreFuture<'_, bool> {
+        self.timed(self.inner.request_cancel(job))
+    }
+
     fn prune_logs(
         &self,
         rule: crate::domain::PruneRule,
