@@ -91,6 +91,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             0 => u32::MAX,
             n => u32::from(n),
         },
+        // Past anything a fuzz case's ticks add up to.
+        job_timeout: Duration::from_secs(24 * 3600),
     };
     let start = Instant::now();
     let mut m = Model {

@@ -13,6 +13,7 @@ mod client;
 mod codec;
 mod http;
 mod latency;
+mod logs;
 mod scale;
 
 use std::fmt::Write as _;
@@ -32,8 +33,8 @@ pub use scale::load as load_tool;
 use client::Client;
 
 /// Every scenario id, in the order they run.
-pub const SCENARIOS: [&str; 11] = [
-    "S1", "S2", "S3a", "S3b", "S4", "M", "C", "codec", "H1", "H2", "H3",
+pub const SCENARIOS: [&str; 12] = [
+    "S1", "S2", "S3a", "S3b", "S4", "M", "C", "codec", "H1", "H2", "H3", "L",
 ];
 
 #[derive(Debug, Default)]
@@ -428,7 +429,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
 
     let mut outcomes = Vec::new();
     type Scenario = fn(&Env, &mut Outcome) -> Result<()>;
-    let scenarios: [(&'static str, &'static str, &'static str, Scenario); 11] = [
+    let scenarios: [(&'static str, &'static str, &'static str, Scenario); 12] = [
         (
             "S1",
             "commit → result, 1 runner, pipeline `true`",
@@ -494,6 +495,12 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
             "200 SSE followers of one busy job",
             "≤ 10 % of a core for the dispatcher",
             http::h3,
+        ),
+        (
+            "L",
+            "log ingest: a task printing 1 GiB, --max-log-size raised",
+            "MiB/s into the store (no target); dispatcher VmHWM ≤ 64 MiB; status ≤ 100 ms median",
+            logs::l,
         ),
     ];
     for (id, title, target, scenario) in scenarios {

@@ -49,6 +49,10 @@ pub struct Cli {
     /// Largest frame accepted or sent.
     #[arg(long, env = "SURVEIL_MAX_FRAME", default_value = "8MiB", value_parser = surveil_common::parse_size)]
     pub max_frame: u64,
+    /// How long one attempt of a job may run; then its runner is told to
+    /// cancel it, and a runner timeout later it ends `error` regardless.
+    #[arg(long, env = "SURVEIL_JOB_TIMEOUT", default_value = "24h", value_parser = surveil_common::parse_duration)]
+    pub job_timeout: Duration,
     /// Most connections open at once (runners, observers, clients); more
     /// are refused until some close.
     #[arg(long, env = "SURVEIL_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
@@ -137,6 +141,10 @@ pub struct Cli {
     pub refuse_token: surveil_common::RefuseTokenFlag,
 }
 
+/// `--job-timeout`'s default: generous, so only a job that is truly stuck
+/// (a hung fetch, a deadlocked test past its task timeouts) meets it.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// `--max-connections`' default: the S4 benchmark's 10,000 runners, with
 /// room for observers and clients.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 16_384;
@@ -171,6 +179,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Largest frame accepted or sent, in bytes.
     pub max_frame: usize,
+    /// `--job-timeout`: how long one attempt may run.
+    pub job_timeout: Duration,
     /// `--max-connections`.
     pub max_connections: u32,
     /// `--max-unauthenticated-per-ip`.
@@ -216,6 +226,7 @@ impl Config {
             max_attempts: 3,
             handshake_timeout: Duration::from_secs(5),
             max_frame: surveil_proto::DEFAULT_MAX_FRAME,
+            job_timeout: DEFAULT_JOB_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_unauthenticated_per_ip: 256,
             max_log_size: crate::service::DEFAULT_MAX_LOG_SIZE,
@@ -270,6 +281,12 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
             cli.max_frame
         ));
     }
+    if cli.job_timeout < Duration::from_secs(1) {
+        problems.push(format!(
+            "--job-timeout must be at least 1s (got {:?})",
+            cli.job_timeout
+        ));
+    }
     if cli.max_connections == 0 {
         problems.push("--max-connections must be at least 1".to_owned());
     }
@@ -322,6 +339,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         max_attempts: cli.max_attempts,
         handshake_timeout: cli.handshake_timeout,
         max_frame: usize::try_from(cli.max_frame).ok()?,
+        job_timeout: cli.job_timeout,
         max_connections: cli.max_connections,
         max_unauthenticated_per_ip: cli.max_unauthenticated_per_ip,
         max_log_size: cli.max_log_size,
@@ -602,6 +620,9 @@ mod tests {
         assert_eq!(c.max_log_size, 64 * 1024 * 1024);
         assert_eq!(c.retain_logs, LogRetention::Off);
         assert_eq!(c.max_connections, 16_384);
+        assert_eq!(c.job_timeout, Duration::from_secs(24 * 3600));
+        let err = parse(&["--state-dir", "/tmp/x", "--job-timeout", "0s"]).unwrap_err();
+        assert!(err.contains("--job-timeout must be at least 1s"), "{err}");
         assert_eq!(c.max_unauthenticated_per_ip, 256);
         let err = parse(&["--state-dir", "/tmp/x", "--max-connections", "0"]).unwrap_err();
         assert!(

@@ -223,6 +223,7 @@ pub(crate) async fn serve_on(
     let sched = SchedulerConfig {
         runner_timeout: config.runner_timeout,
         max_attempts: config.max_attempts,
+        job_timeout: config.job_timeout,
     };
     let metrics = web::Metrics::new();
     let store: Arc<dyn JobStore> =

@@ -42,6 +42,10 @@ pub struct SchedulerConfig {
     pub runner_timeout: Duration,
     /// How many attempts of a job may be lost before it ends `error`.
     pub max_attempts: u32,
+    /// How long one attempt may run (`--job-timeout`): then its runner is
+    /// told to cancel it, and a runner timeout later it ends `error` even
+    /// if the runner never answers (a fetch hung past every timeout).
+    pub job_timeout: Duration,
 }
 
 /// What the scheduler needs to know about a job.
@@ -231,6 +235,11 @@ struct Job {
     spec: JobSpec,
     state: JobState,
     cancel_requested: bool,
+    /// When the running attempt passes `--job-timeout` (then, once
+    /// `timed_out`, when it is ended without its runner).
+    deadline: Option<Instant>,
+    /// Its runner was told to cancel it for running past `--job-timeout`.
+    timed_out: bool,
 }
 
 /// The scheduling state machine. See the module documentation.
@@ -419,6 +428,9 @@ impl Scheduler {
                     spec,
                     state: JobState::Orphaned { runner, deadline },
                     cancel_requested: false,
+                    // How long it ran before the restart is not known here.
+                    deadline: Some(now + self.config.job_timeout),
+                    timed_out: false,
                 },
             );
         }
@@ -452,6 +464,8 @@ impl Scheduler {
                 spec,
                 state: JobState::Queued,
                 cancel_requested: false,
+                deadline: None,
+                timed_out: false,
             },
         );
         self.queue.insert(id);
@@ -645,6 +659,56 @@ impl Scheduler {
                 &format!("runner {runner} did not come back within {timeout:?}"),
             );
         }
+        self.enforce_job_timeout(now);
+    }
+
+    /// Attempts past `--job-timeout`: their runner is told to cancel; one
+    /// runner timeout later, a job still not reported ends `error`
+    /// without it (the runner's late result is then stale).
+    fn enforce_job_timeout(&mut self, now: Instant) {
+        let grace = self.config.runner_timeout;
+        let limit = self.config.job_timeout;
+        let due: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                matches!(j.state, JobState::Leased { .. } | JobState::Orphaned { .. })
+                    && j.deadline.is_some_and(|d| d <= now)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for job in due {
+            let Some(j) = self.jobs.get_mut(&job) else {
+                continue;
+            };
+            if !j.timed_out {
+                j.timed_out = true;
+                j.deadline = Some(now + grace);
+                if let JobState::Leased { session } = j.state {
+                    let attempt = j.spec.attempt;
+                    self.emit(Effect::Cancel {
+                        session,
+                        job,
+                        attempt,
+                    });
+                }
+                continue;
+            }
+            if let JobState::Leased { session } = j.state
+                && let Some(r) = self.runners.get_mut(&session)
+            {
+                r.leases.remove(&job);
+            }
+            self.jobs.remove(&job);
+            self.queue.remove(&job);
+            self.emit(Effect::Finish {
+                job,
+                status: FinalStatus::Error,
+                message: format!(
+                    "ran past --job-timeout ({limit:?}) and its runner did not stop it within {grace:?}"
+                ),
+            });
+        }
     }
 
     /// The attempt was lost (runner gone): requeue, or end the job when it
@@ -692,6 +756,8 @@ impl Scheduler {
             });
         } else {
             j.state = JobState::Queued;
+            j.deadline = None;
+            j.timed_out = false;
             self.queue.insert(job);
             self.reassignments += 1;
             self.emit(Effect::Requeue {
@@ -784,7 +850,20 @@ impl Scheduler {
                 };
             }
         };
-        let (status, message) = if j.cancel_requested {
+        let (status, message) = if j.timed_out && !j.cancel_requested {
+            (
+                FinalStatus::Error,
+                format!(
+                    "ran past --job-timeout ({:?}) and was stopped{}",
+                    self.config.job_timeout,
+                    if message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {message}")
+                    }
+                ),
+            )
+        } else if j.cancel_requested {
             (
                 FinalStatus::Cancelled,
                 if message.is_empty() {
@@ -923,7 +1002,7 @@ impl Scheduler {
     /// The scheduling pass: assigns queued jobs, oldest first, to connected
     /// runners that build their repository and have a free slot, spreading
     /// them over the least-loaded runners.
-    pub fn schedule(&mut self, _now: Instant) {
+    pub fn schedule(&mut self, now: Instant) {
         if self.queue.is_empty() {
             return;
         }
@@ -953,6 +1032,8 @@ impl Scheduler {
             let j = self.jobs.get_mut(&job).expect("checked above");
             j.spec.attempt = j.spec.attempt.next();
             j.state = JobState::Leased { session };
+            j.deadline = Some(now + self.config.job_timeout);
+            j.timed_out = false;
             let assignment = Assignment {
                 job,
                 attempt: j.spec.attempt,

@@ -11,10 +11,14 @@ use super::*;
 const TIMEOUT: Duration = Duration::from_secs(5);
 const REPO: &str = "/srv/git/app";
 
+/// Long enough that only the tests about it reach it.
+const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+
 fn sched(max_attempts: u32) -> Scheduler {
     Scheduler::new(SchedulerConfig {
         runner_timeout: TIMEOUT,
         max_attempts,
+        job_timeout: JOB_TIMEOUT,
     })
 }
 
@@ -966,4 +970,76 @@ proptest! {
     fn invariants_hold_for_random_event_sequences(events in prop::collection::vec(event(), 1..60)) {
         run_events(events)?;
     }
+}
+
+#[test]
+fn an_attempt_past_the_job_timeout_is_cancelled_then_ended_without_its_runner() {
+    let t0 = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 1), t0);
+    s.handle_runner_connected(sid(2), runner("b", 1), t0);
+    s.handle_job_submitted(job(1, REPO), t0);
+    s.handle_job_submitted(job(2, REPO), t0);
+    s.schedule(t0);
+    let placed = assigns(&s.drain_effects());
+    assert_eq!(placed.len(), 2, "{placed:?}");
+    let on = |job: u64| sid(placed.iter().find(|p| p.1 == job).unwrap().0);
+    let alive = |s: &mut Scheduler, at: Instant| {
+        s.handle_frame(sid(1), at);
+        s.handle_frame(sid(2), at);
+    };
+
+    let before = t0 + JOB_TIMEOUT - Duration::from_millis(1);
+    alive(&mut s, before);
+    s.handle_tick(before);
+    assert!(s.drain_effects().is_empty(), "not yet");
+
+    // At the timeout both runners are told to cancel.
+    let due = t0 + JOB_TIMEOUT;
+    alive(&mut s, due);
+    s.handle_tick(due);
+    let effects = s.drain_effects();
+    for id in [1, 2] {
+        assert!(
+            effects.contains(&Effect::Cancel {
+                session: on(id),
+                job: j(id),
+                attempt: a(1),
+            }),
+            "{effects:?}"
+        );
+    }
+    // Job 1's runner stops it: whatever it says, the job ends error.
+    match s.handle_result(on(1), j(1), a(1), FinalStatus::Cancelled, "killed", due) {
+        ResultDecision::Accept { status, message } => {
+            assert_eq!(status, FinalStatus::Error);
+            assert!(
+                message.contains("--job-timeout") && message.contains("killed"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    s.handle_result_stored(j(1), a(1));
+
+    // Job 2's runner never answers: a runner timeout later it ends error
+    // without it, and its late result changes nothing.
+    let later = due + TIMEOUT;
+    alive(&mut s, later);
+    s.handle_tick(later);
+    let effects = s.drain_effects();
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::Finish { job, status: FinalStatus::Error, message }
+                if *job == j(2) && message.contains("did not stop it")
+        )),
+        "{effects:?}"
+    );
+    assert_eq!(
+        s.handle_result(on(2), j(2), a(1), FinalStatus::Passed, "", later),
+        ResultDecision::Unknown
+    );
+    assert_eq!(s.counts(), (0, 0));
+    s.check_invariants().unwrap();
 }

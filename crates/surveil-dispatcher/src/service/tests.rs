@@ -217,6 +217,7 @@ impl Harness {
         let config = SchedulerConfig {
             runner_timeout: Duration::from_secs(5),
             max_attempts: 3,
+            job_timeout: Duration::from_secs(24 * 3600),
         };
         let service = Service::open(store.clone(), config).await.unwrap();
         Harness {
