@@ -75,12 +75,28 @@ impl Probe {
         })
     }
 
-    /// Every job, newest first.
+    /// Every job, newest first, page after page (a reply holds at most
+    /// 1,000 jobs).
     pub fn jobs(&self) -> Result<Vec<JobInfo>> {
-        match self.request(ListJobs::default())? {
-            Msg::ListJobsReply(reply) => Ok(reply.jobs),
-            other => bail!("ListJobs answered with {}", other.name()),
+        let mut jobs: Vec<JobInfo> = Vec::new();
+        let mut before = None;
+        // Bounded: a million jobs is far past any story or soak.
+        for _ in 0..1_000 {
+            let query = ListJobs {
+                before,
+                ..ListJobs::default()
+            };
+            let reply = match self.request(query)? {
+                Msg::ListJobsReply(reply) => reply,
+                other => bail!("ListJobs answered with {}", other.name()),
+            };
+            before = reply.jobs.last().map(|j| j.id);
+            jobs.extend(reply.jobs);
+            if !reply.more || before.is_none() {
+                return Ok(jobs);
+            }
         }
+        bail!("ListJobs kept saying more after 1,000 pages")
     }
 
     pub fn job(&self, job_id: u64) -> Result<Option<JobInfo>> {
