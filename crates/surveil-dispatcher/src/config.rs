@@ -53,6 +53,11 @@ pub struct Cli {
     /// cancel it, and a runner timeout later it ends `error` regardless.
     #[arg(long, env = "SURVEIL_JOB_TIMEOUT", default_value = "24h", value_parser = surveil_common::parse_duration)]
     pub job_timeout: Duration,
+    /// Store writes failing in a row (a full or failing disk) after which
+    /// the dispatcher stops and exits non-zero, for its service manager to
+    /// restart it.
+    #[arg(long, env = "SURVEIL_MAX_STORE_FAILURES", default_value_t = 5)]
+    pub max_store_failures: u32,
     /// Most connections open at once (runners, observers, clients); more
     /// are refused until some close.
     #[arg(long, env = "SURVEIL_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
@@ -181,6 +186,8 @@ pub struct Config {
     pub max_frame: usize,
     /// `--job-timeout`: how long one attempt may run.
     pub job_timeout: Duration,
+    /// `--max-store-failures`.
+    pub max_store_failures: u32,
     /// `--max-connections`.
     pub max_connections: u32,
     /// `--max-unauthenticated-per-ip`.
@@ -227,6 +234,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(5),
             max_frame: surveil_proto::DEFAULT_MAX_FRAME,
             job_timeout: DEFAULT_JOB_TIMEOUT,
+            max_store_failures: 5,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_unauthenticated_per_ip: 256,
             max_log_size: crate::service::DEFAULT_MAX_LOG_SIZE,
@@ -287,6 +295,9 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
             cli.job_timeout
         ));
     }
+    if cli.max_store_failures == 0 {
+        problems.push("--max-store-failures must be at least 1".to_owned());
+    }
     if cli.max_connections == 0 {
         problems.push("--max-connections must be at least 1".to_owned());
     }
@@ -340,6 +351,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         handshake_timeout: cli.handshake_timeout,
         max_frame: usize::try_from(cli.max_frame).ok()?,
         job_timeout: cli.job_timeout,
+        max_store_failures: cli.max_store_failures,
         max_connections: cli.max_connections,
         max_unauthenticated_per_ip: cli.max_unauthenticated_per_ip,
         max_log_size: cli.max_log_size,

@@ -58,6 +58,7 @@ pub mod wire;
 
 mod credentials;
 mod ha;
+mod health;
 mod limits;
 mod monitor;
 mod pruner;
@@ -226,8 +227,15 @@ pub(crate) async fn serve_on(
         job_timeout: config.job_timeout,
     };
     let metrics = web::Metrics::new();
-    let store: Arc<dyn JobStore> =
-        Arc::new(web::metrics::MeteredStore::new(store, Arc::clone(&metrics)));
+    let health = Arc::new(health::StoreHealth::new(config.max_store_failures));
+    let store: Arc<dyn JobStore> = Arc::new(web::metrics::MeteredStore::new(
+        store,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+    ));
+    // Everything below stops on a shutdown or when the store trips the
+    // fail-stop.
+    let shutdown = health.or(shutdown);
     let auth = authenticator(&config)?;
     let service = Service::open(store, sched)
         .await
@@ -296,6 +304,11 @@ pub(crate) async fn serve_on(
         );
     }
     drop(supervisor);
+    if health.tripped().is_cancelled() {
+        // The store is failing: finishing its writes would fail too.
+        let _ = daemon.service.close().await;
+        anyhow::bail!("{}", health.reason());
+    }
     // Effects decided while closing (none for runners at shutdown, but a
     // client's cancel may be in flight) are made durable before we return.
     daemon

@@ -97,6 +97,15 @@ impl Dispatcher {
         (d, base)
     }
 
+    /// Waits for the dispatcher to return by itself (it was not told to
+    /// stop), and gives its answer.
+    pub async fn exited(self) -> anyhow::Result<()> {
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("the dispatcher returns in time")
+            .expect("dispatcher task did not panic")
+    }
+
     /// Cancels and waits for a clean return.
     pub async fn stop(self) {
         self.shutdown.cancel();

@@ -64,3 +64,37 @@ async fn a_result_the_store_failed_to_record_is_resent_after_reconnecting_and_re
     assert_eq!((status.reassignments, status.refused_results), (0, 0));
     d.stop().await;
 }
+
+#[tokio::test]
+async fn writes_failing_in_a_row_make_the_dispatcher_stop_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = fast_config(dir.path());
+    config.max_store_failures = 2;
+    let store = SqliteStore::open(&config.state_dir).unwrap();
+    let d = Dispatcher::start_on(config, Arc::new(store.clone())).await;
+    store.fail_next_commits(10);
+    // Each failed submit closes its client's connection; two in a row trip
+    // the fail-stop.
+    for n in 1..=2 {
+        let mut client = d.client().await;
+        client
+            .conn
+            .send(Submit {
+                repo: REPO.to_owned(),
+                branch: "main".to_owned(),
+                commits: vec![commit(n)],
+                ..Submit::default()
+            })
+            .await
+            .unwrap();
+        match client.recv().await {
+            Some(Msg::Error(e)) => assert!(e.message.contains("could not store"), "{e:?}"),
+            other => panic!("expected an Error, got {other:?}"),
+        }
+    }
+    let err = d.exited().await.unwrap_err().to_string();
+    assert!(
+        err.contains("failed 2 writes in a row") && err.contains("restarts the dispatcher"),
+        "{err}"
+    );
+}

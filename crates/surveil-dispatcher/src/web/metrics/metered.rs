@@ -18,12 +18,21 @@ use crate::store::{JobStore, RecordOutcome, StoreFuture};
 pub struct MeteredStore {
     inner: Arc<dyn JobStore>,
     metrics: Arc<Metrics>,
+    health: Arc<crate::health::StoreHealth>,
 }
 
 impl MeteredStore {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn JobStore>, metrics: Arc<Metrics>) -> MeteredStore {
-        MeteredStore { inner, metrics }
+    /// Wraps `inner`; every write's answer is also counted by `health`.
+    pub(crate) fn new(
+        inner: Arc<dyn JobStore>,
+        metrics: Arc<Metrics>,
+        health: Arc<crate::health::StoreHealth>,
+    ) -> MeteredStore {
+        MeteredStore {
+            inner,
+            metrics,
+            health,
+        }
     }
 
     fn timed<'a, T: Send + 'a>(&'a self, write: StoreFuture<'a, T>) -> StoreFuture<'a, T> {
@@ -33,6 +42,7 @@ impl MeteredStore {
             if answer.is_ok() {
                 self.metrics.store_commit(started);
             }
+            self.health.observe(&answer);
             answer
         })
     }
