@@ -21,6 +21,17 @@ pub const STEP: Duration = Duration::from_secs(30);
 /// How often a condition is polled.
 pub const POLL: Duration = Duration::from_millis(50);
 
+/// The stdout of a command that must have succeeded (else its stderr is
+/// the failure).
+pub fn ok_stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Builds the daemons once for all the stories in this binary.
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
@@ -311,6 +322,16 @@ impl Scene {
         self.wait_job(id, &format!("job {id} to finish"), STEP, |j| {
             status_of(j).is_final()
         })
+    }
+
+    /// Runs `surveil --dispatch ADDR args…` against this scene's dispatcher.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(&bins().cli)
+            .args(["--dispatch", &self.addr])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
     }
 
     /// Opens `gate`: the jobs waiting on it pass.

@@ -4,7 +4,7 @@
 //! prune` deletes finished jobs' logs and keeps the jobs; `--retain-logs`
 //! prunes by itself when the dispatcher starts.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use surveil_proto::JobStatus;
 use surveil_tests::cluster::{self, wait_for};
@@ -14,26 +14,8 @@ use crate::common::*;
 
 const CAP: usize = 1 << 20;
 
-fn cli(s: &Scene, args: &[&str]) -> Output {
-    Command::new(&bins().cli)
-        .args(["--dispatch", &s.addr])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn ok_stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn job_json(s: &Scene, id: u64) -> serde_json::Value {
-    serde_json::from_str(&ok_stdout(&cli(s, &["--json", "job", &id.to_string()]))).unwrap()
+    serde_json::from_str(&ok_stdout(&s.cli(&["--json", "job", &id.to_string()]))).unwrap()
 }
 
 #[test]
@@ -50,7 +32,7 @@ fn a_task_printing_past_the_cap_passes_with_a_truncated_log_that_prune_deletes()
     assert_eq!(status_of(&done), JobStatus::Passed, "{}", describe(&done));
 
     let id_text = id.to_string();
-    let log = cli(&s, &["logs", &id_text]);
+    let log = s.cli(&["logs", &id_text]);
     assert!(log.status.success());
     let text = String::from_utf8_lossy(&log.stdout);
     assert!(
@@ -70,11 +52,11 @@ fn a_task_printing_past_the_cap_passes_with_a_truncated_log_that_prune_deletes()
     assert_eq!(json["log_truncated"], true, "{json}");
     assert_eq!(json["attempts"][0]["log_truncated"], true, "{json}");
     assert_eq!(json["attempts"][0]["log_pruned"], false, "{json}");
-    let human = ok_stdout(&cli(&s, &["job", &id_text]));
+    let human = ok_stdout(&s.cli(&["job", &id_text]));
     assert!(human.contains("truncated at --max-log-size"), "{human}");
 
     // Without a bound, and with retention off, a prune is refused by name.
-    let out = cli(&s, &["prune"]);
+    let out = s.cli(&["prune"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--retain-logs off"),
@@ -82,22 +64,19 @@ fn a_task_printing_past_the_cap_passes_with_a_truncated_log_that_prune_deletes()
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let pruned: serde_json::Value = serde_json::from_str(&ok_stdout(&cli(
-        &s,
-        &["--json", "prune", "--keep-jobs", "0"],
-    )))
-    .unwrap();
+    let pruned: serde_json::Value =
+        serde_json::from_str(&ok_stdout(&s.cli(&["--json", "prune", "--keep-jobs", "0"]))).unwrap();
     assert_eq!(pruned["attempts"], 1, "{pruned}");
     assert!(pruned["bytes"].as_u64().unwrap() >= CAP as u64, "{pruned}");
     let json = job_json(&s, id);
     assert_eq!(json["status"], "passed", "{json}");
     assert_eq!(json["tasks"][0]["name"], "chatty", "{json}");
     assert_eq!(json["attempts"][0]["log_pruned"], true, "{json}");
-    let log = ok_stdout(&cli(&s, &["logs", &id_text]));
+    let log = ok_stdout(&s.cli(&["logs", &id_text]));
     assert!(!log.contains("xxxx"), "{log}");
-    let human = ok_stdout(&cli(&s, &["job", &id_text]));
+    let human = ok_stdout(&s.cli(&["job", &id_text]));
     assert!(human.contains("deleted by retention"), "{human}");
-    let again = ok_stdout(&cli(&s, &["prune", "--keep-jobs", "0"]));
+    let again = ok_stdout(&s.cli(&["prune", "--keep-jobs", "0"]));
     assert!(again.contains("deleted the logs of 0 attempts"), "{again}");
 }
 
@@ -129,7 +108,7 @@ fn retain_logs_prunes_all_but_the_newest_jobs_at_start() {
     })
     .unwrap();
     assert_eq!(pruned(new), Some(false));
-    let log = ok_stdout(&cli(&s, &["logs", &new.to_string()]));
+    let log = ok_stdout(&s.cli(&["logs", &new.to_string()]));
     assert!(log.contains("quick"), "{log}");
 }
 

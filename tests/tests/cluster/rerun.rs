@@ -3,31 +3,11 @@
 //! passes on its second attempt, and `surveil logs --attempt` still reads
 //! the first attempt's log while `surveil job --json` lists both attempts.
 
-use std::process::{Command, Output, Stdio};
-
 use surveil_proto::JobStatus;
 use surveil_tests::cluster;
 use surveil_tests::probe::{describe, status_of};
 
 use crate::common::*;
-
-fn cli(s: &Scene, args: &[&str]) -> Output {
-    Command::new(&bins().cli)
-        .args(["--dispatch", &s.addr])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn ok_stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn a_failed_job_rerun_after_the_fix_passes_and_both_attempts_logs_stay_readable() {
@@ -47,7 +27,7 @@ fn a_failed_job_rerun_after_the_fix_passes_and_both_attempts_logs_stay_readable(
 
     // The fix lands; the failed job is rerun as it is.
     s.open(&fixed).unwrap();
-    let out = ok_stdout(&cli(&s, &["rerun", &id_text]));
+    let out = ok_stdout(&s.cli(&["rerun", &id_text]));
     assert!(out.starts_with(&format!("job {id}: {commit}")), "{out}");
     let second = s.wait_final(id).unwrap();
     assert_eq!(
@@ -60,20 +40,20 @@ fn a_failed_job_rerun_after_the_fix_passes_and_both_attempts_logs_stay_readable(
 
     // The task's own output lines (the log also echoes the command).
     let printed = |log: &str, line: &str| log.lines().any(|l| l.trim() == line);
-    let latest = ok_stdout(&cli(&s, &["logs", &id_text]));
+    let latest = ok_stdout(&s.cli(&["logs", &id_text]));
     assert!(
         printed(&latest, "now-fixed") && !printed(&latest, "still-broken"),
         "{latest}"
     );
     let attempt = first.attempt.to_string();
-    let earlier = ok_stdout(&cli(&s, &["logs", &id_text, "--attempt", &attempt]));
+    let earlier = ok_stdout(&s.cli(&["logs", &id_text, "--attempt", &attempt]));
     assert!(
         printed(&earlier, "still-broken") && !printed(&earlier, "now-fixed"),
         "{earlier}"
     );
 
     let json: serde_json::Value =
-        serde_json::from_str(&ok_stdout(&cli(&s, &["--json", "job", &id_text]))).unwrap();
+        serde_json::from_str(&ok_stdout(&s.cli(&["--json", "job", &id_text]))).unwrap();
     let attempts: Vec<(u64, &str)> = json["attempts"]
         .as_array()
         .unwrap_or_else(|| panic!("no attempts: {json}"))
@@ -96,7 +76,7 @@ fn a_failed_job_rerun_after_the_fix_passes_and_both_attempts_logs_stay_readable(
     assert_eq!(json["status"], "passed", "{json}");
 
     // An unknown job is a clear refusal.
-    let out = cli(&s, &["rerun", "4242"]);
+    let out = s.cli(&["rerun", "4242"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no job 4242"));
 }

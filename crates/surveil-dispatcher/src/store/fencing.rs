@@ -102,6 +102,15 @@ impl LogClip {
     pub(super) fn truncates(&self) -> bool {
         *self != LogClip::Whole
     }
+
+    /// What of `data` is stored.
+    pub(super) fn kept<'a>(&self, data: &'a [u8]) -> &'a [u8] {
+        match self {
+            LogClip::Whole => data,
+            LogClip::Head(n) => &data[..*n],
+            LogClip::Beyond => &[],
+        }
+    }
 }
 
 pub(super) fn log_clip(start: i64, end: i64, cap: i64) -> LogClip {
@@ -289,6 +298,9 @@ mod tests {
         assert_eq!(log_clip(50, 60, 10), LogClip::Beyond);
         assert!(!LogClip::Whole.truncates());
         assert!(LogClip::Head(1).truncates() && LogClip::Beyond.truncates());
+        assert_eq!(LogClip::Whole.kept(b"abc"), b"abc");
+        assert_eq!(LogClip::Head(2).kept(b"abc"), b"ab");
+        assert!(LogClip::Beyond.kept(b"abc").is_empty());
         assert!(truncation_note(64 << 20).contains("64MiB"));
     }
 

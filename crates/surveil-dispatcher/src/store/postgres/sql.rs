@@ -251,11 +251,7 @@ pub async fn append_log(
     // A cap past the store's range is no cap.
     let cap_at = i64::try_from(cap).unwrap_or(i64::MAX);
     let clip = fencing::log_clip(start, end, cap_at);
-    let data = match clip {
-        fencing::LogClip::Whole => &chunk.data[..],
-        fencing::LogClip::Head(n) => &chunk.data[..n],
-        fencing::LogClip::Beyond => &[][..],
-    };
+    let data = clip.kept(&chunk.data);
     let task = i64::from(chunk.task);
     if !data.is_empty() {
         store_chunk(c, id, a, start, task, chunk.stream, data).await?;

@@ -236,11 +236,7 @@ pub fn append_log(
     // A cap past the store's range is no cap.
     let cap_at = i64::try_from(cap).unwrap_or(i64::MAX);
     let clip = fencing::log_clip(start, end, cap_at);
-    let data = match clip {
-        fencing::LogClip::Whole => &chunk.data[..],
-        fencing::LogClip::Head(n) => &chunk.data[..n],
-        fencing::LogClip::Beyond => &[][..],
-    };
+    let data = clip.kept(&chunk.data);
     if !data.is_empty() {
         store_chunk(c, id, attempt, start, chunk.task, chunk.stream, data)?;
     }
