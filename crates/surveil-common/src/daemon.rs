@@ -47,9 +47,16 @@ pub struct Daemon {
 #[derive(Debug)]
 pub struct Ready {
     status: &'static str,
+    watchdog: crate::notify::WatchdogGate,
 }
 
 impl Ready {
+    /// The gate the watchdog keep-alives pass: a daemon that can tell it is
+    /// wedged sets a check on it (see [`crate::notify::WatchdogGate`]).
+    pub fn watchdog(&self) -> crate::notify::WatchdogGate {
+        self.watchdog.clone()
+    }
+
     /// Tells systemd `READY=1` and the daemon's status line.
     pub fn notify(self) {
         crate::notify::ready();
@@ -121,9 +128,11 @@ impl Daemon {
             // Keep-alives go on through a drain, which can take minutes, and
             // stop only when serving is over.
             let serving = tokio_util::sync::CancellationToken::new();
-            crate::notify::spawn_watchdog(serving.clone());
+            let watchdog = crate::notify::WatchdogGate::default();
+            crate::notify::spawn_watchdog(serving.clone(), watchdog.clone());
             let ready = Ready {
                 status: self.ready_status,
+                watchdog,
             };
             let result = serve(config, shutdown, ready).await;
             serving.cancel();

@@ -58,6 +58,11 @@ pub struct Cli {
     /// restart it.
     #[arg(long, env = "SURVEIL_MAX_STORE_FAILURES", default_value_t = 5)]
     pub max_store_failures: u32,
+    /// How long one store write may stay in flight (a hung fsync, a wedged
+    /// disk) before the dispatcher stops, as after --max-store-failures;
+    /// meanwhile the systemd watchdog is no longer fed.
+    #[arg(long, env = "SURVEIL_STORE_WRITE_TIMEOUT", default_value = "30s", value_parser = surveil_common::parse_duration)]
+    pub store_write_timeout: Duration,
     /// Most connections open at once (runners, observers, clients); more
     /// are refused until some close.
     #[arg(long, env = "SURVEIL_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
@@ -154,6 +159,14 @@ pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// room for observers and clients.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 16_384;
 
+/// `--store-write-timeout`'s default: far past any healthy fsync, well
+/// inside a typical `WatchdogSec`.
+pub const DEFAULT_STORE_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Below this, a busy but healthy disk would trip the fail-stop.
+const MIN_STORE_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
+/// Above this, a wedged dispatcher would sit for hours before stopping.
+const MAX_STORE_WRITE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Smallest `--max-log-size`: one log chunk.
 const MIN_MAX_LOG_SIZE: u64 = surveil_proto::MAX_LOG_CHUNK as u64;
 
@@ -188,6 +201,8 @@ pub struct Config {
     pub job_timeout: Duration,
     /// `--max-store-failures`.
     pub max_store_failures: u32,
+    /// `--store-write-timeout`: how long one store write may be in flight.
+    pub store_write_timeout: Duration,
     /// `--max-connections`.
     pub max_connections: u32,
     /// `--max-unauthenticated-per-ip`.
@@ -235,6 +250,7 @@ impl Config {
             max_frame: surveil_proto::DEFAULT_MAX_FRAME,
             job_timeout: DEFAULT_JOB_TIMEOUT,
             max_store_failures: 5,
+            store_write_timeout: DEFAULT_STORE_WRITE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_unauthenticated_per_ip: 256,
             max_log_size: crate::service::DEFAULT_MAX_LOG_SIZE,
@@ -298,6 +314,14 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
     if cli.max_store_failures == 0 {
         problems.push("--max-store-failures must be at least 1".to_owned());
     }
+    if !(MIN_STORE_WRITE_TIMEOUT..=MAX_STORE_WRITE_TIMEOUT).contains(&cli.store_write_timeout) {
+        problems.push(format!(
+            "--store-write-timeout must be between {} and {} (got {})",
+            humantime::format_duration(MIN_STORE_WRITE_TIMEOUT),
+            humantime::format_duration(MAX_STORE_WRITE_TIMEOUT),
+            humantime::format_duration(cli.store_write_timeout)
+        ));
+    }
     if cli.max_connections == 0 {
         problems.push("--max-connections must be at least 1".to_owned());
     }
@@ -352,6 +376,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         max_frame: usize::try_from(cli.max_frame).ok()?,
         job_timeout: cli.job_timeout,
         max_store_failures: cli.max_store_failures,
+        store_write_timeout: cli.store_write_timeout,
         max_connections: cli.max_connections,
         max_unauthenticated_per_ip: cli.max_unauthenticated_per_ip,
         max_log_size: cli.max_log_size,

@@ -583,6 +583,11 @@ pub struct StatusView {
     pub refused_results: u64,
     /// With a PostgreSQL store: who leads. `None` with SQLite.
     pub leader: Option<LeaderView>,
+    /// Whether the store is healthy: its last write did not fail and no
+    /// write has been in flight past `--store-write-timeout`.
+    pub store_healthy: bool,
+    /// Store writes that failed in a row.
+    pub store_failures: u32,
 }
 
 /// The leader term as `status` shows it (high availability on PostgreSQL).
@@ -768,6 +773,30 @@ pub enum ToRunner {
         /// Echoed in the `Pong`.
         seq: u64,
     },
+    /// Send this again: the store could not record it.
+    Resend(ResendRequest),
+}
+
+/// What a runner must send again, on the same connection, because the store
+/// failed to record it; nothing of it was acknowledged and the lease stays
+/// live meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResendRequest {
+    /// The job.
+    pub job: JobId,
+    /// The attempt.
+    pub attempt: Attempt,
+    /// Resend the attempt's log chunks from this offset (the store holds
+    /// the log only up to it); `None` when the log needs nothing.
+    pub log_offset: Option<u64>,
+    /// Resend the `JobFinished`.
+    pub result: bool,
+    /// Resend the `Started`.
+    pub started: bool,
+    /// How long the runner waits before resending.
+    pub retry_after: Duration,
+    /// What failed.
+    pub message: String,
 }
 
 #[cfg(test)]

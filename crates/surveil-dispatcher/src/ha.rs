@@ -38,7 +38,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     http: Option<TcpListener>,
     shutdown: CancellationToken,
-    ready: impl FnOnce(),
+    mut hooks: crate::Hooks,
 ) -> anyhow::Result<()> {
     let store = PostgresStore::open(&options)
         .await
@@ -52,7 +52,7 @@ pub(crate) async fn serve(
         .unwrap_or_else(|| local.to_string());
     let holder = format!("{addr}#{}", std::process::id());
     let ttl = options.leader_ttl;
-    ready();
+    hooks.ready();
     let standby = Arc::new(Standby {
         config: config.clone(),
         auth: Arc::new(crate::authenticator(&config)?),
@@ -103,7 +103,7 @@ pub(crate) async fn serve(
         http,
         leading,
         Some(view),
-        || {},
+        hooks,
     )
     .await;
     keeper.abort();

@@ -122,14 +122,58 @@ pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
-    ready: impl FnOnce(),
+    ready: impl FnOnce() + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_hooked(config, listener, shutdown, Hooks::default().on_ready(ready)).await
+}
+
+/// What the daemon's `main` hands the dispatcher besides its config: what
+/// to call once serving, and the systemd watchdog's gate, which the
+/// dispatcher closes while its store is wedged.
+#[derive(Default)]
+pub struct Hooks {
+    ready: Option<Box<dyn FnOnce() + Send>>,
+    watchdog: surveil_common::notify::WatchdogGate,
+}
+
+impl Hooks {
+    /// Calls `ready` once the store is open, recovered and the listener is
+    /// serving.
+    #[must_use]
+    pub fn on_ready(mut self, ready: impl FnOnce() + Send + 'static) -> Hooks {
+        self.ready = Some(Box::new(ready));
+        self
+    }
+
+    /// Sets the watchdog's check on `gate`: keep-alives stop while a store
+    /// write is in flight past `--store-write-timeout`, and once the
+    /// dispatcher stops for its store.
+    #[must_use]
+    pub fn watchdog(mut self, gate: surveil_common::notify::WatchdogGate) -> Hooks {
+        self.watchdog = gate;
+        self
+    }
+
+    fn ready(&mut self) {
+        if let Some(ready) = self.ready.take() {
+            ready();
+        }
+    }
+}
+
+/// [`serve`] with [`Hooks`].
+pub async fn serve_hooked(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    hooks: Hooks,
 ) -> anyhow::Result<()> {
     surveil_common::private::create_dir(&config.state_dir)
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
     let http = bind_http(&config.http).await?;
     if let config::StoreConfig::Postgres(options) = &config.store {
         let options = options.clone();
-        return ha::serve(config, options, listener, http, shutdown, ready).await;
+        return ha::serve(config, options, listener, http, shutdown, hooks).await;
     }
     let store = SqliteStore::open(&config.state_dir)
         .with_context(|| format!("opening the job store in {}", config.state_dir.display()))?;
@@ -140,7 +184,7 @@ pub async fn serve(
         http,
         shutdown,
         None,
-        ready,
+        hooks,
     )
     .await
 }
@@ -177,7 +221,29 @@ pub async fn serve_with_store(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_on(config, store, listener, None, shutdown, None, || {}).await
+    serve_on(
+        config,
+        store,
+        listener,
+        None,
+        shutdown,
+        None,
+        Hooks::default(),
+    )
+    .await
+}
+
+/// [`serve_with_store`] with [`Hooks`] (tests that play systemd's
+/// watchdog in-process).
+#[cfg(feature = "testing")]
+pub async fn serve_with_store_hooked(
+    config: Config,
+    store: Arc<dyn JobStore>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> anyhow::Result<()> {
+    serve_on(config, store, listener, None, shutdown, None, hooks).await
 }
 
 /// [`serve_with_store`] with the HTTP side on `http` (tests bind it on
@@ -190,7 +256,16 @@ pub async fn serve_with_http(
     http: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_on(config, store, listener, Some(http), shutdown, None, || {}).await
+    serve_on(
+        config,
+        store,
+        listener,
+        Some(http),
+        shutdown,
+        None,
+        Hooks::default(),
+    )
+    .await
 }
 
 /// The credentials `config` names (the shared token, the tokens file,
@@ -216,7 +291,7 @@ pub(crate) async fn serve_on(
     http: Option<TcpListener>,
     shutdown: CancellationToken,
     leader: Option<domain::LeaderView>,
-    ready: impl FnOnce(),
+    mut hooks: Hooks,
 ) -> anyhow::Result<()> {
     let local_addr = listener
         .local_addr()
@@ -227,7 +302,14 @@ pub(crate) async fn serve_on(
         job_timeout: config.job_timeout,
     };
     let metrics = web::Metrics::new();
-    let health = Arc::new(health::StoreHealth::new(config.max_store_failures));
+    let health = Arc::new(health::StoreHealth::new(
+        config.max_store_failures,
+        config.store_write_timeout,
+    ));
+    {
+        let health = Arc::clone(&health);
+        hooks.watchdog.set(move || health.alive());
+    }
     let store: Arc<dyn JobStore> = Arc::new(web::metrics::MeteredStore::new(
         store,
         Arc::clone(&metrics),
@@ -243,6 +325,7 @@ pub(crate) async fn serve_on(
     if let Some(view) = leader {
         service.set_leader(view);
     }
+    service.set_health(Arc::clone(&health));
     service.set_log_limits(config.max_log_size, config.retain_logs);
     let limits = limits::ConnLimits::new(
         usize::try_from(config.max_connections).unwrap_or(usize::MAX),
@@ -285,7 +368,7 @@ pub(crate) async fn serve_on(
         Some(_) => tracing::info!(listen = %local_addr, "dispatcher serving TLS"),
         None => tracing::info!(listen = %local_addr, "dispatcher serving"),
     }
-    ready();
+    hooks.ready();
 
     accept_loop(&daemon, &listener, &tracker, &shutdown).await;
 
@@ -305,8 +388,10 @@ pub(crate) async fn serve_on(
     }
     drop(supervisor);
     if health.tripped().is_cancelled() {
-        // The store is failing: finishing its writes would fail too.
-        let _ = daemon.service.close().await;
+        // The store is failing: finishing its writes would fail too, and
+        // on a wedged disk would never return (the watchdog, no longer
+        // fed, is the last resort then).
+        let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, daemon.service.close()).await;
         anyhow::bail!("{}", health.reason());
     }
     // Effects decided while closing (none for runners at shutdown, but a

@@ -23,7 +23,14 @@ async fn serve(config: Config, shutdown: Shutdown, ready: Ready) -> anyhow::Resu
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on --listen {}", config.listen))?;
-    surveil_dispatcher::serve(config, listener, shutdown.graceful, || ready.notify()).await
+    let hooks = surveil_dispatcher::Hooks::default().watchdog(ready.watchdog());
+    surveil_dispatcher::serve_hooked(
+        config,
+        listener,
+        shutdown.graceful,
+        hooks.on_ready(|| ready.notify()),
+    )
+    .await
 }
 
 /// Lifts the soft limit on open files to the hard one (the usual soft

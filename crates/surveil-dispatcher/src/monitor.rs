@@ -1,7 +1,8 @@
 //! The monitor: every heartbeat interval it pings each runner over its
 //! connection and lets the service expire runners silent for a runner
-//! timeout (and orphaned leases past their grace), applying the requeues
-//! and disconnects that follow.
+//! timeout (and orphaned leases past their grace); the redistributor's
+//! pass applies the requeues and disconnects that follow, so that nothing
+//! here waits on the store.
 //!
 //! It owns nothing: a restart after a panic loses no state.
 
@@ -24,6 +25,6 @@ pub(crate) async fn run(daemon: Arc<Daemon>, cancel: CancellationToken) {
         }
         crate::failpoint!("monitor-tick");
         seq += 1;
-        daemon.service.heartbeat(seq).await;
+        daemon.service.heartbeat(seq);
     }
 }

@@ -240,6 +240,11 @@ struct Job {
     deadline: Option<Instant>,
     /// Its runner was told to cancel it for running past `--job-timeout`.
     timed_out: bool,
+    /// The live attempt's log offset whose chunk the store failed to
+    /// record: the runner was asked to resend from it, and later chunks
+    /// are dropped until that resend fills it (so one failure costs one
+    /// resend, not one per chunk that followed it).
+    log_gap: Option<u64>,
 }
 
 /// The scheduling state machine. See the module documentation.
@@ -431,6 +436,7 @@ impl Scheduler {
                     // How long it ran before the restart is not known here.
                     deadline: Some(now + self.config.job_timeout),
                     timed_out: false,
+                    log_gap: None,
                 },
             );
         }
@@ -466,6 +472,7 @@ impl Scheduler {
                 cancel_requested: false,
                 deadline: None,
                 timed_out: false,
+                log_gap: None,
             },
         );
         self.queue.insert(id);
@@ -791,6 +798,47 @@ impl Scheduler {
         self.handle_started(session, job, attempt, now)
     }
 
+    /// Whether a live attempt's log chunk at `offset` is to be stored:
+    /// `false` past a gap the runner was asked to fill first.
+    pub fn log_wanted(&self, job: JobId, attempt: Attempt, offset: u64) -> bool {
+        self.jobs
+            .get(&job)
+            .is_none_or(|j| j.spec.attempt != attempt || j.log_gap.is_none_or(|gap| offset <= gap))
+    }
+
+    /// The store failed to record `attempt`'s log chunk at `offset`: the
+    /// attempt's log has a gap there (or earlier, if one was open). Returns
+    /// the offset the runner must resend from; `None` when the attempt is
+    /// not live.
+    pub fn handle_log_failed(&mut self, job: JobId, attempt: Attempt, offset: u64) -> Option<u64> {
+        let j = self.jobs.get_mut(&job)?;
+        if j.spec.attempt != attempt || matches!(j.state, JobState::Queued) {
+            return None;
+        }
+        let gap = j.log_gap.map_or(offset, |gap| gap.min(offset));
+        j.log_gap = Some(gap);
+        Some(gap)
+    }
+
+    /// The store recorded `attempt`'s log chunk at `offset`: a gap there
+    /// is filled, and the chunks after it are taken again.
+    pub fn handle_log_stored(&mut self, job: JobId, attempt: Attempt, offset: u64) {
+        if let Some(j) = self.jobs.get_mut(&job)
+            && j.spec.attempt == attempt
+            && j.log_gap == Some(offset)
+        {
+            j.log_gap = None;
+        }
+    }
+
+    /// The gap in `attempt`'s log the runner was asked to fill, if any.
+    pub fn log_gap(&self, job: JobId, attempt: Attempt) -> Option<u64> {
+        self.jobs
+            .get(&job)
+            .filter(|j| j.spec.attempt == attempt)
+            .and_then(|j| j.log_gap)
+    }
+
     /// A runner reported its result. Fenced by the attempt: only the job's
     /// live lease may finish it; on [`ResultDecision::Accept`] the job is
     /// finishing until the shell says how the store answered.
@@ -1034,6 +1082,7 @@ impl Scheduler {
             j.state = JobState::Leased { session };
             j.deadline = Some(now + self.config.job_timeout);
             j.timed_out = false;
+            j.log_gap = None;
             let assignment = Assignment {
                 job,
                 attempt: j.spec.attempt,

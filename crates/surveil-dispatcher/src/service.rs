@@ -39,6 +39,7 @@ mod tests;
 pub use effects::RunnerLink;
 pub use follow::{LogEvent, LogFollow};
 pub use notify::{Event, JobChange, RunnerChange};
+pub use runner::ReportReply;
 
 /// The supervised tasks, by the names used in logs, failpoints and
 /// `status`'s `supervisor_restarts`.
@@ -46,6 +47,10 @@ pub const TASK_NAMES: [&str; 4] = ["monitor", "redistributor", "spawner", "prune
 
 /// `--max-log-size`'s default: 64 MiB of log per attempt.
 pub const DEFAULT_MAX_LOG_SIZE: u64 = 64 * 1024 * 1024;
+
+/// The first pause before a runner resends a report the store failed to
+/// record; it doubles with each failure in a row, up to 16 times this.
+const RESEND_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How many attempts one store call of a prune handles: a short
 /// transaction, so runners' writes wait little behind it.
@@ -121,6 +126,10 @@ pub struct Service {
     started: tokio::time::Instant,
     /// The leader term this dispatcher serves under (PostgreSQL store).
     leader: Mutex<Option<crate::domain::LeaderView>>,
+    /// The store's health (set by the daemon): `status` shows it, report
+    /// failures pace their resends by it, and a decision the store cannot
+    /// follow trips its fail-stop.
+    health: std::sync::OnceLock<Arc<crate::health::StoreHealth>>,
 }
 
 /// Unix time in milliseconds, for the store's timestamps.
@@ -168,6 +177,7 @@ impl Service {
             restarts: Mutex::new(TASK_NAMES.iter().map(|n| (*n, 0)).collect()),
             started: tokio::time::Instant::now(),
             leader: Mutex::new(None),
+            health: std::sync::OnceLock::new(),
         })
     }
 
@@ -416,7 +426,39 @@ impl Service {
             reassignments,
             refused_results: self.refused_results.load(Ordering::Relaxed),
             leader: lock(&self.leader).clone(),
+            store_healthy: self.health.get().is_none_or(|h| h.healthy()),
+            store_failures: self.health.get().map_or(0, |h| h.failures()),
         }
+    }
+
+    /// Attaches the store's health (see the field).
+    pub(crate) fn set_health(&self, health: Arc<crate::health::StoreHealth>) {
+        let _ = self.health.set(health);
+    }
+
+    /// Stops the dispatcher because the store cannot follow what was
+    /// decided (see [`crate::health`]); without a health attached (a bare
+    /// service in tests), only logs.
+    pub(crate) fn fail_stop(&self, reason: String) {
+        match self.health.get() {
+            Some(health) => health.trip(reason),
+            None => tracing::error!(%reason, "store unhealthy"),
+        }
+    }
+
+    /// Whether the dispatcher is stopping for its store.
+    pub(crate) fn failing_stop(&self) -> bool {
+        self.health
+            .get()
+            .is_some_and(|h| h.tripped().is_cancelled())
+    }
+
+    /// How long a runner waits before resending a report the store failed
+    /// to record: longer the more writes failed in a row, so a failing
+    /// disk is not hammered, and never long enough to matter to a job.
+    pub(crate) fn resend_delay(&self) -> std::time::Duration {
+        let failures = self.health.get().map_or(1, |h| h.failures()).clamp(1, 5);
+        RESEND_FIRST * (1 << (failures - 1))
     }
 
     /// Records the leader term this dispatcher serves under, for `status`.
@@ -492,7 +534,11 @@ impl Service {
 
     /// The monitor's beat: pings every runner and expires silent runners
     /// and orphaned leases past their grace.
-    pub(crate) async fn heartbeat(&self, seq: u64) {
+    ///
+    /// It never waits on the store: what it decides (requeues, finishes,
+    /// disconnects) is applied by the assignment pass it wakes, so that a
+    /// stalled write holding the applier cannot delay the next ping.
+    pub(crate) fn heartbeat(&self, seq: u64) {
         let decided = self.with_sched(|s| {
             let before = s.effects_emitted();
             s.handle_tick(now());
@@ -500,7 +546,6 @@ impl Service {
         });
         self.ping_all(seq);
         if decided {
-            self.apply_effects().await;
             self.wake_assigner();
         }
     }

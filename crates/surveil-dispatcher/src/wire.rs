@@ -138,6 +138,7 @@ pub fn runner_report(msg: Msg) -> Result<RunnerReport, FrameError> {
         | Msg::Ping(_)
         | Msg::Cancel(_)
         | Msg::ResultAck(_)
+        | Msg::Resend(_)
         | Msg::ListJobs(_)
         | Msg::ListJobsReply(_)
         | Msg::GetJob(_)
@@ -272,6 +273,16 @@ pub fn to_runner(msg: ToRunner) -> Envelope {
         }
         .into(),
         ToRunner::Ping { seq } => proto::Ping { seq }.into(),
+        ToRunner::Resend(r) => proto::Resend {
+            job_id: r.job.0,
+            attempt: r.attempt.0,
+            log_offset: r.log_offset,
+            result: r.result,
+            retry_after_ms: u32::try_from(r.retry_after.as_millis()).unwrap_or(u32::MAX),
+            message: r.message,
+            started: r.started,
+        }
+        .into(),
     }
 }
 
@@ -332,6 +343,7 @@ pub fn client_request(role: Role, msg: Msg) -> Result<ClientRequest, FrameError>
         | Msg::Log(_)
         | Msg::JobFinished(_)
         | Msg::ResultAck(_)
+        | Msg::Resend(_)
         | Msg::ListJobsReply(_)
         | Msg::GetJobReply(_)
         | Msg::ReadLogReply(_)
@@ -654,6 +666,8 @@ pub fn status_reply(status: StatusView) -> proto::GetStatusReply {
             .unwrap_or_default(),
         standby: status.leader.as_ref().is_some_and(|l| l.standby),
         leader_term: status.leader.as_ref().map_or(0, |l| l.term),
+        store_healthy: Some(status.store_healthy),
+        store_failures: status.store_failures,
     }
 }
 

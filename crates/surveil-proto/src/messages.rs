@@ -46,6 +46,7 @@ arms!(
     Log,
     JobFinished,
     ResultAck,
+    Resend,
     ListJobs,
     ListJobsReply,
     GetJob,

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use surveil_common::{Backoff, Secret};
 use surveil_proto::{
-    Assign, Envelope, Hello, JobFinished, JobStatus, Lease, Log, Msg, Pong, Role, Started, Welcome,
+    Assign, Envelope, Hello, JobFinished, JobStatus, Lease, Log, Msg, Pong, Resend, Role, Started,
+    Stream, Welcome,
 };
 
 use crate::Config;
@@ -50,6 +51,10 @@ pub type LeaseKey = (u64, u32);
 /// output is dropped first (a very chatty job that outlives a long outage
 /// loses the oldest part of its log, never its result).
 pub const LOG_RETAIN_BYTES: usize = 4 * 1024 * 1024;
+
+/// The longest a `Resend`'s `retry_after_ms` is followed: a dispatcher
+/// asking for more is still answered within this.
+pub const MAX_RESEND_WAIT: Duration = Duration::from_secs(30);
 
 /// After the jobs ended during a drain, how long the runner keeps trying
 /// to deliver their results before leaving them to the outbox (they are
@@ -150,6 +155,16 @@ impl Retained {
     }
 }
 
+/// What the dispatcher asked to be sent again (its store failed to record
+/// it), and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PendingResend {
+    due: Instant,
+    log_offset: Option<u64>,
+    result: bool,
+    started: bool,
+}
+
 /// A running job: whether the dispatcher has been told it started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Running {
@@ -207,6 +222,8 @@ pub struct RunnerCore {
     /// Results in the outbox, waiting for `ResultAck`.
     results: BTreeMap<LeaseKey, JobFinished>,
     retained: BTreeMap<LeaseKey, Retained>,
+    /// `Resend` requests waiting for their time, on this connection.
+    resends: BTreeMap<LeaseKey, PendingResend>,
     actions: VecDeque<Action>,
 }
 
@@ -234,6 +251,7 @@ impl RunnerCore {
                 .map(|r| ((r.job_id, r.attempt), r))
                 .collect(),
             retained: BTreeMap::new(),
+            resends: BTreeMap::new(),
             actions: VecDeque::new(),
         };
         core.advance(now);
@@ -269,7 +287,11 @@ impl RunnerCore {
             Link::Up {
                 silence_limit,
                 last_heard,
-            } => silence_limit.map(|limit| last_heard + limit),
+            } => {
+                let silence = silence_limit.map(|limit| last_heard + limit);
+                let resend = self.resends.values().map(|r| r.due).min();
+                [silence, resend].into_iter().flatten().min()
+            }
         };
         let phase = match self.phase {
             Phase::Draining { deadline, .. } => deadline,
@@ -473,6 +495,8 @@ impl RunnerCore {
     }
 
     fn link_lost(&mut self, reason: &str, now: Instant) {
+        // The next handshake resends everything the dispatcher may lack.
+        self.resends.clear();
         tracing::warn!(
             reason,
             "disconnected from the dispatcher; jobs keep running"
@@ -497,6 +521,7 @@ impl RunnerCore {
             Msg::ResultAck(ack) => {
                 self.on_ack((ack.job_id, ack.attempt), ack.accepted, &ack.message);
             }
+            Msg::Resend(resend) => self.on_resend(&resend, now),
             Msg::Error(error) => {
                 let reason = format!(
                     "the dispatcher reported a protocol error: {}",
@@ -570,8 +595,118 @@ impl RunnerCore {
         }
     }
 
+    /// The dispatcher could not record a report: keep the connection and
+    /// send it again after the pause it asks for. Requests for the same
+    /// attempt merge (the earliest log offset, every flag, the latest
+    /// pause).
+    fn on_resend(&mut self, resend: &Resend, now: Instant) {
+        let key = (resend.job_id, resend.attempt);
+        if !self.holds(key) {
+            tracing::debug!(
+                job = key.0,
+                attempt = key.1,
+                "resend of an attempt not held"
+            );
+            return;
+        }
+        tracing::warn!(
+            job = key.0,
+            attempt = key.1,
+            reason = %resend.message,
+            retry_after_ms = resend.retry_after_ms,
+            "the dispatcher could not record a report; sending it again"
+        );
+        let wait = Duration::from_millis(u64::from(resend.retry_after_ms)).min(MAX_RESEND_WAIT);
+        let entry = self.resends.entry(key).or_insert(PendingResend {
+            due: now,
+            log_offset: None,
+            result: false,
+            started: false,
+        });
+        entry.due = entry.due.max(now + wait);
+        entry.log_offset = match (entry.log_offset, resend.log_offset) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        entry.result |= resend.result;
+        entry.started |= resend.started;
+    }
+
+    /// Sends the `Resend` requests whose time has come.
+    fn fire_resends(&mut self, now: Instant) {
+        if !self.is_connected() {
+            return;
+        }
+        let due: Vec<(LeaseKey, PendingResend)> = self
+            .resends
+            .iter()
+            .filter(|(_, r)| r.due <= now)
+            .map(|(k, r)| (*k, *r))
+            .collect();
+        for (key, resend) in due {
+            self.resends.remove(&key);
+            if resend.started && self.holds(key) {
+                self.send(Started {
+                    job_id: key.0,
+                    attempt: key.1,
+                });
+            }
+            if let Some(offset) = resend.log_offset {
+                for chunk in self.log_from(key, offset) {
+                    self.send(chunk);
+                }
+            }
+            if resend.result
+                && let Some(result) = self.results.get(&key).cloned()
+            {
+                self.send(result);
+            }
+        }
+    }
+
+    /// The retained chunks of `key`'s log from `offset` on. When the
+    /// oldest retained chunk starts past it (the output in between was
+    /// dropped to bound memory), a SYSTEM note saying so comes first, at
+    /// `offset` and no longer than the hole: the dispatcher's gap is
+    /// filled (it takes later chunks again) and a reader of the log learns
+    /// why it stops there.
+    fn log_from(&self, key: LeaseKey, offset: u64) -> Vec<Log> {
+        let Some(retained) = self.retained.get(&key) else {
+            return Vec::new();
+        };
+        let chunks: Vec<Log> = retained
+            .chunks
+            .iter()
+            .filter(|c| c.offset + c.data.len() as u64 > offset)
+            .cloned()
+            .collect();
+        let Some(first) = chunks.first() else {
+            return chunks;
+        };
+        if first.offset <= offset {
+            return chunks;
+        }
+        let hole = usize::try_from(first.offset - offset).unwrap_or(usize::MAX);
+        let note = format!(
+            "\n[surveil] {hole} bytes of output were lost: the dispatcher could not store them and the runner no longer held them\n"
+        );
+        let mut data = note.into_bytes();
+        data.truncate(hole);
+        let mut all = vec![Log {
+            job_id: key.0,
+            attempt: key.1,
+            task: first.task,
+            stream: Stream::System as i32,
+            offset,
+            data: data.into(),
+        }];
+        all.extend(chunks);
+        all
+    }
+
     fn on_ack(&mut self, key: LeaseKey, accepted: bool, message: &str) {
         self.retained.remove(&key);
+        self.resends.remove(&key);
         if self.results.remove(&key).is_none() {
             tracing::debug!(job = key.0, attempt = key.1, "ack for a result not held");
             return;
@@ -702,6 +837,7 @@ impl RunnerCore {
             );
             self.cancel_all(&reason);
         }
+        self.fire_resends(now);
         self.start_queued();
         self.advance_shutdown(now);
         if let Link::Down { next_dial } = self.link

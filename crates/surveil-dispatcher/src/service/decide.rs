@@ -116,7 +116,16 @@ pub fn report(
         RunnerReport::Started { job, attempt } => {
             sched.handle_started(session, *job, *attempt, now)
         }
-        RunnerReport::Log { job, attempt, .. } => sched.handle_log(session, *job, *attempt, now),
+        RunnerReport::Log {
+            job,
+            attempt,
+            chunk,
+        } => {
+            // Past a gap the runner was asked to fill, a chunk waits for
+            // the resend that brings it again.
+            sched.handle_log(session, *job, *attempt, now)
+                && sched.log_wanted(*job, *attempt, chunk.offset)
+        }
         RunnerReport::Finished {
             job,
             attempt,
@@ -179,4 +188,15 @@ pub fn result_recorded(
 /// as before (no acknowledgement is sent; the runner resends).
 pub fn result_failed(sched: &mut Scheduler, job: JobId, attempt: Attempt, now: Instant) {
     sched.handle_result_failed(job, attempt, now);
+}
+
+/// A log chunk's write failed: returns the offset the runner must resend
+/// the attempt's log from (`None`: the attempt is no longer live).
+pub fn log_failed(sched: &mut Scheduler, job: JobId, attempt: Attempt, offset: u64) -> Option<u64> {
+    sched.handle_log_failed(job, attempt, offset)
+}
+
+/// A log chunk was recorded: a gap it fills is closed.
+pub fn log_stored(sched: &mut Scheduler, job: JobId, attempt: Attempt, offset: u64) {
+    sched.handle_log_stored(job, attempt, offset);
 }

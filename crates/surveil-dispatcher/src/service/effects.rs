@@ -10,6 +10,14 @@ use tracing::Instrument;
 use super::{Event, JobChange, RunnerChange, Service, lock, unix_ms};
 use crate::domain::{Assignment, SessionId, ToRunner};
 use crate::scheduler::{Effect, Scheduler};
+use crate::store::{StoreError, StoreFuture};
+
+/// How many times a decided requeue or final status is written before the
+/// dispatcher gives up and fails stop.
+const DECIDED_TRIES: u32 = 5;
+/// The pause after the first failed try; it doubles after each (1.5 s in
+/// all before the last try).
+const DECIDED_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The service's way to one connected runner. A protocol session provides
 /// one (frames on a bounded queue); tests provide recorders.
@@ -130,9 +138,10 @@ impl Service {
                 reason,
             } => {
                 tracing::warn!(job = job.0, attempt = attempt.0, %reason, "attempt lost; job queued again");
-                if let Err(err) = self.store.requeue(job, attempt, &reason).await {
-                    tracing::error!(job = job.0, error = %err, "cannot record the requeue");
-                }
+                self.persist_decided("the requeue", job, || {
+                    self.store.requeue(job, attempt, &reason)
+                })
+                .await;
                 self.notifier.job_changed(job);
                 self.notifier.event(|| Event::Job {
                     id: job,
@@ -146,9 +155,11 @@ impl Service {
                 message,
             } => {
                 tracing::info!(job = job.0, status = status.label(), %message, "job finished");
-                if let Err(err) = self.store.finish(job, status, &message, unix_ms()).await {
-                    tracing::error!(job = job.0, error = %err, "cannot record the final status");
-                }
+                let at = unix_ms();
+                self.persist_decided("the final status", job, || {
+                    self.store.finish(job, status, &message, at)
+                })
+                .await;
                 self.notifier.job_changed(job);
                 self.notifier.event(|| Event::Job {
                     id: job,
@@ -159,6 +170,41 @@ impl Service {
                 tracing::warn!(session = session.0, %reason, "disconnecting runner");
                 self.close_session(session, &reason);
             }
+        }
+    }
+
+    /// Records a requeue or a final status the scheduler has already
+    /// decided: memory has moved on, so the store must follow or the two
+    /// disagree (a job final in memory but running on disk, with no lease
+    /// anywhere). A write the disk refused is tried again after a doubling
+    /// pause, [`DECIDED_TRIES`] times in all; if it still fails the
+    /// dispatcher fails stop, and recovery rebuilds memory from what the
+    /// store holds. Other refusals (the job moved on) change nothing.
+    async fn persist_decided<'a>(
+        &'a self,
+        what: &str,
+        job: crate::domain::JobId,
+        write: impl Fn() -> StoreFuture<'a, ()>,
+    ) {
+        let mut pause = DECIDED_FIRST_PAUSE;
+        for tries in 1..=DECIDED_TRIES {
+            let err = match write().await {
+                Ok(()) => return,
+                Err(err @ (StoreError::Commit(_) | StoreError::Database { .. })) => err,
+                Err(err) => {
+                    tracing::error!(job = job.0, error = %err, "cannot record {what}");
+                    return;
+                }
+            };
+            if tries == DECIDED_TRIES || self.failing_stop() {
+                self.fail_stop(format!(
+                    "cannot record {what} of job {job} after {tries} tries ({err}):                      the dispatcher's memory and its store would disagree"
+                ));
+                return;
+            }
+            tracing::warn!(job = job.0, error = %err, retry_in = ?pause, "cannot record {what}; trying again");
+            tokio::time::sleep(pause).await;
+            pause *= 2;
         }
     }
 

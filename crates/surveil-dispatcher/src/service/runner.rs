@@ -9,7 +9,8 @@ use tracing::Instrument;
 use super::decide::{self, ReportDecision};
 use super::{Event, JobChange, RunnerChange, RunnerLink, Service, ServiceError, now, unix_ms};
 use crate::domain::{
-    Attempt, JobId, JobResult, LogChunk, ResultAck, RunnerHello, RunnerReport, SessionId,
+    Attempt, JobId, JobResult, LogChunk, ResendRequest, ResultAck, RunnerHello, RunnerReport,
+    SessionId,
 };
 use crate::scheduler::ResultDecision;
 
@@ -46,19 +47,25 @@ impl Service {
         self.wake_assigner();
     }
 
-    /// A report from a runner. Returns the acknowledgement to send for a
-    /// result. On `Err` nothing of the report is durable and nothing must
-    /// be acknowledged: the runner resends after its next handshake.
-    pub async fn runner_report(
-        &self,
-        session: SessionId,
-        report: RunnerReport,
-    ) -> Result<Option<ResultAck>, ServiceError> {
+    /// A frame arrived from the runner's session: it is alive. Called by
+    /// the session as each frame is read, before any store write, so that
+    /// a stalled write never makes a runner look silent.
+    pub fn runner_seen(&self, session: SessionId) {
+        self.with_sched(|s| decide::report(s, session, &RunnerReport::Alive, now()));
+    }
+
+    /// A report from a runner, and what to answer it. Nothing of a report
+    /// the store failed to record is acknowledged: the answer is then a
+    /// [`ReportReply::Resend`], the lease stays live, and the runner sends
+    /// it again on the same connection.
+    pub async fn runner_report(&self, session: SessionId, report: RunnerReport) -> ReportReply {
         let decision = self.with_sched(|s| decide::report(s, session, &report, now()));
         match (decision, report) {
             (ReportDecision::Persist, RunnerReport::Started { job, attempt }) => {
-                self.started(job, attempt).await?;
-                Ok(None)
+                match self.started(job, attempt).await {
+                    Ok(()) => ReportReply::Nothing,
+                    Err(err) => self.resend(job, attempt, &err, |r| r.started = true),
+                }
             }
             (
                 ReportDecision::Persist,
@@ -68,8 +75,22 @@ impl Service {
                     chunk,
                 },
             ) => {
-                self.append_log(job, attempt, chunk).await?;
-                Ok(None)
+                let offset = chunk.offset;
+                match self.append_log(job, attempt, chunk).await {
+                    Ok(()) => {
+                        self.with_sched(|s| decide::log_stored(s, job, attempt, offset));
+                        ReportReply::Nothing
+                    }
+                    Err(err) => {
+                        let gap = self.with_sched(|s| decide::log_failed(s, job, attempt, offset));
+                        if gap.is_none() {
+                            // The attempt ended meanwhile: its log is closed.
+                            return ReportReply::Nothing;
+                        }
+                        tracing::warn!(job = job.0, attempt = attempt.0, offset, error = %err, "cannot record a log chunk; asking for a resend");
+                        self.resend(job, attempt, &err, |_| {})
+                    }
+                }
             }
             (
                 ReportDecision::Result(decision),
@@ -80,10 +101,14 @@ impl Service {
                 },
             ) => {
                 let span = tracing::info_span!("job", job = job.0, attempt = attempt.0);
-                self.record_result(session, job, attempt, result, decision)
+                match self
+                    .record_result(session, job, attempt, result, decision)
                     .instrument(span)
                     .await
-                    .map(Some)
+                {
+                    Ok(ack) => ReportReply::Ack(ack),
+                    Err(err) => self.resend(job, attempt, &err, |r| r.result = true),
+                }
             }
             (ReportDecision::Ignore, RunnerReport::Started { job, attempt }) => {
                 tracing::info!(
@@ -91,12 +116,35 @@ impl Service {
                     attempt = attempt.0,
                     "Started of a revoked attempt ignored"
                 );
-                Ok(None)
+                ReportReply::Nothing
             }
-            // Pongs, and chunks of revoked attempts (decide::report
-            // persists only Started and Log, and decides only results).
-            _ => Ok(None),
+            // Pongs, chunks of revoked attempts and chunks past a gap that
+            // a resend will fill (decide::report persists only Started and
+            // Log, and decides only results).
+            _ => ReportReply::Nothing,
         }
+    }
+
+    /// What to ask of the runner after a failed write for its attempt: what
+    /// `what` names, plus the attempt's log from its gap, if one is open.
+    fn resend(
+        &self,
+        job: JobId,
+        attempt: Attempt,
+        err: &ServiceError,
+        what: impl FnOnce(&mut ResendRequest),
+    ) -> ReportReply {
+        let mut request = ResendRequest {
+            job,
+            attempt,
+            log_offset: self.with_sched(|s| s.log_gap(job, attempt)),
+            result: false,
+            started: false,
+            retry_after: self.resend_delay(),
+            message: format!("the dispatcher could not record your report ({err}); send it again"),
+        };
+        what(&mut request);
+        ReportReply::Resend(request)
     }
 
     async fn started(&self, job: JobId, attempt: Attempt) -> Result<(), ServiceError> {
@@ -231,23 +279,23 @@ impl Service {
         self.wake_assigner();
     }
 
-    /// The dispatcher ended the runner's connection because it could not
-    /// record what the runner reported: the runner keeps its leases for one
-    /// runner timeout, so that after reconnecting it resends what was lost
-    /// and carries on.
-    pub fn runner_released(&self, session: SessionId) {
-        if let Some(name) = self.unregister(session) {
-            self.runner_gone_event(session, name);
-        }
-        self.with_sched(|s| s.handle_runner_released(session, now()));
-    }
-
     /// The connection ended because the dispatcher is shutting down: the
     /// leases stay as the store records them, for the runner to reclaim
     /// from the next dispatcher.
     pub fn runner_left_at_shutdown(&self, session: SessionId) {
         self.unregister(session);
     }
+}
+
+/// What a runner's session answers a report with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportReply {
+    /// Nothing (a `Pong`, `Started`, a log chunk, or a report ignored).
+    Nothing,
+    /// The result's acknowledgement.
+    Ack(ResultAck),
+    /// The store failed: the runner must send this again.
+    Resend(ResendRequest),
 }
 
 fn count(counter: &AtomicU64) {

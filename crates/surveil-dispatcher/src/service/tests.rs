@@ -321,8 +321,8 @@ fn log(job: JobId, offset: u64, data: &'static [u8]) -> RunnerReport {
     }
 }
 
-fn accepted(message: &str) -> Option<ResultAck> {
-    Some(ResultAck {
+fn accepted(message: &str) -> ReportReply {
+    ReportReply::Ack(ResultAck {
         accepted: true,
         message: message.to_owned(),
     })
@@ -336,15 +336,16 @@ async fn a_result_whose_write_fails_is_not_acked_and_its_resend_is_recorded_once
     assert_eq!(runner.assigned(), vec![(id, Attempt(1))]);
 
     h.sqlite.fail_next_commits(1);
-    let err = h
+    let reply = h
         .service
         .runner_report(session, finished(id, Attempt(1)))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, ServiceError::Store(StoreError::Commit(_))),
-        "{err}"
-    );
+        .await;
+    let ReportReply::Resend(resend) = reply else {
+        panic!("expected a Resend, got {reply:?}");
+    };
+    assert!(resend.result && !resend.started, "{resend:?}");
+    assert_eq!(resend.log_offset, None, "the log needs nothing");
+    assert!(resend.message.contains("committing"), "{resend:?}");
     // Memory and disk agree: the job still runs, on the same runner.
     let job = h.job(id).await;
     assert_eq!((job.status, job.tasks.len()), (JobStatus::Running, 0));
@@ -354,7 +355,7 @@ async fn a_result_whose_write_fails_is_not_acked_and_its_resend_is_recorded_once
         .service
         .runner_report(session, finished(id, Attempt(1)))
         .await;
-    assert_eq!(ack.unwrap(), accepted(""));
+    assert_eq!(ack, accepted(""));
     let job = h.job(id).await;
     assert_eq!(job.status, JobStatus::Final(FinalStatus::Passed));
     assert_eq!(job.tasks.len(), 1);
@@ -362,7 +363,7 @@ async fn a_result_whose_write_fails_is_not_acked_and_its_resend_is_recorded_once
         .service
         .runner_report(session, finished(id, Attempt(1)))
         .await;
-    assert_eq!(again.unwrap(), accepted("already recorded"));
+    assert_eq!(again, accepted("already recorded"));
     assert_eq!(h.results_of(id), 1, "recorded once");
     assert_eq!(h.service.status().refused_results, 0);
 
@@ -398,7 +399,9 @@ async fn a_resend_while_the_first_write_is_in_flight_waits_for_it() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert_eq!(h.writes(), 3, "submit, assign and the result were asked");
-    h.service.runner_released(first);
+    h.service
+        .runner_disconnected(first, "connection reset")
+        .await;
     let (second, runner) = h.runner("ci-1", 1, vec![(id, Attempt(1))]).await;
     assert!(
         runner.sent.lock().unwrap().is_empty(),
@@ -425,8 +428,8 @@ async fn a_resend_while_the_first_write_is_in_flight_waits_for_it() {
         "the resend is waiting"
     );
     drop(paused);
-    assert_eq!(writing.await.unwrap().unwrap(), accepted(""));
-    assert_eq!(resend.await.unwrap().unwrap(), accepted("already recorded"));
+    assert_eq!(writing.await.unwrap(), accepted(""));
+    assert_eq!(resend.await.unwrap(), accepted("already recorded"));
     assert_eq!(h.results_of(id), 1);
     assert_eq!(h.service.status().running, 0);
 }
@@ -517,7 +520,7 @@ async fn a_follower_is_not_woken_by_another_jobs_log() {
                 biased;
                 _ = &mut next => panic!("job A's follower returned for job B's log"),
                 r = h.service.runner_report(session, report) => {
-                    r.unwrap();
+                    assert_eq!(r, ReportReply::Nothing);
                 }
             }
         }
@@ -527,10 +530,10 @@ async fn a_follower_is_not_woken_by_another_jobs_log() {
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
         assert_eq!(h.reads(), start + 2, "job B's chunks woke job A's follower");
-        h.service
-            .runner_report(session, log(a, 0, b"mine"))
-            .await
-            .unwrap();
+        assert!(!matches!(
+            h.service.runner_report(session, log(a, 0, b"mine")).await,
+            ReportReply::Resend(_)
+        ));
         let event = next.await.unwrap();
         assert!(
             matches!(&event, LogEvent::Bytes { offset: 0, data, .. } if data == &b"mine"[..]),
@@ -551,10 +554,12 @@ async fn a_follower_sees_the_final_status_without_a_timed_recheck() {
     let h = Harness::new().await;
     let id = h.submit(1, 1).await[0];
     let (session, _) = h.runner("ci-1", 1, vec![]).await;
-    h.service
-        .runner_report(session, log(id, 0, b"hello\n"))
-        .await
-        .unwrap();
+    assert!(!matches!(
+        h.service
+            .runner_report(session, log(id, 0, b"hello\n"))
+            .await,
+        ReportReply::Resend(_)
+    ));
     let mut follow = h.service.follow_log(id, 0, true);
     let event = follow.next().await.unwrap();
     assert!(
@@ -591,7 +596,7 @@ async fn a_follower_sees_the_final_status_without_a_timed_recheck() {
         .service
         .runner_report(session, finished(id, Attempt(1)))
         .await;
-    assert_eq!(ack.unwrap(), accepted(""));
+    assert_eq!(ack, accepted(""));
     let end = tokio::time::timeout(Duration::from_secs(60), next)
         .await
         .expect("the follower woke for the result")
@@ -612,20 +617,24 @@ async fn events_tell_a_jobs_story_in_order() {
     let mut events = h.service.events();
     let id = h.submit(1, 1).await[0];
     let (session, _) = h.runner("ci-1", 1, vec![]).await;
-    h.service
-        .runner_report(
-            session,
-            RunnerReport::Started {
-                job: id,
-                attempt: Attempt(1),
-            },
-        )
-        .await
-        .unwrap();
-    h.service
-        .runner_report(session, finished(id, Attempt(1)))
-        .await
-        .unwrap();
+    assert!(!matches!(
+        h.service
+            .runner_report(
+                session,
+                RunnerReport::Started {
+                    job: id,
+                    attempt: Attempt(1),
+                },
+            )
+            .await,
+        ReportReply::Resend(_)
+    ));
+    assert!(!matches!(
+        h.service
+            .runner_report(session, finished(id, Attempt(1)))
+            .await,
+        ReportReply::Resend(_)
+    ));
     h.service.runner_disconnected(session, "bye").await;
     let mut seen = Vec::new();
     while let Ok(event) = events.try_recv() {

@@ -54,9 +54,6 @@ enum End {
     PeerGone(String),
     /// We closed it (protocol error, slow peer, replaced, timed out).
     Closed(String),
-    /// We closed it because the store could not record what the peer
-    /// sent: not the peer's fault.
-    StoreFailed(String),
     /// The dispatcher is shutting down.
     Shutdown,
 }
@@ -92,6 +89,7 @@ pub(crate) async fn serve(
         close,
         shutdown,
         max_frame: daemon.config.max_frame,
+        heartbeat: daemon.config.heartbeat_interval,
     };
     let end = match (accepted.role, accepted.runner) {
         (Role::Runner, Some(hello)) => {
@@ -107,7 +105,7 @@ pub(crate) async fn serve(
     };
     match &end {
         End::PeerGone(why) => tracing::info!(reason = %why, "connection closed by the peer"),
-        End::Closed(why) | End::StoreFailed(why) => {
+        End::Closed(why) => {
             tracing::info!(reason = %why, "connection closed");
         }
         End::Shutdown => tracing::debug!("connection closed for shutdown"),
@@ -167,6 +165,9 @@ struct Io {
     shutdown: CancellationToken,
     /// `--max-frame`: what a reply must fit.
     max_frame: usize,
+    /// `--heartbeat-interval`: how often a session held up by the store
+    /// still counts its runner as seen.
+    heartbeat: std::time::Duration,
 }
 
 impl Io {

@@ -1,19 +1,24 @@
 //! A runner's session: registers its link with the service, then turns
 //! each frame into a report for the service and sends back the result
-//! acknowledgements. When the connection ends, the service is told why:
-//! a closed or broken connection revokes the runner's leases, a close for
-//! the store's failure keeps them for its reconnect, a shutdown leaves them
-//! to the next dispatcher.
+//! acknowledgements, or a `Resend` for a report the store failed to
+//! record (the session goes on). Frames are read while a report is being
+//! recorded, so a slow store never delays the runner's signs of life.
+//! When the connection ends, the service is told why: a closed or broken
+//! connection revokes the runner's leases, a shutdown leaves them to the
+//! next dispatcher.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 
-use surveil_proto::Error as ErrorMsg;
+use surveil_proto::{Envelope, Error as ErrorMsg};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{End, Io, Outgoing, next_frame, outgoing};
+use super::{End, Io, Outgoing, Tx, next_frame, outgoing};
 use crate::domain::{RunnerHello, RunnerReport, SessionId, ToRunner};
-use crate::service::{RunnerLink, Service, ServiceError};
+use crate::service::{ReportReply, RunnerLink, Service};
 use crate::wire;
 
 /// The service's link to this connection: frames on its bounded queue.
@@ -90,61 +95,92 @@ pub(super) async fn run(
     let close = io.close.clone();
     let closed = close.cancelled();
     tokio::pin!(closed);
+    let tx = io.tx.clone();
+    let heartbeat = io.heartbeat;
+    // Reports are handled one at a time, in order, while the connection
+    // keeps being read: a store write that stalls holds up the reports
+    // behind it, never the runner's pongs or its `last_seen`.
+    let mut waiting: VecDeque<RunnerReport> = VecDeque::new();
+    let mut handling: Option<Handling<'_>> = None;
     let end = loop {
-        let msg = match next_frame(&mut io, closed.as_mut()).await {
-            Ok(msg) => msg,
-            Err(end) => break end,
-        };
-        let report = match wire::runner_report(msg) {
-            Ok(report) => report,
-            Err(err) => break io.refuse(err).await,
-        };
-        if let Err(end) = handle(service, session, report, &io).await {
-            break end;
+        if handling.is_none()
+            && let Some(report) = waiting.pop_front()
+        {
+            handling = Some(Box::pin(handle(service, session, report, &tx)));
+        }
+        let room = waiting.len() < WAITING_REPORTS;
+        tokio::select! {
+            biased;
+            done = async { handling.as_mut().expect("checked by the guard").await }, if handling.is_some() => {
+                handling = None;
+                if let Err(end) = done {
+                    break end;
+                }
+            }
+            msg = next_frame(&mut io, closed.as_mut()), if room => {
+                let msg = match msg {
+                    Ok(msg) => msg,
+                    Err(end) => break end,
+                };
+                service.runner_seen(session);
+                match wire::runner_report(msg) {
+                    Ok(RunnerReport::Alive) => {}
+                    Ok(report) => waiting.push_back(report),
+                    Err(err) => break io.refuse(err).await,
+                }
+            }
+            // The runner outpaces the store: its frames wait in our queue
+            // and its socket because of us, not because it went quiet.
+            () = tokio::time::sleep(heartbeat), if !room => service.runner_seen(session),
         }
     };
+    // What the runner sent before the end is still its word: a result in
+    // flight must get the store's answer (the scheduler waits for it), and
+    // the reports read after it are recorded as well.
+    if let Some(in_flight) = handling.take() {
+        let _ = in_flight.await;
+    }
+    for report in waiting {
+        let _ = handle(service, session, report, &tx).await;
+    }
     match &end {
         End::PeerGone(why) | End::Closed(why) => service.runner_disconnected(session, why).await,
-        End::StoreFailed(_) => service.runner_released(session),
         End::Shutdown => service.runner_left_at_shutdown(session),
     }
     end
 }
 
+/// Reports read but not yet handled, at most; past it the connection is
+/// read no further until the store catches up.
+const WAITING_REPORTS: usize = 256;
+
+type Handling<'a> = Pin<Box<dyn Future<Output = Result<(), End>> + Send + 'a>>;
+
 async fn handle(
     service: &Service,
     session: SessionId,
     report: RunnerReport,
-    io: &Io,
+    tx: &Tx,
 ) -> Result<(), End> {
     let acked = match &report {
         RunnerReport::Finished { job, attempt, .. } => Some((*job, *attempt)),
         _ => None,
     };
-    match service.runner_report(session, report).await {
-        Ok(Some(ack)) => {
+    let frame: Envelope = match service.runner_report(session, report).await {
+        ReportReply::Nothing => return Ok(()),
+        ReportReply::Ack(ack) => {
             let Some((job, attempt)) = acked else {
                 return Ok(());
             };
-            io.send(wire::result_ack(job, attempt, ack)).await
+            wire::result_ack(job, attempt, ack).into()
         }
-        Ok(None) => Ok(()),
-        Err(ServiceError::Invalid(text)) => Err(io.protocol_error(text).await),
-        Err(ServiceError::Store(err)) => {
-            // Nothing was acknowledged. Closing makes the runner reconnect
-            // and resend; its leases wait for it.
-            let _ = io
-                .send(ErrorMsg {
-                    message: format!(
-                        "the dispatcher could not record your report ({err}); reconnect and resend it"
-                    ),
-                })
-                .await;
-            Err(End::StoreFailed(format!(
-                "a report was not recorded: {err}"
-            )))
-        }
-    }
+        // Nothing was acknowledged; the connection stays up, the lease
+        // stays live, and the runner sends it again.
+        ReportReply::Resend(request) => wire::to_runner(ToRunner::Resend(request)),
+    };
+    tx.send(outgoing(frame))
+        .await
+        .map_err(|_| End::PeerGone("writer gone".to_owned()))
 }
 
 #[cfg(test)]

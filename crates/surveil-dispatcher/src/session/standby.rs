@@ -47,6 +47,9 @@ impl Standby {
             reassignments: 0,
             refused_results: 0,
             leader: Some(self.leader()),
+            // A standby writes nothing: its store has not failed it.
+            store_healthy: true,
+            store_failures: 0,
         }
     }
 }

@@ -7,7 +7,7 @@ pub struct Envelope {
     /// The message carried by this frame; exactly one arm is set.
     #[prost(
         oneof = "envelope::Msg",
-        tags = "1, 2, 3, 4, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55"
+        tags = "1, 2, 3, 4, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 30, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55"
     )]
     pub msg: ::core::option::Option<envelope::Msg>,
 }
@@ -58,6 +58,10 @@ pub mod envelope {
         /// Dispatcher -> runner: the result is recorded or refused.
         #[prost(message, tag = "27")]
         ResultAck(super::ResultAck),
+        /// Dispatcher -> runner: a report could not be stored; send it again
+        /// later, on this connection.
+        #[prost(message, tag = "30")]
+        Resend(super::Resend),
         /// Client -> dispatcher: list jobs.
         #[prost(message, tag = "40")]
         ListJobs(super::ListJobs),
@@ -393,6 +397,39 @@ pub struct ResultAck {
     #[prost(string, tag = "4")]
     pub message: ::prost::alloc::string::String,
 }
+/// Sent by the dispatcher when its store could not record a runner's report
+/// (Started, a Log chunk or JobFinished): nothing of it was acknowledged. The
+/// connection stays up and the lease stays live; after retry_after_ms the
+/// runner sends again, on the same connection, what this names. A runner
+/// that does not know this message may ignore it: it resends everything after
+/// its next reconnect anyway.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Resend {
+    /// The job.
+    #[prost(uint64, tag = "1")]
+    pub job_id: u64,
+    /// The attempt.
+    #[prost(uint32, tag = "2")]
+    pub attempt: u32,
+    /// When set: the store holds this attempt's combined log up to this byte
+    /// offset only; resend every chunk from it (the dispatcher drops chunks
+    /// past it until the resend fills the gap). Unset: the log needs nothing.
+    #[prost(uint64, optional, tag = "3")]
+    pub log_offset: ::core::option::Option<u64>,
+    /// True when the JobFinished was not recorded: send it again (it is still
+    /// not acknowledged).
+    #[prost(bool, tag = "4")]
+    pub result: bool,
+    /// How long to wait before resending, in milliseconds.
+    #[prost(uint32, tag = "5")]
+    pub retry_after_ms: u32,
+    /// What failed, for the runner's log.
+    #[prost(string, tag = "6")]
+    pub message: ::prost::alloc::string::String,
+    /// True when the Started was not recorded: send it again.
+    #[prost(bool, tag = "7")]
+    pub started: bool,
+}
 /// A job as the dispatcher records it, in client replies.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct JobInfo {
@@ -667,6 +704,14 @@ pub struct GetStatusReply {
     /// The current leader term (0 with the SQLite store).
     #[prost(uint64, tag = "37")]
     pub leader_term: u64,
+    /// False while the store is unhealthy: its last write failed, or a write
+    /// has been in flight past --store-write-timeout (the systemd watchdog is
+    /// not fed meanwhile).
+    #[prost(bool, optional, tag = "12")]
+    pub store_healthy: ::core::option::Option<bool>,
+    /// Store writes that failed in a row (0 after any success).
+    #[prost(uint32, tag = "13")]
+    pub store_failures: u32,
 }
 /// Sent by a client: cancel a job.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

@@ -108,6 +108,15 @@ pub fn every_message() -> Vec<Msg> {
             accepted: true,
             message: "recorded".into(),
         }),
+        Msg::Resend(Resend {
+            job_id: 9,
+            attempt: 3,
+            log_offset: Some(4096),
+            result: true,
+            retry_after_ms: 1000,
+            message: "store: committing the write batch failed: disk full".into(),
+            started: false,
+        }),
         Msg::ListJobs(ListJobs {
             repo: Some("/srv/git/app".into()),
             status: JobStatus::Running as i32,
@@ -169,6 +178,8 @@ pub fn every_message() -> Vec<Msg> {
             leader_addr: "10.0.0.1:9000".into(),
             standby: false,
             leader_term: 3,
+            store_healthy: Some(false),
+            store_failures: 2,
         }),
         Msg::CancelJob(CancelJob { job_id: 7 }),
         Msg::CancelJobReply(CancelJobReply {
@@ -210,7 +221,7 @@ pub fn every_message() -> Vec<Msg> {
     ];
     // Exhaustive on purpose: a new arm in the .proto stops this compiling
     // until a sample of it is added above.
-    let mut seen = [false; 30];
+    let mut seen = [false; 31];
     for msg in &msgs {
         let index = match msg {
             Msg::Hello(_) => 0,
@@ -243,6 +254,7 @@ pub fn every_message() -> Vec<Msg> {
             Msg::RerunJobReply(_) => 27,
             Msg::Prune(_) => 28,
             Msg::PruneReply(_) => 29,
+            Msg::Resend(_) => 30,
         };
         seen[index] = true;
     }

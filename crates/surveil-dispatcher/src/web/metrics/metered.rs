@@ -1,6 +1,8 @@
 //! A pass-through [`JobStore`] that times every write until the store
-//! acknowledges its commit, for `surveil_store_commit_seconds`. It adds
-//! nothing else: same answers, same errors, same order.
+//! acknowledges its commit, for `surveil_store_commit_seconds`, and hands
+//! every write to the store's health (failures in a row, stalls past
+//! `--store-write-timeout`). It changes nothing else: same answers, same
+//! errors, same order.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,11 +40,11 @@ impl MeteredStore {
     fn timed<'a, T: Send + 'a>(&'a self, write: StoreFuture<'a, T>) -> StoreFuture<'a, T> {
         let started = Instant::now();
         Box::pin(async move {
-            let answer = write.await;
+            // The health counts the answer, and a stall past the deadline.
+            let answer = self.health.watch(write).await;
             if answer.is_ok() {
                 self.metrics.store_commit(started);
             }
-            self.health.observe(&answer);
             answer
         })
     }
