@@ -174,6 +174,16 @@ impl SqliteStore {
         self.inner.stats.fail_commits.store(n, Ordering::SeqCst);
     }
 
+    /// Test hook: the next `n` batches are each held for `stall` before
+    /// they commit, as a hung fsync holds them; their writes answer only
+    /// afterwards (and then succeed).
+    #[cfg(feature = "testing")]
+    pub fn stall_next_commits(&self, n: u32, stall: Duration) {
+        let ms = u64::try_from(stall.as_millis()).unwrap_or(u64::MAX);
+        self.inner.stats.stall_ms.store(ms, Ordering::SeqCst);
+        self.inner.stats.stall_commits.store(n, Ordering::SeqCst);
+    }
+
     /// Test hook: holds the writer before its next batch while the guard
     /// lives, so that requests pile up deterministically.
     #[cfg(feature = "testing")]

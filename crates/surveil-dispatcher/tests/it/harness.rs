@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use surveil_dispatcher::Config;
@@ -65,6 +65,30 @@ impl Dispatcher {
             store,
             listener,
             shutdown.clone(),
+        ));
+        Dispatcher {
+            addr,
+            shutdown,
+            handle,
+        }
+    }
+
+    /// [`Dispatcher::start_on`] with [`surveil_dispatcher::Hooks`] (a
+    /// watchdog gate the test watches).
+    pub async fn start_hooked(
+        config: Config,
+        store: Arc<dyn JobStore>,
+        hooks: surveil_dispatcher::Hooks,
+    ) -> Dispatcher {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(surveil_dispatcher::serve_with_store_hooked(
+            config,
+            store,
+            listener,
+            shutdown.clone(),
+            hooks,
         ));
         Dispatcher {
             addr,
@@ -212,6 +236,32 @@ impl Client {
         }
     }
 
+    /// Reads a job's log (its latest attempt) from `offset`, without
+    /// following: the contiguous bytes stored there.
+    pub async fn read_log(&mut self, id: u64, offset: u64) -> Vec<u8> {
+        self.conn
+            .send(ReadLog {
+                job_id: id,
+                offset,
+                follow: false,
+                ..ReadLog::default()
+            })
+            .await
+            .unwrap();
+        let mut log = Vec::new();
+        loop {
+            match self.recv().await {
+                Some(Msg::ReadLogReply(r)) => {
+                    log.extend_from_slice(&r.data);
+                    if r.end {
+                        return log;
+                    }
+                }
+                other => panic!("expected ReadLogReply, got {other:?}"),
+            }
+        }
+    }
+
     pub async fn status(&mut self) -> GetStatusReply {
         match self.call(GetStatus {}).await {
             Msg::GetStatusReply(r) => r,
@@ -247,6 +297,8 @@ pub struct FakeRunner {
     out: mpsc::Sender<Envelope>,
     inbox: mpsc::Receiver<Option<Msg>>,
     silent: Arc<AtomicBool>,
+    /// Pings received so far.
+    pub pings: Arc<AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -266,10 +318,13 @@ impl FakeRunner {
         });
         let pong = out.clone();
         let quiet = silent.clone();
+        let pings = Arc::new(AtomicU64::new(0));
+        let pinged = pings.clone();
         let reader_task = tokio::spawn(async move {
             loop {
                 match reader.recv().await {
                     Ok(Some(Msg::Ping(ping))) => {
+                        pinged.fetch_add(1, Ordering::SeqCst);
                         if !quiet.load(Ordering::SeqCst) {
                             let _ = pong.send(Pong { seq: ping.seq }.into()).await;
                         }
@@ -290,6 +345,7 @@ impl FakeRunner {
             out,
             inbox,
             silent,
+            pings,
             tasks: vec![writer_task, reader_task],
         }
     }

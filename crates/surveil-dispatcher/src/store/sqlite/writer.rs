@@ -41,6 +41,12 @@ pub struct Stats {
     /// How many batches still to roll back instead of committing.
     #[cfg(feature = "testing")]
     pub fail_commits: AtomicU32,
+    /// Batches still to hold before their commit, as a hung fsync does.
+    #[cfg(feature = "testing")]
+    pub stall_commits: AtomicU32,
+    /// How long each of those is held, in milliseconds.
+    #[cfg(feature = "testing")]
+    pub stall_ms: AtomicU64,
 }
 
 /// What the writer receives.
@@ -185,6 +191,18 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Box<dyn Pending>>, stats:
     };
     #[cfg(not(feature = "testing"))]
     let fail_commit = || false;
+    // The testing hook holds the batch before its commit, as a hung fsync
+    // does; its callers wait for the answer all the while.
+    #[cfg(feature = "testing")]
+    if stats
+        .stall_commits
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        std::thread::sleep(std::time::Duration::from_millis(
+            stats.stall_ms.load(Ordering::SeqCst),
+        ));
+    }
     let outcome = apply_all(conn, batch, fail_commit);
     match &outcome {
         Ok(()) => {
