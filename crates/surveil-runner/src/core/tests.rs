@@ -446,6 +446,124 @@ fn a_started_whose_write_failed_goes_out_after_the_reconnect() {
     assert!(matches!(&sent(&actions(&mut c))[..], [Msg::Started(s)] if s.job_id == 9));
 }
 
+fn resend(job_id: u64, log_offset: Option<u64>, result: bool, retry_after_ms: u32) -> Msg {
+    Msg::Resend(Resend {
+        job_id,
+        attempt: 1,
+        log_offset,
+        result,
+        retry_after_ms,
+        message: "store: disk full".into(),
+        started: false,
+    })
+}
+
+#[test]
+fn a_resend_sends_the_log_from_its_offset_and_the_result_later_on_the_same_connection() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(8, REPO)), t0);
+    actions(&mut c);
+    for (offset, data) in [(0, &b"aaa"[..]), (3, b"bbb"), (6, b"ccc")] {
+        let chunk = Log {
+            data: data.to_vec().into(),
+            ..log(8, offset, b"")
+        };
+        c.handle(Event::Job(JobEvent::Log(chunk)), t0);
+    }
+    c.handle(
+        Event::Job(JobEvent::Finished(result(8, 1, JobStatus::Passed))),
+        t0,
+    );
+    actions(&mut c);
+
+    c.handle(Event::Frame(resend(8, Some(3), true, 500)), t0);
+    assert!(sent(&actions(&mut c)).is_empty(), "not before retry_after");
+    assert_eq!(c.deadline(), Some(t0 + 500 * MS), "woken for it");
+    c.handle(Event::Tick, t0 + 500 * MS);
+    let acts = actions(&mut c);
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, Action::Disconnect | Action::Dial(_))),
+        "the connection stays: {acts:?}"
+    );
+    let frames = sent(&acts);
+    assert!(
+        matches!(&frames[..], [Msg::Log(a), Msg::Log(b), Msg::JobFinished(f)]
+            if a.offset == 3 && b.offset == 6 && f.job_id == 8),
+        "{frames:?}"
+    );
+    c.handle(Event::Tick, t0 + 2000 * MS);
+    assert!(sent(&actions(&mut c)).is_empty(), "sent once");
+
+    // A resend for an attempt no longer held (acked meanwhile) is ignored.
+    c.handle(Event::Frame(ack(8, true)), t0 + 2000 * MS);
+    actions(&mut c);
+    c.handle(Event::Frame(resend(8, Some(0), true, 0)), t0 + 2000 * MS);
+    c.handle(Event::Tick, t0 + 3000 * MS);
+    assert!(sent(&actions(&mut c)).is_empty());
+}
+
+#[test]
+fn a_resend_past_the_retained_log_fills_the_hole_with_a_note() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(8, REPO)), t0);
+    actions(&mut c);
+    // More than the retained bytes: the oldest chunks are dropped.
+    let big = vec![b'x'; 64 * 1024];
+    let chunks = LOG_RETAIN_BYTES / big.len() + 2;
+    for n in 0..chunks {
+        let chunk = Log {
+            data: big.clone().into(),
+            ..log(8, (n * big.len()) as u64, b"")
+        };
+        c.handle(Event::Job(JobEvent::Log(chunk)), t0);
+    }
+    actions(&mut c);
+    c.handle(Event::Frame(resend(8, Some(0), false, 0)), t0);
+    let frames = sent(&actions(&mut c));
+    let Some(Msg::Log(note)) = frames.first() else {
+        panic!("{frames:?}");
+    };
+    let Some(Msg::Log(oldest)) = frames.get(1) else {
+        panic!("{frames:?}");
+    };
+    assert_eq!((note.offset, note.stream()), (0, Stream::System));
+    assert!(
+        note.offset + note.data.len() as u64 <= oldest.offset,
+        "no overlap"
+    );
+    assert!(
+        String::from_utf8_lossy(&note.data).contains("lost"),
+        "{note:?}"
+    );
+    assert_eq!(frames.len(), 1 + LOG_RETAIN_BYTES / big.len());
+}
+
+#[test]
+fn resends_wait_for_the_next_handshake_once_the_connection_drops() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(8, REPO)), t0);
+    actions(&mut c);
+    c.handle(
+        Event::Job(JobEvent::Finished(result(8, 1, JobStatus::Passed))),
+        t0,
+    );
+    actions(&mut c);
+    c.handle(Event::Frame(resend(8, None, true, 100)), t0);
+    c.handle(dropped(), t0);
+    c.handle(Event::Tick, t0 + 1000 * MS);
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0 + 1000 * MS);
+    // The handshake's own resend, once.
+    assert!(matches!(&sent(&actions(&mut c))[..], [Msg::JobFinished(f)] if f.job_id == 8));
+    c.handle(Event::Tick, t0 + 2000 * MS);
+    assert!(sent(&actions(&mut c)).is_empty());
+}
+
 #[test]
 fn pings_are_answered_and_silence_ends_the_connection() {
     let t0 = Instant::now();
