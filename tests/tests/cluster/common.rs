@@ -69,6 +69,17 @@ impl Scene {
 
     /// [`Scene::new`] with a dispatcher requiring `token`.
     pub fn with_token(args: &[&str], token: Option<&str>) -> Result<Scene> {
+        Self::prepared(args, token, |_| Ok(()))
+    }
+
+    /// [`Scene::with_token`], calling `prepare` with the dispatcher's state
+    /// directory (created, empty) before the dispatcher starts (a story
+    /// mounts a small file system there).
+    pub fn prepared(
+        args: &[&str],
+        token: Option<&str>,
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Scene> {
         let envs: Vec<(String, String)> = token
             .map(|t| ("SURVEIL_TOKEN".to_owned(), t.to_owned()))
             .into_iter()
@@ -84,6 +95,7 @@ impl Scene {
         let repo = repo_dir.to_str().context("UTF-8 temp path")?.to_owned();
         let state = dir.path().join("dispatcher");
         std::fs::create_dir_all(&state)?;
+        prepare(&state)?;
         std::fs::create_dir_all(dir.path().join("gates"))?;
         let log = dir.path().join("dispatcher.log");
         // A port below the ephemeral range cannot be taken by a parallel

@@ -2,7 +2,7 @@
 //! built once: fault stories (`faults`), high availability on PostgreSQL
 //! (`ha`), hostile input (`hostile`) and hostile pipelines against the
 //! task sandbox (`sandbox`), stolen, scoped and revoked credentials and
-//! files at rest (`credentials`), jobs and the refs they were built for
+//! files at rest (`credentials`), a state dir that fills up (`diskfull`), jobs and the refs they were built for
 //! (`refs`), reruns (`rerun`), bounded, pruned logs (`logs`), and why a
 //! queued job waits (`waiting`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
@@ -10,6 +10,7 @@
 
 mod common;
 mod credentials;
+mod diskfull;
 mod faults;
 mod fetch;
 mod ha;
