@@ -167,6 +167,19 @@ pub struct StatusJson {
     /// SQLite.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderJson>,
+    /// The store's health; absent from a dispatcher too old to say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreJson>,
+}
+
+/// `status --json`'s `store`.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct StoreJson {
+    /// False while its writes fail, or one is stalled past
+    /// `--store-write-timeout`.
+    pub healthy: bool,
+    /// Writes that failed in a row.
+    pub failures: u32,
 }
 
 /// `status --json`'s `leader`: the leader term as the answering dispatcher
@@ -281,6 +294,10 @@ impl From<&GetStatusReply> for StatusJson {
                 addr: (!status.leader_addr.is_empty()).then(|| status.leader_addr.clone()),
                 term: status.leader_term,
                 standby: status.standby,
+            }),
+            store: status.store_healthy.map(|healthy| StoreJson {
+                healthy,
+                failures: status.store_failures,
             }),
         }
     }
@@ -760,6 +777,14 @@ pub fn status_lines(status: &GetStatusReply) -> String {
         pairs.push(("role", role.to_owned()));
         pairs.push(("leader", format!("{addr} (term {})", leader.term)));
     }
+    if let Some(store) = &json.store {
+        let health = match (store.healthy, store.failures) {
+            (true, _) => "healthy".to_owned(),
+            (false, 0) => "unhealthy: a write is stalled".to_owned(),
+            (false, n) => format!("unhealthy: {n} writes failed in a row"),
+        };
+        pairs.push(("store", health));
+    }
     key_values(&pairs)
 }
 
@@ -974,6 +999,28 @@ mod tests {
                 r#""reassignments":3,"refused_results":1}"#
             )
         );
+    }
+
+    #[test]
+    fn status_shows_the_stores_health_when_the_dispatcher_tells_it() {
+        let mut reply = GetStatusReply {
+            store_healthy: Some(false),
+            store_failures: 2,
+            ..GetStatusReply::default()
+        };
+        let json = serde_json::to_value(StatusJson::from(&reply)).unwrap();
+        assert_eq!(
+            json["store"],
+            serde_json::json!({"healthy": false, "failures": 2})
+        );
+        assert!(
+            status_lines(&reply).contains("unhealthy: 2 writes failed in a row"),
+            "{}",
+            status_lines(&reply)
+        );
+        reply.store_healthy = None;
+        let json = serde_json::to_value(StatusJson::from(&reply)).unwrap();
+        assert!(json.get("store").is_none(), "{json}");
     }
 
     #[test]
