@@ -279,6 +279,19 @@ impl Service {
         self.wake_assigner();
     }
 
+    /// The connection ended after the dispatcher asked the runner to resend
+    /// a report its store could not record: a runner that does not know
+    /// `Resend` closes on it (an unknown message). That is the store's
+    /// doing, not the runner's, so its leases become orphans it may claim
+    /// back within one runner timeout (as after a dispatcher restart), and
+    /// it resends what was lost after reconnecting.
+    pub fn runner_released(&self, session: SessionId) {
+        if let Some(name) = self.unregister(session) {
+            self.runner_gone_event(session, name);
+        }
+        self.with_sched(|s| s.handle_runner_released(session, now()));
+    }
+
     /// The connection ended because the dispatcher is shutting down: the
     /// leases stay as the store records them, for the runner to reclaim
     /// from the next dispatcher.

@@ -4,8 +4,9 @@
 //! record (the session goes on). Frames are read while a report is being
 //! recorded, so a slow store never delays the runner's signs of life.
 //! When the connection ends, the service is told why: a closed or broken
-//! connection revokes the runner's leases, a shutdown leaves them to the
-//! next dispatcher.
+//! connection revokes the runner's leases, unless the runner was asked to
+//! resend (one that does not know `Resend` closes on it: its leases wait
+//! for its reconnect), and a shutdown leaves them to the next dispatcher.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -102,6 +103,7 @@ pub(super) async fn run(
     // behind it, never the runner's pongs or its `last_seen`.
     let mut waiting: VecDeque<RunnerReport> = VecDeque::new();
     let mut handling: Option<Handling<'_>> = None;
+    let mut resend_asked = false;
     let end = loop {
         if handling.is_none()
             && let Some(report) = waiting.pop_front()
@@ -113,8 +115,9 @@ pub(super) async fn run(
             biased;
             done = async { handling.as_mut().expect("checked by the guard").await }, if handling.is_some() => {
                 handling = None;
-                if let Err(end) = done {
-                    break end;
+                match done {
+                    Ok(asked) => resend_asked |= asked,
+                    Err(end) => break end,
                 }
             }
             msg = next_frame(&mut io, closed.as_mut()), if room => {
@@ -138,12 +141,14 @@ pub(super) async fn run(
     // flight must get the store's answer (the scheduler waits for it), and
     // the reports read after it are recorded as well.
     if let Some(in_flight) = handling.take() {
-        let _ = in_flight.await;
+        resend_asked |= in_flight.await.unwrap_or(false);
     }
     for report in waiting {
-        let _ = handle(service, session, report, &tx).await;
+        resend_asked |= handle(service, session, report, &tx).await.unwrap_or(false);
     }
     match &end {
+        // A runner that does not know `Resend` closes on it: not its fault.
+        End::PeerGone(_) | End::Closed(_) if resend_asked => service.runner_released(session),
         End::PeerGone(why) | End::Closed(why) => service.runner_disconnected(session, why).await,
         End::Shutdown => service.runner_left_at_shutdown(session),
     }
@@ -154,32 +159,34 @@ pub(super) async fn run(
 /// read no further until the store catches up.
 const WAITING_REPORTS: usize = 256;
 
-type Handling<'a> = Pin<Box<dyn Future<Output = Result<(), End>> + Send + 'a>>;
+type Handling<'a> = Pin<Box<dyn Future<Output = Result<bool, End>> + Send + 'a>>;
 
+/// Handles one report; `Ok(true)` when the runner was asked to resend.
 async fn handle(
     service: &Service,
     session: SessionId,
     report: RunnerReport,
     tx: &Tx,
-) -> Result<(), End> {
+) -> Result<bool, End> {
     let acked = match &report {
         RunnerReport::Finished { job, attempt, .. } => Some((*job, *attempt)),
         _ => None,
     };
-    let frame: Envelope = match service.runner_report(session, report).await {
-        ReportReply::Nothing => return Ok(()),
+    let (frame, resend): (Envelope, bool) = match service.runner_report(session, report).await {
+        ReportReply::Nothing => return Ok(false),
         ReportReply::Ack(ack) => {
             let Some((job, attempt)) = acked else {
-                return Ok(());
+                return Ok(false);
             };
-            wire::result_ack(job, attempt, ack).into()
+            (wire::result_ack(job, attempt, ack).into(), false)
         }
         // Nothing was acknowledged; the connection stays up, the lease
         // stays live, and the runner sends it again.
-        ReportReply::Resend(request) => wire::to_runner(ToRunner::Resend(request)),
+        ReportReply::Resend(request) => (wire::to_runner(ToRunner::Resend(request)), true),
     };
     tx.send(outgoing(frame))
         .await
+        .map(|()| resend)
         .map_err(|_| End::PeerGone("writer gone".to_owned()))
 }
 

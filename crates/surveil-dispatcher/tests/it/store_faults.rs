@@ -103,6 +103,45 @@ async fn a_result_the_store_failed_to_record_is_resent_on_the_same_connection_an
 }
 
 #[tokio::test]
+async fn a_runner_that_closes_on_a_resend_keeps_its_lease_and_its_resend_is_recorded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fast_config(dir.path());
+    let store = SqliteStore::open(&config.state_dir).unwrap();
+    let d = Dispatcher::start_on(config, Arc::new(store.clone())).await;
+    let mut client = d.client().await;
+    let id = client.submit(&[commit(1)]).await[0];
+    let mut runner = d.runner("ci-1", 1).await;
+    runner.expect_assign().await;
+
+    store.fail_next_commits(1);
+    runner.send(passed(id, 1)).await;
+    expect_resend(&mut runner).await;
+    // As a runner that does not know Resend does: it closes on the
+    // unknown message, then reconnects listing its lease.
+    runner.close();
+    let mut runner = d
+        .runner_with_leases(
+            "ci-1",
+            1,
+            vec![Lease {
+                job_id: id,
+                attempt: 1,
+            }],
+        )
+        .await;
+    let ack = runner.finish(id, 1, JobStatus::Passed).await;
+    assert!(
+        ack.accepted && ack.message.is_empty(),
+        "kept and recorded: {ack:?}"
+    );
+    let job = client.job(id).await.unwrap();
+    assert_eq!((job.status(), job.attempt), (JobStatus::Passed, 1));
+    let status = client.status().await;
+    assert_eq!((status.reassignments, status.refused_results), (0, 0));
+    d.stop().await;
+}
+
+#[tokio::test]
 async fn a_log_chunk_the_store_failed_is_resent_from_its_offset_and_the_log_is_complete() {
     let dir = tempfile::tempdir().unwrap();
     let config = fast_config(dir.path());
