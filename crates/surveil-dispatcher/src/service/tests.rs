@@ -665,3 +665,48 @@ async fn events_tell_a_jobs_story_in_order() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_requeue_the_store_refuses_is_tried_again_until_it_is_recorded() {
+    let h = Harness::new().await;
+    let id = h.submit(1, 1).await[0];
+    let (session, runner) = h.runner("ci-1", 1, vec![]).await;
+    assert_eq!(runner.assigned(), vec![(id, Attempt(1))]);
+    h.sqlite.fail_next_commits(2);
+    h.service
+        .runner_disconnected(session, "connection reset")
+        .await;
+    // Memory says queued; after two failed tries, so does the store.
+    assert_eq!(h.service.status().queued, 1);
+    assert_eq!(h.job(id).await.status, JobStatus::Queued);
+}
+
+#[tokio::test]
+async fn a_requeue_the_store_keeps_refusing_stops_the_dispatcher() {
+    let h = Harness::new().await;
+    let health = Arc::new(crate::health::StoreHealth::new(
+        100,
+        Duration::from_secs(30),
+    ));
+    h.service.set_health(Arc::clone(&health));
+    let id = h.submit(1, 1).await[0];
+    let (session, _) = h.runner("ci-1", 1, vec![]).await;
+    h.sqlite.fail_next_commits(5);
+    h.service
+        .runner_disconnected(session, "connection reset")
+        .await;
+    assert!(
+        health.tripped().is_cancelled(),
+        "memory and disk would disagree"
+    );
+    assert!(
+        health.reason().contains("cannot record the requeue"),
+        "{}",
+        health.reason()
+    );
+    assert_eq!(
+        h.job(id).await.status,
+        JobStatus::Running,
+        "the disk as it is"
+    );
+}
