@@ -1,7 +1,7 @@
 //! What the Surveil daemons and the CLI share beyond the wire: reading
 //! configuration (flags, `SURVEIL_*` environment, TOML file), value parsers
 //! for durations, sizes and addresses, tokens ([`Secret`]), repository
-//! names; the clients' way to the dispatcher ([`dial`], [`Backoff`]); and
+//! names; the clients' way to the dispatcher ([`dial`](mod@dial), [`Backoff`]); and
 //! the daemons' one entry point ([`daemon`]: signals, systemd
 //! notification, logging, exit codes).
 //!

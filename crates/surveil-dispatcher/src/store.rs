@@ -2,7 +2,7 @@
 //! errors and outcomes every backend shares. The SQLite backend
 //! ([`SqliteStore`]) lives in `store/sqlite`, the PostgreSQL one
 //! ([`PostgresStore`], fenced by a leader term) in `store/postgres`; with the `testing` feature,
-//! [`conformance`] is the suite any backend must pass.
+//! `conformance` is the suite any backend must pass.
 //!
 //! The rules every backend keeps, whatever its engine:
 //! - **durable before answered**: a write's future resolves `Ok` only
@@ -125,7 +125,7 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 
 /// The durable record of jobs, attempts, results and logs. See the module
 /// documentation for the rules every implementation keeps; the
-/// [`conformance`] suite checks them.
+/// `conformance` suite checks them.
 pub trait JobStore: Send + Sync + 'static {
     /// Records submitted commits as queued jobs, in one transaction, and
     /// says per commit (in the same order) which job it is and whether

@@ -18,9 +18,9 @@
 //! `error` would be a final verdict on a job that never ran. When the
 //! runner then disconnects, the dispatcher revokes their leases and queues
 //! them again, so they are neither lost nor wrongly failed. A "draining"
-//! message, when the protocol gains one, is sent from [`RunnerCore::drain`].
+//! message, when the protocol gains one, is sent from `RunnerCore::drain`.
 //!
-//! Invariants (checked by [`RunnerCore::check_invariants`] and the property
+//! Invariants (checked by `RunnerCore::check_invariants` and the property
 //! tests below):
 //! - a lease is in exactly one of: queued, running, being stored, held for
 //!   its `ResultAck`; every lease held is listed in the `Hello` of a dial;
