@@ -40,6 +40,12 @@ pub struct Cli {
     /// How long a runner may stay silent before its jobs are requeued.
     #[arg(long, env = "SURVEIL_RUNNER_TIMEOUT", default_value = "5s", value_parser = surveil_common::parse_duration)]
     pub runner_timeout: Duration,
+    /// How long the jobs of a runner whose connection closed or broke (a
+    /// FIN or RST) wait for it to reconnect before they are requeued; `0s`
+    /// requeues at once. Kept short so a crashed runner's job moves on
+    /// quickly; a runner that reconnects within it keeps its jobs.
+    #[arg(long, env = "SURVEIL_DISCONNECT_GRACE", default_value = "200ms", value_parser = surveil_common::parse_duration)]
+    pub disconnect_grace: Duration,
     /// Lost attempts after which a job ends `error`.
     #[arg(long, env = "SURVEIL_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
@@ -150,6 +156,13 @@ pub struct Cli {
 /// (a hung fetch, a deadlocked test past its task timeouts) meets it.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
+/// `--disconnect-grace`'s default: longer than a runner's first redial
+/// (50–100 ms after it loses the link), so a runner whose connection was
+/// reset reconnects in time to keep its jobs, and short enough that a
+/// crashed runner's job is started elsewhere within the 0.3 s the
+/// benchmarks hold (S3a).
+pub const DEFAULT_DISCONNECT_GRACE: Duration = Duration::from_millis(200);
+
 /// `--max-connections`' default: the S4 benchmark's 10,000 runners, with
 /// room for observers and clients.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 16_384;
@@ -178,6 +191,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Silence after which a runner is declared dead.
     pub runner_timeout: Duration,
+    /// `--disconnect-grace`: how long a closed runner's leases wait for it.
+    pub disconnect_grace: Duration,
     /// Lost attempts after which a job ends `error`.
     pub max_attempts: u32,
     /// Time allowed for a valid Hello.
@@ -230,6 +245,7 @@ impl Config {
             tokens_file: None,
             heartbeat_interval: Duration::from_secs(1),
             runner_timeout: Duration::from_secs(5),
+            disconnect_grace: DEFAULT_DISCONNECT_GRACE,
             max_attempts: 3,
             handshake_timeout: Duration::from_secs(5),
             max_frame: surveil_proto::DEFAULT_MAX_FRAME,
@@ -347,6 +363,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         tokens_file: cli.tokens_file.clone(),
         heartbeat_interval: cli.heartbeat_interval,
         runner_timeout: cli.runner_timeout,
+        disconnect_grace: cli.disconnect_grace,
         max_attempts: cli.max_attempts,
         handshake_timeout: cli.handshake_timeout,
         max_frame: usize::try_from(cli.max_frame).ok()?,
@@ -519,6 +536,12 @@ fn check_intervals(cli: &Cli, problems: &mut Vec<String>) {
         problems.push(format!(
             "--heartbeat-interval ({:?}) must be shorter than --runner-timeout ({:?}), or every runner would time out between pings",
             cli.heartbeat_interval, cli.runner_timeout
+        ));
+    }
+    if cli.disconnect_grace > cli.runner_timeout && !cli.runner_timeout.is_zero() {
+        problems.push(format!(
+            "--disconnect-grace ({:?}) must not be longer than --runner-timeout ({:?}): a runner that closed its connection is not waited for longer than a silent one",
+            cli.disconnect_grace, cli.runner_timeout
         ));
     }
     for (flag, value) in [
@@ -704,6 +727,13 @@ mod tests {
             err.contains("--spawn-runners 2 needs --runner-command"),
             "{err}"
         );
+        let err = parse(&["--state-dir", "/tmp/x", "--disconnect-grace", "6s"]).unwrap_err();
+        assert!(
+            err.contains("--disconnect-grace (6s) must not be longer than --runner-timeout (5s)"),
+            "{err}"
+        );
+        let off = parse(&["--state-dir", "/tmp/x", "--disconnect-grace", "0s"]).unwrap();
+        assert_eq!(off.disconnect_grace, Duration::ZERO, "0s revokes at once");
         let err = parse(&["--state-dir", "/tmp/x", "--handshake-timeout", "0s"]).unwrap_err();
         assert!(
             err.contains("--handshake-timeout must be greater than 0"),

@@ -223,6 +223,7 @@ pub(crate) async fn serve_on(
         .context("reading the listener's address")?;
     let sched = SchedulerConfig {
         runner_timeout: config.runner_timeout,
+        disconnect_grace: config.disconnect_grace,
         max_attempts: config.max_attempts,
         job_timeout: config.job_timeout,
     };

@@ -40,6 +40,10 @@ pub struct SchedulerConfig {
     /// How long a runner may stay silent before its leases are revoked; also
     /// how long an orphaned lease waits for its runner to come back.
     pub runner_timeout: Duration,
+    /// How long the leases of a runner whose connection closed or broke
+    /// wait for it to reconnect (`--disconnect-grace`); zero revokes them
+    /// at once.
+    pub disconnect_grace: Duration,
     /// How many attempts of a job may be lost before it ends `error`.
     pub max_attempts: u32,
     /// How long one attempt may run (`--job-timeout`): then its runner is
@@ -220,6 +224,8 @@ enum JobState {
     Orphaned {
         runner: String,
         deadline: Instant,
+        /// How long it was given, for the reason when it expires.
+        waited: Duration,
     },
     /// The live attempt reported its result, which is being recorded. The
     /// lease (and the runner's slot, while `session` is connected) is held
@@ -426,7 +432,11 @@ impl Scheduler {
                 id,
                 Job {
                     spec,
-                    state: JobState::Orphaned { runner, deadline },
+                    state: JobState::Orphaned {
+                        runner,
+                        deadline,
+                        waited: self.config.runner_timeout,
+                    },
                     cancel_requested: false,
                     // How long it ran before the restart is not known here.
                     deadline: Some(now + self.config.job_timeout),
@@ -567,7 +577,34 @@ impl Scheduler {
         }
     }
 
-    /// A runner's connection closed: its leases are revoked at once.
+    /// A runner's connection closed or broke under it (a FIN or an RST,
+    /// a NAT table flushed included): the runner may be about to dial
+    /// again, so its leases wait `disconnect_grace` for it as orphans
+    /// before they are revoked (at once when the grace is zero).
+    pub fn handle_runner_closed(&mut self, session: SessionId, reason: &str, now: Instant) {
+        let grace = self.config.disconnect_grace;
+        if grace.is_zero() {
+            return self.handle_runner_disconnected(session, reason, now);
+        }
+        if let Some(runner) = self.unregister(session) {
+            self.orphan(runner, now + grace, grace);
+        }
+    }
+
+    /// The earliest moment an orphaned lease expires, for the shell to
+    /// call [`Scheduler::handle_tick`] then rather than at the next beat.
+    pub fn next_orphan_deadline(&self) -> Option<Instant> {
+        self.jobs
+            .values()
+            .filter_map(|j| match j.state {
+                JobState::Orphaned { deadline, .. } => Some(deadline),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// A runner's connection was ended for it (silence, a protocol
+    /// error): its leases are revoked at once.
     pub fn handle_runner_disconnected(&mut self, session: SessionId, reason: &str, _now: Instant) {
         let Some(runner) = self.unregister(session) else {
             return;
@@ -582,10 +619,13 @@ impl Scheduler {
     /// leases become orphans it may claim back (and resend its reports)
     /// within one runner timeout, as after a dispatcher restart.
     pub fn handle_runner_released(&mut self, session: SessionId, now: Instant) {
-        let Some(runner) = self.unregister(session) else {
-            return;
-        };
-        let deadline = now + self.config.runner_timeout;
+        if let Some(runner) = self.unregister(session) {
+            let wait = self.config.runner_timeout;
+            self.orphan(runner, now + wait, wait);
+        }
+    }
+
+    fn orphan(&mut self, runner: Runner, deadline: Instant, waited: Duration) {
         for job in runner.leases {
             let Some(j) = self.jobs.get_mut(&job) else {
                 continue;
@@ -598,6 +638,7 @@ impl Scheduler {
                 _ => JobState::Orphaned {
                     runner: runner.name.clone(),
                     deadline,
+                    waited,
                 },
             };
         }
@@ -643,20 +684,22 @@ impl Scheduler {
             });
             self.handle_runner_disconnected(session, &reason, now);
         }
-        let expired: Vec<(JobId, String)> = self
+        let expired: Vec<(JobId, String, Duration)> = self
             .jobs
             .iter()
             .filter_map(|(id, j)| match &j.state {
-                JobState::Orphaned { runner, deadline } if *deadline <= now => {
-                    Some((*id, runner.clone()))
-                }
+                JobState::Orphaned {
+                    runner,
+                    deadline,
+                    waited,
+                } if *deadline <= now => Some((*id, runner.clone(), *waited)),
                 _ => None,
             })
             .collect();
-        for (job, runner) in expired {
+        for (job, runner, waited) in expired {
             self.lose(
                 job,
-                &format!("runner {runner} did not come back within {timeout:?}"),
+                &format!("runner {runner} did not come back within {waited:?}"),
             );
         }
         self.enforce_job_timeout(now);
@@ -927,6 +970,7 @@ impl Scheduler {
             None => JobState::Orphaned {
                 runner: runner.clone(),
                 deadline,
+                waited: self.config.runner_timeout,
             },
         };
     }

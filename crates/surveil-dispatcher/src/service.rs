@@ -108,6 +108,9 @@ pub struct Service {
     /// Wakes the assignment pass: a job was queued, a runner came or went,
     /// a slot was freed.
     wake: Notify,
+    /// Rung when an orphaned lease with an earlier deadline may exist, so
+    /// the monitor expires it on time rather than at its next beat.
+    expiry_changed: Notify,
     /// Set when an assignment could not be recorded: the pass waits before
     /// trying again instead of spinning against a failing store.
     assign_failed: AtomicBool,
@@ -160,6 +163,7 @@ impl Service {
             links: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             wake: Notify::new(),
+            expiry_changed: Notify::new(),
             assign_failed: AtomicBool::new(false),
             notifier: notify::Notifier::new(),
             refused_results: AtomicU64::new(0),
@@ -493,16 +497,32 @@ impl Service {
     /// The monitor's beat: pings every runner and expires silent runners
     /// and orphaned leases past their grace.
     pub(crate) async fn heartbeat(&self, seq: u64) {
+        self.ping_all(seq);
+        self.expire().await;
+    }
+
+    /// Expires orphaned leases whose grace is over (and silent runners),
+    /// between beats.
+    pub(crate) async fn expire(&self) {
         let decided = self.with_sched(|s| {
             let before = s.effects_emitted();
             s.handle_tick(now());
             s.effects_emitted() != before
         });
-        self.ping_all(seq);
         if decided {
             self.apply_effects().await;
             self.wake_assigner();
         }
+    }
+
+    /// When the next orphaned lease expires, if any.
+    pub(crate) fn next_expiry(&self) -> Option<std::time::Instant> {
+        self.with_sched(|s| s.next_orphan_deadline())
+    }
+
+    /// Resolves when [`Service::next_expiry`] may have moved earlier.
+    pub(crate) async fn expiry_may_change(&self) {
+        self.expiry_changed.notified().await;
     }
 
     /// The assignment pass: assigns what can be assigned, records each

@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use super::*;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+const GRACE: Duration = Duration::from_millis(200);
 const REPO: &str = "/srv/git/app";
 
 /// Long enough that only the tests about it reach it.
@@ -17,6 +18,7 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 fn sched(max_attempts: u32) -> Scheduler {
     Scheduler::new(SchedulerConfig {
         runner_timeout: TIMEOUT,
+        disconnect_grace: GRACE,
         max_attempts,
         job_timeout: JOB_TIMEOUT,
     })
@@ -566,6 +568,89 @@ fn cancel_queued_and_running() {
 }
 
 #[test]
+fn a_runner_whose_connection_broke_keeps_its_job_by_reconnecting_within_the_grace() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_runner_connected(sid(2), runner("b", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.schedule(t);
+    assert_eq!(assigns(&s.drain_effects()), vec![(1, 1, 1)]);
+
+    s.handle_runner_closed(sid(1), "connection reset by peer", t);
+    assert!(s.drain_effects().is_empty(), "nothing revoked at the reset");
+    assert_eq!(s.next_orphan_deadline(), Some(t + GRACE));
+    s.schedule(t);
+    assert!(
+        assigns(&s.drain_effects()).is_empty(),
+        "the job is not offered to b while a may come back"
+    );
+
+    let back = t + GRACE / 2;
+    let mut hello = runner("a", 1);
+    hello.leases = vec![(j(1), a(1))];
+    s.handle_runner_connected(sid(3), hello, back);
+    assert_eq!(s.next_orphan_deadline(), None, "claimed back");
+    s.handle_tick(t + GRACE * 2);
+    s.schedule(t + GRACE * 2);
+    assert!(s.drain_effects().is_empty(), "kept: no requeue, no cancel");
+    assert!(matches!(
+        s.handle_result(sid(3), j(1), a(1), FinalStatus::Passed, "", back),
+        ResultDecision::Accept { .. }
+    ));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_runner_that_does_not_reconnect_within_the_grace_has_its_job_moved() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_runner_connected(sid(2), runner("b", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.schedule(t);
+    assert_eq!(assigns(&s.drain_effects()), vec![(1, 1, 1)]);
+
+    s.handle_runner_closed(sid(1), "connection closed by the peer", t);
+    s.handle_tick(t + GRACE - Duration::from_millis(1));
+    assert!(s.drain_effects().is_empty(), "still within the grace");
+    s.handle_tick(t + GRACE);
+    let effects = s.drain_effects();
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::Requeue { job: JobId(1), attempt: Attempt(1), reason }
+                if reason.contains("runner a did not come back within 200ms")
+        )),
+        "{effects:?}"
+    );
+    s.schedule(t + GRACE);
+    assert_eq!(assigns(&s.drain_effects()), vec![(2, 1, 2)]);
+    // Its late result is stale now.
+    assert!(matches!(
+        s.handle_result(sid(1), j(1), a(1), FinalStatus::Passed, "", t + GRACE),
+        ResultDecision::Revoked { .. }
+    ));
+}
+
+#[test]
+fn with_no_grace_a_closed_connection_revokes_at_once() {
+    let t = Instant::now();
+    let mut s = Scheduler::new(SchedulerConfig {
+        runner_timeout: TIMEOUT,
+        disconnect_grace: Duration::ZERO,
+        max_attempts: 3,
+        job_timeout: JOB_TIMEOUT,
+    });
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.schedule(t);
+    s.drain_effects();
+    s.handle_runner_closed(sid(1), "connection reset by peer", t);
+    assert!(requeued(&s.drain_effects(), 1));
+}
+
+#[test]
 fn assignment_spreads_over_least_loaded_runners() {
     let t = Instant::now();
     let mut s = sched(3);
@@ -602,6 +687,10 @@ enum Event {
         list: Vec<(usize, i8)>,
     },
     Disconnect {
+        name: usize,
+    },
+    /// The runner's connection closed or broke under it (FIN, RST).
+    Closed {
         name: usize,
     },
     /// The dispatcher closed the runner for its own store failure.
@@ -644,6 +733,7 @@ fn event() -> impl Strategy<Value = Event> {
             .prop_map(|(name, slots, repos, list)| Event::Connect { name, slots, repos, list }),
         1 => (0..NAMES.len()).prop_map(|name| Event::Disconnect { name }),
         1 => (0..NAMES.len()).prop_map(|name| Event::Release { name }),
+        1 => (0..NAMES.len()).prop_map(|name| Event::Closed { name }),
         3 => (0..NAMES.len()).prop_map(|name| Event::Frame { name }),
         2 => (0u64..4000).prop_map(|ms| Event::Advance { ms }),
         3 => (0..NAMES.len(), 0usize..8, -1i8..2, 0u8..4)
@@ -896,6 +986,15 @@ fn step(
         Event::Disconnect { name } => {
             if let Some(session) = m.sessions.remove(&name) {
                 s.handle_runner_disconnected(session, "closed", *now);
+            }
+        }
+        Event::Closed { name } => {
+            if let Some(session) = m.sessions.remove(&name) {
+                s.handle_runner_closed(session, "connection reset", *now);
+                prop_assert!(
+                    s.drain_effects().is_empty(),
+                    "a closed connection decided something before its grace"
+                );
             }
         }
         Event::Release { name } => {

@@ -220,8 +220,21 @@ impl Service {
         }
     }
 
-    /// The runner's connection ended (it closed, broke, or was closed for
-    /// a protocol error or silence): its leases are revoked at once.
+    /// The runner's connection closed or broke under it (a FIN or RST):
+    /// its leases wait `--disconnect-grace` for it to reconnect, and the
+    /// monitor revokes them when the grace is over.
+    pub async fn runner_closed(&self, session: SessionId, reason: &str) {
+        if let Some(name) = self.unregister(session) {
+            self.runner_gone_event(session, name);
+        }
+        self.with_sched(|s| s.handle_runner_closed(session, reason, now()));
+        self.expiry_changed.notify_one();
+        self.apply_effects().await;
+        self.wake_assigner();
+    }
+
+    /// The dispatcher ended the runner's connection (a protocol error,
+    /// silence, a replaced session): its leases are revoked at once.
     pub async fn runner_disconnected(&self, session: SessionId, reason: &str) {
         if let Some(name) = self.unregister(session) {
             self.runner_gone_event(session, name);

@@ -216,6 +216,7 @@ impl Harness {
         });
         let config = SchedulerConfig {
             runner_timeout: Duration::from_secs(5),
+            disconnect_grace: Duration::from_millis(200),
             max_attempts: 3,
             job_timeout: Duration::from_secs(24 * 3600),
         };

@@ -104,7 +104,8 @@ pub(super) async fn run(
         }
     };
     match &end {
-        End::PeerGone(why) | End::Closed(why) => service.runner_disconnected(session, why).await,
+        End::PeerGone(why) => service.runner_closed(session, why).await,
+        End::Closed(why) => service.runner_disconnected(session, why).await,
         End::StoreFailed(_) => service.runner_released(session),
         End::Shutdown => service.runner_left_at_shutdown(session),
     }
