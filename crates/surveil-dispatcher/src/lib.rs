@@ -225,6 +225,8 @@ pub(crate) async fn serve_on(
         runner_timeout: config.runner_timeout,
         max_attempts: config.max_attempts,
         job_timeout: config.job_timeout,
+        quarantine_after: config.quarantine_after,
+        quarantine_for: config.quarantine_for,
     };
     let metrics = web::Metrics::new();
     let health = Arc::new(health::StoreHealth::new(config.max_store_failures));

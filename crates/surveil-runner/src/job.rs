@@ -106,6 +106,29 @@ pub fn error_result(job_id: u64, attempt: u32, message: String) -> JobFinished {
         status: JobStatus::Error as i32,
         message,
         tasks: vec![],
+        infrastructure: false,
+    }
+}
+
+/// A result with no tasks, marked `infrastructure`: the job could not be
+/// run because of this runner or the network (see
+/// [`WorkspaceError::is_infrastructure`]), so the dispatcher may run it
+/// elsewhere rather than record the error.
+pub fn infrastructure_result(job_id: u64, attempt: u32, message: String) -> JobFinished {
+    JobFinished {
+        infrastructure: true,
+        ..error_result(job_id, attempt, message)
+    }
+}
+
+/// The result of a failed checkout: infrastructure or the job's own error,
+/// by [`WorkspaceError::is_infrastructure`].
+pub fn checkout_failed(job_id: u64, attempt: u32, error: &WorkspaceError) -> JobFinished {
+    let message = error.to_string();
+    if error.is_infrastructure() {
+        infrastructure_result(job_id, attempt, message)
+    } else {
+        error_result(job_id, attempt, message)
     }
 }
 
@@ -167,22 +190,40 @@ async fn checkout_and_run(
             interrupt.store(true, Ordering::Relaxed);
         })
     };
-    let checkout = checkout(ctx, assign, dir, interrupt).await;
+    let checkout = checkout(ctx, assign, dir, interrupt);
+    // A fetch blocked on a silent server does not look at `interrupt`
+    // until its read times out (minutes): a cancel waits one kill grace
+    // for it, then leaves the blocking thread to its transport timeout
+    // (it writes nothing once interrupted) and ends the job.
+    let grace = ctx.exec.kill_grace;
+    let checkout = tokio::select! {
+        done = checkout => Some(done),
+        () = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => None,
+    };
     watcher.abort();
-    if cancel.is_cancelled() {
-        log.system(
-            0,
-            &format!("cancelled during checkout: {}", cancel.reason()),
-        )
-        .await;
-        return JobFinished {
-            job_id,
-            attempt,
-            status: JobStatus::Cancelled as i32,
-            message: cancel.reason(),
-            tasks: vec![],
-        };
-    }
+    let checkout = match checkout {
+        Some(done) if !cancel.is_cancelled() => done,
+        abandoned => {
+            let left = if abandoned.is_none() {
+                format!(" (the fetch did not stop within {grace:?}; left to its transport timeout)")
+            } else {
+                String::new()
+            };
+            log.system(
+                0,
+                &format!("cancelled during checkout: {}{left}", cancel.reason()),
+            )
+            .await;
+            return JobFinished {
+                job_id,
+                attempt,
+                status: JobStatus::Cancelled as i32,
+                message: cancel.reason(),
+                tasks: vec![],
+                infrastructure: false,
+            };
+        }
+    };
     match checkout {
         Ok(Ok(info)) => {
             let fetched = if info.fetched {
@@ -194,9 +235,14 @@ async fn checkout_and_run(
                 .await;
         }
         Ok(Err(e)) => {
-            let message = e.to_string();
-            log.system(0, &format!("checkout failed: {message}")).await;
-            return error_result(job_id, attempt, message);
+            let result = checkout_failed(job_id, attempt, &e);
+            let kind = if result.infrastructure {
+                " (infrastructure: the job may run again elsewhere)"
+            } else {
+                ""
+            };
+            log.system(0, &format!("checkout failed{kind}: {e}")).await;
+            return result;
         }
         Err(e) => {
             let message = format!("checkout failed: the checkout task ended: {e}");
@@ -242,6 +288,7 @@ async fn checkout_and_run(
         status: outcome.status as i32,
         message: outcome.message,
         tasks: outcome.tasks,
+        infrastructure: false,
     }
 }
 

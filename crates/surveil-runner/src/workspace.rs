@@ -63,6 +63,50 @@ pub enum WorkspaceError {
         /// What went wrong.
         reason: String,
     },
+    /// The commit's paths collide on this runner's file system (names that
+    /// differ only in case, on a case-insensitive one).
+    #[error("checkout of {commit} from {repo} failed: {reason}")]
+    Collision {
+        /// The repository.
+        repo: String,
+        /// The commit.
+        commit: String,
+        /// Which paths.
+        reason: String,
+    },
+    /// The job was cancelled while its checkout ran.
+    #[error("checkout of {commit} from {repo} was interrupted")]
+    Interrupted {
+        /// The repository.
+        repo: String,
+        /// The commit.
+        commit: String,
+    },
+}
+
+impl WorkspaceError {
+    /// Whether the failure is the runner's or the network's fault rather
+    /// than the job's, so that another runner (or this one later) may well
+    /// succeed: the repository could not be fetched (unreachable, refused,
+    /// a transport timeout, credentials this runner lacks), or the mirror
+    /// or job directory could not be made or written (a full or read-only
+    /// work dir, a damaged mirror).
+    ///
+    /// Never infrastructure: what the commit itself decides, which every
+    /// runner would meet alike: a commit id that is not one, a commit the
+    /// freshly fetched repository does not have (force-pushed away, never
+    /// pushed: the fetch *worked*), an object that is not a commit, and
+    /// paths that collide on the file system. Nor a cancel.
+    pub fn is_infrastructure(&self) -> bool {
+        match self {
+            WorkspaceError::Unreachable { .. } | WorkspaceError::Checkout { .. } => true,
+            WorkspaceError::BadCommitId { .. }
+            | WorkspaceError::CommitMissing { .. }
+            | WorkspaceError::NotACommit { .. }
+            | WorkspaceError::Collision { .. }
+            | WorkspaceError::Interrupted { .. } => false,
+        }
+    }
 }
 
 /// The work directory's mirrors and job directories.
@@ -205,6 +249,14 @@ impl Workspace {
                 },
                 other => failed(other.to_string()),
             })?;
+        // A job given up on during a slow fetch must not write a checkout
+        // afterwards into a directory its runner has already cleaned up.
+        if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(WorkspaceError::Interrupted {
+                repo: repo.to_owned(),
+                commit: commit.to_owned(),
+            });
+        }
         let object = mirror
             .find_object(id)
             .map_err(|_| WorkspaceError::CommitMissing {
@@ -256,11 +308,15 @@ impl Workspace {
             )));
         }
         if let Some(first) = outcome.collisions.first() {
-            return Err(failed(format!(
-                "{} path(s) collide on this file system, first {}",
-                outcome.collisions.len(),
-                first.path
-            )));
+            return Err(WorkspaceError::Collision {
+                repo: repo.to_owned(),
+                commit: commit.to_owned(),
+                reason: format!(
+                    "{} path(s) collide on this file system, first {}",
+                    outcome.collisions.len(),
+                    first.path
+                ),
+            });
         }
         Ok(CheckoutInfo {
             fetched,

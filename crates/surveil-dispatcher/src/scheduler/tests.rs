@@ -14,11 +14,16 @@ const REPO: &str = "/srv/git/app";
 /// Long enough that only the tests about it reach it.
 const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 
+const QUARANTINE_AFTER: u32 = 3;
+const QUARANTINE_FOR: Duration = Duration::from_secs(300);
+
 fn sched(max_attempts: u32) -> Scheduler {
     Scheduler::new(SchedulerConfig {
         runner_timeout: TIMEOUT,
         max_attempts,
         job_timeout: JOB_TIMEOUT,
+        quarantine_after: QUARANTINE_AFTER,
+        quarantine_for: QUARANTINE_FOR,
     })
 }
 
@@ -789,6 +794,7 @@ fn result(
             m.writing.push((id, attempt, status));
         }
         ResultDecision::Pending => prop_assert!(in_flight, "pending without a write"),
+        ResultDecision::Retried { .. } => prop_assert!(false, "handle_result retried"),
         ResultDecision::Revoked { .. } => {
             prop_assert!(!was_live, "refused the live lease of job {}", id);
         }

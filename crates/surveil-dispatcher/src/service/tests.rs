@@ -218,6 +218,8 @@ impl Harness {
             runner_timeout: Duration::from_secs(5),
             max_attempts: 3,
             job_timeout: Duration::from_secs(24 * 3600),
+            quarantine_after: 3,
+            quarantine_for: Duration::from_secs(300),
         };
         let service = Service::open(store.clone(), config).await.unwrap();
         Harness {
@@ -294,6 +296,7 @@ fn finished(job: JobId, attempt: Attempt) -> RunnerReport {
         result: JobResult {
             status: FinalStatus::Passed,
             message: String::new(),
+            infrastructure: false,
             tasks: vec![TaskResult {
                 name: "unit".into(),
                 status: TaskStatus::Passed,
