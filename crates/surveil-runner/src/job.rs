@@ -331,10 +331,35 @@ async fn remove_dir(dir: PathBuf) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_checkout_is_marked_infrastructure_only_for_the_runners_faults() {
+        let unreachable = WorkspaceError::Unreachable {
+            repo: "https://git.example/app.git".into(),
+            reason: "connection refused".into(),
+        };
+        let result = checkout_failed(7, 2, &unreachable);
+        assert!(result.infrastructure);
+        assert_eq!(result.status(), JobStatus::Error);
+        assert_eq!(result.message, unreachable.to_string());
+        assert!(result.tasks.is_empty());
+        let missing = WorkspaceError::CommitMissing {
+            repo: "https://git.example/app.git".into(),
+            commit: "0".repeat(40),
+        };
+        let result = checkout_failed(7, 2, &missing);
+        assert!(
+            !result.infrastructure,
+            "a missing commit is the job's problem"
+        );
+        assert_eq!(result.status(), JobStatus::Error);
+    }
+
     #[test]
     fn a_pipeline_needing_a_label_the_runner_lacks_is_refused() {
         let have = ["linux".to_owned(), "x86_64".to_owned()];
-        assert_eq!(super::labels_present(&["linux".into()], &have), Ok(()));
+        assert_eq!(labels_present(&["linux".into()], &have), Ok(()));
         assert_eq!(super::labels_present(&[], &[]), Ok(()));
         let e = super::labels_present(&["gpu".into(), "linux".into()], &have).unwrap_err();
         assert!(e.starts_with(".surveil.toml: `labels` asks for gpu, which this runner does not have (its labels: linux, x86_64)"), "{e}");

@@ -243,6 +243,13 @@ impl Workspace {
             .mirror(repo)
             .with_commit_at(id, git_ref, interrupt)
             .map_err(|e| match e {
+                // A fetch stopped by a cancel failed for no fault of anyone's.
+                _ if interrupt.load(std::sync::atomic::Ordering::Relaxed) => {
+                    WorkspaceError::Interrupted {
+                        repo: repo.to_owned(),
+                        commit: commit.to_owned(),
+                    }
+                }
                 MirrorError::Fetch { reason, .. } => WorkspaceError::Unreachable {
                     repo: repo.to_owned(),
                     reason,
@@ -482,6 +489,66 @@ mod tests {
             .checkout(repo, "main", &ws.job_dir(3, 1), &no)
             .unwrap_err();
         assert_eq!(err.to_string(), "`main` is not a full 40-hex commit id");
+    }
+
+    #[test]
+    fn only_the_runners_and_the_networks_faults_are_infrastructure() {
+        let src = tempfile::tempdir().unwrap();
+        let ids = three_commits(src.path());
+        let work = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(work.path()).unwrap();
+        let repo = src.path().to_str().unwrap();
+        let no = AtomicBool::new(false);
+
+        // The job's own problems: another runner would meet them too.
+        let missing = "0123456789abcdef0123456789abcdef01234567";
+        let err = ws
+            .checkout(repo, missing, &ws.job_dir(1, 1), &no)
+            .unwrap_err();
+        assert!(
+            !err.is_infrastructure(),
+            "a commit the repository lacks: {err}"
+        );
+        let err = ws
+            .checkout(repo, "HEAD", &ws.job_dir(2, 1), &no)
+            .unwrap_err();
+        assert!(!err.is_infrastructure(), "{err}");
+        let tree = git(src.path(), &["rev-parse", "HEAD^{tree}"]);
+        let err = ws
+            .checkout(repo, &tree, &ws.job_dir(3, 1), &no)
+            .unwrap_err();
+        assert!(matches!(err, WorkspaceError::NotACommit { .. }), "{err}");
+        assert!(!err.is_infrastructure(), "{err}");
+
+        // A repository this runner cannot reach.
+        let gone = work.path().join("no-such-repo");
+        let err = ws
+            .checkout(gone.to_str().unwrap(), &ids[0], &ws.job_dir(4, 1), &no)
+            .unwrap_err();
+        assert!(err.is_infrastructure(), "{err}");
+
+        // A work dir the runner cannot write in (as a full disk would be):
+        // `mirrors` is not a directory, so no mirror can be made.
+        let broken = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(broken.path()).unwrap();
+        std::fs::remove_dir(broken.path().join("mirrors")).unwrap();
+        std::fs::write(broken.path().join("mirrors"), b"not a directory").unwrap();
+        let err = ws
+            .checkout(repo, &ids[0], &ws.job_dir(5, 1), &no)
+            .unwrap_err();
+        assert!(matches!(err, WorkspaceError::Checkout { .. }), "{err}");
+        assert!(err.is_infrastructure(), "{err}");
+
+        // Interrupted (cancelled) before the checkout is written: nothing
+        // is written, and it is no one's fault.
+        let ws = Workspace::open(work.path()).unwrap();
+        let dest = ws.job_dir(6, 1);
+        let err = ws
+            .checkout(repo, &ids[0], &dest, &AtomicBool::new(true))
+            .unwrap_err();
+        assert!(matches!(err, WorkspaceError::Interrupted { .. }), "{err}");
+        assert!(!err.is_infrastructure());
+        assert!(!dest.exists(), "an interrupted checkout writes nothing");
     }
 
     #[test]

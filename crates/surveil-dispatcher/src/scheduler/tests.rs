@@ -651,7 +651,7 @@ fn event() -> impl Strategy<Value = Event> {
         1 => (0..NAMES.len()).prop_map(|name| Event::Release { name }),
         3 => (0..NAMES.len()).prop_map(|name| Event::Frame { name }),
         2 => (0u64..4000).prop_map(|ms| Event::Advance { ms }),
-        3 => (0..NAMES.len(), 0usize..8, -1i8..2, 0u8..4)
+        3 => (0..NAMES.len(), 0usize..8, -1i8..2, 0u8..5)
             .prop_map(|(name, job, delta, status)| Event::Result { name, job, delta, status }),
         3 => any::<bool>().prop_map(|ok| Event::StoreAnswer { ok }),
         1 => Just(Event::AssignFails),
@@ -769,11 +769,14 @@ fn result(
     let session = m.sessions.get(&name).copied().unwrap_or(sid(999));
     let id = j(job as u64 + 1);
     let attempt = m.attempt_of(id, delta);
+    // Status 4: the runner's fetch or checkout failed (infrastructure).
+    let infrastructure = status == 4;
     let status = [
         FinalStatus::Passed,
         FinalStatus::Failed,
         FinalStatus::Error,
         FinalStatus::Cancelled,
+        FinalStatus::Error,
     ][status as usize];
     // Effects emitted before the result are applied first, as the service
     // does.
@@ -783,7 +786,12 @@ fn result(
         && m.sessions.contains_key(&name)
         && m.holders.get(&id).map(String::as_str) == Some(NAMES[name]);
     let in_flight = m.writing.iter().any(|w| w.0 == id && w.1 == attempt);
-    match s.handle_result(session, id, attempt, status, "", now) {
+    let decision = if infrastructure {
+        s.handle_infra_failure(session, id, attempt, "unreachable", now)
+    } else {
+        s.handle_result(session, id, attempt, status, "", now)
+    };
+    match decision {
         ResultDecision::Accept { status, .. } => {
             prop_assert!(
                 was_live && !in_flight,
@@ -794,7 +802,18 @@ fn result(
             m.writing.push((id, attempt, status));
         }
         ResultDecision::Pending => prop_assert!(in_flight, "pending without a write"),
-        ResultDecision::Retried { .. } => prop_assert!(false, "handle_result retried"),
+        ResultDecision::Retried { .. } => {
+            prop_assert!(infrastructure, "handle_result retried");
+            prop_assert!(
+                was_live && !in_flight,
+                "retried job {} attempt {}",
+                id,
+                attempt
+            );
+            // The attempt is over: requeued or ended, never still live.
+            m.absorb(s.drain_effects())?;
+            prop_assert!(!m.live.contains_key(&id), "job {} live after a retry", id);
+        }
         ResultDecision::Revoked { .. } => {
             prop_assert!(!was_live, "refused the live lease of job {}", id);
         }
@@ -1049,3 +1068,5 @@ fn an_attempt_past_the_job_timeout_is_cancelled_then_ended_without_its_runner() 
     assert_eq!(s.counts(), (0, 0));
     s.check_invariants().unwrap();
 }
+
+mod infra;
