@@ -22,7 +22,7 @@
 //!   runner (or, for one runner timeout, to an orphan slot waiting for its
 //!   runner to come back);
 //! - after [`Scheduler::schedule`], no queued job has a connected runner
-//!   for its repository with a free slot;
+//!   for its repository with a free slot that is not quarantined;
 //! - a job leaves the scheduler with exactly one final status;
 //! - a result, `Started` or log chunk for an attempt that is not the job's
 //!   live lease is refused: the attempt number is the fencing token.

@@ -166,13 +166,16 @@ async fn checkout(
     .await
 }
 
-async fn checkout_and_run(
+/// Checks the commit out into `dir`, saying so in the SYSTEM log; `Err` is
+/// the job's result when it cannot go on (cancelled, or the checkout
+/// failed).
+async fn check_out(
     ctx: &JobContext,
     assign: &Assign,
     cancel: &CancelSignal,
     log: &mut JobLog,
     dir: &std::path::Path,
-) -> JobFinished {
+) -> Result<(), JobFinished> {
     let (job_id, attempt) = (assign.job_id, assign.attempt);
     // A directory of the same attempt can only be a leftover.
     remove_dir(dir.to_owned()).await;
@@ -214,14 +217,14 @@ async fn checkout_and_run(
                 &format!("cancelled during checkout: {}{left}", cancel.reason()),
             )
             .await;
-            return JobFinished {
+            return Err(JobFinished {
                 job_id,
                 attempt,
                 status: JobStatus::Cancelled as i32,
                 message: cancel.reason(),
                 tasks: vec![],
                 infrastructure: false,
-            };
+            });
         }
     };
     match checkout {
@@ -242,13 +245,27 @@ async fn checkout_and_run(
                 ""
             };
             log.system(0, &format!("checkout failed{kind}: {e}")).await;
-            return result;
+            return Err(result);
         }
         Err(e) => {
             let message = format!("checkout failed: the checkout task ended: {e}");
             log.system(0, &message).await;
-            return error_result(job_id, attempt, message);
+            return Err(error_result(job_id, attempt, message));
         }
+    }
+    Ok(())
+}
+
+async fn checkout_and_run(
+    ctx: &JobContext,
+    assign: &Assign,
+    cancel: &CancelSignal,
+    log: &mut JobLog,
+    dir: &std::path::Path,
+) -> JobFinished {
+    let (job_id, attempt) = (assign.job_id, assign.attempt);
+    if let Err(result) = check_out(ctx, assign, cancel, log, dir).await {
+        return result;
     }
     let loaded = {
         let dir = dir.to_owned();
