@@ -681,6 +681,31 @@ mod tests {
     }
 
     #[test]
+    fn quarantine_flags_have_defaults_and_ranges() {
+        let c = parse(&["--state-dir", "/tmp/x"]).unwrap();
+        assert_eq!(
+            (c.quarantine_after, c.quarantine_for),
+            (3, Duration::from_secs(300))
+        );
+        let c = parse(&["--state-dir", "/tmp/x", "--quarantine-after", "0"]).unwrap();
+        assert_eq!(c.quarantine_after, 0, "0 turns quarantine off");
+        let c = parse(&["--state-dir", "/tmp/x", "--quarantine-for", "90s"]).unwrap();
+        assert_eq!(c.quarantine_for, Duration::from_secs(90));
+        let err = parse(&["--state-dir", "/tmp/x", "--quarantine-after", "1001"]).unwrap_err();
+        assert!(
+            err.contains("--quarantine-after must be at most 1000"),
+            "{err}"
+        );
+        for bad in ["500ms", "8d"] {
+            let err = parse(&["--state-dir", "/tmp/x", "--quarantine-for", bad]).unwrap_err();
+            assert!(
+                err.contains("--quarantine-for must be between 1s and 7d"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn log_bounds_parse_and_name_what_is_wrong() {
         let c = parse(&[
             "--state-dir",
