@@ -439,7 +439,7 @@ async fn status_json_always_has_the_supervisor_restart_keys() {
         status,
         serde_json::json!({"version": "0.1.0", "uptime_s": 12, "runners": 2, "queued": 0,
             "running": 1, "supervisor_restarts": {"monitor": 0, "redistributor": 0, "spawner": 0},
-            "reassignments": 1, "refused_results": 0})
+            "reassignments": 1, "refused_results": 0, "quarantined": 0})
     );
 }
 
@@ -458,6 +458,7 @@ async fn runners_json_has_the_contract_fields() {
                     labels: vec!["linux".into()],
                     repos: vec!["/srv/git/app".into()],
                     identity: String::new(),
+                    ..RunnerInfo::default()
                 }],
             }))],
             _ => vec![],

@@ -64,6 +64,15 @@ pub struct Cli {
     /// restart it.
     #[arg(long, env = "SURVEIL_MAX_STORE_FAILURES", default_value_t = 5)]
     pub max_store_failures: u32,
+    /// Infrastructure failures in a row (a runner's fetch or checkout
+    /// failing) after which that runner gets no new job for a while; 0
+    /// never quarantines.
+    #[arg(long, env = "SURVEIL_QUARANTINE_AFTER", default_value_t = 3)]
+    pub quarantine_after: u32,
+    /// A runner's first quarantine; each further one without a good result
+    /// in between lasts twice as long, up to 1h.
+    #[arg(long, env = "SURVEIL_QUARANTINE_FOR", default_value = "5m", value_parser = surveil_common::parse_duration)]
+    pub quarantine_for: Duration,
     /// Most connections open at once (runners, observers, clients); more
     /// are refused until some close.
     #[arg(long, env = "SURVEIL_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
@@ -152,6 +161,13 @@ pub struct Cli {
     pub refuse_token: surveil_common::RefuseTokenFlag,
 }
 
+/// Largest `--quarantine-after`: past it, quarantine would never happen in
+/// practice and 0 (off) says so honestly.
+pub const MAX_QUARANTINE_AFTER: u32 = 1000;
+
+/// Longest `--quarantine-for`: a week.
+pub const MAX_QUARANTINE_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// `--job-timeout`'s default: generous, so only a job that is truly stuck
 /// (a hung fetch, a deadlocked test past its task timeouts) meets it.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -203,6 +219,11 @@ pub struct Config {
     pub job_timeout: Duration,
     /// `--max-store-failures`.
     pub max_store_failures: u32,
+    /// `--quarantine-after`: infrastructure failures in a row that
+    /// quarantine a runner (0: never).
+    pub quarantine_after: u32,
+    /// `--quarantine-for`: the first quarantine's length.
+    pub quarantine_for: Duration,
     /// `--max-connections`.
     pub max_connections: u32,
     /// `--max-unauthenticated-per-ip`.
@@ -251,6 +272,8 @@ impl Config {
             max_frame: surveil_proto::DEFAULT_MAX_FRAME,
             job_timeout: DEFAULT_JOB_TIMEOUT,
             max_store_failures: 5,
+            quarantine_after: 3,
+            quarantine_for: Duration::from_secs(300),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_unauthenticated_per_ip: 256,
             max_log_size: crate::service::DEFAULT_MAX_LOG_SIZE,
@@ -314,6 +337,18 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
     if cli.max_store_failures == 0 {
         problems.push("--max-store-failures must be at least 1".to_owned());
     }
+    if cli.quarantine_after > MAX_QUARANTINE_AFTER {
+        problems.push(format!(
+            "--quarantine-after must be at most {MAX_QUARANTINE_AFTER} (0 turns quarantine off; got {})",
+            cli.quarantine_after
+        ));
+    }
+    if !(Duration::from_secs(1)..=MAX_QUARANTINE_FOR).contains(&cli.quarantine_for) {
+        problems.push(format!(
+            "--quarantine-for must be between 1s and 7d (got {:?})",
+            cli.quarantine_for
+        ));
+    }
     if cli.max_connections == 0 {
         problems.push("--max-connections must be at least 1".to_owned());
     }
@@ -369,6 +404,8 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         max_frame: usize::try_from(cli.max_frame).ok()?,
         job_timeout: cli.job_timeout,
         max_store_failures: cli.max_store_failures,
+        quarantine_after: cli.quarantine_after,
+        quarantine_for: cli.quarantine_for,
         max_connections: cli.max_connections,
         max_unauthenticated_per_ip: cli.max_unauthenticated_per_ip,
         max_log_size: cli.max_log_size,
@@ -664,6 +701,31 @@ mod tests {
             err.contains("--max-connections must be at least 1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn quarantine_flags_have_defaults_and_ranges() {
+        let c = parse(&["--state-dir", "/tmp/x"]).unwrap();
+        assert_eq!(
+            (c.quarantine_after, c.quarantine_for),
+            (3, Duration::from_secs(300))
+        );
+        let c = parse(&["--state-dir", "/tmp/x", "--quarantine-after", "0"]).unwrap();
+        assert_eq!(c.quarantine_after, 0, "0 turns quarantine off");
+        let c = parse(&["--state-dir", "/tmp/x", "--quarantine-for", "90s"]).unwrap();
+        assert_eq!(c.quarantine_for, Duration::from_secs(90));
+        let err = parse(&["--state-dir", "/tmp/x", "--quarantine-after", "1001"]).unwrap_err();
+        assert!(
+            err.contains("--quarantine-after must be at most 1000"),
+            "{err}"
+        );
+        for bad in ["500ms", "8d"] {
+            let err = parse(&["--state-dir", "/tmp/x", "--quarantine-for", bad]).unwrap_err();
+            assert!(
+                err.contains("--quarantine-for must be between 1s and 7d"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

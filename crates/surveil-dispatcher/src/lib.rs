@@ -226,6 +226,8 @@ pub(crate) async fn serve_on(
         disconnect_grace: config.disconnect_grace,
         max_attempts: config.max_attempts,
         job_timeout: config.job_timeout,
+        quarantine_after: config.quarantine_after,
+        quarantine_for: config.quarantine_for,
     };
     let metrics = web::Metrics::new();
     let health = Arc::new(health::StoreHealth::new(config.max_store_failures));

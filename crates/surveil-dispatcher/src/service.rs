@@ -385,14 +385,18 @@ impl Service {
     pub fn runners(&self) -> Vec<RunnerView> {
         let (views, at) = self.with_sched(|s| (s.runners(), now()));
         let wall = unix_ms();
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         views
             .into_iter()
             .map(|r| RunnerView {
                 identity: self.identity_of(r.session),
-                last_seen_ms: wall.saturating_sub(
-                    u64::try_from(at.saturating_duration_since(r.last_seen).as_millis())
-                        .unwrap_or(u64::MAX),
-                ),
+                last_seen_ms: wall.saturating_sub(ms(at.saturating_duration_since(r.last_seen))),
+                // At least one millisecond ahead: a quarantine due but not
+                // yet lifted by the next tick still shows.
+                quarantined_until_ms: r.quarantined_until.map(|until| {
+                    wall.saturating_add(ms(until.saturating_duration_since(at)).max(1))
+                }),
+                infra_failures: r.infra_failures,
                 name: r.name,
                 addr: r.addr,
                 slots: r.slots,
@@ -405,8 +409,14 @@ impl Service {
 
     /// The dispatcher's counters.
     pub fn status(&self) -> StatusView {
-        let (runners, (queued, running), reassignments) =
-            self.with_sched(|s| (s.runner_count(), s.counts(), s.reassignments()));
+        let (runners, (queued, running), reassignments, quarantined) = self.with_sched(|s| {
+            (
+                s.runner_count(),
+                s.counts(),
+                s.reassignments(),
+                s.quarantined_count(),
+            )
+        });
         StatusView {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s: self.started.elapsed().as_secs(),
@@ -419,6 +429,7 @@ impl Service {
                 .collect(),
             reassignments,
             refused_results: self.refused_results.load(Ordering::Relaxed),
+            quarantined: u32::try_from(quarantined).unwrap_or(u32::MAX),
             leader: lock(&self.leader).clone(),
         }
     }
@@ -502,15 +513,18 @@ impl Service {
     }
 
     /// Expires orphaned leases whose grace is over (and silent runners),
-    /// between beats.
+    /// between beats; ends quarantines that are over.
     pub(crate) async fn expire(&self) {
-        let decided = self.with_sched(|s| {
+        let (decided, lifted) = self.with_sched(|s| {
             let before = s.effects_emitted();
-            s.handle_tick(now());
-            s.effects_emitted() != before
+            let lifted = s.handle_tick(now());
+            (s.effects_emitted() != before, lifted)
         });
         if decided {
             self.apply_effects().await;
+        }
+        if decided || lifted {
+            // A lifted quarantine frees a runner for the queue.
             self.wake_assigner();
         }
     }

@@ -221,6 +221,7 @@ fn result_report(finished: proto::JobFinished) -> Result<RunnerReport, FrameErro
             status,
             message: finished.message,
             tasks,
+            infrastructure: finished.infrastructure,
         },
     })
 }
@@ -631,6 +632,8 @@ pub fn runners_reply(runners: Vec<RunnerView>) -> proto::ListRunnersReply {
                 labels: r.labels,
                 repos: r.repos,
                 identity: r.identity,
+                quarantined_until_ms: r.quarantined_until_ms.unwrap_or(0),
+                infra_failures: r.infra_failures,
             })
             .collect(),
     }
@@ -647,6 +650,7 @@ pub fn status_reply(status: StatusView) -> proto::GetStatusReply {
         supervisor_restarts: status.supervisor_restarts.into_iter().collect(),
         reassignments: status.reassignments,
         refused_results: status.refused_results,
+        quarantined: status.quarantined,
         leader_addr: status
             .leader
             .as_ref()
@@ -743,6 +747,7 @@ mod tests {
             attempt: 2,
             status,
             message: "m".into(),
+            infrastructure: false,
             tasks: vec![proto::TaskResult {
                 name: "unit".into(),
                 status: task_status,

@@ -321,8 +321,9 @@ prop_compose! {
         status in any::<i32>(),
         message in arb_string(),
         tasks in prop::collection::vec(arb_task_result(), 0..5),
+        infrastructure in any::<bool>(),
     ) -> JobFinished {
-        JobFinished { job_id, attempt, status, message, tasks }
+        JobFinished { job_id, attempt, status, message, tasks, infrastructure }
     }
 }
 

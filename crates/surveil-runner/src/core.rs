@@ -562,6 +562,7 @@ impl RunnerCore {
                 status: JobStatus::Cancelled as i32,
                 message: "cancelled by the dispatcher before it started".into(),
                 tasks: vec![],
+                infrastructure: false,
             });
         } else {
             // Finished already (its result is resent until acked) or

@@ -107,6 +107,7 @@ mod tests {
             status: JobStatus::Passed as i32,
             message: String::new(),
             tasks: vec![],
+            infrastructure: false,
         }
     }
 

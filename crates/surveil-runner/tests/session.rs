@@ -560,6 +560,7 @@ async fn results_left_by_an_earlier_run_are_resent_and_a_refused_one_is_dropped(
             status: JobStatus::Passed as i32,
             message: String::new(),
             tasks: vec![],
+            infrastructure: false,
         })
         .unwrap();
     let fake = FakeDispatcher::bind().await;

@@ -3,8 +3,9 @@
 //! (`ha`), hostile input (`hostile`) and hostile pipelines against the
 //! task sandbox (`sandbox`), stolen, scoped and revoked credentials and
 //! files at rest (`credentials`), jobs and the refs they were built for
-//! (`refs`), reruns (`rerun`), bounded, pruned logs (`logs`), and why a
-//! queued job waits (`waiting`).
+//! (`refs`), reruns (`rerun`), bounded, pruned logs (`logs`), why a
+//! queued job waits (`waiting`), and failed infrastructure that is not a
+//! red build (`infra`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
@@ -14,6 +15,7 @@ mod faults;
 mod fetch;
 mod ha;
 mod hostile;
+mod infra;
 mod logs;
 mod refs;
 mod rerun;

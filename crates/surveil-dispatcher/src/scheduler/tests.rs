@@ -15,12 +15,17 @@ const REPO: &str = "/srv/git/app";
 /// Long enough that only the tests about it reach it.
 const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 
+const QUARANTINE_AFTER: u32 = 3;
+const QUARANTINE_FOR: Duration = Duration::from_secs(300);
+
 fn sched(max_attempts: u32) -> Scheduler {
     Scheduler::new(SchedulerConfig {
         runner_timeout: TIMEOUT,
         disconnect_grace: GRACE,
         max_attempts,
         job_timeout: JOB_TIMEOUT,
+        quarantine_after: QUARANTINE_AFTER,
+        quarantine_for: QUARANTINE_FOR,
     })
 }
 
@@ -641,6 +646,8 @@ fn with_no_grace_a_closed_connection_revokes_at_once() {
         disconnect_grace: Duration::ZERO,
         max_attempts: 3,
         job_timeout: JOB_TIMEOUT,
+        quarantine_after: QUARANTINE_AFTER,
+        quarantine_for: QUARANTINE_FOR,
     });
     s.handle_runner_connected(sid(1), runner("a", 1), t);
     s.handle_job_submitted(job(1, REPO), t);
@@ -736,7 +743,7 @@ fn event() -> impl Strategy<Value = Event> {
         1 => (0..NAMES.len()).prop_map(|name| Event::Closed { name }),
         3 => (0..NAMES.len()).prop_map(|name| Event::Frame { name }),
         2 => (0u64..4000).prop_map(|ms| Event::Advance { ms }),
-        3 => (0..NAMES.len(), 0usize..8, -1i8..2, 0u8..4)
+        3 => (0..NAMES.len(), 0usize..8, -1i8..2, 0u8..5)
             .prop_map(|(name, job, delta, status)| Event::Result { name, job, delta, status }),
         3 => any::<bool>().prop_map(|ok| Event::StoreAnswer { ok }),
         1 => Just(Event::AssignFails),
@@ -854,11 +861,14 @@ fn result(
     let session = m.sessions.get(&name).copied().unwrap_or(sid(999));
     let id = j(job as u64 + 1);
     let attempt = m.attempt_of(id, delta);
+    // Status 4: the runner's fetch or checkout failed (infrastructure).
+    let infrastructure = status == 4;
     let status = [
         FinalStatus::Passed,
         FinalStatus::Failed,
         FinalStatus::Error,
         FinalStatus::Cancelled,
+        FinalStatus::Error,
     ][status as usize];
     // Effects emitted before the result are applied first, as the service
     // does.
@@ -868,7 +878,12 @@ fn result(
         && m.sessions.contains_key(&name)
         && m.holders.get(&id).map(String::as_str) == Some(NAMES[name]);
     let in_flight = m.writing.iter().any(|w| w.0 == id && w.1 == attempt);
-    match s.handle_result(session, id, attempt, status, "", now) {
+    let decision = if infrastructure {
+        s.handle_infra_failure(session, id, attempt, "unreachable", now)
+    } else {
+        s.handle_result(session, id, attempt, status, "", now)
+    };
+    match decision {
         ResultDecision::Accept { status, .. } => {
             prop_assert!(
                 was_live && !in_flight,
@@ -879,6 +894,18 @@ fn result(
             m.writing.push((id, attempt, status));
         }
         ResultDecision::Pending => prop_assert!(in_flight, "pending without a write"),
+        ResultDecision::Retried { .. } => {
+            prop_assert!(infrastructure, "handle_result retried");
+            prop_assert!(
+                was_live && !in_flight,
+                "retried job {} attempt {}",
+                id,
+                attempt
+            );
+            // The attempt is over: requeued or ended, never still live.
+            m.absorb(s.drain_effects())?;
+            prop_assert!(!m.live.contains_key(&id), "job {} live after a retry", id);
+        }
         ResultDecision::Revoked { .. } => {
             prop_assert!(!was_live, "refused the live lease of job {}", id);
         }
@@ -1142,3 +1169,5 @@ fn an_attempt_past_the_job_timeout_is_cancelled_then_ended_without_its_runner() 
     assert_eq!(s.counts(), (0, 0));
     s.check_invariants().unwrap();
 }
+
+mod infra;

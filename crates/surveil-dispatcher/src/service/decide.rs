@@ -10,8 +10,8 @@
 use std::time::Instant;
 
 use crate::domain::{
-    Attempt, CommitId, Job, JobId, JobResult, JobStatus, ResultAck, RunnerReport, SessionId,
-    Submitted,
+    Attempt, CommitId, FinalStatus, Job, JobId, JobResult, JobStatus, ResultAck, RunnerReport,
+    SessionId, Submitted,
 };
 use crate::scheduler::{JobSpec, ResultDecision, Scheduler};
 use crate::store::RecordOutcome;
@@ -135,7 +135,10 @@ pub fn report(
 }
 
 /// A result from `session`, decided (again, after a
-/// [`ResultDecision::Pending`]).
+/// [`ResultDecision::Pending`]). One marked `infrastructure` is an
+/// infrastructure failure only as an `error` without task results (what a
+/// runner sends when its fetch or checkout failed); any other is taken as
+/// the result it says it is, so no runner can make a red build retried.
 pub fn result(
     sched: &mut Scheduler,
     session: SessionId,
@@ -144,7 +147,16 @@ pub fn result(
     result: &JobResult,
     now: Instant,
 ) -> ResultDecision {
+    if is_infrastructure_failure(result) {
+        return sched.handle_infra_failure(session, job, attempt, &result.message, now);
+    }
     sched.handle_result(session, job, attempt, result.status, &result.message, now)
+}
+
+/// Whether `result` is an infrastructure failure the scheduler retries:
+/// marked so by the runner, `error`, and no task ran.
+pub fn is_infrastructure_failure(result: &JobResult) -> bool {
+    result.infrastructure && result.status == FinalStatus::Error && result.tasks.is_empty()
 }
 
 /// The store answered a result write with `outcome` (after an accepted or

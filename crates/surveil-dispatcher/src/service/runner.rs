@@ -156,11 +156,13 @@ impl Service {
         }
         let (record, accepted_live) = match decision {
             ResultDecision::Revoked { message } => return Ok(self.refused(message)),
+            ResultDecision::Retried { message } => return Ok(self.retried(job, message).await),
             ResultDecision::Accept { status, message } => (
                 JobResult {
                     status,
                     message,
                     tasks: result.tasks,
+                    infrastructure: false,
                 },
                 true,
             ),
@@ -208,6 +210,22 @@ impl Service {
             Ok(ack)
         } else {
             Ok(self.refused(ack.message))
+        }
+    }
+
+    /// An infrastructure failure of the live attempt: the scheduler has
+    /// decided its requeue (or the job's end); it is recorded before the
+    /// runner hears that its result is taken. The attempt's record keeps
+    /// the runner's message as why it ended.
+    async fn retried(&self, job: JobId, message: String) -> ResultAck {
+        tracing::warn!(%message, "infrastructure failure");
+        self.apply_effects().await;
+        self.notifier.job_changed(job);
+        // Its runner's slot is free, and the job may wait for another.
+        self.wake_assigner();
+        ResultAck {
+            accepted: true,
+            message,
         }
     }
 

@@ -219,6 +219,8 @@ impl Harness {
             disconnect_grace: Duration::from_millis(200),
             max_attempts: 3,
             job_timeout: Duration::from_secs(24 * 3600),
+            quarantine_after: 3,
+            quarantine_for: Duration::from_secs(300),
         };
         let service = Service::open(store.clone(), config).await.unwrap();
         Harness {
@@ -295,6 +297,7 @@ fn finished(job: JobId, attempt: Attempt) -> RunnerReport {
         result: JobResult {
             status: FinalStatus::Passed,
             message: String::new(),
+            infrastructure: false,
             tasks: vec![TaskResult {
                 name: "unit".into(),
                 status: TaskStatus::Passed,
@@ -655,5 +658,76 @@ async fn events_tell_a_jobs_story_in_order() {
             }),
             runner(RunnerChange::Disconnected),
         ]
+    );
+}
+
+fn infra_failed(job: JobId, attempt: Attempt) -> RunnerReport {
+    RunnerReport::Finished {
+        job,
+        attempt,
+        result: JobResult {
+            status: FinalStatus::Error,
+            message: "repository /srv/git/app is unreachable: connection refused".to_owned(),
+            infrastructure: true,
+            tasks: vec![],
+        },
+    }
+}
+
+#[tokio::test]
+async fn an_infrastructure_failure_is_acked_recorded_on_its_attempt_and_run_on_another_runner() {
+    let h = Harness::new().await;
+    let id = h.submit(1, 1).await[0];
+    let (bad, bad_runner) = h.runner("bad", 1, vec![]).await;
+    let (_, good_runner) = h.runner("good", 1, vec![]).await;
+    assert_eq!(bad_runner.assigned(), vec![(id, Attempt(1))]);
+
+    let ack = h
+        .service
+        .runner_report(bad, infra_failed(id, Attempt(1)))
+        .await
+        .unwrap()
+        .expect("a result is answered");
+    assert!(ack.accepted, "the runner drops it from its outbox: {ack:?}");
+    assert!(ack.message.contains("queued again"), "{ack:?}");
+    assert_eq!(h.results_of(id), 0, "no result recorded");
+    let attempts = h.service.attempts(id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status.label(), "revoked");
+    assert_eq!(
+        attempts[0].message.as_deref(),
+        Some(
+            "infrastructure failure on runner bad: repository /srv/git/app is unreachable: connection refused"
+        )
+    );
+    assert_eq!(h.job(id).await.status, JobStatus::Queued);
+
+    assert!(!h.service.assign_pass().await);
+    assert_eq!(good_runner.assigned(), vec![(id, Attempt(2))]);
+    let runners = h.service.runners();
+    let bad_view = runners.iter().find(|r| r.name == "bad").unwrap();
+    assert_eq!(
+        (bad_view.infra_failures, bad_view.quarantined_until_ms),
+        (1, None)
+    );
+    // A runner cannot dress a red build up as infrastructure: a result
+    // with task results is what it says it is.
+    let good = h.service.runners().into_iter().find(|r| r.name == "good");
+    let good = good.map(|r| r.running).unwrap_or_default();
+    assert_eq!(good, vec![id]);
+    let mut red = finished(id, Attempt(2));
+    if let RunnerReport::Finished { result, .. } = &mut red {
+        result.status = FinalStatus::Failed;
+        result.infrastructure = true;
+    }
+    let session = h
+        .service
+        .with_sched(|s| s.lease_holder(id, Attempt(2)))
+        .unwrap();
+    let ack = h.service.runner_report(session, red).await.unwrap();
+    assert_eq!(ack, accepted(""));
+    assert_eq!(
+        h.job(id).await.status,
+        JobStatus::Final(FinalStatus::Failed)
     );
 }

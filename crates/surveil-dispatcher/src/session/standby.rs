@@ -46,6 +46,7 @@ impl Standby {
             supervisor_restarts: Default::default(),
             reassignments: 0,
             refused_results: 0,
+            quarantined: 0,
             leader: Some(self.leader()),
         }
     }

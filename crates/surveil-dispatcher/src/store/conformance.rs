@@ -135,6 +135,7 @@ fn result(status: FinalStatus) -> JobResult {
                 report: Some(TestReport::default()),
             },
         ],
+        infrastructure: false,
     }
 }
 

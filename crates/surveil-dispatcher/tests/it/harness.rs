@@ -335,6 +335,7 @@ impl FakeRunner {
             attempt,
             status: status as i32,
             message: String::new(),
+            infrastructure: false,
             tasks: vec![TaskResult {
                 name: "unit".into(),
                 status: TaskStatus::Passed as i32,

@@ -374,6 +374,17 @@ pub struct JobFinished {
     /// One entry per task of the pipeline, in order.
     #[prost(message, repeated, tag = "5")]
     pub tasks: ::prost::alloc::vec::Vec<TaskResult>,
+    /// True when the job could not be run because of the runner or the
+    /// network, not the commit (status ERROR): the repository could not be
+    /// fetched (unreachable, a transport timeout), or the mirror or checkout
+    /// could not be written in the runner's work dir (a full disk). A commit
+    /// the fetched repository does not have, a bad pipeline file and failing
+    /// tasks are never infrastructure. A dispatcher that knows this field
+    /// queues the job again (counting towards --max-attempts, preferring
+    /// another runner) instead of recording the ERROR; an older one records
+    /// the ERROR.
+    #[prost(bool, tag = "6")]
+    pub infrastructure: bool,
 }
 /// Sent by the dispatcher in answer to JobFinished, after the result is
 /// durable (or refused).
@@ -611,10 +622,20 @@ pub struct RunnerInfo {
     /// The repositories it builds.
     #[prost(string, repeated, tag = "7")]
     pub repos: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Unix time in milliseconds until which the runner is quarantined (given
+    /// no new job) after --quarantine-after infrastructure failures in a row;
+    /// 0 when it is not quarantined.
+    #[prost(uint64, tag = "9")]
+    pub quarantined_until_ms: u64,
     /// The identity it authenticated as ("token:ci-3", "cert:ci-3",
     /// "shared", "anonymous").
     #[prost(string, tag = "10")]
     pub identity: ::prost::alloc::string::String,
+    /// Infrastructure failures in a row reported by a runner of this name
+    /// (kept across its reconnects; a result that is not an infrastructure
+    /// failure resets it).
+    #[prost(uint32, tag = "11")]
+    pub infra_failures: u32,
 }
 /// The dispatcher's answer to ListRunners.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -656,6 +677,9 @@ pub struct GetStatusReply {
     /// Results refused because their lease was revoked, since start.
     #[prost(uint64, tag = "8")]
     pub refused_results: u64,
+    /// Connected runners quarantined now for infrastructure failures.
+    #[prost(uint32, tag = "10")]
+    pub quarantined: u32,
     /// High availability (a PostgreSQL store): the leader's advertised address;
     /// empty with the SQLite store, or while no leader is known.
     #[prost(string, tag = "35")]

@@ -101,6 +101,7 @@ pub fn every_message() -> Vec<Msg> {
                 skipped.signal = Some(9);
                 skipped
             }],
+            infrastructure: false,
         }),
         Msg::ResultAck(ResultAck {
             job_id: 9,
@@ -150,6 +151,8 @@ pub fn every_message() -> Vec<Msg> {
                 labels: vec!["linux".into()],
                 repos: vec!["/srv/git/app".into()],
                 identity: "token:ci-1".into(),
+                quarantined_until_ms: 1_764_300_300_000,
+                infra_failures: 3,
             }],
         }),
         Msg::GetStatus(GetStatus {}),
@@ -166,6 +169,7 @@ pub fn every_message() -> Vec<Msg> {
             ]),
             reassignments: 4,
             refused_results: 5,
+            quarantined: 1,
             leader_addr: "10.0.0.1:9000".into(),
             standby: false,
             leader_term: 3,

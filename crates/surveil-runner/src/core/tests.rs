@@ -83,6 +83,7 @@ fn result(job_id: u64, attempt: u32, status: JobStatus) -> JobFinished {
         status: status as i32,
         message: String::new(),
         tasks: vec![],
+        infrastructure: false,
     }
 }
 
