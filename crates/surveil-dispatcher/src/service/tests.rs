@@ -157,6 +157,11 @@ impl JobStore for Counting {
         self.inner.unfinished()
     }
 
+    fn epoch(&self) -> StoreFuture<'_, String> {
+        self.read();
+        self.inner.epoch()
+    }
+
     fn close(&self) -> StoreFuture<'_, ()> {
         self.inner.close()
     }
