@@ -85,6 +85,7 @@ impl FakeDispatcher {
                         heartbeat_interval_ms: 1000,
                         runner_timeout_ms: 5000,
                         server_version: "fake".into(),
+                        epoch: String::new(),
                     };
                     if conn.send(welcome).await.is_err() {
                         return;

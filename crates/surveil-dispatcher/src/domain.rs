@@ -583,6 +583,8 @@ pub struct StatusView {
     pub refused_results: u64,
     /// With a PostgreSQL store: who leads. `None` with SQLite.
     pub leader: Option<LeaderView>,
+    /// The store's epoch (empty on a standby).
+    pub epoch: String,
 }
 
 /// The leader term as `status` shows it (high availability on PostgreSQL).
@@ -720,6 +722,9 @@ pub enum RunnerReport {
         attempt: Attempt,
         /// Its result.
         result: JobResult,
+        /// The commit the runner built (`JobFinished.commit`); empty from a
+        /// runner that does not say.
+        commit: String,
     },
 }
 

@@ -48,6 +48,7 @@ impl FakeDispatcher {
             heartbeat_interval_ms: 0,
             runner_timeout_ms: 5000,
             server_version: "fake".into(),
+            epoch: "fa".repeat(16),
         })
         .await
         .unwrap();
@@ -560,7 +561,8 @@ async fn results_left_by_an_earlier_run_are_resent_and_a_refused_one_is_dropped(
             status: JobStatus::Passed as i32,
             message: String::new(),
             tasks: vec![],
-        })
+            commit: String::new(),
+        }, "")
         .unwrap();
     let fake = FakeDispatcher::bind().await;
     let runner = start(config(

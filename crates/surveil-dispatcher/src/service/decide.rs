@@ -121,9 +121,10 @@ pub fn report(
             job,
             attempt,
             result,
+            commit,
         } => {
             return ReportDecision::Result(self::result(
-                sched, session, *job, *attempt, result, now,
+                sched, session, *job, *attempt, result, commit, now,
             ));
         }
     };
@@ -135,15 +136,31 @@ pub fn report(
 }
 
 /// A result from `session`, decided (again, after a
-/// [`ResultDecision::Pending`]).
+/// [`ResultDecision::Pending`]). A result naming another `commit` than the
+/// job's is refused whoever sends it: it was issued under another life of
+/// the store (one restored from a backup without the restore step), whose
+/// job ids named other commits, and must not finish this one. The lease
+/// stays as it was.
 pub fn result(
     sched: &mut Scheduler,
     session: SessionId,
     job: JobId,
     attempt: Attempt,
     result: &JobResult,
+    commit: &str,
     now: Instant,
 ) -> ResultDecision {
+    if !commit.is_empty()
+        && let Some(expected) = sched.job_commit(job)
+        && expected.as_str() != commit
+    {
+        let message = format!(
+            "attempt {attempt} of job {job} is a build of commit {commit}, but job {job} is commit {expected} \
+             (the result was issued under another life of this store); result refused"
+        );
+        sched.handle_frame(session, now);
+        return ResultDecision::Revoked { message };
+    }
     sched.handle_result(session, job, attempt, result.status, &result.message, now)
 }
 

@@ -249,7 +249,8 @@ impl Harness {
                 .map(|i| CommitId::parse(&format!("{i:040x}")).unwrap())
                 .collect(),
         };
-        self.service.submit(&submission).await.unwrap()
+        let rows = self.service.submit(&submission).await.unwrap();
+        rows.into_iter().map(|row| row.id).collect()
     }
 
     /// Connects a runner and runs the assignment pass.
