@@ -765,6 +765,7 @@ mod tests {
                 message: String::new(),
                 ..proto::TaskResult::default()
             }],
+            commit: "c0ffee".into(),
         })
     }
 
@@ -775,11 +776,13 @@ mod tests {
             job,
             attempt,
             result,
+            commit,
         } = ok
         else {
             panic!("{ok:?}");
         };
         assert_eq!((job, attempt), (JobId(7), Attempt(2)));
+        assert_eq!(commit, "c0ffee", "the commit built is passed on");
         assert_eq!(result.status, FinalStatus::Failed);
         assert_eq!(result.tasks[0].status, TaskStatus::Failed);
         for status in [0, 1, 2, 99, -1] {

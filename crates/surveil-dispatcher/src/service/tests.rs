@@ -311,6 +311,7 @@ fn finished(job: JobId, attempt: Attempt) -> RunnerReport {
                 report: None,
             }],
         },
+        commit: String::new(),
     }
 }
 

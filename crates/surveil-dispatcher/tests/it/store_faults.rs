@@ -28,6 +28,7 @@ async fn a_result_the_store_failed_to_record_is_resent_after_reconnecting_and_re
             status: JobStatus::Passed.into(),
             message: String::new(),
             tasks: vec![],
+            commit: String::new(),
         })
         .await;
     match runner.recv().await {
