@@ -3,8 +3,8 @@
 //! (`ha`), hostile input (`hostile`) and hostile pipelines against the
 //! task sandbox (`sandbox`), stolen, scoped and revoked credentials and
 //! files at rest (`credentials`), jobs and the refs they were built for
-//! (`refs`), reruns (`rerun`), bounded, pruned logs (`logs`), and why a
-//! queued job waits (`waiting`).
+//! (`refs`), reruns (`rerun`), bounded, pruned logs (`logs`), a store restored
+//! from a backup (`restore`), and why a queued job waits (`waiting`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
@@ -17,5 +17,6 @@ mod hostile;
 mod logs;
 mod refs;
 mod rerun;
+mod restore;
 mod sandbox;
 mod waiting;
