@@ -985,7 +985,10 @@ mod tests {
         reply.epoch = "ab".repeat(16);
         let text = serde_json::to_string(&StatusJson::from(&reply)).unwrap();
         assert!(
-            text.ends_with(&format!(r#""refused_results":1,"epoch":"{}"}}"#, "ab".repeat(16))),
+            text.ends_with(&format!(
+                r#""refused_results":1,"epoch":"{}"}}"#,
+                "ab".repeat(16)
+            )),
             "{text}"
         );
         let lines = status_lines(&reply);

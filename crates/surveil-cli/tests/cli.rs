@@ -549,7 +549,10 @@ async fn submit_sends_the_canonical_path_of_a_relative_repo() {
     let fake = FakeDispatcher::start(
         "",
         Box::new(|msg| match msg {
-            Msg::Submit(_) => vec![Step::Send(Msg::SubmitAck(SubmitAck { job_ids: vec![7], created: vec![true] }))],
+            Msg::Submit(_) => vec![Step::Send(Msg::SubmitAck(SubmitAck {
+                job_ids: vec![7],
+                created: vec![true],
+            }))],
             _ => vec![],
         }),
     )

@@ -168,8 +168,9 @@ pub async fn new_epoch(config: &Config) -> anyhow::Result<(String, String)> {
                 config.state_dir.display(),
                 store::DB_FILE
             );
-            let store = SqliteStore::open(&config.state_dir)
-                .with_context(|| format!("opening the job store in {}", config.state_dir.display()))?;
+            let store = SqliteStore::open(&config.state_dir).with_context(|| {
+                format!("opening the job store in {}", config.state_dir.display())
+            })?;
             let old = store.epoch().await?;
             let new = store.new_epoch().await?;
             store.close().await?;

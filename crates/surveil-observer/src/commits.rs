@@ -189,10 +189,7 @@ pub fn first_parents(
             break;
         };
         chain.push(id);
-        next = commit
-            .parent_ids()
-            .next()
-            .map(gix::Id::detach);
+        next = commit.parent_ids().next().map(gix::Id::detach);
     }
     Ok(chain)
 }

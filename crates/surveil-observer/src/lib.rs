@@ -318,7 +318,9 @@ impl Observer {
         };
         tokio::task::spawn_blocking(move || file.store(&repo, &branch, cursor))
             .await
-            .map_err(|join| Delivery::Fatal(anyhow::anyhow!("writing the cursor panicked: {join}")))?
+            .map_err(|join| {
+                Delivery::Fatal(anyhow::anyhow!("writing the cursor panicked: {join}"))
+            })?
             .map_err(|error| Delivery::Fatal(error.into()))?;
         self.cursor = Some(commit);
         self.cursor_epoch = epoch;

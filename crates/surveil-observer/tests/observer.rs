@@ -392,7 +392,10 @@ async fn a_restored_store_gets_back_every_commit_behind_the_cursor(restore_epoch
         (cursor(state.path(), &repo) == Some(base.clone())).then_some(())
     })
     .await;
-    let next: Vec<String> = ["a", "b", "c", "d"].iter().map(|m| repo.commit(m)).collect();
+    let next: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|m| repo.commit(m))
+        .collect();
     let tip = next.last().unwrap().clone();
     wait_for("the tip acked", || {
         (cursor(state.path(), &repo) == Some(tip.clone())).then_some(())

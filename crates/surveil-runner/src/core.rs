@@ -398,7 +398,10 @@ impl RunnerCore {
         );
         for (key, held) in &self.results {
             if self.is_connected() && !self.epoch.is_empty() {
-                assert_eq!(held.epoch, self.epoch, "result {key:?} of another epoch kept");
+                assert_eq!(
+                    held.epoch, self.epoch,
+                    "result {key:?} of another epoch kept"
+                );
             }
         }
         let mut seen = BTreeSet::new();
@@ -566,7 +569,11 @@ impl RunnerCore {
             }
             frames.extend(retained.chunks.iter().cloned().map(Envelope::from));
         }
-        frames.extend(self.results.values().map(|p| Envelope::from(p.result.clone())));
+        frames.extend(
+            self.results
+                .values()
+                .map(|p| Envelope::from(p.result.clone())),
+        );
         for frame in frames {
             self.send(frame);
         }
@@ -826,7 +833,11 @@ impl RunnerCore {
                 if self.abandoned.remove(&key) {
                     // Killed because its lease was dropped: the result is
                     // another store life's, and leaves the outbox unsent.
-                    tracing::info!(job = key.0, attempt = key.1, "a dropped lease's job ended; its result is discarded");
+                    tracing::info!(
+                        job = key.0,
+                        attempt = key.1,
+                        "a dropped lease's job ended; its result is discarded"
+                    );
                     self.actions.push_back(Action::Forget {
                         job_id: key.0,
                         attempt: key.1,

@@ -204,8 +204,14 @@ impl Session {
             tracing::info_span!("job", job = key.0, attempt = key.1, commit = %assign.commit);
         tracing::info!(parent: &span, repo = %assign.repo, "job starts");
         tokio::spawn(
-            job::run(self.ctx.clone(), assign, epoch, cancel, self.events_tx.clone())
-                .instrument(span),
+            job::run(
+                self.ctx.clone(),
+                assign,
+                epoch,
+                cancel,
+                self.events_tx.clone(),
+            )
+            .instrument(span),
         );
     }
 

@@ -555,14 +555,17 @@ async fn results_left_by_an_earlier_run_are_resent_and_a_refused_one_is_dropped(
     let work = tempfile::tempdir().unwrap();
     let outbox = surveil_runner::outbox::Outbox::open(&work.path().join("outbox")).unwrap();
     outbox
-        .store(&JobFinished {
-            job_id: 11,
-            attempt: 2,
-            status: JobStatus::Passed as i32,
-            message: String::new(),
-            tasks: vec![],
-            commit: String::new(),
-        }, "")
+        .store(
+            &JobFinished {
+                job_id: 11,
+                attempt: 2,
+                status: JobStatus::Passed as i32,
+                message: String::new(),
+                tasks: vec![],
+                commit: String::new(),
+            },
+            "",
+        )
         .unwrap();
     let fake = FakeDispatcher::bind().await;
     let runner = start(config(

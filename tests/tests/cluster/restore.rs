@@ -105,7 +105,9 @@ fn restore_story(with_restore_step: bool) {
     // another commit.
     let gate = s.gate("last");
     commits.push(commit_echoing(&s, "after the backup 5", Some(&gate)));
-    let held = s.wait_running(job_of(&s, commits.last().unwrap()).id).unwrap();
+    let held = s
+        .wait_running(job_of(&s, commits.last().unwrap()).id)
+        .unwrap();
     s.dispatcher.kill().unwrap();
     s.open(&gate).unwrap();
     let outbox = format!("{}-1.pb", held.id);

@@ -145,8 +145,11 @@ impl Service {
         while decision == ResultDecision::Pending {
             // A write of this result is in flight (a resend on a new
             // connection): wait until it has answered, then decide again.
-            let decide =
-                || self.with_sched(|s| decide::result(s, session, job, attempt, &result, &commit, now()));
+            let decide = || {
+                self.with_sched(|s| {
+                    decide::result(s, session, job, attempt, &result, &commit, now())
+                })
+            };
             let mut watch = self.notifier.watch(job);
             watch.mark_seen();
             decision = decide();

@@ -1145,7 +1145,10 @@ pub async fn rerun_queues_a_new_attempt_and_keeps_the_earlier_ones<F: StoreFacto
 
 /// Whether `epoch` looks like one: 128 bits as 32 lower-case hex digits.
 fn is_epoch(epoch: &str) -> bool {
-    epoch.len() == 32 && epoch.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    epoch.len() == 32
+        && epoch
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A store has an epoch from its creation (128 random bits, as hex); it

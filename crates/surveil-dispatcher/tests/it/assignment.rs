@@ -184,7 +184,8 @@ async fn results_from_a_non_holder_or_for_an_unknown_job_are_refused_and_the_ses
         .await;
     assert!(!ack.accepted);
     assert!(
-        ack.message.contains(&format!("is a build of commit {}", commit(77))),
+        ack.message
+            .contains(&format!("is a build of commit {}", commit(77))),
         "{}",
         ack.message
     );

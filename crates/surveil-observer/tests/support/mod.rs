@@ -130,7 +130,8 @@ impl Store {
     }
 
     pub fn knows(&self, repo: &str, commit: &str) -> bool {
-        self.jobs.contains_key(&(repo.to_owned(), commit.to_owned()))
+        self.jobs
+            .contains_key(&(repo.to_owned(), commit.to_owned()))
     }
 }
 

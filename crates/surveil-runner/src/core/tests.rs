@@ -343,7 +343,12 @@ fn a_repository_not_built_here_is_refused_without_running() {
     let mut c = connected(t0);
     c.handle(Event::Frame(assign(3, "/srv/git/other")), t0);
     let acts = actions(&mut c);
-    let [Action::Store { result: refused, .. }] = &acts[..] else {
+    let [
+        Action::Store {
+            result: refused, ..
+        },
+    ] = &acts[..]
+    else {
         panic!("{acts:?}");
     };
     assert_eq!(refused.status(), JobStatus::Error);
@@ -498,10 +503,7 @@ fn pings_are_answered_and_silence_ends_the_connection() {
 fn an_unexpected_message_is_answered_with_error_then_the_connection_closes() {
     let t0 = Instant::now();
     let mut c = connected(t0);
-    c.handle(
-        Event::Frame(Msg::SubmitAck(SubmitAck::default())),
-        t0,
-    );
+    c.handle(Event::Frame(Msg::SubmitAck(SubmitAck::default())), t0);
     let acts = actions(&mut c);
     assert!(
         matches!(&acts[..], [Action::Send(Envelope { msg: Some(Msg::Error(e)) }), Action::Disconnect]
@@ -667,7 +669,11 @@ fn a_welcome_with_another_epoch_drops_and_kills_what_the_old_one_assigned() {
 
     c.handle(Event::Connected(welcome_in(EPOCH2)), t1);
     let acts = actions(&mut c);
-    assert_eq!(results_sent(&acts), [], "no result of the old epoch is sent");
+    assert_eq!(
+        results_sent(&acts),
+        [],
+        "no result of the old epoch is sent"
+    );
     assert!(
         acts.contains(&Action::Forget {
             job_id: 9,
@@ -676,8 +682,14 @@ fn a_welcome_with_another_epoch_drops_and_kills_what_the_old_one_assigned() {
         "the old result leaves the outbox: {acts:?}"
     );
     assert!(
-        acts.iter()
-            .any(|a| matches!(a, Action::Cancel { job_id: 4, attempt: 1, .. })),
+        acts.iter().any(|a| matches!(
+            a,
+            Action::Cancel {
+                job_id: 4,
+                attempt: 1,
+                ..
+            }
+        )),
         "the old epoch's running job is killed: {acts:?}"
     );
     assert!(started_jobs(&acts).is_empty(), "job 5 is not started");
@@ -695,7 +707,11 @@ fn a_welcome_with_another_epoch_drops_and_kills_what_the_old_one_assigned() {
         t1,
     );
     let acts = actions(&mut c);
-    assert_eq!(results_sent(&acts), [], "the killed job's end is not reported");
+    assert_eq!(
+        results_sent(&acts),
+        [],
+        "the killed job's end is not reported"
+    );
     assert!(acts.contains(&Action::Forget {
         job_id: 4,
         attempt: 1
@@ -749,8 +765,14 @@ fn an_assignment_of_a_held_lease_for_another_commit_drops_the_held_one() {
     c.handle(Event::Frame(assign_for(3, &third)), t0);
     let acts = actions(&mut c);
     assert!(
-        acts.iter()
-            .any(|a| matches!(a, Action::Cancel { job_id: 3, attempt: 1, .. })),
+        acts.iter().any(|a| matches!(
+            a,
+            Action::Cancel {
+                job_id: 3,
+                attempt: 1,
+                ..
+            }
+        )),
         "{acts:?}"
     );
     assert!(started_jobs(&acts).is_empty(), "waits for the killed one");

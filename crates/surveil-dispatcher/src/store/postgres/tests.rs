@@ -249,10 +249,7 @@ async fn a_new_epoch_is_refused_while_a_dispatcher_leads() {
     let before = leader.epoch().await.unwrap();
     let operator = PostgresStore::open(&options).await.unwrap();
     let err = operator.new_epoch().await.unwrap_err();
-    assert!(
-        err.to_string().contains("stop every dispatcher"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("stop every dispatcher"), "{err}");
     assert_eq!(operator.epoch().await.unwrap(), before, "unchanged");
     leader.close().await.unwrap();
     let after = operator.new_epoch().await.unwrap();

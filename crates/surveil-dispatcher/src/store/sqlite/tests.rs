@@ -223,7 +223,11 @@ async fn a_store_from_before_epochs_gets_one_at_migration() {
     let store = SqliteStore::open(dir.path()).unwrap();
     let epoch = store.epoch().await.unwrap();
     assert_eq!(epoch.len(), 32);
-    assert!(epoch.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(
+        epoch
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
     store.close().await.unwrap();
     let store = SqliteStore::open(dir.path()).unwrap();
     assert_eq!(store.epoch().await.unwrap(), epoch);
