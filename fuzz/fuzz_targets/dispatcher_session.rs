@@ -280,7 +280,7 @@ fn connect(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result
             attempt: attempt.0,
         });
     }
-    let Ok(checked) = wire::runner_hello(&hello, "127.0.0.1:40000".to_owned()) else {
+    let Ok(checked) = wire::runner_hello(&hello, "127.0.0.1:40000".to_owned(), "") else {
         assert!(
             hello.slots == 0 || hello.name.trim().is_empty(),
             "a valid Hello refused"
@@ -381,6 +381,9 @@ fn runner_frame(u: &mut Unstructured<'_>, m: &Model) -> Result<Msg> {
                 tasks,
                 // A fetch or checkout that failed on the runner's side.
                 infrastructure: u.arbitrary()?,
+                // No commit: the check of a result's commit against its job's
+                // is the service tests' and the cluster story's.
+                commit: String::new(),
             })
         }
         7 => Msg::Error(proto::Error {
@@ -435,6 +438,7 @@ fn frame(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<(
                 job,
                 attempt,
                 result,
+                ..
             },
             ReportDecision::Result(decision),
         ) => {

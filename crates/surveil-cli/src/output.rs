@@ -170,6 +170,10 @@ pub struct StatusJson {
     /// SQLite.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderJson>,
+    /// The store's epoch (32 hex digits; a restore step gives a new one).
+    /// Absent from a standby or a dispatcher without epochs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
 
 /// `status --json`'s `leader`: the leader term as the answering dispatcher
@@ -293,6 +297,7 @@ impl From<&GetStatusReply> for StatusJson {
                 term: status.leader_term,
                 standby: status.standby,
             }),
+            epoch: (!status.epoch.is_empty()).then(|| status.epoch.clone()),
         }
     }
 }
@@ -794,6 +799,9 @@ pub fn status_lines(status: &GetStatusReply) -> String {
         pairs.push(("role", role.to_owned()));
         pairs.push(("leader", format!("{addr} (term {})", leader.term)));
     }
+    if let Some(epoch) = &json.epoch {
+        pairs.push(("store epoch", epoch.clone()));
+    }
     key_values(&pairs)
 }
 
@@ -1007,6 +1015,20 @@ mod tests {
                 r#""supervisor_restarts":{"monitor":0,"redistributor":4,"spawner":0,"archiver":1},"#,
                 r#""reassignments":3,"refused_results":1,"quarantined":0}"#
             )
+        );
+        reply.epoch = "ab".repeat(16);
+        let text = serde_json::to_string(&StatusJson::from(&reply)).unwrap();
+        assert!(
+            text.ends_with(&format!(
+                r#""refused_results":1,"epoch":"{}"}}"#,
+                "ab".repeat(16)
+            )),
+            "{text}"
+        );
+        let lines = status_lines(&reply);
+        assert!(
+            lines.contains("store epoch") && lines.contains(&"ab".repeat(16)),
+            "{lines}"
         );
     }
 

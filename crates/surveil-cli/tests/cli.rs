@@ -85,6 +85,7 @@ impl FakeDispatcher {
                         heartbeat_interval_ms: 1000,
                         runner_timeout_ms: 5000,
                         server_version: "fake".into(),
+                        epoch: String::new(),
                     };
                     if conn.send(welcome).await.is_err() {
                         return;
@@ -549,7 +550,10 @@ async fn submit_sends_the_canonical_path_of_a_relative_repo() {
     let fake = FakeDispatcher::start(
         "",
         Box::new(|msg| match msg {
-            Msg::Submit(_) => vec![Step::Send(Msg::SubmitAck(SubmitAck { job_ids: vec![7] }))],
+            Msg::Submit(_) => vec![Step::Send(Msg::SubmitAck(SubmitAck {
+                job_ids: vec![7],
+                created: vec![true],
+            }))],
             _ => vec![],
         }),
     )

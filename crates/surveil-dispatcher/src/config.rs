@@ -156,6 +156,13 @@ pub struct Cli {
     /// standby tells them (default: --listen).
     #[arg(long, env = "SURVEIL_ADVERTISE", value_name = "HOST:PORT")]
     pub advertise: Option<String>,
+    /// The restore step, run once after putting a backup of the store back
+    /// (with every dispatcher on it stopped): give the store (--state-dir,
+    /// or --store) a new epoch, print it, and exit without serving. Runners
+    /// and observers then drop what they hold from before the restore and
+    /// resubmit what the backup lacks. Not for a config file or unit.
+    #[arg(long, env = "SURVEIL_NEW_EPOCH")]
+    pub new_epoch: bool,
     // Only there to refuse `--token VALUE` with the reason.
     #[command(flatten)]
     pub refuse_token: surveil_common::RefuseTokenFlag,
@@ -244,6 +251,9 @@ pub struct Config {
     pub store: StoreConfig,
     /// The address a standby names as this dispatcher's, once it leads.
     pub advertise: Option<String>,
+    /// `--new-epoch`: give the store a new epoch and exit (the restore
+    /// step) instead of serving.
+    pub new_epoch: bool,
 }
 
 /// The job store the dispatcher runs on.
@@ -288,6 +298,7 @@ impl Config {
             },
             store: StoreConfig::Sqlite,
             advertise: None,
+            new_epoch: false,
         }
     }
 }
@@ -416,6 +427,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         http: http?,
         store: store?,
         advertise: cli.advertise.clone(),
+        new_epoch: cli.new_epoch,
     })
 }
 

@@ -594,6 +594,8 @@ pub struct StatusView {
     pub quarantined: u32,
     /// With a PostgreSQL store: who leads. `None` with SQLite.
     pub leader: Option<LeaderView>,
+    /// The store's epoch (empty on a standby).
+    pub epoch: String,
 }
 
 /// The leader term as `status` shows it (high availability on PostgreSQL).
@@ -761,6 +763,9 @@ pub enum RunnerReport {
         attempt: Attempt,
         /// Its result.
         result: JobResult,
+        /// The commit the runner built (`JobFinished.commit`); empty from a
+        /// runner that does not say.
+        commit: String,
     },
 }
 

@@ -81,7 +81,7 @@ pub use config::{Cli, Config, ConfigError};
 
 use crate::scheduler::SchedulerConfig;
 use crate::service::Service;
-use crate::store::{JobStore, SqliteStore};
+use crate::store::{JobStore, PostgresStore, SqliteStore};
 use crate::supervisor::TaskFactory;
 
 /// How long shutdown waits for connections and tasks to finish.
@@ -143,6 +143,40 @@ pub async fn serve(
         ready,
     )
     .await
+}
+
+/// The restore step (`--new-epoch`): gives the configured store a new
+/// epoch and returns the old one and the new one. Refuses a state
+/// directory without a store (nothing was restored there), and a
+/// PostgreSQL database a dispatcher still leads.
+pub async fn new_epoch(config: &Config) -> anyhow::Result<(String, String)> {
+    match &config.store {
+        config::StoreConfig::Postgres(options) => {
+            let store = PostgresStore::open(options)
+                .await
+                .context("opening the PostgreSQL store")?;
+            let old = store.epoch().await?;
+            let new = store.new_epoch().await?;
+            store.close().await?;
+            Ok((old, new))
+        }
+        config::StoreConfig::Sqlite => {
+            let db = config.state_dir.join(store::DB_FILE);
+            anyhow::ensure!(
+                db.exists(),
+                "there is no store in --state-dir {} (no {}): restore the backup there first",
+                config.state_dir.display(),
+                store::DB_FILE
+            );
+            let store = SqliteStore::open(&config.state_dir).with_context(|| {
+                format!("opening the job store in {}", config.state_dir.display())
+            })?;
+            let old = store.epoch().await?;
+            let new = store.new_epoch().await?;
+            store.close().await?;
+            Ok((old, new))
+        }
+    }
 }
 
 /// Binds the HTTP listener: an address given with `--http-listen` must

@@ -499,6 +499,12 @@ impl Scheduler {
         self.runners.get(session).map(|r| r.addr.as_str())
     }
 
+    /// The commit of an active `job`; `None` for a job the scheduler does
+    /// not hold (finished, or never submitted).
+    pub fn job_commit(&self, job: JobId) -> Option<&CommitId> {
+        self.jobs.get(&job).map(|j| &j.spec.commit)
+    }
+
     /// The connected session holding `job`'s lease at `attempt`, if any.
     pub fn lease_holder(&self, job: JobId, attempt: Attempt) -> Option<SessionId> {
         let j = self.jobs.get(&job)?;

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, broadcast};
 
 use crate::domain::{
     AttemptRecord, BranchHead, Job, JobFilter, JobId, JobStatus, LogRetention, PruneRule, Pruned,
-    RunnerView, SessionId, StatusView, Submission, Waiting,
+    RunnerView, SessionId, StatusView, Submission, Submitted, Waiting,
 };
 use crate::scheduler::{CancelOutcome, Scheduler, SchedulerConfig};
 use crate::store::{JobStore, StoreError};
@@ -124,6 +124,9 @@ pub struct Service {
     started: tokio::time::Instant,
     /// The leader term this dispatcher serves under (PostgreSQL store).
     leader: Mutex<Option<crate::domain::LeaderView>>,
+    /// The store's epoch, read once at start-up: it changes only by the
+    /// restore step, which runs while no dispatcher serves the store.
+    epoch: String,
 }
 
 /// Unix time in milliseconds, for the store's timestamps.
@@ -153,6 +156,8 @@ impl Service {
         config: SchedulerConfig,
     ) -> Result<Service, StoreError> {
         let unfinished = store.unfinished().await?;
+        let epoch = store.epoch().await?;
+        tracing::info!(epoch = %epoch, "store epoch");
         let mut sched = Scheduler::new(config);
         let (queued, running) = decide::recover(&mut sched, unfinished, now());
         tracing::info!(queued, running, "recovered unfinished jobs");
@@ -172,7 +177,13 @@ impl Service {
             restarts: Mutex::new(TASK_NAMES.iter().map(|n| (*n, 0)).collect()),
             started: tokio::time::Instant::now(),
             leader: Mutex::new(None),
+            epoch,
         })
+    }
+
+    /// The store's epoch, sent in every `Welcome` and shown by `status`.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Runs one synchronous scheduler call under the lock.
@@ -185,9 +196,10 @@ impl Service {
     }
 
     /// Records submitted commits as queued jobs (or finds the known ones)
-    /// and returns their ids in order; new jobs wait for a runner. One
-    /// store write whatever the number of commits.
-    pub async fn submit(&self, submission: &Submission) -> Result<Vec<JobId>, ServiceError> {
+    /// and returns their jobs in order, saying which this call created;
+    /// new jobs wait for a runner. One store write whatever the number of
+    /// commits.
+    pub async fn submit(&self, submission: &Submission) -> Result<Vec<Submitted>, ServiceError> {
         let Submission {
             repo,
             origin,
@@ -218,7 +230,7 @@ impl Service {
         if queued {
             self.wake_assigner();
         }
-        Ok(ids)
+        Ok(rows)
     }
 
     /// Cancels a job: a queued one ends at once, a running one's runner is
@@ -431,6 +443,7 @@ impl Service {
             refused_results: self.refused_results.load(Ordering::Relaxed),
             quarantined: u32::try_from(quarantined).unwrap_or(u32::MAX),
             leader: lock(&self.leader).clone(),
+            epoch: self.epoch.clone(),
         }
     }
 

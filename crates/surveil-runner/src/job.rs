@@ -36,15 +36,18 @@ pub struct JobContext {
 }
 
 /// Runs `assign` to the end and delivers its result as
-/// [`JobEvent::Finished`] after storing it in the outbox. A panic inside
-/// the job still produces an `error` result.
+/// [`JobEvent::Finished`] after storing it in the outbox, stamped with the
+/// store `epoch` it was assigned under. A panic inside the job still
+/// produces an `error` result. Every result names the commit it built.
 pub async fn run(
     ctx: Arc<JobContext>,
     assign: Assign,
+    epoch: String,
     cancel: CancelSignal,
     events: mpsc::Sender<JobEvent>,
 ) {
     let (job_id, attempt) = (assign.job_id, assign.attempt);
+    let commit = assign.commit.clone();
     let inner = {
         let ctx = ctx.clone();
         let events = events.clone();
@@ -59,7 +62,7 @@ pub async fn run(
             .in_current_span(),
         )
     };
-    let (result, log) = match inner.await {
+    let (mut result, log) = match inner.await {
         Ok((result, log)) => (result, log),
         Err(e) => {
             let what = if e.is_panic() {
@@ -72,16 +75,18 @@ pub async fn run(
             (result, JobLog::new(job_id, attempt, events))
         }
     };
-    deliver(&ctx.outbox, result, &log).await;
+    result.commit = commit;
+    deliver(&ctx.outbox, result, &epoch, &log).await;
 }
 
 /// Stores `result` in the outbox and then passes it on; used for jobs that
 /// never ran too (a refused repository).
-pub async fn deliver(outbox: &Outbox, result: JobFinished, log: &JobLog) {
+pub async fn deliver(outbox: &Outbox, result: JobFinished, epoch: &str, log: &JobLog) {
     let stored = {
         let outbox = outbox.clone();
         let result = result.clone();
-        tokio::task::spawn_blocking(move || outbox.store(&result)).await
+        let epoch = epoch.to_owned();
+        tokio::task::spawn_blocking(move || outbox.store(&result, &epoch)).await
     };
     match stored {
         Ok(Ok(())) => {}
@@ -107,6 +112,7 @@ pub fn error_result(job_id: u64, attempt: u32, message: String) -> JobFinished {
         message,
         tasks: vec![],
         infrastructure: false,
+        commit: String::new(),
     }
 }
 
@@ -224,6 +230,7 @@ async fn check_out(
                 message: cancel.reason(),
                 tasks: vec![],
                 infrastructure: false,
+                commit: assign.commit.clone(),
             });
         }
     };
@@ -306,6 +313,7 @@ async fn checkout_and_run(
         message: outcome.message,
         tasks: outcome.tasks,
         infrastructure: false,
+        commit: assign.commit.clone(),
     }
 }
 

@@ -3,9 +3,9 @@
 //! (`ha`), hostile input (`hostile`) and hostile pipelines against the
 //! task sandbox (`sandbox`), stolen, scoped and revoked credentials and
 //! files at rest (`credentials`), jobs and the refs they were built for
-//! (`refs`), reruns (`rerun`), bounded, pruned logs (`logs`), why a
-//! queued job waits (`waiting`), and failed infrastructure that is not a
-//! red build (`infra`).
+//! (`refs`), reruns (`rerun`), bounded, pruned logs (`logs`), a store restored
+//! from a backup (`restore`), why a queued job waits (`waiting`), and
+//! failed infrastructure that is not a red build (`infra`).
 //! Each story has its own scratch directory, ports and daemons, so libtest
 //! runs them in parallel.
 
@@ -19,5 +19,6 @@ mod infra;
 mod logs;
 mod refs;
 mod rerun;
+mod restore;
 mod sandbox;
 mod waiting;

@@ -77,10 +77,11 @@ impl Service {
                     job,
                     attempt,
                     result,
+                    commit,
                 },
             ) => {
                 let span = tracing::info_span!("job", job = job.0, attempt = attempt.0);
-                self.record_result(session, job, attempt, result, decision)
+                self.record_result(session, job, attempt, (result, commit), decision)
                     .instrument(span)
                     .await
                     .map(Some)
@@ -138,14 +139,17 @@ impl Service {
         session: SessionId,
         job: JobId,
         attempt: Attempt,
-        result: JobResult,
+        (result, commit): (JobResult, String),
         mut decision: ResultDecision,
     ) -> Result<ResultAck, ServiceError> {
         while decision == ResultDecision::Pending {
             // A write of this result is in flight (a resend on a new
             // connection): wait until it has answered, then decide again.
-            let decide =
-                || self.with_sched(|s| decide::result(s, session, job, attempt, &result, now()));
+            let decide = || {
+                self.with_sched(|s| {
+                    decide::result(s, session, job, attempt, &result, &commit, now())
+                })
+            };
             let mut watch = self.notifier.watch(job);
             watch.mark_seen();
             decision = decide();

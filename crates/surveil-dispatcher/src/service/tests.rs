@@ -157,6 +157,11 @@ impl JobStore for Counting {
         self.inner.unfinished()
     }
 
+    fn epoch(&self) -> StoreFuture<'_, String> {
+        self.read();
+        self.inner.epoch()
+    }
+
     fn close(&self) -> StoreFuture<'_, ()> {
         self.inner.close()
     }
@@ -247,7 +252,8 @@ impl Harness {
                 .map(|i| CommitId::parse(&format!("{i:040x}")).unwrap())
                 .collect(),
         };
-        self.service.submit(&submission).await.unwrap()
+        let rows = self.service.submit(&submission).await.unwrap();
+        rows.into_iter().map(|row| row.id).collect()
     }
 
     /// Connects a runner and runs the assignment pass.
@@ -309,6 +315,7 @@ fn finished(job: JobId, attempt: Attempt) -> RunnerReport {
                 report: None,
             }],
         },
+        commit: String::new(),
     }
 }
 
@@ -671,6 +678,7 @@ fn infra_failed(job: JobId, attempt: Attempt) -> RunnerReport {
             infrastructure: true,
             tasks: vec![],
         },
+        commit: String::new(),
     }
 }
 

@@ -48,6 +48,8 @@ impl Standby {
             refused_results: 0,
             quarantined: 0,
             leader: Some(self.leader()),
+            // A standby does not read the store: it knows no epoch.
+            epoch: String::new(),
         }
     }
 }
@@ -99,6 +101,8 @@ pub(crate) async fn serve(standby: Arc<Standby>, stream: TcpStream, peer: Socket
         heartbeat_interval_ms: handshake::millis_u32(config.heartbeat_interval),
         runner_timeout_ms: handshake::millis_u32(config.runner_timeout),
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        // Nothing a peer holds can be checked against a standby.
+        epoch: String::new(),
     };
     if conn.send(welcome).await.is_err() {
         return;

@@ -29,6 +29,7 @@ async fn a_result_the_store_failed_to_record_is_resent_after_reconnecting_and_re
             message: String::new(),
             tasks: vec![],
             infrastructure: false,
+            commit: String::new(),
         })
         .await;
     match runner.recv().await {

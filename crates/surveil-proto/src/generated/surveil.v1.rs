@@ -142,6 +142,13 @@ pub struct Hello {
     /// The client's software version, for logs and `surveil runners`.
     #[prost(string, tag = "9")]
     pub client_version: ::prost::alloc::string::String,
+    /// Runner: the store epoch (Welcome.epoch) that the listed leases, and the
+    /// results it will resend, were assigned under; empty when it holds none
+    /// (or knows no epoch). A dispatcher whose epoch differs ignores the
+    /// listed leases: they belong to another life of its store (one restored
+    /// from a backup, or replaced).
+    #[prost(string, tag = "10")]
+    pub epoch: ::prost::alloc::string::String,
 }
 /// One job attempt held by a runner.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -168,6 +175,14 @@ pub struct Welcome {
     /// The dispatcher's software version.
     #[prost(string, tag = "4")]
     pub server_version: ::prost::alloc::string::String,
+    /// The store's epoch: 32 lower-case hex digits, random, made with the
+    /// store and replaced by the restore step after a backup is put back
+    /// (empty from a dispatcher that predates epochs). A runner drops the
+    /// leases and results it holds from another epoch (their job ids may now
+    /// name other commits); an observer whose cursors were confirmed under
+    /// another epoch re-verifies them and resubmits what the store lost.
+    #[prost(string, tag = "5")]
+    pub epoch: ::prost::alloc::string::String,
 }
 /// Sent by the dispatcher instead of Welcome; the dispatcher then closes.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -221,6 +236,12 @@ pub struct SubmitAck {
     /// already known returns its existing job id.
     #[prost(uint64, repeated, tag = "1")]
     pub job_ids: ::prost::alloc::vec::Vec<u64>,
+    /// Per commit, in the same order: true when this submit created the job,
+    /// false when the store knew the commit already. Lets an observer tell
+    /// what a restored store lost from what it still has. Empty from a
+    /// dispatcher that predates it.
+    #[prost(bool, repeated, tag = "2")]
+    pub created: ::prost::alloc::vec::Vec<bool>,
 }
 /// Sent by the dispatcher: run this job attempt.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -385,6 +406,12 @@ pub struct JobFinished {
     /// the ERROR.
     #[prost(bool, tag = "6")]
     pub infrastructure: bool,
+    /// The commit the runner built (Assign.commit). A dispatcher whose job has
+    /// another commit refuses the result (ResultAck accepted = false): it was
+    /// issued under another life of the store, whose job ids named other
+    /// commits. Empty from runners that predate it (not checked then).
+    #[prost(string, tag = "7")]
+    pub commit: ::prost::alloc::string::String,
 }
 /// Sent by the dispatcher in answer to JobFinished, after the result is
 /// durable (or refused).
@@ -691,6 +718,9 @@ pub struct GetStatusReply {
     /// The current leader term (0 with the SQLite store).
     #[prost(uint64, tag = "37")]
     pub leader_term: u64,
+    /// The store's epoch, as in Welcome.epoch (empty on a standby).
+    #[prost(string, tag = "11")]
+    pub epoch: ::prost::alloc::string::String,
 }
 /// Sent by a client: cancel a job.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

@@ -32,12 +32,14 @@ pub fn every_message() -> Vec<Msg> {
                 },
             ],
             client_version: "0.1.0".into(),
+            epoch: "0123456789abcdef0123456789abcdef".into(),
         }),
         Msg::Welcome(Welcome {
             session_id: "s-42".into(),
             heartbeat_interval_ms: 1000,
             runner_timeout_ms: 5000,
             server_version: "0.1.0".into(),
+            epoch: "0123456789abcdef0123456789abcdef".into(),
         }),
         Msg::Reject(Reject {
             code: RejectCode::ShuttingDown as i32,
@@ -61,6 +63,7 @@ pub fn every_message() -> Vec<Msg> {
         }),
         Msg::SubmitAck(SubmitAck {
             job_ids: vec![1, 2, 1 << 40],
+            created: vec![true, false, true],
         }),
         Msg::Assign(Assign {
             job_id: 9,
@@ -102,6 +105,7 @@ pub fn every_message() -> Vec<Msg> {
                 skipped
             }],
             infrastructure: false,
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
         }),
         Msg::ResultAck(ResultAck {
             job_id: 9,
@@ -173,6 +177,7 @@ pub fn every_message() -> Vec<Msg> {
             leader_addr: "10.0.0.1:9000".into(),
             standby: false,
             leader_term: 3,
+            epoch: "0123456789abcdef0123456789abcdef".into(),
         }),
         Msg::CancelJob(CancelJob { job_id: 7 }),
         Msg::CancelJobReply(CancelJobReply {
