@@ -93,6 +93,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         },
         // Past anything a fuzz case's ticks add up to.
         job_timeout: Duration::from_secs(24 * 3600),
+        // Quarantines that start, end within a case's ticks, or never.
+        quarantine_after: u32::from(u.int_in_range(0..=3u8)?),
+        quarantine_for: Duration::from_millis(50 * (u64::from(u.arbitrary::<u8>()?) + 1)),
     };
     let start = Instant::now();
     let mut m = Model {
@@ -277,7 +280,7 @@ fn connect(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result
             attempt: attempt.0,
         });
     }
-    let Ok(checked) = wire::runner_hello(&hello, "127.0.0.1:40000".to_owned()) else {
+    let Ok(checked) = wire::runner_hello(&hello, "127.0.0.1:40000".to_owned(), "") else {
         assert!(
             hello.slots == 0 || hello.name.trim().is_empty(),
             "a valid Hello refused"
@@ -376,6 +379,11 @@ fn runner_frame(u: &mut Unstructured<'_>, m: &Model) -> Result<Msg> {
                 status: status(u)?,
                 message: "exit 1".to_owned(),
                 tasks,
+                // A fetch or checkout that failed on the runner's side.
+                infrastructure: u.arbitrary()?,
+                // No commit: the check of a result's commit against its job's
+                // is the service tests' and the cluster story's.
+                commit: String::new(),
             })
         }
         7 => Msg::Error(proto::Error {
@@ -430,6 +438,7 @@ fn frame(u: &mut Unstructured<'_>, s: &mut Scheduler, m: &mut Model) -> Result<(
                 job,
                 attempt,
                 result,
+                ..
             },
             ReportDecision::Result(decision),
         ) => {
@@ -479,6 +488,22 @@ fn result_decided(
             m.writing.push((job, attempt, recorded));
         }
         ResultDecision::Pending => assert!(in_flight, "job {job}: pending without a write"),
+        ResultDecision::Retried { .. } => {
+            // An infrastructure failure of the live attempt: not a result
+            // to record, but the attempt's loss (requeued or ended), which
+            // the effects show and `absorb` checks.
+            assert!(
+                was_live && !in_flight,
+                "retried job {job} attempt {attempt}"
+            );
+            assert!(
+                !m.cancelling.contains(&job),
+                "cancelled job {job} retried"
+            );
+            assert_eq!(status, FinalStatus::Error, "job {job} retried from {status:?}");
+            absorb(m, s.drain_effects());
+            assert!(!m.live.contains_key(&job), "job {job} still live after a retry");
+        }
         ResultDecision::Revoked { message } => {
             assert!(!was_live, "refused the live attempt {attempt} of job {job}");
             assert!(!m.finals.contains_key(&job), "final job {job} not Unknown");

@@ -4,6 +4,10 @@
 //! nothing (no FIN, no RST), exactly like a cable pulled between two hosts.
 //! When healed, held bytes flow again in order, as TCP retransmission would
 //! deliver them. It relays only connections made to its own listener.
+//!
+//! It can also *reset* the connections it relays, as a NAT that forgot its
+//! table or a restarted proxy would: both ends get an RST at once, and new
+//! connections go through as before.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +26,7 @@ pub struct Relay {
     _rt: Runtime,
     addr: SocketAddr,
     partitioned: watch::Sender<bool>,
+    resets: watch::Sender<u64>,
     accepted: Arc<AtomicUsize>,
 }
 
@@ -39,18 +44,25 @@ impl Relay {
             .context("binding the relay")?;
         let addr = listener.local_addr()?;
         let (partitioned, watch_rx) = watch::channel(false);
+        let (resets, resets_rx) = watch::channel(0u64);
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&accepted);
         rt.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(relay_one(client, upstream, watch_rx.clone()));
+                tokio::spawn(relay_one(
+                    client,
+                    upstream,
+                    watch_rx.clone(),
+                    resets_rx.clone(),
+                ));
             }
         });
         Ok(Relay {
             _rt: rt,
             addr,
             partitioned,
+            resets,
             accepted,
         })
     }
@@ -70,6 +82,12 @@ impl Relay {
         self.partitioned.send_replace(false);
     }
 
+    /// Aborts every connection relayed now with an RST to both ends;
+    /// later connections are relayed as usual.
+    pub fn reset(&self) {
+        self.resets.send_modify(|n| *n += 1);
+    }
+
     /// Connections accepted so far (a reconnect shows up here).
     pub fn connections(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
@@ -84,7 +102,13 @@ async fn healed(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-async fn relay_one(client: TcpStream, upstream: SocketAddr, mut rx: watch::Receiver<bool>) {
+async fn relay_one(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut rx: watch::Receiver<bool>,
+    mut resets: watch::Receiver<u64>,
+) {
+    resets.mark_unchanged();
     // A connection made during the partition is held, as a SYN would be
     // retransmitted until the path works again.
     healed(&mut rx).await;
@@ -93,11 +117,19 @@ async fn relay_one(client: TcpStream, upstream: SocketAddr, mut rx: watch::Recei
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
-    let up = pump(client_read, server_write, rx.clone());
-    let down = pump(server_read, client_write, rx);
-    tokio::join!(up, down);
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let up = pump(&mut client_read, &mut server_write, rx.clone());
+    let down = pump(&mut server_read, &mut client_write, rx);
+    let reset = tokio::select! {
+        _ = async { tokio::join!(up, down) } => false,
+        changed = resets.changed() => changed.is_ok(),
+    };
+    if reset {
+        // Closing with a zero linger sends an RST instead of a FIN.
+        let _ = client_read.as_ref().set_zero_linger();
+        let _ = server_read.as_ref().set_zero_linger();
+    }
 }
 
 /// Copies `from` to `to` while healed. On end of stream or an error it

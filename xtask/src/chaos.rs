@@ -7,6 +7,13 @@
 //! (duplicated), jobs left `running` without a live lease (zombies), and
 //! each commit's outcome against the verdict the commit itself carries.
 //!
+//! With `--storage-faults` the dispatcher's state dir is a small
+//! filesystem of its own ([`crate::disk`]) and a second seeded schedule
+//! fills it (disk full) or freezes it (every write and fsync stalls) for a
+//! while; a dispatcher that fails stop on the failing store is restarted a
+//! moment later, as its service manager would. The same record must hold,
+//! and no job may end `error` at all.
+//!
 //! The fault schedule and the commits' contents come from one seed, printed
 //! first, so a failing run can be replayed; what the cluster does with the
 //! faults still depends on timing. This file only drives and observes the
@@ -69,6 +76,7 @@ pub struct Options {
     pub seed: Option<u64>,
     pub release: bool,
     pub keep: bool,
+    pub storage_faults: bool,
 }
 
 impl Options {
@@ -78,6 +86,7 @@ impl Options {
             seed: None,
             release: false,
             keep: false,
+            storage_faults: false,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -100,8 +109,9 @@ impl Options {
                 }
                 "--release" => options.release = true,
                 "--keep" => options.keep = true,
+                "--storage-faults" => options.storage_faults = true,
                 other => bail!(
-                    "chaos: unknown argument `{other}` (usage: cargo xtask chaos [--commits N] [--seed S] [--release] [--keep])"
+                    "chaos: unknown argument `{other}` (usage: cargo xtask chaos [--commits N] [--seed S] [--release] [--keep] [--storage-faults])"
                 ),
             }
         }
@@ -124,7 +134,33 @@ struct Tally {
     slow_terms: u32,
     /// Exits after SIGTERM with a non-zero status.
     unclean_terms: u32,
+    /// The dispatcher's own exits on a failing store (restarted as its
+    /// service manager would).
+    fail_stops: u32,
 }
+
+/// A storage episode in force.
+#[derive(Clone, Copy, Debug)]
+enum Episode {
+    Full,
+    Frozen,
+}
+
+/// What the storage schedule did.
+#[derive(Default)]
+struct StorageTally {
+    full: u32,
+    frozen: u32,
+    /// Bytes of ballast written over all disk-full episodes.
+    ballast: u64,
+}
+
+/// How long a fail-stopped dispatcher stays down before it is restarted
+/// (systemd's `RestartSec` in the shipped unit is of this order).
+const RESTART_AFTER_FAIL_STOP: Duration = Duration::from_millis(500);
+/// The dispatcher's filesystem under `--storage-faults`: room for the
+/// store of a long soak, small enough to fill in a moment.
+const DISK_MIB: u64 = 256;
 
 enum State {
     Up,
@@ -197,6 +233,11 @@ struct Soak {
     expected: Vec<(String, &'static str)>,
     timeline: String,
     warnings: Vec<String>,
+    /// The dispatcher's own filesystem, with `--storage-faults`.
+    disk: Option<crate::disk::Disk>,
+    storage: StorageTally,
+    /// The storage episode in force and when it ends.
+    episode: Option<(Episode, Instant)>,
 }
 
 const DISPATCHER: usize = 0;
@@ -230,6 +271,17 @@ impl Soak {
             match self.members[i].state {
                 State::Up => {
                     if let Some(status) = self.members[i].daemon.exited()? {
+                        if i == DISPATCHER && self.disk.is_some() && self.failed_stop() {
+                            self.members[i].tally.fail_stops += 1;
+                            self.counters.fold();
+                            self.members[i].state = State::Down {
+                                until: now + RESTART_AFTER_FAIL_STOP,
+                            };
+                            self.note(&format!(
+                                "{name} failed stop on its store ({status}); restarting it in {RESTART_AFTER_FAIL_STOP:?}"
+                            ));
+                            continue;
+                        }
                         self.members[i].tally.crashes += 1;
                         self.note(&format!("{name} EXITED on its own ({status}); restarting"));
                         self.restart(i)?;
@@ -267,6 +319,56 @@ impl Soak {
                 _ => {}
             }
         }
+        Ok(())
+    }
+
+    /// Whether the dispatcher's last exit was its fail-stop on a failing
+    /// store (its log's last error says so).
+    fn failed_stop(&self) -> bool {
+        let log = fs::read_to_string(self.dir.join("dispatcher.log")).unwrap_or_default();
+        let tail = &log[log.len().saturating_sub(4096)..];
+        tail.contains("writes in a row") || tail.contains("--store-write-timeout")
+    }
+
+    /// Starts or ends storage episodes.
+    fn storage(&mut self, now: Instant, rng: &mut StdRng, next: &mut Instant) -> Result<()> {
+        if self.disk.is_none() {
+            return Ok(());
+        }
+        if let Some((episode, until)) = self.episode
+            && now >= until
+        {
+            self.end_episode()?;
+            self.log(&format!("storage: {episode:?} over"));
+            *next = now + gap(rng, 1000, 4000);
+        }
+        if self.episode.is_none() && now >= *next {
+            let full = rng.random_bool(0.5);
+            let hold = gap(rng, 500, 3000);
+            let disk = self.disk.as_mut().expect("checked above");
+            let what = if full {
+                let bytes = disk.fill()?;
+                self.storage.full += 1;
+                self.storage.ballast += bytes;
+                self.episode = Some((Episode::Full, now + hold));
+                format!("DISK FULL ({} MiB of ballast)", bytes >> 20)
+            } else {
+                disk.freeze()?;
+                self.storage.frozen += 1;
+                self.episode = Some((Episode::Frozen, now + hold));
+                "FSFREEZE the dispatcher's disk".to_owned()
+            };
+            self.note(&format!("{what} for {:.2}s", hold.as_secs_f64()));
+        }
+        Ok(())
+    }
+
+    fn end_episode(&mut self) -> Result<()> {
+        if let Some(disk) = self.disk.as_mut() {
+            disk.thaw()?;
+            disk.free()?;
+        }
+        self.episode = None;
         Ok(())
     }
 
@@ -355,8 +457,13 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     let seed = options.seed.unwrap_or_else(rand::random);
     let n = options.commits;
     println!(
-        "chaos: seed {seed} — replay with `cargo xtask chaos --commits {n} --seed {seed}{}`",
-        if options.release { " --release" } else { "" }
+        "chaos: seed {seed} — replay with `cargo xtask chaos --commits {n} --seed {seed}{}{}`",
+        if options.release { " --release" } else { "" },
+        if options.storage_faults {
+            " --storage-faults"
+        } else {
+            ""
+        }
     );
     let building = Instant::now();
     println!(
@@ -371,6 +478,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     let started = Instant::now();
 
     let dir = cluster::target_dir(root).join("chaos");
+    crate::disk::release_stale(&dir.join("dispatcher"));
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
@@ -396,6 +504,15 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     let addr = format!("127.0.0.1:{}", cluster::stable_port()?);
     let state = dir.join("dispatcher");
     fs::create_dir_all(&state)?;
+    let disk = if options.storage_faults {
+        Some(crate::disk::Disk::mount(
+            &dir.join("dispatcher.img"),
+            &state,
+            DISK_MIB,
+        )?)
+    } else {
+        None
+    };
     let dispatcher = Daemon::start(
         "dispatcher",
         &bins.dispatcher,
@@ -498,6 +615,9 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
         expected: vec![(first.clone(), "passed")],
         timeline: String::new(),
         warnings: Vec::new(),
+        disk,
+        storage: StorageTally::default(),
+        episode: None,
     };
     soak.note(&format!(
         "cluster in {} (dispatcher {addr}, 3 runners, observer --every-commit)",
@@ -506,6 +626,11 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
 
     let result = drive(&mut soak, n, seed).and_then(|()| check(&mut soak));
     let shutdown = shut_down(&mut soak);
+    if let Some(mut disk) = soak.disk.take() {
+        let failed = !matches!(&result, Ok(f) if f.is_empty());
+        let keep = (failed || options.keep).then(|| soak.dir.join("dispatcher-store"));
+        disk.unmount(keep.as_deref())?;
+    }
     let _ = fs::write(soak.dir.join("chaos.log"), &soak.timeline);
     let verdict = match result {
         Ok(failures) if failures.is_empty() => Ok(()),
@@ -533,7 +658,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
         }
         Err(err) => {
             println!(
-                "\nchaos: logs and store kept in {} (dispatcher.log, runner-*.log, observer.log, chaos.log, dispatcher/surveil.db); seed {seed}",
+                "\nchaos: logs and store kept in {} (dispatcher.log, runner-*.log, observer.log, chaos.log, dispatcher/surveil.db or, with --storage-faults, dispatcher-store/surveil.db); seed {seed}",
                 soak.dir.display()
             );
             Err(err)
@@ -562,6 +687,8 @@ fn drive(soak: &mut Soak, n: usize, seed: u64) -> Result<()> {
     let mut faults = StdRng::seed_from_u64(seed);
     let mut contents = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut pace = StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x5851_f42d);
+    let mut storage = StdRng::seed_from_u64(seed.rotate_right(23) ^ 0x2545_f491_4f6c_dd1d);
+    let mut next_storage = Instant::now() + gap(&mut storage, 1000, 4000);
 
     let mut made = 0usize;
     let mut next_commit = Instant::now();
@@ -576,6 +703,7 @@ fn drive(soak: &mut Soak, n: usize, seed: u64) -> Result<()> {
             bail!("the soak passed its deadline during the chaos phase");
         }
         soak.tend(now)?;
+        soak.storage(now, &mut storage, &mut next_storage)?;
         if made < n && now >= next_commit {
             made += 1;
             let fails = contents.random_bool(FAILING_SHARE);
@@ -653,6 +781,10 @@ fn gap(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
 /// Every daemon back up; waits (bounded by the overall deadline) until
 /// every commit has a job in a final status and no runner holds a lease.
 fn settle(soak: &mut Soak) -> Result<()> {
+    if soak.episode.is_some() {
+        soak.end_episode()?;
+        soak.log("storage: episode ended (settling)");
+    }
     for i in 0..soak.members.len() {
         let name = soak.members[i].daemon.name.clone();
         match soak.members[i].state {
@@ -916,15 +1048,29 @@ fn check(soak: &mut Soak) -> Result<Vec<String>> {
 
     println!("\n== chaos: faults ==");
     println!(
-        "{:<11} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12}",
-        "DAEMON", "KILLS", "STOPS", "RESTARTS", "CRASHES", "SLOW-TERM", "UNCLEAN-TERM"
+        "{:<11} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12} {:>10}",
+        "DAEMON",
+        "KILLS",
+        "STOPS",
+        "RESTARTS",
+        "CRASHES",
+        "SLOW-TERM",
+        "UNCLEAN-TERM",
+        "FAIL-STOPS"
     );
     let mut total = Tally::default();
     for m in &soak.members {
         let t = m.tally;
         println!(
-            "{:<11} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12}",
-            m.daemon.name, t.kills, t.stops, t.restarts, t.crashes, t.slow_terms, t.unclean_terms
+            "{:<11} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12} {:>10}",
+            m.daemon.name,
+            t.kills,
+            t.stops,
+            t.restarts,
+            t.crashes,
+            t.slow_terms,
+            t.unclean_terms,
+            t.fail_stops
         );
         total.kills += t.kills;
         total.stops += t.stops;
@@ -935,6 +1081,14 @@ fn check(soak: &mut Soak) -> Result<Vec<String>> {
         "{:<11} {:>5} {:>5} {:>8} {:>7}",
         "total", total.kills, total.stops, total.restarts, total.crashes
     );
+    if soak.disk.is_some() {
+        println!(
+            "storage: {} disk-full episodes ({} MiB of ballast in all), {} freezes of the dispatcher's disk",
+            soak.storage.full,
+            soak.storage.ballast >> 20,
+            soak.storage.frozen
+        );
+    }
     println!("elapsed {:.1}s", soak.started.elapsed().as_secs_f64());
 
     for (what, list) in [
@@ -992,6 +1146,14 @@ fn check(soak: &mut Soak) -> Result<Vec<String>> {
     if !stale_leases.is_empty() {
         failures.push(format!(
             "runners still hold leases on final jobs {stale_leases:?}"
+        ));
+    }
+    if soak.disk.is_some() && !exhausted.is_empty() {
+        // With storage faults the promise is stronger: a failing disk
+        // alone must never turn a build red or into `error`.
+        failures.push(format!(
+            "{} job(s) ended error after exhausting their attempts under storage faults",
+            exhausted.len()
         ));
     }
     if total.crashes > 0 {

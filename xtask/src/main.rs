@@ -6,6 +6,7 @@
 mod bench;
 mod chaos;
 mod codegen;
+mod disk;
 mod e2e;
 mod e2e_pg;
 mod story;
@@ -23,6 +24,7 @@ commands:
   chaos      soak a local cluster with commits while killing, stopping and
              restarting daemons; check nothing was lost or recorded twice
              [--commits N (30)] [--seed S] [--release] [--keep]
+             [--storage-faults: the dispatcher's disk filled and frozen too]
   codegen    regenerate crates/surveil-proto/src/generated/ from proto/
   e2e        run a local cluster over a scratch repository and tell its story
              and print its pages' address [--keep: leave target/e2e/ for

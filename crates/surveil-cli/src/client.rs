@@ -358,6 +358,7 @@ mod tests {
             server
                 .send(SubmitAck {
                     job_ids: vec![3, 4],
+                    created: vec![true, true],
                 })
                 .await
                 .unwrap();

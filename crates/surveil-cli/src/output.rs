@@ -163,10 +163,17 @@ pub struct StatusJson {
     pub supervisor_restarts: RestartsJson,
     pub reassignments: u64,
     pub refused_results: u64,
+    /// Connected runners quarantined after infrastructure failures (0 from
+    /// older dispatchers).
+    pub quarantined: u32,
     /// With a PostgreSQL store (high availability): who leads. Absent with
     /// SQLite.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderJson>,
+    /// The store's epoch (32 hex digits; a restore step gives a new one).
+    /// Absent from a standby or a dispatcher without epochs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
     /// The store's health; absent from a dispatcher too old to say.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreJson>,
@@ -217,6 +224,13 @@ pub struct RunnerJson {
     /// `shared`, `anonymous`); absent from older dispatchers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Until when it gets no new job after infrastructure failures; absent
+    /// when it is not quarantined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined_until: Option<String>,
+    /// Its infrastructure failures in a row; absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub infra_failures: Option<u32>,
 }
 
 /// `surveil submit --json`.
@@ -290,11 +304,13 @@ impl From<&GetStatusReply> for StatusJson {
             },
             reassignments: status.reassignments,
             refused_results: status.refused_results,
+            quarantined: status.quarantined,
             leader: (status.leader_term > 0 || status.standby).then(|| LeaderJson {
                 addr: (!status.leader_addr.is_empty()).then(|| status.leader_addr.clone()),
                 term: status.leader_term,
                 standby: status.standby,
             }),
+            epoch: (!status.epoch.is_empty()).then(|| status.epoch.clone()),
             store: status.store_healthy.map(|healthy| StoreJson {
                 healthy,
                 failures: status.store_failures,
@@ -312,6 +328,9 @@ impl From<&RunnerInfo> for RunnerJson {
             running: runner.running.clone(),
             last_seen: timestamp(runner.last_seen_ms),
             identity: Some(runner.identity.clone()).filter(|i| !i.is_empty()),
+            quarantined_until: (runner.quarantined_until_ms > 0)
+                .then(|| timestamp(runner.quarantined_until_ms)),
+            infra_failures: (runner.infra_failures > 0).then_some(runner.infra_failures),
         }
     }
 }
@@ -721,6 +740,7 @@ pub fn runners_table(runners: &[RunnerInfo], now: SystemTime) -> String {
         ("SLOTS", Align::Right),
         ("RUNNING", Align::Left),
         ("LAST SEEN", Align::Right),
+        ("HEALTH", Align::Left),
     ]);
     for runner in runners {
         let running = if runner.running.is_empty() {
@@ -738,9 +758,27 @@ pub fn runners_table(runners: &[RunnerInfo], now: SystemTime) -> String {
                 "{} ago",
                 short_duration(between(runner.last_seen_ms, now_ms))
             )),
+            Cell::plain(health(runner, now_ms)),
         ]);
     }
     table.render(false)
+}
+
+/// A runner's HEALTH cell: `-`, `2 infra failures`, or `quarantined 4m12s
+/// (3 infra failures)` (the time left).
+fn health(runner: &RunnerInfo, now_ms: u64) -> String {
+    let failures = match runner.infra_failures {
+        1 => "1 infra failure".to_owned(),
+        n => format!("{n} infra failures"),
+    };
+    if runner.quarantined_until_ms > 0 {
+        let left = Duration::from_millis(runner.quarantined_until_ms.saturating_sub(now_ms));
+        format!("quarantined {} ({failures})", short_duration(left))
+    } else if runner.infra_failures > 0 {
+        failures
+    } else {
+        "-".to_owned()
+    }
 }
 
 /// `surveil status`: `key: value` lines.
@@ -769,6 +807,7 @@ pub fn status_lines(status: &GetStatusReply) -> String {
         ("running", json.running.to_string()),
         ("reassignments", json.reassignments.to_string()),
         ("refused results", json.refused_results.to_string()),
+        ("quarantined runners", json.quarantined.to_string()),
         ("supervisor restarts", restarts),
     ];
     if let Some(leader) = &json.leader {
@@ -776,6 +815,9 @@ pub fn status_lines(status: &GetStatusReply) -> String {
         let role = if leader.standby { "standby" } else { "leader" };
         pairs.push(("role", role.to_owned()));
         pairs.push(("leader", format!("{addr} (term {})", leader.term)));
+    }
+    if let Some(epoch) = &json.epoch {
+        pairs.push(("store epoch", epoch.clone()));
     }
     if let Some(store) = &json.store {
         let health = match (store.healthy, store.failures) {
@@ -996,8 +1038,22 @@ mod tests {
             concat!(
                 r#"{"version":"0.1.0","uptime_s":12,"runners":2,"queued":0,"running":1,"#,
                 r#""supervisor_restarts":{"monitor":0,"redistributor":4,"spawner":0,"archiver":1},"#,
-                r#""reassignments":3,"refused_results":1}"#
+                r#""reassignments":3,"refused_results":1,"quarantined":0}"#
             )
+        );
+        reply.epoch = "ab".repeat(16);
+        let text = serde_json::to_string(&StatusJson::from(&reply)).unwrap();
+        assert!(
+            text.ends_with(&format!(
+                r#""refused_results":1,"epoch":"{}"}}"#,
+                "ab".repeat(16)
+            )),
+            "{text}"
+        );
+        let lines = status_lines(&reply);
+        assert!(
+            lines.contains("store epoch") && lines.contains(&"ab".repeat(16)),
+            "{lines}"
         );
     }
 
@@ -1034,10 +1090,33 @@ mod tests {
             labels: vec!["x".into()],
             repos: vec!["/r".into()],
             identity: "token:ci-3".into(),
+            ..RunnerInfo::default()
         };
         assert_eq!(
             serde_json::to_string(&RunnerJson::from(&runner)).unwrap(),
             r#"{"name":"ci-3","addr":"127.0.0.1:53412","slots":1,"running":[7],"last_seen":"2026-11-28T04:00:00.123Z","identity":"token:ci-3"}"#
+        );
+        let quarantined = RunnerInfo {
+            quarantined_until_ms: QUEUED_MS + 300_000,
+            infra_failures: 3,
+            ..runner.clone()
+        };
+        assert_eq!(
+            serde_json::to_string(&RunnerJson::from(&quarantined)).unwrap(),
+            r#"{"name":"ci-3","addr":"127.0.0.1:53412","slots":1,"running":[7],"last_seen":"2026-11-28T04:00:00.123Z","identity":"token:ci-3","quarantined_until":"2026-11-28T04:05:00.123Z","infra_failures":3}"#
+        );
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(QUEUED_MS + 48_000);
+        let table = runners_table(&[runner.clone(), quarantined], now);
+        assert!(
+            table.contains("quarantined 4m12s (3 infra failures)"),
+            "{table}"
+        );
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.trim_end().ends_with('-')),
+            "{table}"
         );
         assert_eq!(
             serde_json::to_string(&SubmitJson { job_ids: vec![7] }).unwrap(),

@@ -85,6 +85,7 @@ impl FakeDispatcher {
                         heartbeat_interval_ms: 1000,
                         runner_timeout_ms: 5000,
                         server_version: "fake".into(),
+                        epoch: String::new(),
                     };
                     if conn.send(welcome).await.is_err() {
                         return;
@@ -439,7 +440,7 @@ async fn status_json_always_has_the_supervisor_restart_keys() {
         status,
         serde_json::json!({"version": "0.1.0", "uptime_s": 12, "runners": 2, "queued": 0,
             "running": 1, "supervisor_restarts": {"monitor": 0, "redistributor": 0, "spawner": 0},
-            "reassignments": 1, "refused_results": 0})
+            "reassignments": 1, "refused_results": 0, "quarantined": 0})
     );
 }
 
@@ -458,6 +459,7 @@ async fn runners_json_has_the_contract_fields() {
                     labels: vec!["linux".into()],
                     repos: vec!["/srv/git/app".into()],
                     identity: String::new(),
+                    ..RunnerInfo::default()
                 }],
             }))],
             _ => vec![],
@@ -548,7 +550,10 @@ async fn submit_sends_the_canonical_path_of_a_relative_repo() {
     let fake = FakeDispatcher::start(
         "",
         Box::new(|msg| match msg {
-            Msg::Submit(_) => vec![Step::Send(Msg::SubmitAck(SubmitAck { job_ids: vec![7] }))],
+            Msg::Submit(_) => vec![Step::Send(Msg::SubmitAck(SubmitAck {
+                job_ids: vec![7],
+                created: vec![true],
+            }))],
             _ => vec![],
         }),
     )

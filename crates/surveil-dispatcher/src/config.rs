@@ -40,6 +40,12 @@ pub struct Cli {
     /// How long a runner may stay silent before its jobs are requeued.
     #[arg(long, env = "SURVEIL_RUNNER_TIMEOUT", default_value = "5s", value_parser = surveil_common::parse_duration)]
     pub runner_timeout: Duration,
+    /// How long the jobs of a runner whose connection closed or broke (a
+    /// FIN or RST) wait for it to reconnect before they are requeued; `0s`
+    /// requeues at once. Kept short so a crashed runner's job moves on
+    /// quickly; a runner that reconnects within it keeps its jobs.
+    #[arg(long, env = "SURVEIL_DISCONNECT_GRACE", default_value = "200ms", value_parser = surveil_common::parse_duration)]
+    pub disconnect_grace: Duration,
     /// Lost attempts after which a job ends `error`.
     #[arg(long, env = "SURVEIL_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
@@ -63,6 +69,15 @@ pub struct Cli {
     /// meanwhile the systemd watchdog is no longer fed.
     #[arg(long, env = "SURVEIL_STORE_WRITE_TIMEOUT", default_value = "30s", value_parser = surveil_common::parse_duration)]
     pub store_write_timeout: Duration,
+    /// Infrastructure failures in a row (a runner's fetch or checkout
+    /// failing) after which that runner gets no new job for a while; 0
+    /// never quarantines.
+    #[arg(long, env = "SURVEIL_QUARANTINE_AFTER", default_value_t = 3)]
+    pub quarantine_after: u32,
+    /// A runner's first quarantine; each further one without a good result
+    /// in between lasts twice as long, up to 1h.
+    #[arg(long, env = "SURVEIL_QUARANTINE_FOR", default_value = "5m", value_parser = surveil_common::parse_duration)]
+    pub quarantine_for: Duration,
     /// Most connections open at once (runners, observers, clients); more
     /// are refused until some close.
     #[arg(long, env = "SURVEIL_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
@@ -146,14 +161,35 @@ pub struct Cli {
     /// standby tells them (default: --listen).
     #[arg(long, env = "SURVEIL_ADVERTISE", value_name = "HOST:PORT")]
     pub advertise: Option<String>,
+    /// The restore step, run once after putting a backup of the store back
+    /// (with every dispatcher on it stopped): give the store (--state-dir,
+    /// or --store) a new epoch, print it, and exit without serving. Runners
+    /// and observers then drop what they hold from before the restore and
+    /// resubmit what the backup lacks. Not for a config file or unit.
+    #[arg(long, env = "SURVEIL_NEW_EPOCH")]
+    pub new_epoch: bool,
     // Only there to refuse `--token VALUE` with the reason.
     #[command(flatten)]
     pub refuse_token: surveil_common::RefuseTokenFlag,
 }
 
+/// Largest `--quarantine-after`: past it, quarantine would never happen in
+/// practice and 0 (off) says so honestly.
+pub const MAX_QUARANTINE_AFTER: u32 = 1000;
+
+/// Longest `--quarantine-for`: a week.
+pub const MAX_QUARANTINE_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// `--job-timeout`'s default: generous, so only a job that is truly stuck
 /// (a hung fetch, a deadlocked test past its task timeouts) meets it.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// `--disconnect-grace`'s default: longer than a runner's first redial
+/// (50–100 ms after it loses the link), so a runner whose connection was
+/// reset reconnects in time to keep its jobs, and short enough that a
+/// crashed runner's job is started elsewhere within the 0.3 s the
+/// benchmarks hold (S3a).
+pub const DEFAULT_DISCONNECT_GRACE: Duration = Duration::from_millis(200);
 
 /// `--max-connections`' default: the S4 benchmark's 10,000 runners, with
 /// room for observers and clients.
@@ -191,6 +227,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Silence after which a runner is declared dead.
     pub runner_timeout: Duration,
+    /// `--disconnect-grace`: how long a closed runner's leases wait for it.
+    pub disconnect_grace: Duration,
     /// Lost attempts after which a job ends `error`.
     pub max_attempts: u32,
     /// Time allowed for a valid Hello.
@@ -203,6 +241,11 @@ pub struct Config {
     pub max_store_failures: u32,
     /// `--store-write-timeout`: how long one store write may be in flight.
     pub store_write_timeout: Duration,
+    /// `--quarantine-after`: infrastructure failures in a row that
+    /// quarantine a runner (0: never).
+    pub quarantine_after: u32,
+    /// `--quarantine-for`: the first quarantine's length.
+    pub quarantine_for: Duration,
     /// `--max-connections`.
     pub max_connections: u32,
     /// `--max-unauthenticated-per-ip`.
@@ -223,6 +266,9 @@ pub struct Config {
     pub store: StoreConfig,
     /// The address a standby names as this dispatcher's, once it leads.
     pub advertise: Option<String>,
+    /// `--new-epoch`: give the store a new epoch and exit (the restore
+    /// step) instead of serving.
+    pub new_epoch: bool,
 }
 
 /// The job store the dispatcher runs on.
@@ -245,12 +291,15 @@ impl Config {
             tokens_file: None,
             heartbeat_interval: Duration::from_secs(1),
             runner_timeout: Duration::from_secs(5),
+            disconnect_grace: DEFAULT_DISCONNECT_GRACE,
             max_attempts: 3,
             handshake_timeout: Duration::from_secs(5),
             max_frame: surveil_proto::DEFAULT_MAX_FRAME,
             job_timeout: DEFAULT_JOB_TIMEOUT,
             max_store_failures: 5,
             store_write_timeout: DEFAULT_STORE_WRITE_TIMEOUT,
+            quarantine_after: 3,
+            quarantine_for: Duration::from_secs(300),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_unauthenticated_per_ip: 256,
             max_log_size: crate::service::DEFAULT_MAX_LOG_SIZE,
@@ -265,6 +314,7 @@ impl Config {
             },
             store: StoreConfig::Sqlite,
             advertise: None,
+            new_epoch: false,
         }
     }
 }
@@ -322,6 +372,18 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
             humantime::format_duration(cli.store_write_timeout)
         ));
     }
+    if cli.quarantine_after > MAX_QUARANTINE_AFTER {
+        problems.push(format!(
+            "--quarantine-after must be at most {MAX_QUARANTINE_AFTER} (0 turns quarantine off; got {})",
+            cli.quarantine_after
+        ));
+    }
+    if !(Duration::from_secs(1)..=MAX_QUARANTINE_FOR).contains(&cli.quarantine_for) {
+        problems.push(format!(
+            "--quarantine-for must be between 1s and 7d (got {:?})",
+            cli.quarantine_for
+        ));
+    }
     if cli.max_connections == 0 {
         problems.push("--max-connections must be at least 1".to_owned());
     }
@@ -371,12 +433,15 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         tokens_file: cli.tokens_file.clone(),
         heartbeat_interval: cli.heartbeat_interval,
         runner_timeout: cli.runner_timeout,
+        disconnect_grace: cli.disconnect_grace,
         max_attempts: cli.max_attempts,
         handshake_timeout: cli.handshake_timeout,
         max_frame: usize::try_from(cli.max_frame).ok()?,
         job_timeout: cli.job_timeout,
         max_store_failures: cli.max_store_failures,
         store_write_timeout: cli.store_write_timeout,
+        quarantine_after: cli.quarantine_after,
+        quarantine_for: cli.quarantine_for,
         max_connections: cli.max_connections,
         max_unauthenticated_per_ip: cli.max_unauthenticated_per_ip,
         max_log_size: cli.max_log_size,
@@ -387,6 +452,7 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
         http: http?,
         store: store?,
         advertise: cli.advertise.clone(),
+        new_epoch: cli.new_epoch,
     })
 }
 
@@ -546,6 +612,12 @@ fn check_intervals(cli: &Cli, problems: &mut Vec<String>) {
             cli.heartbeat_interval, cli.runner_timeout
         ));
     }
+    if cli.disconnect_grace > cli.runner_timeout && !cli.runner_timeout.is_zero() {
+        problems.push(format!(
+            "--disconnect-grace ({:?}) must not be longer than --runner-timeout ({:?}): a runner that closed its connection is not waited for longer than a silent one",
+            cli.disconnect_grace, cli.runner_timeout
+        ));
+    }
     for (flag, value) in [
         ("--runner-timeout", cli.runner_timeout),
         ("--heartbeat-interval", cli.heartbeat_interval),
@@ -669,6 +741,31 @@ mod tests {
     }
 
     #[test]
+    fn quarantine_flags_have_defaults_and_ranges() {
+        let c = parse(&["--state-dir", "/tmp/x"]).unwrap();
+        assert_eq!(
+            (c.quarantine_after, c.quarantine_for),
+            (3, Duration::from_secs(300))
+        );
+        let c = parse(&["--state-dir", "/tmp/x", "--quarantine-after", "0"]).unwrap();
+        assert_eq!(c.quarantine_after, 0, "0 turns quarantine off");
+        let c = parse(&["--state-dir", "/tmp/x", "--quarantine-for", "90s"]).unwrap();
+        assert_eq!(c.quarantine_for, Duration::from_secs(90));
+        let err = parse(&["--state-dir", "/tmp/x", "--quarantine-after", "1001"]).unwrap_err();
+        assert!(
+            err.contains("--quarantine-after must be at most 1000"),
+            "{err}"
+        );
+        for bad in ["500ms", "8d"] {
+            let err = parse(&["--state-dir", "/tmp/x", "--quarantine-for", bad]).unwrap_err();
+            assert!(
+                err.contains("--quarantine-for must be between 1s and 7d"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn log_bounds_parse_and_name_what_is_wrong() {
         let c = parse(&[
             "--state-dir",
@@ -729,6 +826,13 @@ mod tests {
             err.contains("--spawn-runners 2 needs --runner-command"),
             "{err}"
         );
+        let err = parse(&["--state-dir", "/tmp/x", "--disconnect-grace", "6s"]).unwrap_err();
+        assert!(
+            err.contains("--disconnect-grace (6s) must not be longer than --runner-timeout (5s)"),
+            "{err}"
+        );
+        let off = parse(&["--state-dir", "/tmp/x", "--disconnect-grace", "0s"]).unwrap();
+        assert_eq!(off.disconnect_grace, Duration::ZERO, "0s revokes at once");
         let err = parse(&["--state-dir", "/tmp/x", "--handshake-timeout", "0s"]).unwrap_err();
         assert!(
             err.contains("--handshake-timeout must be greater than 0"),

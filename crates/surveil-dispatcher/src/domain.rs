@@ -277,6 +277,10 @@ pub struct JobResult {
     pub message: String,
     /// Each task's result, in pipeline order.
     pub tasks: Vec<TaskResult>,
+    /// The runner says the job could not be run because of the runner or
+    /// the network (`JobFinished.infrastructure`): the scheduler queues it
+    /// again instead of recording it. Never stored.
+    pub infrastructure: bool,
 }
 
 /// A piece of an attempt's combined log (all tasks and streams, in order).
@@ -560,6 +564,11 @@ pub struct RunnerView {
     /// The identity it authenticated as (`token:ci-3`, `cert:ci-3`,
     /// `shared`, `anonymous`).
     pub identity: String,
+    /// Until when it gets no new job after infrastructure failures (unix
+    /// ms); `None` when it is not quarantined.
+    pub quarantined_until_ms: Option<u64>,
+    /// Infrastructure failures in a row reported under its name.
+    pub infra_failures: u32,
 }
 
 /// The dispatcher's health and counters, as `status` shows them.
@@ -581,8 +590,12 @@ pub struct StatusView {
     pub reassignments: u64,
     /// Results refused because their attempt was revoked.
     pub refused_results: u64,
+    /// Connected runners quarantined now after infrastructure failures.
+    pub quarantined: u32,
     /// With a PostgreSQL store: who leads. `None` with SQLite.
     pub leader: Option<LeaderView>,
+    /// The store's epoch (empty on a standby).
+    pub epoch: String,
     /// Whether the store is healthy: its last write did not fail and no
     /// write has been in flight past `--store-write-timeout`.
     pub store_healthy: bool,
@@ -618,6 +631,15 @@ pub enum WaitReason {
         /// Their slots, added up.
         slots: u32,
     },
+    /// No runner that builds the repository may take it now: some are
+    /// quarantined after infrastructure failures (`--quarantine-after`),
+    /// the others (if any) have all their slots taken.
+    Quarantined {
+        /// How many runners build it.
+        matching: u32,
+        /// The quarantined ones among them, by name.
+        quarantined: Vec<String>,
+    },
     /// A runner has a free slot: the next assignment pass takes the job
     /// (older jobs for the same runners go first).
     Assigning,
@@ -639,16 +661,37 @@ impl WaitReason {
             WaitReason::AllBusy { matching, slots } => format!(
                 "all {matching} runners that build it are busy ({slots} of {slots} slots taken)"
             ),
+            WaitReason::Quarantined {
+                matching,
+                quarantined,
+            } => {
+                let names = quarantined.join(", ");
+                let q = quarantined.len();
+                let rest = (*matching as usize).saturating_sub(q);
+                let (was, plural) = if q == 1 { ("is", "") } else { ("are", "s") };
+                if rest == 0 {
+                    format!(
+                        "the runner{plural} that build{} it ({names}) {was} quarantined after infrastructure failures",
+                        if q == 1 { "s" } else { "" }
+                    )
+                } else {
+                    format!(
+                        "runner{plural} {names} {was} quarantined after infrastructure failures; the other {rest} that build it {} busy",
+                        if rest == 1 { "is" } else { "are" }
+                    )
+                }
+            }
             WaitReason::Assigning => "a runner is free: being assigned".to_owned(),
         }
     }
 
     /// A stable machine-readable code (`no_runner`, `all_busy`,
-    /// `assigning`) for the JSON API.
+    /// `quarantined`, `assigning`) for the JSON API.
     pub fn code(&self) -> &'static str {
         match self {
             WaitReason::NoRunner { .. } => "no_runner",
             WaitReason::AllBusy { .. } => "all_busy",
+            WaitReason::Quarantined { .. } => "quarantined",
             WaitReason::Assigning => "assigning",
         }
     }
@@ -725,6 +768,9 @@ pub enum RunnerReport {
         attempt: Attempt,
         /// Its result.
         result: JobResult,
+        /// The commit the runner built (`JobFinished.commit`); empty from a
+        /// runner that does not say.
+        commit: String,
     },
 }
 

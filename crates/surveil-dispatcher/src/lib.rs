@@ -81,7 +81,7 @@ pub use config::{Cli, Config, ConfigError};
 
 use crate::scheduler::SchedulerConfig;
 use crate::service::Service;
-use crate::store::{JobStore, SqliteStore};
+use crate::store::{JobStore, PostgresStore, SqliteStore};
 use crate::supervisor::TaskFactory;
 
 /// How long shutdown waits for connections and tasks to finish.
@@ -187,6 +187,40 @@ pub async fn serve_hooked(
         hooks,
     )
     .await
+}
+
+/// The restore step (`--new-epoch`): gives the configured store a new
+/// epoch and returns the old one and the new one. Refuses a state
+/// directory without a store (nothing was restored there), and a
+/// PostgreSQL database a dispatcher still leads.
+pub async fn new_epoch(config: &Config) -> anyhow::Result<(String, String)> {
+    match &config.store {
+        config::StoreConfig::Postgres(options) => {
+            let store = PostgresStore::open(options)
+                .await
+                .context("opening the PostgreSQL store")?;
+            let old = store.epoch().await?;
+            let new = store.new_epoch().await?;
+            store.close().await?;
+            Ok((old, new))
+        }
+        config::StoreConfig::Sqlite => {
+            let db = config.state_dir.join(store::DB_FILE);
+            anyhow::ensure!(
+                db.exists(),
+                "there is no store in --state-dir {} (no {}): restore the backup there first",
+                config.state_dir.display(),
+                store::DB_FILE
+            );
+            let store = SqliteStore::open(&config.state_dir).with_context(|| {
+                format!("opening the job store in {}", config.state_dir.display())
+            })?;
+            let old = store.epoch().await?;
+            let new = store.new_epoch().await?;
+            store.close().await?;
+            Ok((old, new))
+        }
+    }
 }
 
 /// Binds the HTTP listener: an address given with `--http-listen` must
@@ -298,8 +332,11 @@ pub(crate) async fn serve_on(
         .context("reading the listener's address")?;
     let sched = SchedulerConfig {
         runner_timeout: config.runner_timeout,
+        disconnect_grace: config.disconnect_grace,
         max_attempts: config.max_attempts,
         job_timeout: config.job_timeout,
+        quarantine_after: config.quarantine_after,
+        quarantine_for: config.quarantine_for,
     };
     let metrics = web::Metrics::new();
     let health = Arc::new(health::StoreHealth::new(

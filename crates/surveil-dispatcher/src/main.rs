@@ -19,6 +19,13 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, shutdown: Shutdown, ready: Ready) -> anyhow::Result<()> {
+    if config.new_epoch {
+        // The restore step: no listening, no serving.
+        let (old, new) = surveil_dispatcher::new_epoch(&config).await?;
+        tracing::warn!(old_epoch = %old, epoch = %new, "the store has a new epoch; start the dispatcher without --new-epoch");
+        println!("store epoch {old} -> {new}");
+        return Ok(());
+    }
     check_fd_limit(config.max_connections);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -22,10 +22,24 @@
 //!   runner (or, for one runner timeout, to an orphan slot waiting for its
 //!   runner to come back);
 //! - after [`Scheduler::schedule`], no queued job has a connected runner
-//!   for its repository with a free slot;
+//!   for its repository with a free slot that is not quarantined;
 //! - a job leaves the scheduler with exactly one final status;
 //! - a result, `Started` or log chunk for an attempt that is not the job's
 //!   live lease is refused: the attempt number is the fencing token.
+//!
+//! Infrastructure failures (a runner's fetch or checkout failed because of
+//! the runner or the network: [`Scheduler::handle_infra_failure`]) are not
+//! results: the attempt is lost as if its runner had been, the job is
+//! queued again (counting towards `max_attempts`, preferring another
+//! runner), and the runner's name collects a count. After
+//! `quarantine_after` of them in a row the runner is *quarantined*: it
+//! stays connected but gets no assignment until [`Scheduler::handle_tick`]
+//! lifts the quarantine (`quarantine_for`, doubling for each further
+//! quarantine up to [`MAX_QUARANTINE`]). The count lives by name, so a
+//! reconnect does not clear it; a result that is not an infrastructure
+//! failure does (a dispatcher restart forgets it too). "After a scheduling
+//! pass no queued job has an idle matching runner" counts only runners not
+//! quarantined.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -34,18 +48,38 @@ use crate::domain::{
     Assignment, Attempt, CommitId, FinalStatus, JobId, RunnerHello, SessionId, WaitReason, Waiting,
 };
 
+/// The longest a quarantine doubles to (unless `--quarantine-for` itself is
+/// longer): a runner whose disk was freed gets work again within the hour.
+pub const MAX_QUARANTINE: Duration = Duration::from_secs(3600);
+
+/// How long a disconnected runner's infrastructure count is kept after its
+/// last failure and any quarantine ended: long enough to survive a
+/// reconnect, short enough that names never seen again do not pile up.
+const HEALTH_FORGET_AFTER: Duration = MAX_QUARANTINE;
+
 /// The scheduler's tunables, fixed at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     /// How long a runner may stay silent before its leases are revoked; also
     /// how long an orphaned lease waits for its runner to come back.
     pub runner_timeout: Duration,
+    /// How long the leases of a runner whose connection closed or broke
+    /// wait for it to reconnect (`--disconnect-grace`); zero revokes them
+    /// at once.
+    pub disconnect_grace: Duration,
     /// How many attempts of a job may be lost before it ends `error`.
     pub max_attempts: u32,
     /// How long one attempt may run (`--job-timeout`): then its runner is
     /// told to cancel it, and a runner timeout later it ends `error` even
     /// if the runner never answers (a fetch hung past every timeout).
     pub job_timeout: Duration,
+    /// Infrastructure failures in a row after which a runner is
+    /// quarantined (`--quarantine-after`); 0 never quarantines.
+    pub quarantine_after: u32,
+    /// A runner's first quarantine (`--quarantine-for`); each further one
+    /// (without a good result in between) lasts twice the previous, up to
+    /// [`MAX_QUARANTINE`].
+    pub quarantine_for: Duration,
 }
 
 /// What the scheduler needs to know about a job.
@@ -130,6 +164,15 @@ pub enum Effect {
 /// What to do with a runner's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResultDecision {
+    /// The live lease's runner could not run the job for infrastructure
+    /// reasons: the attempt is over and nothing of it is recorded as a
+    /// result; its requeue (or, past `max_attempts`, the job's `error`) is
+    /// among the effects. Apply them, then acknowledge the result as
+    /// accepted so the runner drops it.
+    Retried {
+        /// What was decided, for the dispatcher's log.
+        message: String,
+    },
     /// The attempt holds the job's live lease: record this final status
     /// (the runner's, or `cancelled` when a user cancelled the job), then
     /// tell [`Scheduler::handle_result_stored`] or
@@ -188,6 +231,25 @@ pub struct ConnectedRunner {
     pub labels: Vec<String>,
     /// Its repositories.
     pub repos: Vec<String>,
+    /// Until when it is quarantined (it gets no new job), if it is.
+    pub quarantined_until: Option<Instant>,
+    /// Infrastructure failures in a row under its name.
+    pub infra_failures: u32,
+}
+
+/// A runner name's record of infrastructure failures, kept across its
+/// sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Health {
+    /// Infrastructure failures since its last other result.
+    failures: u32,
+    /// Quarantines since its last other result: the next lasts
+    /// `quarantine_for * 2^quarantines`.
+    quarantines: u32,
+    /// In force until the tick at or after this instant lifts it.
+    until: Option<Instant>,
+    /// Its latest failure, for forgetting names that never come back.
+    last_failure: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +282,8 @@ enum JobState {
     Orphaned {
         runner: String,
         deadline: Instant,
+        /// How long it was given, for the reason when it expires.
+        waited: Duration,
     },
     /// The live attempt reported its result, which is being recorded. The
     /// lease (and the runner's slot, while `session` is connected) is held
@@ -245,6 +309,18 @@ struct Job {
     /// are dropped until that resend fills it (so one failure costs one
     /// resend, not one per chunk that followed it).
     log_gap: Option<u64>,
+    /// Runners whose infrastructure failed this run of the job: the next
+    /// assignment prefers any other.
+    infra_failed_on: BTreeSet<String>,
+}
+
+/// How an attempt was lost, for the message of a job that gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Its runner went away, or never came back.
+    RunnerLost,
+    /// Its runner's fetch or checkout failed for infrastructure reasons.
+    Infrastructure,
 }
 
 /// The scheduling state machine. See the module documentation.
@@ -259,6 +335,9 @@ pub struct Scheduler {
     effects: VecDeque<Effect>,
     effects_emitted: u64,
     reassignments: u64,
+    /// Infrastructure failures by runner name; only names with a failure
+    /// since their last other result (or a quarantine in force).
+    health: HashMap<String, Health>,
 }
 
 impl Scheduler {
@@ -273,6 +352,7 @@ impl Scheduler {
             effects: VecDeque::new(),
             effects_emitted: 0,
             reassignments: 0,
+            health: HashMap::new(),
         }
     }
 
@@ -339,10 +419,35 @@ impl Scheduler {
                 last_seen: r.last_seen,
                 labels: r.labels.clone(),
                 repos: r.repos.iter().cloned().collect(),
+                quarantined_until: self.quarantined_until(&r.name),
+                infra_failures: self.health.get(&r.name).map_or(0, |h| h.failures),
             })
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         views
+    }
+
+    /// Until when the runner called `name` is quarantined, if it is.
+    pub fn quarantined_until(&self, name: &str) -> Option<Instant> {
+        self.health.get(name).and_then(|h| h.until)
+    }
+
+    /// Connected runners quarantined now.
+    pub fn quarantined_count(&self) -> usize {
+        self.runners
+            .values()
+            .filter(|r| self.is_quarantined(&r.name))
+            .count()
+    }
+
+    fn is_quarantined(&self, name: &str) -> bool {
+        self.quarantined_until(name).is_some()
+    }
+
+    /// Whether the runner may be given a job now: a free slot, and not
+    /// quarantined.
+    fn can_take(&self, r: &Runner) -> bool {
+        r.free_slots() > 0 && !self.is_quarantined(&r.name)
     }
 
     /// Why each queued job waits, oldest first: from the runners connected
@@ -356,17 +461,28 @@ impl Scheduler {
             .map(|(id, j)| {
                 let repo = j.spec.repo.as_str();
                 let (mut matching, mut slots, mut free) = (0u32, 0u32, 0usize);
+                let mut quarantined = Vec::new();
                 for r in self.runners.values().filter(|r| r.repos.contains(repo)) {
                     matching += 1;
+                    if self.is_quarantined(&r.name) {
+                        quarantined.push(r.name.clone());
+                        continue;
+                    }
                     slots = slots.saturating_add(r.slots);
                     free += r.free_slots();
                 }
                 let reason = if matching == 0 {
                     WaitReason::NoRunner { connected }
-                } else if free == 0 {
-                    WaitReason::AllBusy { matching, slots }
-                } else {
+                } else if free > 0 {
                     WaitReason::Assigning
+                } else if !quarantined.is_empty() {
+                    quarantined.sort();
+                    WaitReason::Quarantined {
+                        matching,
+                        quarantined,
+                    }
+                } else {
+                    WaitReason::AllBusy { matching, slots }
                 };
                 let before = ahead.entry(repo).or_default();
                 let waiting = Waiting {
@@ -386,6 +502,12 @@ impl Scheduler {
     pub fn runner_addr(&self, name: &str) -> Option<&str> {
         let session = self.names.get(name)?;
         self.runners.get(session).map(|r| r.addr.as_str())
+    }
+
+    /// The commit of an active `job`; `None` for a job the scheduler does
+    /// not hold (finished, or never submitted).
+    pub fn job_commit(&self, job: JobId) -> Option<&CommitId> {
+        self.jobs.get(&job).map(|j| &j.spec.commit)
     }
 
     /// The connected session holding `job`'s lease at `attempt`, if any.
@@ -431,12 +553,17 @@ impl Scheduler {
                 id,
                 Job {
                     spec,
-                    state: JobState::Orphaned { runner, deadline },
+                    state: JobState::Orphaned {
+                        runner,
+                        deadline,
+                        waited: self.config.runner_timeout,
+                    },
                     cancel_requested: false,
                     // How long it ran before the restart is not known here.
                     deadline: Some(now + self.config.job_timeout),
                     timed_out: false,
                     log_gap: None,
+                    infra_failed_on: BTreeSet::new(),
                 },
             );
         }
@@ -473,6 +600,7 @@ impl Scheduler {
                 deadline: None,
                 timed_out: false,
                 log_gap: None,
+                infra_failed_on: BTreeSet::new(),
             },
         );
         self.queue.insert(id);
@@ -574,7 +702,34 @@ impl Scheduler {
         }
     }
 
-    /// A runner's connection closed: its leases are revoked at once.
+    /// A runner's connection closed or broke under it (a FIN or an RST,
+    /// a NAT table flushed included): the runner may be about to dial
+    /// again, so its leases wait `disconnect_grace` for it as orphans
+    /// before they are revoked (at once when the grace is zero).
+    pub fn handle_runner_closed(&mut self, session: SessionId, reason: &str, now: Instant) {
+        let grace = self.config.disconnect_grace;
+        if grace.is_zero() {
+            return self.handle_runner_disconnected(session, reason, now);
+        }
+        if let Some(runner) = self.unregister(session) {
+            self.orphan(runner, now + grace, grace);
+        }
+    }
+
+    /// The earliest moment an orphaned lease expires, for the shell to
+    /// call [`Scheduler::handle_tick`] then rather than at the next beat.
+    pub fn next_orphan_deadline(&self) -> Option<Instant> {
+        self.jobs
+            .values()
+            .filter_map(|j| match j.state {
+                JobState::Orphaned { deadline, .. } => Some(deadline),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// A runner's connection was ended for it (silence, a protocol
+    /// error): its leases are revoked at once.
     pub fn handle_runner_disconnected(&mut self, session: SessionId, reason: &str, _now: Instant) {
         let Some(runner) = self.unregister(session) else {
             return;
@@ -589,10 +744,13 @@ impl Scheduler {
     /// leases become orphans it may claim back (and resend its reports)
     /// within one runner timeout, as after a dispatcher restart.
     pub fn handle_runner_released(&mut self, session: SessionId, now: Instant) {
-        let Some(runner) = self.unregister(session) else {
-            return;
-        };
-        let deadline = now + self.config.runner_timeout;
+        if let Some(runner) = self.unregister(session) {
+            let wait = self.config.runner_timeout;
+            self.orphan(runner, now + wait, wait);
+        }
+    }
+
+    fn orphan(&mut self, runner: Runner, deadline: Instant, waited: Duration) {
         for job in runner.leases {
             let Some(j) = self.jobs.get_mut(&job) else {
                 continue;
@@ -605,6 +763,7 @@ impl Scheduler {
                 _ => JobState::Orphaned {
                     runner: runner.name.clone(),
                     deadline,
+                    waited,
                 },
             };
         }
@@ -633,8 +792,11 @@ impl Scheduler {
     }
 
     /// Expires runners silent for a runner timeout (disconnecting them and
-    /// revoking their leases) and orphaned leases past their deadline.
-    pub fn handle_tick(&mut self, now: Instant) {
+    /// revoking their leases) and orphaned leases past their deadline, and
+    /// lifts quarantines that have run their time. Returns whether a
+    /// connected runner's quarantine was lifted: then a scheduling pass
+    /// may assign to it.
+    pub fn handle_tick(&mut self, now: Instant) -> bool {
         let timeout = self.config.runner_timeout;
         let silent: Vec<SessionId> = self
             .runners
@@ -650,23 +812,46 @@ impl Scheduler {
             });
             self.handle_runner_disconnected(session, &reason, now);
         }
-        let expired: Vec<(JobId, String)> = self
+        let expired: Vec<(JobId, String, Duration)> = self
             .jobs
             .iter()
             .filter_map(|(id, j)| match &j.state {
-                JobState::Orphaned { runner, deadline } if *deadline <= now => {
-                    Some((*id, runner.clone()))
-                }
+                JobState::Orphaned {
+                    runner,
+                    deadline,
+                    waited,
+                } if *deadline <= now => Some((*id, runner.clone(), *waited)),
                 _ => None,
             })
             .collect();
-        for (job, runner) in expired {
+        for (job, runner, waited) in expired {
             self.lose(
                 job,
-                &format!("runner {runner} did not come back within {timeout:?}"),
+                &format!("runner {runner} did not come back within {waited:?}"),
             );
         }
         self.enforce_job_timeout(now);
+        self.lift_quarantines(now)
+    }
+
+    /// Ends quarantines due at `now` (their counts stay: one more failure
+    /// quarantines the runner again, for twice as long) and forgets the
+    /// counts of names not connected for a long while.
+    fn lift_quarantines(&mut self, now: Instant) -> bool {
+        let mut lifted = false;
+        for (name, h) in &mut self.health {
+            if h.until.is_some_and(|until| until <= now) {
+                h.until = None;
+                lifted |= self.names.contains_key(name);
+            }
+        }
+        let names = &self.names;
+        self.health.retain(|name, h| {
+            names.contains_key(name)
+                || h.until.is_some()
+                || now.saturating_duration_since(h.last_failure) < HEALTH_FORGET_AFTER
+        });
+        lifted
     }
 
     /// Attempts past `--job-timeout`: their runner is told to cancel; one
@@ -722,8 +907,14 @@ impl Scheduler {
     /// was being cancelled or has used up its attempts. A finishing job
     /// only loses its runner: its fate is the store's answer.
     fn lose(&mut self, job: JobId, reason: &str) {
+        self.lose_with(job, reason, Loss::RunnerLost);
+    }
+
+    /// [`lose`](Self::lose), saying why in the give-up message; returns
+    /// whether the job ended.
+    fn lose_with(&mut self, job: JobId, reason: &str, loss: Loss) -> bool {
         let Some(j) = self.jobs.get_mut(&job) else {
-            return;
+            return false;
         };
         match &j.state {
             JobState::Leased { session } => {
@@ -739,7 +930,7 @@ impl Scheduler {
                     session: None,
                     runner: runner.clone(),
                 };
-                return;
+                return false;
             }
             JobState::Queued | JobState::Orphaned { .. } => {}
         }
@@ -752,15 +943,23 @@ impl Scheduler {
                 status: FinalStatus::Cancelled,
                 message: format!("cancelled by a user; its runner was lost ({reason})"),
             });
+            true
         } else if tried >= self.config.max_attempts {
             self.jobs.remove(&job);
+            let message = match loss {
+                Loss::RunnerLost => format!(
+                    "gave up after {tried} attempts: its runners were lost each time (last: {reason})"
+                ),
+                Loss::Infrastructure => {
+                    format!("gave up after {tried} attempts (--max-attempts); the last: {reason}")
+                }
+            };
             self.emit(Effect::Finish {
                 job,
                 status: FinalStatus::Error,
-                message: format!(
-                    "gave up after {tried} attempts: its runners were lost each time (last: {reason})"
-                ),
+                message,
             });
+            true
         } else {
             j.state = JobState::Queued;
             j.deadline = None;
@@ -772,6 +971,7 @@ impl Scheduler {
                 attempt,
                 reason: reason.to_owned(),
             });
+            false
         }
     }
 
@@ -852,52 +1052,11 @@ impl Scheduler {
         now: Instant,
     ) -> ResultDecision {
         self.handle_frame(session, now);
-        let Some(j) = self.jobs.get(&job) else {
-            return ResultDecision::Unknown;
+        let runner = match self.holder_name(session, job, attempt) {
+            Ok(runner) => runner,
+            Err(decision) => return decision,
         };
-        let live = j.spec.attempt == attempt;
-        // Only the lease's holder may finish it: its session, or (after a
-        // reconnect or a dispatcher restart) a session of the same runner.
-        let reporter = self.runners.get(&session).map(|r| r.name.as_str());
-        let not_holder = |holder: &str| ResultDecision::Revoked {
-            message: format!(
-                "attempt {attempt} of job {job} is held by runner {holder}, not by {}; result refused",
-                reporter.unwrap_or("this session")
-            ),
-        };
-        let runner = match &j.state {
-            JobState::Finishing { .. } if live => return ResultDecision::Pending,
-            JobState::Leased { session: holder } if live => {
-                let name = self
-                    .runners
-                    .get(holder)
-                    .map(|r| r.name.clone())
-                    .unwrap_or_default();
-                if *holder != session && reporter != Some(name.as_str()) {
-                    return not_holder(&name);
-                }
-                name
-            }
-            JobState::Orphaned { runner, .. } if live => {
-                if reporter != Some(runner.as_str()) {
-                    return not_holder(runner);
-                }
-                runner.clone()
-            }
-            state => {
-                return ResultDecision::Revoked {
-                    message: format!(
-                        "attempt {attempt} of job {job} was revoked (the job is now at attempt {}, {}); result refused",
-                        j.spec.attempt,
-                        if matches!(state, JobState::Queued) {
-                            "queued"
-                        } else {
-                            "running"
-                        }
-                    ),
-                };
-            }
-        };
+        let j = &self.jobs[&job];
         let (status, message) = if j.timed_out && !j.cancel_requested {
             (
                 FinalStatus::Error,
@@ -927,6 +1086,19 @@ impl Scheduler {
             JobState::Leased { session } => Some(session),
             _ => None,
         };
+        if status != FinalStatus::Cancelled {
+            // The runner got its checkout done (or the job's own error is
+            // the commit's): its infrastructure works. A cancel says
+            // nothing either way. A quarantine in force runs its time.
+            if let Some(h) = self.health.get_mut(&runner) {
+                if h.until.is_some() {
+                    h.failures = 0;
+                    h.quarantines = 0;
+                } else {
+                    self.health.remove(&runner);
+                }
+            }
+        }
         if let Some(j) = self.jobs.get_mut(&job) {
             j.state = JobState::Finishing {
                 session: holder,
@@ -934,6 +1106,141 @@ impl Scheduler {
             };
         }
         ResultDecision::Accept { status, message }
+    }
+
+    /// The name of the runner whose result for (`job`, `attempt`) this
+    /// session may report (the live lease's holder: its session, or after a
+    /// reconnect or a dispatcher restart a session of the same runner), or
+    /// the decision for a report it may not make.
+    fn holder_name(
+        &self,
+        session: SessionId,
+        job: JobId,
+        attempt: Attempt,
+    ) -> Result<String, ResultDecision> {
+        let Some(j) = self.jobs.get(&job) else {
+            return Err(ResultDecision::Unknown);
+        };
+        let live = j.spec.attempt == attempt;
+        let reporter = self.runners.get(&session).map(|r| r.name.as_str());
+        let not_holder = |holder: &str| ResultDecision::Revoked {
+            message: format!(
+                "attempt {attempt} of job {job} is held by runner {holder}, not by {}; result refused",
+                reporter.unwrap_or("this session")
+            ),
+        };
+        match &j.state {
+            JobState::Finishing { .. } if live => Err(ResultDecision::Pending),
+            JobState::Leased { session: holder } if live => {
+                let name = self
+                    .runners
+                    .get(holder)
+                    .map(|r| r.name.clone())
+                    .unwrap_or_default();
+                if *holder != session && reporter != Some(name.as_str()) {
+                    return Err(not_holder(&name));
+                }
+                Ok(name)
+            }
+            JobState::Orphaned { runner, .. } if live => {
+                if reporter != Some(runner.as_str()) {
+                    return Err(not_holder(runner));
+                }
+                Ok(runner.clone())
+            }
+            state => Err(ResultDecision::Revoked {
+                message: format!(
+                    "attempt {attempt} of job {job} was revoked (the job is now at attempt {}, {}); result refused",
+                    j.spec.attempt,
+                    if matches!(state, JobState::Queued) {
+                        "queued"
+                    } else {
+                        "running"
+                    }
+                ),
+            }),
+        }
+    }
+
+    /// A runner reported that it could not run the job because of its own
+    /// infrastructure or the network (`JobFinished.infrastructure`: the
+    /// fetch or the checkout failed). Fenced like
+    /// [`handle_result`](Self::handle_result). From the live lease, the
+    /// attempt is lost and the job queued again, preferring other runners,
+    /// or ends `error` naming this failure once `max_attempts` are used
+    /// up ([`ResultDecision::Retried`], with the effects to apply); the
+    /// runner's count grows and may quarantine it. A job a user cancelled,
+    /// or one past `--job-timeout`, ends as [`handle_result`] decides.
+    ///
+    /// [`handle_result`]: Self::handle_result
+    pub fn handle_infra_failure(
+        &mut self,
+        session: SessionId,
+        job: JobId,
+        attempt: Attempt,
+        message: &str,
+        now: Instant,
+    ) -> ResultDecision {
+        self.handle_frame(session, now);
+        let runner = match self.holder_name(session, job, attempt) {
+            Ok(runner) => runner,
+            Err(decision) => return decision,
+        };
+        let j = &self.jobs[&job];
+        if j.cancel_requested || j.timed_out {
+            return self.handle_result(session, job, attempt, FinalStatus::Error, message, now);
+        }
+        let quarantined = self.count_infra_failure(&runner, now);
+        let reason = format!(
+            "infrastructure failure on runner {runner}: {}",
+            if message.is_empty() {
+                "no reason given"
+            } else {
+                message
+            }
+        );
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.infra_failed_on.insert(runner.clone());
+        }
+        let ended = self.lose_with(job, &reason, Loss::Infrastructure);
+        let mut said = if ended {
+            format!("attempt {attempt} failed ({reason}); out of attempts, the job ends error")
+        } else {
+            format!("attempt {attempt} failed ({reason}); the job is queued again")
+        };
+        if let Some(until) = quarantined {
+            said.push_str(&format!(
+                "; runner {runner} is quarantined for {:?}",
+                until.saturating_duration_since(now)
+            ));
+        }
+        ResultDecision::Retried { message: said }
+    }
+
+    /// Counts an infrastructure failure of runner `name`; returns the end
+    /// of the quarantine it starts, if it starts one. Failures while a
+    /// quarantine is in force (jobs assigned before it) count but do not
+    /// lengthen it.
+    fn count_infra_failure(&mut self, name: &str, now: Instant) -> Option<Instant> {
+        let (after, base) = (self.config.quarantine_after, self.config.quarantine_for);
+        let h = self.health.entry(name.to_owned()).or_insert(Health {
+            failures: 0,
+            quarantines: 0,
+            until: None,
+            last_failure: now,
+        });
+        h.failures = h.failures.saturating_add(1);
+        h.last_failure = now;
+        if after == 0 || h.failures < after || h.until.is_some() {
+            return None;
+        }
+        let cap = MAX_QUARANTINE.max(base);
+        let factor = 1u32.checked_shl(h.quarantines).unwrap_or(u32::MAX);
+        let length = base.checked_mul(factor).map_or(cap, |d| d.min(cap));
+        h.quarantines = h.quarantines.saturating_add(1);
+        let until = now + length;
+        h.until = Some(until);
+        Some(until)
     }
 
     /// The store answered the write of an accepted result (recorded, a
@@ -975,6 +1282,7 @@ impl Scheduler {
             None => JobState::Orphaned {
                 runner: runner.clone(),
                 deadline,
+                waited: self.config.runner_timeout,
             },
         };
     }
@@ -1054,7 +1362,12 @@ impl Scheduler {
         if self.queue.is_empty() {
             return;
         }
-        let mut free: usize = self.runners.values().map(Runner::free_slots).sum();
+        let mut free: usize = self
+            .runners
+            .values()
+            .filter(|r| !self.is_quarantined(&r.name))
+            .map(Runner::free_slots)
+            .sum();
         let queued: Vec<JobId> = self.queue.iter().copied().collect();
         for job in queued {
             if free == 0 {
@@ -1063,11 +1376,13 @@ impl Scheduler {
             let Some(j) = self.jobs.get(&job) else {
                 continue;
             };
+            // A runner whose infrastructure already failed this job goes
+            // last: any other free one is tried first.
             let best = self
                 .runners
                 .iter()
-                .filter(|(_, r)| r.free_slots() > 0 && r.repos.contains(&j.spec.repo))
-                .min_by_key(|(s, r)| (r.leases.len(), **s))
+                .filter(|(_, r)| self.can_take(r) && r.repos.contains(&j.spec.repo))
+                .min_by_key(|(s, r)| (j.infra_failed_on.contains(&r.name), r.leases.len(), **s))
                 .map(|(s, _)| *s);
             let Some(session) = best else {
                 continue;
@@ -1174,14 +1489,14 @@ impl Scheduler {
     }
 
     /// After [`schedule`](Self::schedule): `Err` when a queued job has a
-    /// runner for its repository with a free slot.
+    /// runner for its repository with a free slot that is not quarantined.
     pub fn check_no_idle_match(&self) -> Result<(), String> {
         for id in &self.queue {
             let repo = &self.jobs[id].spec.repo;
             if let Some((s, _)) = self
                 .runners
                 .iter()
-                .find(|(_, r)| r.free_slots() > 0 && r.repos.contains(repo))
+                .find(|(_, r)| self.can_take(r) && r.repos.contains(repo))
             {
                 return Err(format!(
                     "job {id} queued while session {s} has a free slot for {repo}"

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, broadcast};
 
 use crate::domain::{
     AttemptRecord, BranchHead, Job, JobFilter, JobId, JobStatus, LogRetention, PruneRule, Pruned,
-    RunnerView, SessionId, StatusView, Submission, Waiting,
+    RunnerView, SessionId, StatusView, Submission, Submitted, Waiting,
 };
 use crate::scheduler::{CancelOutcome, Scheduler, SchedulerConfig};
 use crate::store::{JobStore, StoreError};
@@ -113,6 +113,9 @@ pub struct Service {
     /// Wakes the assignment pass: a job was queued, a runner came or went,
     /// a slot was freed.
     wake: Notify,
+    /// Rung when an orphaned lease with an earlier deadline may exist, so
+    /// the monitor expires it on time rather than at its next beat.
+    expiry_changed: Notify,
     /// Set when an assignment could not be recorded: the pass waits before
     /// trying again instead of spinning against a failing store.
     assign_failed: AtomicBool,
@@ -126,6 +129,9 @@ pub struct Service {
     started: tokio::time::Instant,
     /// The leader term this dispatcher serves under (PostgreSQL store).
     leader: Mutex<Option<crate::domain::LeaderView>>,
+    /// The store's epoch, read once at start-up: it changes only by the
+    /// restore step, which runs while no dispatcher serves the store.
+    epoch: String,
     /// The store's health (set by the daemon): `status` shows it, report
     /// failures pace their resends by it, and a decision the store cannot
     /// follow trips its fail-stop.
@@ -159,6 +165,8 @@ impl Service {
         config: SchedulerConfig,
     ) -> Result<Service, StoreError> {
         let unfinished = store.unfinished().await?;
+        let epoch = store.epoch().await?;
+        tracing::info!(epoch = %epoch, "store epoch");
         let mut sched = Scheduler::new(config);
         let (queued, running) = decide::recover(&mut sched, unfinished, now());
         tracing::info!(queued, running, "recovered unfinished jobs");
@@ -169,6 +177,7 @@ impl Service {
             links: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             wake: Notify::new(),
+            expiry_changed: Notify::new(),
             assign_failed: AtomicBool::new(false),
             notifier: notify::Notifier::new(),
             refused_results: AtomicU64::new(0),
@@ -177,8 +186,14 @@ impl Service {
             restarts: Mutex::new(TASK_NAMES.iter().map(|n| (*n, 0)).collect()),
             started: tokio::time::Instant::now(),
             leader: Mutex::new(None),
+            epoch,
             health: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The store's epoch, sent in every `Welcome` and shown by `status`.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Runs one synchronous scheduler call under the lock.
@@ -191,9 +206,10 @@ impl Service {
     }
 
     /// Records submitted commits as queued jobs (or finds the known ones)
-    /// and returns their ids in order; new jobs wait for a runner. One
-    /// store write whatever the number of commits.
-    pub async fn submit(&self, submission: &Submission) -> Result<Vec<JobId>, ServiceError> {
+    /// and returns their jobs in order, saying which this call created;
+    /// new jobs wait for a runner. One store write whatever the number of
+    /// commits.
+    pub async fn submit(&self, submission: &Submission) -> Result<Vec<Submitted>, ServiceError> {
         let Submission {
             repo,
             origin,
@@ -224,7 +240,7 @@ impl Service {
         if queued {
             self.wake_assigner();
         }
-        Ok(ids)
+        Ok(rows)
     }
 
     /// Cancels a job: a queued one ends at once, a running one's runner is
@@ -391,14 +407,18 @@ impl Service {
     pub fn runners(&self) -> Vec<RunnerView> {
         let (views, at) = self.with_sched(|s| (s.runners(), now()));
         let wall = unix_ms();
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         views
             .into_iter()
             .map(|r| RunnerView {
                 identity: self.identity_of(r.session),
-                last_seen_ms: wall.saturating_sub(
-                    u64::try_from(at.saturating_duration_since(r.last_seen).as_millis())
-                        .unwrap_or(u64::MAX),
-                ),
+                last_seen_ms: wall.saturating_sub(ms(at.saturating_duration_since(r.last_seen))),
+                // At least one millisecond ahead: a quarantine due but not
+                // yet lifted by the next tick still shows.
+                quarantined_until_ms: r.quarantined_until.map(|until| {
+                    wall.saturating_add(ms(until.saturating_duration_since(at)).max(1))
+                }),
+                infra_failures: r.infra_failures,
                 name: r.name,
                 addr: r.addr,
                 slots: r.slots,
@@ -411,8 +431,14 @@ impl Service {
 
     /// The dispatcher's counters.
     pub fn status(&self) -> StatusView {
-        let (runners, (queued, running), reassignments) =
-            self.with_sched(|s| (s.runner_count(), s.counts(), s.reassignments()));
+        let (runners, (queued, running), reassignments, quarantined) = self.with_sched(|s| {
+            (
+                s.runner_count(),
+                s.counts(),
+                s.reassignments(),
+                s.quarantined_count(),
+            )
+        });
         StatusView {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s: self.started.elapsed().as_secs(),
@@ -425,7 +451,9 @@ impl Service {
                 .collect(),
             reassignments,
             refused_results: self.refused_results.load(Ordering::Relaxed),
+            quarantined: u32::try_from(quarantined).unwrap_or(u32::MAX),
             leader: lock(&self.leader).clone(),
+            epoch: self.epoch.clone(),
             store_healthy: self.health.get().is_none_or(|h| h.healthy()),
             store_failures: self.health.get().map_or(0, |h| h.failures()),
         }
@@ -535,19 +563,38 @@ impl Service {
     /// The monitor's beat: pings every runner and expires silent runners
     /// and orphaned leases past their grace.
     ///
-    /// It never waits on the store: what it decides (requeues, finishes,
-    /// disconnects) is applied by the assignment pass it wakes, so that a
-    /// stalled write holding the applier cannot delay the next ping.
+    /// It never waits on the store (see [`Service::expire`]).
     pub(crate) fn heartbeat(&self, seq: u64) {
-        let decided = self.with_sched(|s| {
-            let before = s.effects_emitted();
-            s.handle_tick(now());
-            s.effects_emitted() != before
-        });
         self.ping_all(seq);
-        if decided {
+        self.expire();
+    }
+
+    /// Expires orphaned leases whose grace is over (and silent runners),
+    /// between beats; ends quarantines that are over.
+    ///
+    /// It only decides: what it decides (requeues, finishes, disconnects)
+    /// is applied by the assignment pass it wakes, so that a stalled write
+    /// holding the applier cannot delay the monitor's next ping or expiry.
+    pub(crate) fn expire(&self) {
+        let (decided, lifted) = self.with_sched(|s| {
+            let before = s.effects_emitted();
+            let lifted = s.handle_tick(now());
+            (s.effects_emitted() != before, lifted)
+        });
+        // A lifted quarantine frees a runner for the queue.
+        if decided || lifted {
             self.wake_assigner();
         }
+    }
+
+    /// When the next orphaned lease expires, if any.
+    pub(crate) fn next_expiry(&self) -> Option<std::time::Instant> {
+        self.with_sched(|s| s.next_orphan_deadline())
+    }
+
+    /// Resolves when [`Service::next_expiry`] may have moved earlier.
+    pub(crate) async fn expiry_may_change(&self) {
+        self.expiry_changed.notified().await;
     }
 
     /// The assignment pass: assigns what can be assigned, records each

@@ -254,6 +254,14 @@ pub trait JobStore: Send + Sync + 'static {
     /// rebuilds the scheduler from.
     fn unfinished(&self) -> StoreFuture<'_, Vec<Job>>;
 
+    /// The store's epoch: 32 lower-case hex digits (128 random bits) made
+    /// with the store and kept for its life, so that what a peer holds
+    /// across connections (a runner's leases and results, an observer's
+    /// cursor) can be told apart from another store's. A store restored
+    /// from a backup shows the backup's epoch until the restore step
+    /// replaces it (`SqliteStore::new_epoch`, `PostgresStore::new_epoch`).
+    fn epoch(&self) -> StoreFuture<'_, String>;
+
     /// Finishes every write given before this call, then refuses writes
     /// ([`StoreError::Closed`]); reads keep working. Calling it again is
     /// harmless.

@@ -93,8 +93,15 @@ fn protocol(text: String) -> FrameError {
 
 // ---- runners ----
 
-/// A runner's `Hello`, checked: a name and at least one slot.
-pub fn runner_hello(hello: &proto::Hello, addr: String) -> Result<RunnerHello, &'static str> {
+/// A runner's `Hello`, checked: a name and at least one slot. The leases
+/// it lists count only when they were assigned under `epoch`, the store's
+/// (or the runner names no epoch, as runners before epochs did): leases of
+/// another epoch name jobs of another life of the store.
+pub fn runner_hello(
+    hello: &proto::Hello,
+    addr: String,
+    epoch: &str,
+) -> Result<RunnerHello, &'static str> {
     if hello.name.trim().is_empty() {
         return Err("a runner's Hello needs a name (its unique --name)");
     }
@@ -107,11 +114,15 @@ pub fn runner_hello(hello: &proto::Hello, addr: String) -> Result<RunnerHello, &
         slots: hello.slots,
         repos: hello.repos.clone(),
         labels: hello.labels.clone(),
-        leases: hello
-            .leases
-            .iter()
-            .map(|l| (JobId(l.job_id), Attempt(l.attempt)))
-            .collect(),
+        leases: if hello.epoch.is_empty() || hello.epoch == epoch {
+            hello
+                .leases
+                .iter()
+                .map(|l| (JobId(l.job_id), Attempt(l.attempt)))
+                .collect()
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -216,12 +227,14 @@ fn result_report(finished: proto::JobFinished) -> Result<RunnerReport, FrameErro
         })
         .collect::<Result<_, _>>()?;
     Ok(RunnerReport::Finished {
+        commit: finished.commit,
         job: JobId(job),
         attempt: Attempt(finished.attempt),
         result: JobResult {
             status,
             message: finished.message,
             tasks,
+            infrastructure: finished.infrastructure,
         },
     })
 }
@@ -643,6 +656,8 @@ pub fn runners_reply(runners: Vec<RunnerView>) -> proto::ListRunnersReply {
                 labels: r.labels,
                 repos: r.repos,
                 identity: r.identity,
+                quarantined_until_ms: r.quarantined_until_ms.unwrap_or(0),
+                infra_failures: r.infra_failures,
             })
             .collect(),
     }
@@ -659,6 +674,7 @@ pub fn status_reply(status: StatusView) -> proto::GetStatusReply {
         supervisor_restarts: status.supervisor_restarts.into_iter().collect(),
         reassignments: status.reassignments,
         refused_results: status.refused_results,
+        quarantined: status.quarantined,
         leader_addr: status
             .leader
             .as_ref()
@@ -666,6 +682,7 @@ pub fn status_reply(status: StatusView) -> proto::GetStatusReply {
             .unwrap_or_default(),
         standby: status.leader.as_ref().is_some_and(|l| l.standby),
         leader_term: status.leader.as_ref().map_or(0, |l| l.term),
+        epoch: status.epoch,
         store_healthy: Some(status.store_healthy),
         store_failures: status.store_failures,
     }
@@ -757,6 +774,7 @@ mod tests {
             attempt: 2,
             status,
             message: "m".into(),
+            infrastructure: false,
             tasks: vec![proto::TaskResult {
                 name: "unit".into(),
                 status: task_status,
@@ -766,6 +784,7 @@ mod tests {
                 message: String::new(),
                 ..proto::TaskResult::default()
             }],
+            commit: "c0ffee".into(),
         })
     }
 
@@ -776,11 +795,13 @@ mod tests {
             job,
             attempt,
             result,
+            commit,
         } = ok
         else {
             panic!("{ok:?}");
         };
         assert_eq!((job, attempt), (JobId(7), Attempt(2)));
+        assert_eq!(commit, "c0ffee", "the commit built is passed on");
         assert_eq!(result.status, FinalStatus::Failed);
         assert_eq!(result.tasks[0].status, TaskStatus::Failed);
         for status in [0, 1, 2, 99, -1] {

@@ -296,6 +296,8 @@ async fn run_story(c: &Client, d: &Dispatcher, base: &str, port: u16) -> Result<
             status: JobStatus::Cancelled as i32,
             message: "cancelled".into(),
             tasks: vec![],
+            infrastructure: false,
+            commit: String::new(),
         })
         .await;
     until(c, "the job cancelled", "const s = document.getElementById('job-status'); return !!s && s.dataset.status === 'cancelled';").await;

@@ -171,6 +171,29 @@ pub(crate) fn oldest_first(nodes: &[Node]) -> Vec<ObjectId> {
     order
 }
 
+/// `from` and its first parents, newest first, at most `limit` commits:
+/// the history behind a cursor, as a re-verification walks it back. Stops
+/// early at a root commit or a commit missing from the repository.
+pub fn first_parents(
+    repo: &gix::Repository,
+    from: ObjectId,
+    limit: usize,
+) -> Result<Vec<ObjectId>, CommitsError> {
+    let mut chain = Vec::new();
+    let mut next = Some(from);
+    while let Some(id) = next {
+        if chain.len() >= limit {
+            break;
+        }
+        let Ok(commit) = repo.find_commit(id) else {
+            break;
+        };
+        chain.push(id);
+        next = commit.parent_ids().next().map(gix::Id::detach);
+    }
+    Ok(chain)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,7 @@
 //! The cursor file, `STATE_DIR/cursor.json`: for each (repository, branch)
-//! the last commit the dispatcher acknowledged. Replaced atomically (temp
+//! the last commit the dispatcher acknowledged, and the dispatcher's store
+//! epoch it was confirmed under (absent in files from before epochs; a
+//! reader from before them ignores it). Replaced atomically (temp
 //! file, fsync, rename, fsync of the directory) so a crash leaves either the
 //! old cursor or the new one, never a torn file.
 //!
@@ -65,9 +67,21 @@ struct Entry {
     repo: String,
     branch: String,
     commit: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    epoch: String,
 }
 
-type Cursors = BTreeMap<(String, String), ObjectId>;
+/// One branch's cursor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    /// The last commit the dispatcher acknowledged.
+    pub commit: ObjectId,
+    /// The dispatcher's store epoch when it was confirmed; empty when not
+    /// known (a file from before epochs, a dispatcher without them).
+    pub epoch: String,
+}
+
+type Cursors = BTreeMap<(String, String), Cursor>;
 
 /// The cursor file of one state directory.
 #[derive(Clone, Debug)]
@@ -90,23 +104,22 @@ impl CursorFile {
 
     /// The last acknowledged commit of `branch` in `repo`; `None` when the
     /// file or the entry does not exist yet.
-    pub fn load(&self, repo: &str, branch: &str) -> Result<Option<ObjectId>, CursorError> {
+    pub fn load(&self, repo: &str, branch: &str) -> Result<Option<Cursor>, CursorError> {
         Ok(self
             .read_all()?
-            .get(&(repo.to_owned(), branch.to_owned()))
-            .copied())
+            .remove(&(repo.to_owned(), branch.to_owned())))
     }
 
-    /// Records `commit` as the last acknowledged commit of `branch` in
+    /// Records `cursor` as the last acknowledged commit of `branch` in
     /// `repo`, keeping the entries of other repositories and branches.
     ///
     /// Blocking: it takes a lock, writes and fsyncs. Observers sharing a
     /// state directory serialise on `cursor.json.lock`, so neither loses
     /// the other's update.
-    pub fn store(&self, repo: &str, branch: &str, commit: ObjectId) -> Result<(), CursorError> {
+    pub fn store(&self, repo: &str, branch: &str, cursor: Cursor) -> Result<(), CursorError> {
         let _lock = self.lock()?;
         let mut cursors = self.read_all()?;
-        cursors.insert((repo.to_owned(), branch.to_owned()), commit);
+        cursors.insert((repo.to_owned(), branch.to_owned()), cursor);
         self.write_all(&cursors)
     }
 
@@ -166,7 +179,11 @@ impl CursorFile {
                         entry.commit, entry.repo, entry.branch
                     ))
                 })?;
-                Ok(((entry.repo, entry.branch), commit))
+                let cursor = Cursor {
+                    commit,
+                    epoch: entry.epoch,
+                };
+                Ok(((entry.repo, entry.branch), cursor))
             })
             .collect()
     }
@@ -176,10 +193,11 @@ impl CursorFile {
             version: FORMAT_VERSION,
             cursors: cursors
                 .iter()
-                .map(|((repo, branch), commit)| Entry {
+                .map(|((repo, branch), cursor)| Entry {
                     repo: repo.clone(),
                     branch: branch.clone(),
-                    commit: commit.to_string(),
+                    commit: cursor.commit.to_string(),
+                    epoch: cursor.epoch.clone(),
                 })
                 .collect(),
         };
@@ -213,19 +231,52 @@ mod tests {
         ObjectId::from_bytes_or_panic(&[n; 20])
     }
 
+    fn at(n: u8) -> Cursor {
+        Cursor {
+            commit: id(n),
+            epoch: String::new(),
+        }
+    }
+
+    /// The epoch a cursor was confirmed under is kept; a file from before
+    /// epochs reads with none, and one entry's epoch leaves the others'.
+    #[test]
+    fn the_epoch_is_kept_and_optional() {
+        let dir = tempfile::tempdir().unwrap();
+        let cursor = CursorFile::new(dir.path());
+        std::fs::write(
+            cursor.path(),
+            format!(
+                r#"{{"version": 1, "cursors": [{{"repo": "/r", "branch": "main", "commit": "{}"}}]}}"#,
+                id(1)
+            ),
+        )
+        .unwrap();
+        assert_eq!(cursor.load("/r", "main").unwrap(), Some(at(1)));
+        let stamped = Cursor {
+            commit: id(2),
+            epoch: "ab".repeat(16),
+        };
+        cursor.store("/r", "dev", stamped.clone()).unwrap();
+        assert_eq!(cursor.load("/r", "dev").unwrap(), Some(stamped));
+        assert_eq!(cursor.load("/r", "main").unwrap(), Some(at(1)));
+        let text = std::fs::read_to_string(cursor.path()).unwrap();
+        assert_eq!(text.matches("\"epoch\"").count(), 1, "{text}");
+    }
+
     #[test]
     fn round_trip_keeps_other_entries() {
         let dir = tempfile::tempdir().unwrap();
         let cursor = CursorFile::new(dir.path());
         assert_eq!(cursor.load("/r", "main").unwrap(), None);
-        cursor.store("/r", "main", id(1)).unwrap();
-        cursor.store("/r", "dev", id(2)).unwrap();
-        cursor.store("https://x/y.git", "main", id(3)).unwrap();
-        cursor.store("/r", "main", id(4)).unwrap();
+        cursor.store("/r", "main", at(1)).unwrap();
+        cursor.store("/r", "dev", at(2)).unwrap();
+        cursor.store("https://x/y.git", "main", at(3)).unwrap();
+        cursor.store("/r", "main", at(4)).unwrap();
         let fresh = CursorFile::new(dir.path());
-        assert_eq!(fresh.load("/r", "main").unwrap(), Some(id(4)));
-        assert_eq!(fresh.load("/r", "dev").unwrap(), Some(id(2)));
-        assert_eq!(fresh.load("https://x/y.git", "main").unwrap(), Some(id(3)));
+        assert_eq!(fresh.load("/r", "main").unwrap(), Some(at(4)));
+        assert_eq!(fresh.load("/r", "dev").unwrap(), Some(at(2)));
+        assert_eq!(fresh.load("https://x/y.git", "main").unwrap(), Some(at(3)));
         assert_eq!(fresh.load("/other", "main").unwrap(), None);
         assert!(!cursor.sibling("tmp").exists(), "no temp file left behind");
     }
@@ -248,7 +299,7 @@ mod tests {
                 "{message}"
             );
             // A write must not silently replace a file it cannot read.
-            assert!(cursor.store("/r", "main", id(1)).is_err());
+            assert!(cursor.store("/r", "main", at(1)).is_err());
         }
     }
 }

@@ -17,6 +17,17 @@
 //! pending is always recomputed as `cursor..tip`, so a failed send can
 //! delay a commit but never lose it. A resubmit after a crash between ack
 //! and cursor write is answered by the dispatcher with the existing job ids.
+//!
+//! **Re-verification:** the cursor says what the dispatcher's store *had*;
+//! a store restored from a backup may have lost it. So after every new
+//! connection the observer submits the cursor's commit again, and while
+//! `SubmitAck.created` says the store did not know it, walks back along
+//! first parents resubmitting (with `--every-commit`, at most
+//! `--max-backlog` commits; else the cursor's tip alone, as only tips are
+//! built), until a commit the store knows. Then it records the `Welcome`'s
+//! store epoch with the cursor. The walk runs on every connection (one
+//! submit of a known commit when nothing was lost), so a restore whose
+//! epoch step was forgotten is caught too; a changed epoch is logged.
 
 // Production functions stay under 100 lines (clippy.toml); tests may be longer.
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
@@ -44,7 +55,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::commits::{Mode, Selection};
-use crate::cursor::CursorFile;
+use crate::cursor::{Cursor, CursorFile};
 use crate::submit::{Identity, Link, SubmitError};
 use crate::watch::{RefWatch, Source};
 
@@ -60,6 +71,15 @@ pub struct Observer {
     source: Source,
     cursor_file: CursorFile,
     cursor: Option<ObjectId>,
+    /// The store epoch the cursor was confirmed under (empty: unknown).
+    cursor_epoch: String,
+    /// The link's connection count when the cursor was last re-verified.
+    verified: u64,
+    /// Commits a re-verification resubmitted (the store did not know
+    /// them) under the epoch being verified: if the connection drops
+    /// mid-walk, the next walk goes on past them rather than taking them
+    /// for commits the store always had.
+    resubmitted: std::collections::HashSet<ObjectId>,
 }
 
 impl Observer {
@@ -76,16 +96,23 @@ impl Observer {
             )
         })?;
         let cursor_file = CursorFile::new(&config.state_dir);
-        let cursor = cursor_file.load(&config.repo, &config.branch)?;
+        let loaded = cursor_file.load(&config.repo, &config.branch)?;
         let source = Source::new(&config.repo, &config.state_dir, &config.fetch);
         if let Source::Local { .. } = source {
             source.open()?;
         }
+        let (cursor, cursor_epoch) = match loaded {
+            Some(Cursor { commit, epoch }) => (Some(commit), epoch),
+            None => (None, String::new()),
+        };
         Ok(Observer {
             config,
             source,
             cursor_file,
             cursor,
+            cursor_epoch,
+            verified: 0,
+            resubmitted: std::collections::HashSet::new(),
         })
     }
 
@@ -184,14 +211,16 @@ impl Observer {
                     retry.at = None;
                     // Reconnect even with nothing pending, so the link is
                     // up (and a bad token reported) before the next commit.
-                    let connected = tokio::select! {
+                    let verified = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        connected = link.connect() => connected,
+                        verified = self.verify(&mut link) => verified,
                     };
-                    match connected {
+                    match verified {
                         Ok(()) => retry.succeeded(),
-                        Err(error) if error.is_fatal() => return Err(error.into()),
-                        Err(error) => retry.failed("dispatcher unreachable; will retry", &error),
+                        Err(Delivery::Fatal(error)) => return Err(error),
+                        Err(Delivery::Retry(error)) => {
+                            retry.failed("dispatcher unreachable; will retry", &error);
+                        }
                     }
                 }
                 Event::Lost(error) => {
@@ -257,38 +286,127 @@ impl Observer {
         .unwrap_or_else(|join| Err(format!("reading the repository panicked: {join}")))
     }
 
-    /// Submits `commits` in chunks, advancing the cursor after each ack.
+    /// Submits `commits` in chunks, advancing the cursor after each ack;
+    /// on a new connection, re-verifies the cursor first.
     async fn deliver(&mut self, link: &mut Link, commits: &[ObjectId]) -> Result<(), Delivery> {
+        self.verify(link).await?;
         for chunk in commits.chunks(SUBMIT_CHUNK) {
             let hex: Vec<String> = chunk.iter().map(ObjectId::to_string).collect();
-            let job_ids = link
+            let acked = link
                 .submit(&self.config.branch, &hex)
                 .await
-                .map_err(|error| {
-                    if error.is_fatal() {
-                        Delivery::Fatal(error.into())
-                    } else {
-                        Delivery::Retry(error)
-                    }
-                })?;
-            for (commit, job) in hex.iter().zip(&job_ids) {
+                .map_err(Delivery::from)?;
+            for (commit, job) in hex.iter().zip(&acked.job_ids) {
                 tracing::info!(%commit, job, "submitted");
             }
             let last = *chunk.last().expect("chunks are never empty");
-            let (file, repo, branch) = (
-                self.cursor_file.clone(),
-                self.config.repo.clone(),
-                self.config.branch.clone(),
-            );
-            tokio::task::spawn_blocking(move || file.store(&repo, &branch, last))
-                .await
-                .map_err(|join| {
-                    Delivery::Fatal(anyhow::anyhow!("writing the cursor panicked: {join}"))
-                })?
-                .map_err(|error| Delivery::Fatal(error.into()))?;
-            self.cursor = Some(last);
+            self.store_cursor(last, link.epoch().to_owned()).await?;
         }
         Ok(())
+    }
+
+    /// Writes the cursor file, then the cursor in memory.
+    async fn store_cursor(&mut self, commit: ObjectId, epoch: String) -> Result<(), Delivery> {
+        let (file, repo, branch) = (
+            self.cursor_file.clone(),
+            self.config.repo.clone(),
+            self.config.branch.clone(),
+        );
+        let cursor = Cursor {
+            commit,
+            epoch: epoch.clone(),
+        };
+        tokio::task::spawn_blocking(move || file.store(&repo, &branch, cursor))
+            .await
+            .map_err(|join| {
+                Delivery::Fatal(anyhow::anyhow!("writing the cursor panicked: {join}"))
+            })?
+            .map_err(|error| Delivery::Fatal(error.into()))?;
+        self.cursor = Some(commit);
+        self.cursor_epoch = epoch;
+        Ok(())
+    }
+
+    /// Connects if needed; on a connection not verified yet, checks that
+    /// the dispatcher's store knows the cursor's commit, resubmitting what
+    /// it lost (see the crate documentation), and records its epoch.
+    async fn verify(&mut self, link: &mut Link) -> Result<(), Delivery> {
+        link.connect().await.map_err(Delivery::from)?;
+        if link.connections() == self.verified {
+            return Ok(());
+        }
+        let epoch = link.epoch().to_owned();
+        let Some(cursor) = self.cursor else {
+            self.verified = link.connections();
+            return Ok(());
+        };
+        if !self.cursor_epoch.is_empty() && !epoch.is_empty() && epoch != self.cursor_epoch {
+            tracing::warn!(
+                cursor_epoch = %self.cursor_epoch,
+                epoch = %epoch,
+                "the dispatcher's store epoch changed (restored from a backup, or replaced): re-verifying the cursor"
+            );
+        }
+        let limit = if self.config.every_commit {
+            self.config.max_backlog.max(1)
+        } else {
+            1
+        };
+        let chain = self.first_parents(cursor, limit).await;
+        let mut lost = 0usize;
+        for commit in chain {
+            let hex = commit.to_string();
+            let acked = link
+                .submit(&self.config.branch, std::slice::from_ref(&hex))
+                .await
+                .map_err(Delivery::from)?;
+            let created = acked.created.first().copied().unwrap_or(false);
+            if !created && !self.resubmitted.contains(&commit) {
+                break;
+            }
+            if created {
+                tracing::info!(commit = %hex, job = acked.job_ids.first().copied().unwrap_or_default(),
+                    "resubmitted: the dispatcher's store did not know this commit behind the cursor");
+                self.resubmitted.insert(commit);
+            }
+            lost += 1;
+        }
+        if lost > 0 {
+            tracing::warn!(
+                resubmitted = lost,
+                epoch = %epoch,
+                "the dispatcher's store had lost commits already acknowledged (a restore from a backup?): they were submitted again"
+            );
+        }
+        if epoch != self.cursor_epoch {
+            self.store_cursor(cursor, epoch).await?;
+        }
+        self.resubmitted.clear();
+        self.verified = link.connections();
+        Ok(())
+    }
+
+    /// `from` and its first parents, newest first, at most `limit`; just
+    /// `from` when the history cannot be read (it is still worth a probe).
+    async fn first_parents(&self, from: ObjectId, limit: usize) -> Vec<ObjectId> {
+        let source = self.source.clone();
+        let walked = tokio::task::spawn_blocking(move || {
+            let repo = source.open().map_err(|e| e.to_string())?;
+            commits::first_parents(&repo, from, limit).map_err(|e| e.to_string())
+        })
+        .await;
+        match walked {
+            Ok(Ok(chain)) if !chain.is_empty() => chain,
+            Ok(Ok(_)) => vec![from],
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot walk back from the cursor; probing its commit only");
+                vec![from]
+            }
+            Err(join) => {
+                tracing::warn!(error = %join, "walking back from the cursor panicked; probing its commit only");
+                vec![from]
+            }
+        }
     }
 }
 
@@ -354,6 +472,16 @@ enum Delivery {
     Retry(SubmitError),
     /// Stop the observer.
     Fatal(anyhow::Error),
+}
+
+impl From<SubmitError> for Delivery {
+    fn from(error: SubmitError) -> Self {
+        if error.is_fatal() {
+            Delivery::Fatal(error.into())
+        } else {
+            Delivery::Retry(error)
+        }
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

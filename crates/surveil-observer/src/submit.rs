@@ -75,12 +75,27 @@ pub struct Identity {
     pub tls: Option<ClientTls>,
 }
 
+/// What the dispatcher acknowledged for one `Submit`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acked {
+    /// One job id per commit, in order.
+    pub job_ids: Vec<u64>,
+    /// Per commit: whether the submit created the job (the dispatcher's
+    /// store did not know the commit). All false from a dispatcher that
+    /// does not say.
+    pub created: Vec<bool>,
+}
+
 /// The connection to the dispatcher, dialed when first needed and again
 /// after it is lost (to the leader among the `--dispatch` addresses).
 pub struct Link {
     dialer: Dialer,
     identity: Identity,
     conn: Option<Connection<tls::Stream>>,
+    /// Counts handshakes, so the caller can tell a new connection.
+    connections: u64,
+    /// `Welcome.epoch` of the current (or last) connection.
+    epoch: String,
 }
 
 impl Link {
@@ -91,7 +106,21 @@ impl Link {
             dialer: Dialer::new(addrs, identity.tls.clone(), CONNECT_TIMEOUT),
             identity,
             conn: None,
+            connections: 0,
+            epoch: String::new(),
         }
+    }
+
+    /// How many handshakes have completed: a new number means a new
+    /// connection, possibly to a dispatcher whose store changed.
+    pub fn connections(&self) -> u64 {
+        self.connections
+    }
+
+    /// The store epoch the last `Welcome` named (empty from a dispatcher
+    /// without epochs).
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Whether a connection is currently open.
@@ -113,20 +142,18 @@ impl Link {
         self.dialer.lost();
         let (conn, welcome) = self.dialer.dial(hello).await?;
         let addr = self.dialer.current().unwrap_or_default();
-        tracing::info!(%addr, session = %welcome.session_id, "connected to the dispatcher");
+        tracing::info!(%addr, session = %welcome.session_id, epoch = %welcome.epoch, "connected to the dispatcher");
         self.conn = Some(conn);
+        self.connections += 1;
+        self.epoch = welcome.epoch;
         Ok(())
     }
 
     /// Submits `commits` (oldest first) of `branch` and returns their job
-    /// ids, one per commit in the same order, once the dispatcher has made
-    /// them durable. On any error the connection is dropped; the next call
-    /// dials again.
-    pub async fn submit(
-        &mut self,
-        branch: &str,
-        commits: &[String],
-    ) -> Result<Vec<u64>, SubmitError> {
+    /// ids, one per commit in the same order, and which of them it
+    /// created, once the dispatcher has made them durable. On any error
+    /// the connection is dropped; the next call dials again.
+    pub async fn submit(&mut self, branch: &str, commits: &[String]) -> Result<Acked, SubmitError> {
         self.connect().await?;
         let result = self.exchange(branch, commits).await;
         if result.is_err() {
@@ -135,11 +162,7 @@ impl Link {
         result
     }
 
-    async fn exchange(
-        &mut self,
-        branch: &str,
-        commits: &[String],
-    ) -> Result<Vec<u64>, SubmitError> {
+    async fn exchange(&mut self, branch: &str, commits: &[String]) -> Result<Acked, SubmitError> {
         let conn = self.conn.as_mut().ok_or(SubmitError::Closed)?;
         conn.send(Submit {
             repo: self.identity.repo.clone(),
@@ -168,7 +191,15 @@ impl Link {
                 got: ack.job_ids.len(),
             });
         }
-        Ok(ack.job_ids)
+        let created = if ack.created.len() == commits.len() {
+            ack.created
+        } else {
+            vec![false; commits.len()]
+        };
+        Ok(Acked {
+            job_ids: ack.job_ids,
+            created,
+        })
     }
 
     /// Waits while idle until the connection is lost, answering pings;

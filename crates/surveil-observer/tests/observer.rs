@@ -77,12 +77,15 @@ async fn commits_made_while_the_dispatcher_is_down_are_delivered_once_each() {
     .await;
     observer.stop().await;
 
-    let mut expected = vec![base];
+    // After reconnecting, the cursor's commit is submitted once more to
+    // check the store still knows it (it does: no new job), then the new
+    // commits go out.
+    let mut expected = vec![base.clone(), base];
     expected.extend(new);
     assert_eq!(
         dispatcher.submitted_commits(),
         expected,
-        "each commit once, oldest first"
+        "each new commit once, oldest first"
     );
     assert_eq!(dispatcher.store.lock().unwrap().distinct_jobs(), 4);
 }
@@ -117,20 +120,19 @@ async fn restart_between_ack_and_cursor_write_creates_no_second_job() {
         .store(
             &repo.name(),
             "main",
-            gix::ObjectId::from_hex(base.as_bytes()).unwrap(),
+            surveil_observer::cursor::Cursor {
+                commit: gix::ObjectId::from_hex(base.as_bytes()).unwrap(),
+                epoch: String::new(),
+            },
         )
         .unwrap();
     let observer = RunningObserver::start(config(&repo, state.path(), dispatcher.addr));
-    let resubmit = wait_for("the resubmit", || {
-        let submits = dispatcher.submits();
-        (submits.len() > 2).then(|| submits.last().unwrap().clone())
-    })
-    .await;
     wait_for("tip acked again", || {
         (cursor(state.path(), &repo) == Some(tip.clone())).then_some(())
     })
     .await;
     observer.stop().await;
+    let resubmit = dispatcher.submits().last().unwrap().clone();
 
     assert_eq!(resubmit.commits, vec![tip]);
     assert_eq!(
@@ -292,7 +294,7 @@ async fn a_url_is_mirrored_and_its_commits_submitted() {
         surveil_observer::cursor::CursorFile::new(state)
             .load(&url, "main")
             .unwrap()
-            .map(|c| c.to_string())
+            .map(|c| c.commit.to_string())
     };
     wait_for("base acked", || {
         (load(state.path()) == Some(base.clone())).then_some(())
@@ -365,4 +367,132 @@ async fn a_refused_token_stops_the_observer_with_an_error() {
         None,
         "nothing acked, nothing recorded"
     );
+}
+
+/// The dispatcher's store is restored from a backup taken after the first
+/// two jobs: the three commits acknowledged after it are gone from the
+/// store, though the observer's cursor is past them. When the observer
+/// reconnects it re-verifies: the cursor's commit and its first parents
+/// are submitted again, newest first, until one the store knows, so none
+/// is skipped; the cursor then records the new epoch. `restore_epoch` is
+/// the epoch after the restore: a new one (the restore step), or the
+/// backup's own (the step forgotten), which is caught the same way.
+async fn a_restored_store_gets_back_every_commit_behind_the_cursor(restore_epoch: &str) {
+    let repo = TestRepo::new();
+    let base = repo.commit("base");
+    let store = std::sync::Arc::<std::sync::Mutex<support::Store>>::default();
+    store.lock().unwrap().epoch = "e1".repeat(16);
+    let dispatcher = FakeDispatcher::start_with("127.0.0.1:0".parse().unwrap(), store, None).await;
+    let addr = dispatcher.addr;
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = config(&repo, state.path(), addr);
+    cfg.every_commit = true;
+    let observer = RunningObserver::start(cfg);
+    wait_for("base acked", || {
+        (cursor(state.path(), &repo) == Some(base.clone())).then_some(())
+    })
+    .await;
+    let next: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|m| repo.commit(m))
+        .collect();
+    let tip = next.last().unwrap().clone();
+    wait_for("the tip acked", || {
+        (cursor(state.path(), &repo) == Some(tip.clone())).then_some(())
+    })
+    .await;
+    let store = dispatcher.stop().await;
+    let before = store.lock().unwrap().submits.len();
+    // The backup holds base and a (jobs 1 and 2).
+    store.lock().unwrap().restore(2, restore_epoch);
+    assert!(!store.lock().unwrap().knows(&repo.name(), &tip));
+    let dispatcher = FakeDispatcher::start_with(addr, store, None).await;
+    wait_for("every commit known again", || {
+        let store = dispatcher.store.lock().unwrap();
+        [&base, &next[0], &next[1], &next[2], &next[3]]
+            .iter()
+            .all(|c| store.knows(&repo.name(), c))
+            .then_some(())
+    })
+    .await;
+    let epoch_recorded = || {
+        surveil_observer::cursor::CursorFile::new(state.path())
+            .load(&repo.name(), "main")
+            .unwrap()
+            .map(|c| c.epoch)
+    };
+    wait_for("the new epoch recorded", || {
+        (epoch_recorded().as_deref() == Some(restore_epoch)).then_some(())
+    })
+    .await;
+    observer.stop().await;
+    let resubmitted: Vec<Vec<String>> = dispatcher.submits()[before..]
+        .iter()
+        .map(|s| s.commits.clone())
+        .collect();
+    assert_eq!(
+        resubmitted,
+        [
+            vec![next[3].clone()],
+            vec![next[2].clone()],
+            vec![next[1].clone()],
+            vec![next[0].clone()],
+        ],
+        "newest first, down to the first commit the store knows (a)"
+    );
+    assert_eq!(cursor(state.path(), &repo), Some(tip), "the cursor stays");
+    assert!(support::logs().contains(&repo.name(), "had lost commits already acknowledged"));
+}
+
+#[tokio::test]
+async fn after_a_restore_with_a_new_epoch_the_lost_commits_are_resubmitted() {
+    a_restored_store_gets_back_every_commit_behind_the_cursor(&"e2".repeat(16)).await;
+}
+
+#[tokio::test]
+async fn after_a_restore_that_kept_the_old_epoch_the_lost_commits_are_resubmitted_too() {
+    a_restored_store_gets_back_every_commit_behind_the_cursor(&"e1".repeat(16)).await;
+}
+
+/// Without `--every-commit` only tips are built: after a restore, the
+/// cursor's tip alone is submitted again, not the commits before it.
+#[tokio::test]
+async fn after_a_restore_a_tip_only_observer_resubmits_its_tip() {
+    let repo = TestRepo::new();
+    let base = repo.commit("base");
+    let dispatcher = FakeDispatcher::start().await;
+    let addr = dispatcher.addr;
+    let state = tempfile::tempdir().unwrap();
+    let observer = RunningObserver::start(config(&repo, state.path(), addr));
+    wait_for("base acked", || {
+        (cursor(state.path(), &repo) == Some(base.clone())).then_some(())
+    })
+    .await;
+    repo.commit("a");
+    let tip = repo.commit("b");
+    wait_for("the tip acked", || {
+        (cursor(state.path(), &repo) == Some(tip.clone())).then_some(())
+    })
+    .await;
+    let store = dispatcher.stop().await;
+    let before = store.lock().unwrap().submits.len();
+    store.lock().unwrap().restore(1, &"e3".repeat(16));
+    let dispatcher = FakeDispatcher::start_with(addr, store, None).await;
+    wait_for("the tip known again", || {
+        dispatcher
+            .store
+            .lock()
+            .unwrap()
+            .knows(&repo.name(), &tip)
+            .then_some(())
+    })
+    .await;
+    // Give it the time a further walk would take: none must come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    observer.stop().await;
+    let resubmitted: Vec<Vec<String>> = dispatcher.submits()[before..]
+        .iter()
+        .map(|s| s.commits.clone())
+        .collect();
+    assert_eq!(resubmitted, [vec![tip]]);
 }

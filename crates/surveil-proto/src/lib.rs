@@ -52,6 +52,7 @@
 //!         heartbeat_interval_ms: 1000,
 //!         runner_timeout_ms: 5000,
 //!         server_version: "example".into(),
+//!         epoch: "0123456789abcdef0123456789abcdef".into(),
 //!     })
 //!     .await?;
 //!     conn.send(Ping { seq: 7 }).await?;

@@ -279,11 +279,13 @@ prop_compose! {
         repos in prop::collection::vec(arb_string(), 0..4),
         leases in prop::collection::vec((any::<u64>(), any::<u32>()), 0..4),
         client_version in arb_string(),
+        epoch in arb_string(),
     ) -> Hello {
         Hello {
             protocol_version, role, name, token, slots, labels, repos,
             leases: leases.into_iter().map(|(job_id, attempt)| Lease { job_id, attempt }).collect(),
             client_version,
+            epoch,
         }
     }
 }
@@ -321,8 +323,10 @@ prop_compose! {
         status in any::<i32>(),
         message in arb_string(),
         tasks in prop::collection::vec(arb_task_result(), 0..5),
+        infrastructure in any::<bool>(),
+        commit in arb_string(),
     ) -> JobFinished {
-        JobFinished { job_id, attempt, status, message, tasks }
+        JobFinished { job_id, attempt, status, message, tasks, infrastructure, commit }
     }
 }
 

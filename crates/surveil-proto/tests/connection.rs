@@ -31,6 +31,7 @@ fn welcome() -> Welcome {
         heartbeat_interval_ms: 1000,
         runner_timeout_ms: 5000,
         server_version: "test".into(),
+        epoch: String::new(),
     }
 }
 

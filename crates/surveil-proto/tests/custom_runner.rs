@@ -66,6 +66,7 @@ async fn dispatcher(io: DuplexStream) -> (Connection<DuplexStream>, Hello) {
         heartbeat_interval_ms: 1000,
         runner_timeout_ms: 5000,
         server_version: "test".into(),
+        epoch: String::new(),
     })
     .await
     .unwrap();

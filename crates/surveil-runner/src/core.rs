@@ -20,6 +20,18 @@
 //! them again, so they are neither lost nor wrongly failed. A "draining"
 //! message, when the protocol gains one, is sent from `RunnerCore::drain`.
 //!
+//! Store epochs: every lease and result belongs to the store epoch
+//! (`Welcome.epoch`) it was assigned under, and the `Hello` names it. A
+//! `Welcome` with another epoch means the dispatcher's store is not the one
+//! that handed them out (it was restored from a backup, or replaced), so
+//! its job ids may now name other commits: the core drops them all (logged
+//! at warn with both epochs), kills such jobs still running and forgets
+//! their results when they end, instead of letting them finish a
+//! stranger's job. Without the restore step the epoch stays the same; then
+//! an `Assign` of a held `(job, attempt)` for another commit is what shows
+//! it, and the held one is dropped the same way. Results carry their commit,
+//! and the dispatcher refuses one whose job has another.
+//!
 //! Invariants (checked by `RunnerCore::check_invariants` and the property
 //! tests below):
 //! - a lease is in exactly one of: queued, running, being stored, held for
@@ -46,6 +58,16 @@ use crate::joblog::JobEvent;
 
 /// A job attempt: `(job_id, attempt)`.
 pub type LeaseKey = (u64, u32);
+
+/// A result and the store epoch its lease was assigned under (empty when
+/// unknown: an outbox file from before epochs), as the outbox keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stamped {
+    /// The result.
+    pub result: JobFinished,
+    /// `Welcome.epoch` of the connection that assigned it.
+    pub epoch: String,
+}
 
 /// Most bytes of one job's log kept for resending after a reconnect; older
 /// output is dropped first (a very chatty job that outlives a long outage
@@ -109,8 +131,14 @@ pub enum Action {
     Send(Envelope),
     /// Close the connection (the core has logged why).
     Disconnect,
-    /// Start running this job; its events come back as [`Event::Job`].
-    Start(Assign),
+    /// Start running this job; its events come back as [`Event::Job`]. Its
+    /// result goes into the outbox stamped with `epoch`.
+    Start {
+        /// The job.
+        assign: Assign,
+        /// The store epoch it was assigned under.
+        epoch: String,
+    },
     /// Stop this running job, reporting `reason`.
     Cancel {
         /// The job.
@@ -121,9 +149,14 @@ pub enum Action {
         reason: String,
     },
     /// A result for a job that never ran (refused, or cancelled before it
-    /// started): store it in the outbox, then report it as
-    /// [`JobEvent::Finished`] like any other.
-    Store(JobFinished),
+    /// started): store it in the outbox stamped with `epoch`, then report
+    /// it as [`JobEvent::Finished`] like any other.
+    Store {
+        /// The result.
+        result: JobFinished,
+        /// The store epoch its lease was assigned under.
+        epoch: String,
+    },
     /// The dispatcher acknowledged this result: delete it from the outbox.
     Forget {
         /// The job.
@@ -165,10 +198,12 @@ struct PendingResend {
     started: bool,
 }
 
-/// A running job: whether the dispatcher has been told it started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A running job: whether the dispatcher has been told it started, and
+/// the commit it builds.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Running {
     started_sent: bool,
+    commit: String,
 }
 
 /// The connection, as far as the core knows.
@@ -220,10 +255,18 @@ pub struct RunnerCore {
     /// Results of jobs that never ran, on their way into the outbox.
     storing: BTreeSet<LeaseKey>,
     /// Results in the outbox, waiting for `ResultAck`.
-    results: BTreeMap<LeaseKey, JobFinished>,
+    results: BTreeMap<LeaseKey, Stamped>,
     retained: BTreeMap<LeaseKey, Retained>,
     /// `Resend` requests waiting for their time, on this connection.
     resends: BTreeMap<LeaseKey, PendingResend>,
+    /// The store epoch the leases held belong to (a result in `results`
+    /// may say otherwise until the next `Welcome` drops it); empty while
+    /// unknown.
+    epoch: String,
+    /// Jobs of another epoch (or another commit) being killed, or results
+    /// of such being stored: their end is forgotten, never reported. They
+    /// still take their slot until they end.
+    abandoned: BTreeSet<LeaseKey>,
     actions: VecDeque<Action>,
 }
 
@@ -231,11 +274,19 @@ impl RunnerCore {
     /// A core for the runner `config` describes, whose unacknowledged
     /// results are `pending` (from the outbox at start-up); it dials at
     /// once.
-    pub fn new(config: &Config, backoff: Backoff, pending: Vec<JobFinished>, now: Instant) -> Self {
+    pub fn new(config: &Config, backoff: Backoff, pending: Vec<Stamped>, now: Instant) -> Self {
         let mut hello = Hello::new(Role::Runner, config.name.clone());
         hello.slots = config.slots;
         hello.labels = config.labels.clone();
         hello.repos = config.repos.clone();
+        // Normally one epoch; after a crash mid-drop, older ones too: the
+        // newest result's is the one the leases are listed under.
+        let epoch = pending
+            .iter()
+            .rev()
+            .find(|p| !p.epoch.is_empty())
+            .map(|p| p.epoch.clone())
+            .unwrap_or_default();
         let mut core = RunnerCore {
             hello,
             token: config.token.clone(),
@@ -248,10 +299,12 @@ impl RunnerCore {
             storing: BTreeSet::new(),
             results: pending
                 .into_iter()
-                .map(|r| ((r.job_id, r.attempt), r))
+                .map(|p| ((p.result.job_id, p.result.attempt), p))
                 .collect(),
             retained: BTreeMap::new(),
             resends: BTreeMap::new(),
+            epoch,
+            abandoned: BTreeSet::new(),
             actions: VecDeque::new(),
         };
         core.advance(now);
@@ -320,19 +373,30 @@ impl RunnerCore {
             || self.queued.iter().any(|a| (a.job_id, a.attempt) == key)
     }
 
-    /// Every lease held, sorted: what a `Hello` lists.
+    /// Every lease held under the core's epoch, sorted: what a `Hello`
+    /// lists.
     fn leases(&self) -> Vec<LeaseKey> {
         let mut leases: Vec<LeaseKey> = self
             .running
             .keys()
             .chain(self.storing.iter())
-            .chain(self.results.keys())
+            .chain(
+                self.results
+                    .iter()
+                    .filter(|(_, p)| p.epoch.is_empty() || p.epoch == self.epoch)
+                    .map(|(key, _)| key),
+            )
             .copied()
             .chain(self.queued.iter().map(|a| (a.job_id, a.attempt)))
             .collect();
         leases.sort_unstable();
         leases.dedup();
         leases
+    }
+
+    /// The store epoch the held leases belong to; empty while unknown.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Leases whose results wait for their `ResultAck`.
@@ -354,6 +418,14 @@ impl RunnerCore {
             self.running.len(),
             self.hello.slots
         );
+        for (key, held) in &self.results {
+            if self.is_connected() && !self.epoch.is_empty() {
+                assert_eq!(
+                    held.epoch, self.epoch,
+                    "result {key:?} of another epoch kept"
+                );
+            }
+        }
         let mut seen = BTreeSet::new();
         let all = self
             .running
@@ -381,6 +453,9 @@ impl RunnerCore {
             .into_iter()
             .map(|(job_id, attempt)| Lease { job_id, attempt })
             .collect();
+        if !hello.leases.is_empty() {
+            hello.epoch.clone_from(&self.epoch);
+        }
         hello
     }
 
@@ -411,7 +486,85 @@ impl RunnerCore {
             silence_limit,
             last_heard: now,
         };
+        // An empty epoch is a dispatcher that predates epochs (or a
+        // standby): nothing can be checked against it.
+        if !welcome.epoch.is_empty() {
+            self.enter_epoch(&welcome.epoch);
+        }
         self.resend();
+    }
+
+    /// Welcomed under `epoch`: everything held from another epoch is
+    /// dropped (see the module documentation). Results from before epochs
+    /// are kept and take this one: nothing tells where they came from, and
+    /// their commit check is the dispatcher's.
+    fn enter_epoch(&mut self, epoch: &str) {
+        if !self.epoch.is_empty() && self.epoch != epoch {
+            let old = std::mem::take(&mut self.epoch);
+            tracing::warn!(
+                old_epoch = %old,
+                epoch,
+                "the dispatcher's store epoch changed (restored from a backup, or replaced): \
+                 dropping every lease and result of the old epoch"
+            );
+            for assign in std::mem::take(&mut self.queued) {
+                self.drop_lease((assign.job_id, assign.attempt), "not started", &old, epoch);
+            }
+            for key in self.running.keys().copied().collect::<Vec<_>>() {
+                self.abandon(key, "running; killed", &old, epoch);
+            }
+            for key in std::mem::take(&mut self.storing) {
+                self.abandoned.insert(key);
+                self.drop_lease(key, "its result being stored", &old, epoch);
+            }
+        }
+        let foreign: Vec<(LeaseKey, String)> = self
+            .results
+            .iter()
+            .filter(|(_, p)| !p.epoch.is_empty() && p.epoch != epoch)
+            .map(|(key, p)| (*key, p.epoch.clone()))
+            .collect();
+        for (key, old) in foreign {
+            self.results.remove(&key);
+            self.drop_lease(key, "its result unacknowledged", &old, epoch);
+            self.actions.push_back(Action::Forget {
+                job_id: key.0,
+                attempt: key.1,
+            });
+        }
+        for held in self.results.values_mut() {
+            if held.epoch.is_empty() {
+                held.epoch = epoch.to_owned();
+            }
+        }
+        self.epoch = epoch.to_owned();
+    }
+
+    /// Logs a lease given up because it belongs to another epoch (or, with
+    /// the same epoch, another commit) and forgets its retained log.
+    fn drop_lease(&mut self, key: LeaseKey, what: &str, old: &str, epoch: &str) {
+        tracing::warn!(
+            job = key.0,
+            attempt = key.1,
+            lease_epoch = %old,
+            epoch,
+            "dropped a lease the dispatcher's store no longer knows ({what}): its job id may name another commit now"
+        );
+        self.retained.remove(&key);
+        // A resend the dispatcher asked for belongs to the dropped lease.
+        self.resends.remove(&key);
+    }
+
+    /// Kills a running job whose lease is dropped; its end is not reported.
+    fn abandon(&mut self, key: LeaseKey, what: &str, old: &str, epoch: &str) {
+        self.running.remove(&key);
+        self.abandoned.insert(key);
+        self.drop_lease(key, what, old, epoch);
+        self.actions.push_back(Action::Cancel {
+            job_id: key.0,
+            attempt: key.1,
+            reason: "its lease belongs to another life of the dispatcher's store".into(),
+        });
     }
 
     /// After a handshake: what the dispatcher may have missed. Logs are
@@ -440,7 +593,11 @@ impl RunnerCore {
             }
             frames.extend(retained.chunks.iter().cloned().map(Envelope::from));
         }
-        frames.extend(self.results.values().cloned().map(Envelope::from));
+        frames.extend(
+            self.results
+                .values()
+                .map(|p| Envelope::from(p.result.clone())),
+        );
         for frame in frames {
             self.send(frame);
         }
@@ -545,8 +702,20 @@ impl RunnerCore {
             tracing::info_span!("job", job = key.0, attempt = key.1, commit = %assign.commit);
         let _entered = span.enter();
         if self.holds(key) {
-            tracing::info!("assignment of a job already held: not run again");
-            return;
+            match self.held_commit(key) {
+                Some(held) if !held.is_empty() && held != assign.commit => {
+                    // The same epoch handed this (job, attempt) out for
+                    // another commit: the store was restored without the
+                    // restore step. The held one is not this job.
+                    tracing::warn!(held_commit = %held, "assignment of a held lease for another commit: the store lost the one held");
+                    let epoch = self.epoch.clone();
+                    self.drop_held(key, &epoch);
+                }
+                _ => {
+                    tracing::info!("assignment of a job already held: not run again");
+                    return;
+                }
+            }
         }
         if !self.hello.repos.contains(&assign.repo) {
             tracing::warn!(repo = %assign.repo, "refused: repository not in this runner's REPO list");
@@ -556,7 +725,9 @@ impl RunnerCore {
                 assign.repo,
                 self.hello.repos.join(", ")
             );
-            self.store(job::error_result(key.0, key.1, message));
+            let mut refused = job::error_result(key.0, key.1, message);
+            refused.commit = assign.commit;
+            self.store(refused);
             return;
         }
         if self.phase != Phase::Serving {
@@ -575,18 +746,20 @@ impl RunnerCore {
                 attempt: key.1,
                 reason: "cancelled by the dispatcher".into(),
             });
-        } else if let Some(pos) = self
+        } else if let Some(assign) = self
             .queued
             .iter()
             .position(|a| (a.job_id, a.attempt) == key)
+            .and_then(|pos| self.queued.remove(pos))
         {
-            self.queued.remove(pos);
             self.store(JobFinished {
                 job_id: key.0,
                 attempt: key.1,
                 status: JobStatus::Cancelled as i32,
                 message: "cancelled by the dispatcher before it started".into(),
                 tasks: vec![],
+                infrastructure: false,
+                commit: assign.commit,
             });
         } else {
             // Finished already (its result is resent until acked) or
@@ -657,7 +830,7 @@ impl RunnerCore {
                 }
             }
             if resend.result
-                && let Some(result) = self.results.get(&key).cloned()
+                && let Some(result) = self.results.get(&key).map(|p| p.result.clone())
             {
                 self.send(result);
             }
@@ -705,12 +878,14 @@ impl RunnerCore {
     }
 
     fn on_ack(&mut self, key: LeaseKey, accepted: bool, message: &str) {
-        self.retained.remove(&key);
-        self.resends.remove(&key);
         if self.results.remove(&key).is_none() {
+            // Perhaps of a dropped result whose (job, attempt) runs again
+            // for another commit: that run's log stays retained.
             tracing::debug!(job = key.0, attempt = key.1, "ack for a result not held");
             return;
         }
+        self.retained.remove(&key);
+        self.resends.remove(&key);
         if accepted {
             tracing::info!(
                 job = key.0,
@@ -734,7 +909,45 @@ impl RunnerCore {
     /// A result for a job that never ran: through the outbox like any other.
     fn store(&mut self, result: JobFinished) {
         self.storing.insert((result.job_id, result.attempt));
-        self.actions.push_back(Action::Store(result));
+        self.actions.push_back(Action::Store {
+            result,
+            epoch: self.epoch.clone(),
+        });
+    }
+
+    /// The commit a held lease builds, if the core knows it.
+    fn held_commit(&self, key: LeaseKey) -> Option<&str> {
+        if let Some(running) = self.running.get(&key) {
+            return Some(&running.commit);
+        }
+        if let Some(held) = self.results.get(&key) {
+            return Some(&held.result.commit);
+        }
+        self.queued
+            .iter()
+            .find(|a| (a.job_id, a.attempt) == key)
+            .map(|a| a.commit.as_str())
+    }
+
+    /// Gives up a held lease that is not the dispatcher's any more, in
+    /// whatever state it is.
+    fn drop_held(&mut self, key: LeaseKey, epoch: &str) {
+        let old = self.epoch.clone();
+        if self.running.contains_key(&key) {
+            self.abandon(key, "running; killed", &old, epoch);
+        } else if self.storing.remove(&key) {
+            self.abandoned.insert(key);
+            self.drop_lease(key, "its result being stored", &old, epoch);
+        } else if self.results.remove(&key).is_some() {
+            self.drop_lease(key, "its result unacknowledged", &old, epoch);
+            self.actions.push_back(Action::Forget {
+                job_id: key.0,
+                attempt: key.1,
+            });
+        } else {
+            self.queued.retain(|a| (a.job_id, a.attempt) != key);
+            self.drop_lease(key, "not started", &old, epoch);
+        }
     }
 
     fn on_job_event(&mut self, event: JobEvent) {
@@ -755,11 +968,31 @@ impl RunnerCore {
             }
             JobEvent::Finished(result) => {
                 let key = (result.job_id, result.attempt);
+                if self.abandoned.remove(&key) {
+                    // Killed because its lease was dropped: the result is
+                    // another store life's, and leaves the outbox unsent.
+                    tracing::info!(
+                        job = key.0,
+                        attempt = key.1,
+                        "a dropped lease's job ended; its result is discarded"
+                    );
+                    self.actions.push_back(Action::Forget {
+                        job_id: key.0,
+                        attempt: key.1,
+                    });
+                    return;
+                }
                 self.running.remove(&key);
                 self.storing.remove(&key);
                 // Even a lease the core did not know: the result is in the
                 // outbox, and losing it is the one thing not allowed.
-                self.results.insert(key, result.clone());
+                self.results.insert(
+                    key,
+                    Stamped {
+                        result: result.clone(),
+                        epoch: self.epoch.clone(),
+                    },
+                );
                 self.send(result);
             }
         }
@@ -850,8 +1083,20 @@ impl RunnerCore {
     }
 
     fn start_queued(&mut self) {
-        while self.phase == Phase::Serving && self.running.len() < self.hello.slots as usize {
-            let Some(assign) = self.queued.pop_front() else {
+        // A dropped job still being killed keeps its slot, and a new
+        // assignment of its (job, attempt) waits until it has ended (they
+        // would share a work directory and an outbox file).
+        while self.phase == Phase::Serving
+            && self.running.len() + self.abandoned.len() < self.hello.slots as usize
+        {
+            let Some(pos) = self
+                .queued
+                .iter()
+                .position(|a| !self.abandoned.contains(&(a.job_id, a.attempt)))
+            else {
+                return;
+            };
+            let Some(assign) = self.queued.remove(pos) else {
                 return;
             };
             let key = (assign.job_id, assign.attempt);
@@ -859,16 +1104,22 @@ impl RunnerCore {
                 key,
                 Running {
                     started_sent: false,
+                    commit: assign.commit.clone(),
                 },
             );
-            self.actions.push_back(Action::Start(assign));
+            self.actions.push_back(Action::Start {
+                assign,
+                epoch: self.epoch.clone(),
+            });
         }
     }
 
     fn advance_shutdown(&mut self, now: Instant) {
         match self.phase {
             Phase::Draining { immediate, .. }
-                if self.running.is_empty() && self.storing.is_empty() =>
+                if self.running.is_empty()
+                    && self.storing.is_empty()
+                    && self.abandoned.is_empty() =>
             {
                 if self.results.is_empty() {
                     return self.finish();

@@ -36,15 +36,18 @@ pub struct JobContext {
 }
 
 /// Runs `assign` to the end and delivers its result as
-/// [`JobEvent::Finished`] after storing it in the outbox. A panic inside
-/// the job still produces an `error` result.
+/// [`JobEvent::Finished`] after storing it in the outbox, stamped with the
+/// store `epoch` it was assigned under. A panic inside the job still
+/// produces an `error` result. Every result names the commit it built.
 pub async fn run(
     ctx: Arc<JobContext>,
     assign: Assign,
+    epoch: String,
     cancel: CancelSignal,
     events: mpsc::Sender<JobEvent>,
 ) {
     let (job_id, attempt) = (assign.job_id, assign.attempt);
+    let commit = assign.commit.clone();
     let inner = {
         let ctx = ctx.clone();
         let events = events.clone();
@@ -59,7 +62,7 @@ pub async fn run(
             .in_current_span(),
         )
     };
-    let (result, log) = match inner.await {
+    let (mut result, log) = match inner.await {
         Ok((result, log)) => (result, log),
         Err(e) => {
             let what = if e.is_panic() {
@@ -72,16 +75,18 @@ pub async fn run(
             (result, JobLog::new(job_id, attempt, events))
         }
     };
-    deliver(&ctx.outbox, result, &log).await;
+    result.commit = commit;
+    deliver(&ctx.outbox, result, &epoch, &log).await;
 }
 
 /// Stores `result` in the outbox and then passes it on; used for jobs that
 /// never ran too (a refused repository).
-pub async fn deliver(outbox: &Outbox, result: JobFinished, log: &JobLog) {
+pub async fn deliver(outbox: &Outbox, result: JobFinished, epoch: &str, log: &JobLog) {
     let stored = {
         let outbox = outbox.clone();
         let result = result.clone();
-        tokio::task::spawn_blocking(move || outbox.store(&result)).await
+        let epoch = epoch.to_owned();
+        tokio::task::spawn_blocking(move || outbox.store(&result, &epoch)).await
     };
     match stored {
         Ok(Ok(())) => {}
@@ -106,6 +111,30 @@ pub fn error_result(job_id: u64, attempt: u32, message: String) -> JobFinished {
         status: JobStatus::Error as i32,
         message,
         tasks: vec![],
+        infrastructure: false,
+        commit: String::new(),
+    }
+}
+
+/// A result with no tasks, marked `infrastructure`: the job could not be
+/// run because of this runner or the network (see
+/// [`WorkspaceError::is_infrastructure`]), so the dispatcher may run it
+/// elsewhere rather than record the error.
+pub fn infrastructure_result(job_id: u64, attempt: u32, message: String) -> JobFinished {
+    JobFinished {
+        infrastructure: true,
+        ..error_result(job_id, attempt, message)
+    }
+}
+
+/// The result of a failed checkout: infrastructure or the job's own error,
+/// by [`WorkspaceError::is_infrastructure`].
+pub fn checkout_failed(job_id: u64, attempt: u32, error: &WorkspaceError) -> JobFinished {
+    let message = error.to_string();
+    if error.is_infrastructure() {
+        infrastructure_result(job_id, attempt, message)
+    } else {
+        error_result(job_id, attempt, message)
     }
 }
 
@@ -143,13 +172,16 @@ async fn checkout(
     .await
 }
 
-async fn checkout_and_run(
+/// Checks the commit out into `dir`, saying so in the SYSTEM log; `Err` is
+/// the job's result when it cannot go on (cancelled, or the checkout
+/// failed).
+async fn check_out(
     ctx: &JobContext,
     assign: &Assign,
     cancel: &CancelSignal,
     log: &mut JobLog,
     dir: &std::path::Path,
-) -> JobFinished {
+) -> Result<(), JobFinished> {
     let (job_id, attempt) = (assign.job_id, assign.attempt);
     // A directory of the same attempt can only be a leftover.
     remove_dir(dir.to_owned()).await;
@@ -167,22 +199,41 @@ async fn checkout_and_run(
             interrupt.store(true, Ordering::Relaxed);
         })
     };
-    let checkout = checkout(ctx, assign, dir, interrupt).await;
+    let checkout = checkout(ctx, assign, dir, interrupt);
+    // A fetch blocked on a silent server does not look at `interrupt`
+    // until its read times out (minutes): a cancel waits one kill grace
+    // for it, then leaves the blocking thread to its transport timeout
+    // (it writes nothing once interrupted) and ends the job.
+    let grace = ctx.exec.kill_grace;
+    let checkout = tokio::select! {
+        done = checkout => Some(done),
+        () = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => None,
+    };
     watcher.abort();
-    if cancel.is_cancelled() {
-        log.system(
-            0,
-            &format!("cancelled during checkout: {}", cancel.reason()),
-        )
-        .await;
-        return JobFinished {
-            job_id,
-            attempt,
-            status: JobStatus::Cancelled as i32,
-            message: cancel.reason(),
-            tasks: vec![],
-        };
-    }
+    let checkout = match checkout {
+        Some(done) if !cancel.is_cancelled() => done,
+        abandoned => {
+            let left = if abandoned.is_none() {
+                format!(" (the fetch did not stop within {grace:?}; left to its transport timeout)")
+            } else {
+                String::new()
+            };
+            log.system(
+                0,
+                &format!("cancelled during checkout: {}{left}", cancel.reason()),
+            )
+            .await;
+            return Err(JobFinished {
+                job_id,
+                attempt,
+                status: JobStatus::Cancelled as i32,
+                message: cancel.reason(),
+                tasks: vec![],
+                infrastructure: false,
+                commit: assign.commit.clone(),
+            });
+        }
+    };
     match checkout {
         Ok(Ok(info)) => {
             let fetched = if info.fetched {
@@ -194,15 +245,34 @@ async fn checkout_and_run(
                 .await;
         }
         Ok(Err(e)) => {
-            let message = e.to_string();
-            log.system(0, &format!("checkout failed: {message}")).await;
-            return error_result(job_id, attempt, message);
+            let result = checkout_failed(job_id, attempt, &e);
+            let kind = if result.infrastructure {
+                " (infrastructure: the job may run again elsewhere)"
+            } else {
+                ""
+            };
+            log.system(0, &format!("checkout failed{kind}: {e}")).await;
+            return Err(result);
         }
         Err(e) => {
             let message = format!("checkout failed: the checkout task ended: {e}");
             log.system(0, &message).await;
-            return error_result(job_id, attempt, message);
+            return Err(error_result(job_id, attempt, message));
         }
+    }
+    Ok(())
+}
+
+async fn checkout_and_run(
+    ctx: &JobContext,
+    assign: &Assign,
+    cancel: &CancelSignal,
+    log: &mut JobLog,
+    dir: &std::path::Path,
+) -> JobFinished {
+    let (job_id, attempt) = (assign.job_id, assign.attempt);
+    if let Err(result) = check_out(ctx, assign, cancel, log, dir).await {
+        return result;
     }
     let loaded = {
         let dir = dir.to_owned();
@@ -242,6 +312,8 @@ async fn checkout_and_run(
         status: outcome.status as i32,
         message: outcome.message,
         tasks: outcome.tasks,
+        infrastructure: false,
+        commit: assign.commit.clone(),
     }
 }
 
@@ -284,10 +356,35 @@ async fn remove_dir(dir: PathBuf) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_checkout_is_marked_infrastructure_only_for_the_runners_faults() {
+        let unreachable = WorkspaceError::Unreachable {
+            repo: "https://git.example/app.git".into(),
+            reason: "connection refused".into(),
+        };
+        let result = checkout_failed(7, 2, &unreachable);
+        assert!(result.infrastructure);
+        assert_eq!(result.status(), JobStatus::Error);
+        assert_eq!(result.message, unreachable.to_string());
+        assert!(result.tasks.is_empty());
+        let missing = WorkspaceError::CommitMissing {
+            repo: "https://git.example/app.git".into(),
+            commit: "0".repeat(40),
+        };
+        let result = checkout_failed(7, 2, &missing);
+        assert!(
+            !result.infrastructure,
+            "a missing commit is the job's problem"
+        );
+        assert_eq!(result.status(), JobStatus::Error);
+    }
+
     #[test]
     fn a_pipeline_needing_a_label_the_runner_lacks_is_refused() {
         let have = ["linux".to_owned(), "x86_64".to_owned()];
-        assert_eq!(super::labels_present(&["linux".into()], &have), Ok(()));
+        assert_eq!(labels_present(&["linux".into()], &have), Ok(()));
         assert_eq!(super::labels_present(&[], &[]), Ok(()));
         let e = super::labels_present(&["gpu".into(), "linux".into()], &have).unwrap_err();
         assert!(e.starts_with(".surveil.toml: `labels` asks for gpu, which this runner does not have (its labels: linux, x86_64)"), "{e}");

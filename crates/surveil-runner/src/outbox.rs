@@ -3,7 +3,12 @@
 //! connection or a runner restart.
 //!
 //! One file per attempt, `WORK_DIR/outbox/<job>-<attempt>.pb`, holding the
-//! protobuf-encoded `JobFinished`. A file is written atomically (temporary
+//! protobuf-encoded `JobFinished` followed by the store epoch it was
+//! assigned under, as field 1000 (a string) of the same message: a
+//! protobuf decoder skips a field it does not know, so the file still reads
+//! as the plain `JobFinished` it was before epochs (and an older runner
+//! reads a newer file), and a file from before epochs reads with an empty
+//! epoch. A file is written atomically (temporary
 //! file, fsync, rename, fsync of the directory) *before* the result is
 //! sent, and deleted only after a `ResultAck`. This module does file I/O
 //! only (blocking; callers use `spawn_blocking`) and never talks to the
@@ -15,6 +20,16 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 use surveil_proto::JobFinished;
+
+use crate::core::Stamped;
+
+/// The epoch's field after the `JobFinished` fields, far from any number
+/// the protocol may give `JobFinished` (the file is this runner's own).
+#[derive(Clone, PartialEq, prost::Message)]
+struct EpochStamp {
+    #[prost(string, tag = "1000")]
+    epoch: String,
+}
 
 /// The results waiting for a `ResultAck`.
 #[derive(Debug, Clone)]
@@ -43,13 +58,20 @@ impl Outbox {
         self.dir.join(format!("{job_id}-{attempt}.pb"))
     }
 
-    /// Writes `result` durably, replacing an earlier one of the same attempt.
-    pub fn store(&self, result: &JobFinished) -> io::Result<()> {
+    /// Writes `result`, stamped with the store `epoch` its lease was
+    /// assigned under, durably, replacing an earlier one of the same attempt.
+    pub fn store(&self, result: &JobFinished, epoch: &str) -> io::Result<()> {
         let path = self.path(result.job_id, result.attempt);
         let tmp = path.with_extension("tmp");
         {
             let mut file = surveil_common::private::create_file(&tmp)?;
-            file.write_all(&result.encode_to_vec())?;
+            let mut bytes = result.encode_to_vec();
+            EpochStamp {
+                epoch: epoch.to_owned(),
+            }
+            .encode(&mut bytes)
+            .map_err(io::Error::other)?;
+            file.write_all(&bytes)?;
             file.sync_all()?;
         }
         fs::rename(&tmp, &path)?;
@@ -68,7 +90,7 @@ impl Outbox {
     /// Every stored result, oldest job first. A file that does not decode
     /// (disk damage, a foreign file) is renamed to `*.corrupt` and skipped
     /// with a warning: it must not block the others.
-    pub fn load_all(&self) -> io::Result<Vec<JobFinished>> {
+    pub fn load_all(&self) -> io::Result<Vec<Stamped>> {
         let mut results = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
@@ -76,9 +98,11 @@ impl Outbox {
                 continue;
             }
             let bytes = fs::read(&path)?;
-            match JobFinished::decode(bytes.as_slice()) {
-                Ok(result) if path == self.path(result.job_id, result.attempt) => {
-                    results.push(result);
+            let decoded = JobFinished::decode(bytes.as_slice())
+                .and_then(|result| Ok((result, EpochStamp::decode(bytes.as_slice())?.epoch)));
+            match decoded {
+                Ok((result, epoch)) if path == self.path(result.job_id, result.attempt) => {
+                    results.push(Stamped { result, epoch });
                 }
                 outcome => {
                     tracing::warn!(
@@ -90,7 +114,7 @@ impl Outbox {
                 }
             }
         }
-        results.sort_by_key(|r| (r.job_id, r.attempt));
+        results.sort_by_key(|r| (r.result.job_id, r.result.attempt));
         Ok(results)
     }
 }
@@ -107,6 +131,15 @@ mod tests {
             status: JobStatus::Passed as i32,
             message: String::new(),
             tasks: vec![],
+            infrastructure: false,
+            commit: format!("{job_id:040x}"),
+        }
+    }
+
+    fn stamped(job_id: u64, attempt: u32, epoch: &str) -> Stamped {
+        Stamped {
+            result: result(job_id, attempt),
+            epoch: epoch.to_owned(),
         }
     }
 
@@ -114,8 +147,8 @@ mod tests {
     fn stored_results_survive_reopening_until_removed() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path()).unwrap();
-        outbox.store(&result(9, 1)).unwrap();
-        outbox.store(&result(3, 2)).unwrap();
+        outbox.store(&result(9, 1), "e1").unwrap();
+        outbox.store(&result(3, 2), "e2").unwrap();
         std::fs::write(dir.path().join("4-1.tmp"), b"half").unwrap();
 
         let reopened = Outbox::open(dir.path()).unwrap();
@@ -123,19 +156,42 @@ mod tests {
             !dir.path().join("4-1.tmp").exists(),
             "unfinished writes are dropped"
         );
-        assert_eq!(reopened.load_all().unwrap(), [result(3, 2), result(9, 1)]);
+        assert_eq!(
+            reopened.load_all().unwrap(),
+            [stamped(3, 2, "e2"), stamped(9, 1, "e1")]
+        );
         reopened.remove(3, 2).unwrap();
         reopened.remove(3, 2).unwrap();
-        assert_eq!(reopened.load_all().unwrap(), [result(9, 1)]);
+        assert_eq!(reopened.load_all().unwrap(), [stamped(9, 1, "e1")]);
     }
 
     #[test]
     fn a_damaged_file_is_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path()).unwrap();
-        outbox.store(&result(1, 1)).unwrap();
+        outbox.store(&result(1, 1), "e").unwrap();
         std::fs::write(dir.path().join("2-1.pb"), b"\xff\xff\xff").unwrap();
-        assert_eq!(outbox.load_all().unwrap(), [result(1, 1)]);
+        assert_eq!(outbox.load_all().unwrap(), [stamped(1, 1, "e")]);
         assert!(dir.path().join("2-1.corrupt").exists());
+    }
+
+    /// A file written before epochs (the bare `JobFinished`) reads with an
+    /// empty epoch, and a stamped file still reads as the bare result, so
+    /// an older runner keeps working on it.
+    #[test]
+    fn the_epoch_stamp_is_compatible_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("5-1.pb"), result(5, 1).encode_to_vec()).unwrap();
+        outbox.store(&result(6, 1), "ab12").unwrap();
+        assert_eq!(
+            outbox.load_all().unwrap(),
+            [stamped(5, 1, ""), stamped(6, 1, "ab12")]
+        );
+        let stamped_bytes = std::fs::read(dir.path().join("6-1.pb")).unwrap();
+        assert_eq!(
+            JobFinished::decode(stamped_bytes.as_slice()).unwrap(),
+            result(6, 1)
+        );
     }
 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::Config;
-use crate::core::{Action, Event, LeaseKey, RunnerCore, Stop};
+use crate::core::{Action, Event, LeaseKey, RunnerCore, Stamped, Stop};
 use crate::executor::CancelSignal;
 use crate::job::{self, JobContext};
 use crate::joblog::{JobEvent, JobLog};
@@ -66,7 +66,7 @@ fn now() -> std::time::Instant {
 impl Session {
     /// A session of the runner `config` describes, whose unacknowledged
     /// results are `pending` (from the outbox at start-up).
-    pub fn new(config: &Config, ctx: Arc<JobContext>, pending: Vec<JobFinished>) -> Self {
+    pub fn new(config: &Config, ctx: Arc<JobContext>, pending: Vec<Stamped>) -> Self {
         let (events_tx, events_rx) = mpsc::channel(256);
         let backoff = Backoff::new(BACKOFF_START, config.reconnect_max);
         Session {
@@ -145,7 +145,7 @@ impl Session {
                 Action::Dial(hello) => self.dialing = Some(self.dial(hello)),
                 Action::Send(frame) => self.send(frame).await,
                 Action::Disconnect => self.link = None,
-                Action::Start(assign) => self.start(assign),
+                Action::Start { assign, epoch } => self.start(assign, epoch),
                 Action::Cancel {
                     job_id,
                     attempt,
@@ -155,7 +155,7 @@ impl Session {
                         cancel.cancel(reason);
                     }
                 }
-                Action::Store(result) => self.store(result),
+                Action::Store { result, epoch } => self.store(result, epoch),
                 Action::Forget { job_id, attempt } => {
                     let outbox = self.ctx.outbox.clone();
                     tokio::task::spawn_blocking(move || {
@@ -196,7 +196,7 @@ impl Session {
             .handle(Event::Disconnected { reason, unsent }, now());
     }
 
-    fn start(&mut self, assign: Assign) {
+    fn start(&mut self, assign: Assign, epoch: String) {
         let key = (assign.job_id, assign.attempt);
         let cancel = CancelSignal::new();
         self.cancels.insert(key, cancel.clone());
@@ -204,16 +204,25 @@ impl Session {
             tracing::info_span!("job", job = key.0, attempt = key.1, commit = %assign.commit);
         tracing::info!(parent: &span, repo = %assign.repo, "job starts");
         tokio::spawn(
-            job::run(self.ctx.clone(), assign, cancel, self.events_tx.clone()).instrument(span),
+            job::run(
+                self.ctx.clone(),
+                assign,
+                epoch,
+                cancel,
+                self.events_tx.clone(),
+            )
+            .instrument(span),
         );
     }
 
     /// A result for a job that never ran: through the outbox like any other.
-    fn store(&self, result: JobFinished) {
+    fn store(&self, result: JobFinished, epoch: String) {
         let ctx = self.ctx.clone();
         let log = JobLog::new(result.job_id, result.attempt, self.events_tx.clone());
         let span = tracing::info_span!("job", job = result.job_id, attempt = result.attempt);
-        tokio::spawn(async move { job::deliver(&ctx.outbox, result, &log).await }.instrument(span));
+        tokio::spawn(
+            async move { job::deliver(&ctx.outbox, result, &epoch, &log).await }.instrument(span),
+        );
     }
 }
 

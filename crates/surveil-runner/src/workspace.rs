@@ -63,6 +63,50 @@ pub enum WorkspaceError {
         /// What went wrong.
         reason: String,
     },
+    /// The commit's paths collide on this runner's file system (names that
+    /// differ only in case, on a case-insensitive one).
+    #[error("checkout of {commit} from {repo} failed: {reason}")]
+    Collision {
+        /// The repository.
+        repo: String,
+        /// The commit.
+        commit: String,
+        /// Which paths.
+        reason: String,
+    },
+    /// The job was cancelled while its checkout ran.
+    #[error("checkout of {commit} from {repo} was interrupted")]
+    Interrupted {
+        /// The repository.
+        repo: String,
+        /// The commit.
+        commit: String,
+    },
+}
+
+impl WorkspaceError {
+    /// Whether the failure is the runner's or the network's fault rather
+    /// than the job's, so that another runner (or this one later) may well
+    /// succeed: the repository could not be fetched (unreachable, refused,
+    /// a transport timeout, credentials this runner lacks), or the mirror
+    /// or job directory could not be made or written (a full or read-only
+    /// work dir, a damaged mirror).
+    ///
+    /// Never infrastructure: what the commit itself decides, which every
+    /// runner would meet alike: a commit id that is not one, a commit the
+    /// freshly fetched repository does not have (force-pushed away, never
+    /// pushed: the fetch *worked*), an object that is not a commit, and
+    /// paths that collide on the file system. Nor a cancel.
+    pub fn is_infrastructure(&self) -> bool {
+        match self {
+            WorkspaceError::Unreachable { .. } | WorkspaceError::Checkout { .. } => true,
+            WorkspaceError::BadCommitId { .. }
+            | WorkspaceError::CommitMissing { .. }
+            | WorkspaceError::NotACommit { .. }
+            | WorkspaceError::Collision { .. }
+            | WorkspaceError::Interrupted { .. } => false,
+        }
+    }
 }
 
 /// The work directory's mirrors and job directories.
@@ -199,12 +243,27 @@ impl Workspace {
             .mirror(repo)
             .with_commit_at(id, git_ref, interrupt)
             .map_err(|e| match e {
+                // A fetch stopped by a cancel failed for no fault of anyone's.
+                _ if interrupt.load(std::sync::atomic::Ordering::Relaxed) => {
+                    WorkspaceError::Interrupted {
+                        repo: repo.to_owned(),
+                        commit: commit.to_owned(),
+                    }
+                }
                 MirrorError::Fetch { reason, .. } => WorkspaceError::Unreachable {
                     repo: repo.to_owned(),
                     reason,
                 },
                 other => failed(other.to_string()),
             })?;
+        // A job given up on during a slow fetch must not write a checkout
+        // afterwards into a directory its runner has already cleaned up.
+        if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(WorkspaceError::Interrupted {
+                repo: repo.to_owned(),
+                commit: commit.to_owned(),
+            });
+        }
         let object = mirror
             .find_object(id)
             .map_err(|_| WorkspaceError::CommitMissing {
@@ -256,11 +315,15 @@ impl Workspace {
             )));
         }
         if let Some(first) = outcome.collisions.first() {
-            return Err(failed(format!(
-                "{} path(s) collide on this file system, first {}",
-                outcome.collisions.len(),
-                first.path
-            )));
+            return Err(WorkspaceError::Collision {
+                repo: repo.to_owned(),
+                commit: commit.to_owned(),
+                reason: format!(
+                    "{} path(s) collide on this file system, first {}",
+                    outcome.collisions.len(),
+                    first.path
+                ),
+            });
         }
         Ok(CheckoutInfo {
             fetched,
@@ -426,6 +489,66 @@ mod tests {
             .checkout(repo, "main", &ws.job_dir(3, 1), &no)
             .unwrap_err();
         assert_eq!(err.to_string(), "`main` is not a full 40-hex commit id");
+    }
+
+    #[test]
+    fn only_the_runners_and_the_networks_faults_are_infrastructure() {
+        let src = tempfile::tempdir().unwrap();
+        let ids = three_commits(src.path());
+        let work = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(work.path()).unwrap();
+        let repo = src.path().to_str().unwrap();
+        let no = AtomicBool::new(false);
+
+        // The job's own problems: another runner would meet them too.
+        let missing = "0123456789abcdef0123456789abcdef01234567";
+        let err = ws
+            .checkout(repo, missing, &ws.job_dir(1, 1), &no)
+            .unwrap_err();
+        assert!(
+            !err.is_infrastructure(),
+            "a commit the repository lacks: {err}"
+        );
+        let err = ws
+            .checkout(repo, "HEAD", &ws.job_dir(2, 1), &no)
+            .unwrap_err();
+        assert!(!err.is_infrastructure(), "{err}");
+        let tree = git(src.path(), &["rev-parse", "HEAD^{tree}"]);
+        let err = ws
+            .checkout(repo, &tree, &ws.job_dir(3, 1), &no)
+            .unwrap_err();
+        assert!(matches!(err, WorkspaceError::NotACommit { .. }), "{err}");
+        assert!(!err.is_infrastructure(), "{err}");
+
+        // A repository this runner cannot reach.
+        let gone = work.path().join("no-such-repo");
+        let err = ws
+            .checkout(gone.to_str().unwrap(), &ids[0], &ws.job_dir(4, 1), &no)
+            .unwrap_err();
+        assert!(err.is_infrastructure(), "{err}");
+
+        // A work dir the runner cannot write in (as a full disk would be):
+        // `mirrors` is not a directory, so no mirror can be made.
+        let broken = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(broken.path()).unwrap();
+        std::fs::remove_dir(broken.path().join("mirrors")).unwrap();
+        std::fs::write(broken.path().join("mirrors"), b"not a directory").unwrap();
+        let err = ws
+            .checkout(repo, &ids[0], &ws.job_dir(5, 1), &no)
+            .unwrap_err();
+        assert!(matches!(err, WorkspaceError::Checkout { .. }), "{err}");
+        assert!(err.is_infrastructure(), "{err}");
+
+        // Interrupted (cancelled) before the checkout is written: nothing
+        // is written, and it is no one's fault.
+        let ws = Workspace::open(work.path()).unwrap();
+        let dest = ws.job_dir(6, 1);
+        let err = ws
+            .checkout(repo, &ids[0], &dest, &AtomicBool::new(true))
+            .unwrap_err();
+        assert!(matches!(err, WorkspaceError::Interrupted { .. }), "{err}");
+        assert!(!err.is_infrastructure());
+        assert!(!dest.exists(), "an interrupted checkout writes nothing");
     }
 
     #[test]

@@ -48,6 +48,7 @@ impl FakeDispatcher {
             heartbeat_interval_ms: 0,
             runner_timeout_ms: 5000,
             server_version: "fake".into(),
+            epoch: "fa".repeat(16),
         })
         .await
         .unwrap();
@@ -554,13 +555,18 @@ async fn results_left_by_an_earlier_run_are_resent_and_a_refused_one_is_dropped(
     let work = tempfile::tempdir().unwrap();
     let outbox = surveil_runner::outbox::Outbox::open(&work.path().join("outbox")).unwrap();
     outbox
-        .store(&JobFinished {
-            job_id: 11,
-            attempt: 2,
-            status: JobStatus::Passed as i32,
-            message: String::new(),
-            tasks: vec![],
-        })
+        .store(
+            &JobFinished {
+                job_id: 11,
+                attempt: 2,
+                status: JobStatus::Passed as i32,
+                message: String::new(),
+                tasks: vec![],
+                infrastructure: false,
+                commit: String::new(),
+            },
+            "",
+        )
         .unwrap();
     let fake = FakeDispatcher::bind().await;
     let runner = start(config(

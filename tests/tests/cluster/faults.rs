@@ -386,3 +386,53 @@ fn silent_partition_is_detected_by_the_timeout_and_the_stale_result_refused() {
     assert_eq!(job.runner.as_deref(), Some("r1"));
     assert_one_result(&mut s, id, 2, "passed");
 }
+
+#[test]
+fn a_runner_whose_connection_is_reset_keeps_its_job_by_reconnecting_within_the_grace() {
+    // A grace well above a runner's redial (50–100 ms), so a loaded machine
+    // cannot make the story flaky; the default is the benchmarks' matter.
+    let mut s = Scene::new(&[
+        "--heartbeat-interval",
+        HEARTBEAT,
+        "--runner-timeout",
+        "5s",
+        "--disconnect-grace",
+        "3s",
+    ])
+    .expect("starting the dispatcher");
+    let relay = Relay::start(s.addr.parse().unwrap()).unwrap();
+    s.add_runner("r1", &relay.addr().to_string()).unwrap();
+    s.wait_runners(&["r1"]).unwrap();
+    let gate = s.gate("job");
+    let commit = s.commit_gated("slow job", &gate).unwrap();
+    let [id] = s.submit(&[&commit]).unwrap()[..] else {
+        panic!("one job id expected")
+    };
+    let running = s.wait_running(id).unwrap();
+    assert_eq!(running.runner.as_deref(), Some("r1"));
+    // r2 is idle and builds the repository: were the reset to revoke the
+    // lease, the job would move to it at once.
+    s.add_runner("r2", &s.addr.clone()).unwrap();
+    s.wait_runners(&["r1", "r2"]).unwrap();
+
+    relay.reset();
+    wait_for("r1 to reconnect through the relay", STEP, POLL, || {
+        let back = relay.connections() >= 2
+            && s.probe
+                .runners()?
+                .iter()
+                .any(|r| r.name == "r1" && r.running == [id]);
+        Ok(back.then_some(()))
+    })
+    .unwrap();
+    let kept = s.probe.job(id).unwrap().unwrap();
+    assert_eq!(kept.attempt, 1, "kept, not moved: {}", describe(&kept));
+    assert_eq!(kept.runner.as_deref(), Some("r1"));
+
+    s.open(&gate).unwrap();
+    let done = s.wait_final(id).unwrap();
+    assert_eq!(status_of(&done), JobStatus::Passed, "{}", describe(&done));
+    assert_eq!(done.attempt, 1, "{}", describe(&done));
+    assert_eq!(s.probe.status().unwrap().reassignments, 0);
+    assert_one_result(&mut s, id, 1, "passed");
+}

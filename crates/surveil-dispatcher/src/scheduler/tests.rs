@@ -9,16 +9,23 @@ use proptest::prelude::*;
 use super::*;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+const GRACE: Duration = Duration::from_millis(200);
 const REPO: &str = "/srv/git/app";
 
 /// Long enough that only the tests about it reach it.
 const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 
+const QUARANTINE_AFTER: u32 = 3;
+const QUARANTINE_FOR: Duration = Duration::from_secs(300);
+
 fn sched(max_attempts: u32) -> Scheduler {
     Scheduler::new(SchedulerConfig {
         runner_timeout: TIMEOUT,
+        disconnect_grace: GRACE,
         max_attempts,
         job_timeout: JOB_TIMEOUT,
+        quarantine_after: QUARANTINE_AFTER,
+        quarantine_for: QUARANTINE_FOR,
     })
 }
 
@@ -566,6 +573,91 @@ fn cancel_queued_and_running() {
 }
 
 #[test]
+fn a_runner_whose_connection_broke_keeps_its_job_by_reconnecting_within_the_grace() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_runner_connected(sid(2), runner("b", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.schedule(t);
+    assert_eq!(assigns(&s.drain_effects()), vec![(1, 1, 1)]);
+
+    s.handle_runner_closed(sid(1), "connection reset by peer", t);
+    assert!(s.drain_effects().is_empty(), "nothing revoked at the reset");
+    assert_eq!(s.next_orphan_deadline(), Some(t + GRACE));
+    s.schedule(t);
+    assert!(
+        assigns(&s.drain_effects()).is_empty(),
+        "the job is not offered to b while a may come back"
+    );
+
+    let back = t + GRACE / 2;
+    let mut hello = runner("a", 1);
+    hello.leases = vec![(j(1), a(1))];
+    s.handle_runner_connected(sid(3), hello, back);
+    assert_eq!(s.next_orphan_deadline(), None, "claimed back");
+    s.handle_tick(t + GRACE * 2);
+    s.schedule(t + GRACE * 2);
+    assert!(s.drain_effects().is_empty(), "kept: no requeue, no cancel");
+    assert!(matches!(
+        s.handle_result(sid(3), j(1), a(1), FinalStatus::Passed, "", back),
+        ResultDecision::Accept { .. }
+    ));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_runner_that_does_not_reconnect_within_the_grace_has_its_job_moved() {
+    let t = Instant::now();
+    let mut s = sched(3);
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_runner_connected(sid(2), runner("b", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.schedule(t);
+    assert_eq!(assigns(&s.drain_effects()), vec![(1, 1, 1)]);
+
+    s.handle_runner_closed(sid(1), "connection closed by the peer", t);
+    s.handle_tick(t + GRACE - Duration::from_millis(1));
+    assert!(s.drain_effects().is_empty(), "still within the grace");
+    s.handle_tick(t + GRACE);
+    let effects = s.drain_effects();
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::Requeue { job: JobId(1), attempt: Attempt(1), reason }
+                if reason.contains("runner a did not come back within 200ms")
+        )),
+        "{effects:?}"
+    );
+    s.schedule(t + GRACE);
+    assert_eq!(assigns(&s.drain_effects()), vec![(2, 1, 2)]);
+    // Its late result is stale now.
+    assert!(matches!(
+        s.handle_result(sid(1), j(1), a(1), FinalStatus::Passed, "", t + GRACE),
+        ResultDecision::Revoked { .. }
+    ));
+}
+
+#[test]
+fn with_no_grace_a_closed_connection_revokes_at_once() {
+    let t = Instant::now();
+    let mut s = Scheduler::new(SchedulerConfig {
+        runner_timeout: TIMEOUT,
+        disconnect_grace: Duration::ZERO,
+        max_attempts: 3,
+        job_timeout: JOB_TIMEOUT,
+        quarantine_after: QUARANTINE_AFTER,
+        quarantine_for: QUARANTINE_FOR,
+    });
+    s.handle_runner_connected(sid(1), runner("a", 1), t);
+    s.handle_job_submitted(job(1, REPO), t);
+    s.schedule(t);
+    s.drain_effects();
+    s.handle_runner_closed(sid(1), "connection reset by peer", t);
+    assert!(requeued(&s.drain_effects(), 1));
+}
+
+#[test]
 fn assignment_spreads_over_least_loaded_runners() {
     let t = Instant::now();
     let mut s = sched(3);
@@ -602,6 +694,10 @@ enum Event {
         list: Vec<(usize, i8)>,
     },
     Disconnect {
+        name: usize,
+    },
+    /// The runner's connection closed or broke under it (FIN, RST).
+    Closed {
         name: usize,
     },
     /// The dispatcher closed the runner for its own store failure.
@@ -644,9 +740,10 @@ fn event() -> impl Strategy<Value = Event> {
             .prop_map(|(name, slots, repos, list)| Event::Connect { name, slots, repos, list }),
         1 => (0..NAMES.len()).prop_map(|name| Event::Disconnect { name }),
         1 => (0..NAMES.len()).prop_map(|name| Event::Release { name }),
+        1 => (0..NAMES.len()).prop_map(|name| Event::Closed { name }),
         3 => (0..NAMES.len()).prop_map(|name| Event::Frame { name }),
         2 => (0u64..4000).prop_map(|ms| Event::Advance { ms }),
-        3 => (0..NAMES.len(), 0usize..8, -1i8..2, 0u8..4)
+        3 => (0..NAMES.len(), 0usize..8, -1i8..2, 0u8..5)
             .prop_map(|(name, job, delta, status)| Event::Result { name, job, delta, status }),
         3 => any::<bool>().prop_map(|ok| Event::StoreAnswer { ok }),
         1 => Just(Event::AssignFails),
@@ -764,11 +861,14 @@ fn result(
     let session = m.sessions.get(&name).copied().unwrap_or(sid(999));
     let id = j(job as u64 + 1);
     let attempt = m.attempt_of(id, delta);
+    // Status 4: the runner's fetch or checkout failed (infrastructure).
+    let infrastructure = status == 4;
     let status = [
         FinalStatus::Passed,
         FinalStatus::Failed,
         FinalStatus::Error,
         FinalStatus::Cancelled,
+        FinalStatus::Error,
     ][status as usize];
     // Effects emitted before the result are applied first, as the service
     // does.
@@ -778,7 +878,12 @@ fn result(
         && m.sessions.contains_key(&name)
         && m.holders.get(&id).map(String::as_str) == Some(NAMES[name]);
     let in_flight = m.writing.iter().any(|w| w.0 == id && w.1 == attempt);
-    match s.handle_result(session, id, attempt, status, "", now) {
+    let decision = if infrastructure {
+        s.handle_infra_failure(session, id, attempt, "unreachable", now)
+    } else {
+        s.handle_result(session, id, attempt, status, "", now)
+    };
+    match decision {
         ResultDecision::Accept { status, .. } => {
             prop_assert!(
                 was_live && !in_flight,
@@ -789,6 +894,18 @@ fn result(
             m.writing.push((id, attempt, status));
         }
         ResultDecision::Pending => prop_assert!(in_flight, "pending without a write"),
+        ResultDecision::Retried { .. } => {
+            prop_assert!(infrastructure, "handle_result retried");
+            prop_assert!(
+                was_live && !in_flight,
+                "retried job {} attempt {}",
+                id,
+                attempt
+            );
+            // The attempt is over: requeued or ended, never still live.
+            m.absorb(s.drain_effects())?;
+            prop_assert!(!m.live.contains_key(&id), "job {} live after a retry", id);
+        }
         ResultDecision::Revoked { .. } => {
             prop_assert!(!was_live, "refused the live lease of job {}", id);
         }
@@ -896,6 +1013,15 @@ fn step(
         Event::Disconnect { name } => {
             if let Some(session) = m.sessions.remove(&name) {
                 s.handle_runner_disconnected(session, "closed", *now);
+            }
+        }
+        Event::Closed { name } => {
+            if let Some(session) = m.sessions.remove(&name) {
+                s.handle_runner_closed(session, "connection reset", *now);
+                prop_assert!(
+                    s.drain_effects().is_empty(),
+                    "a closed connection decided something before its grace"
+                );
             }
         }
         Event::Release { name } => {
@@ -1043,3 +1169,5 @@ fn an_attempt_past_the_job_timeout_is_cancelled_then_ended_without_its_runner() 
     assert_eq!(s.counts(), (0, 0));
     s.check_invariants().unwrap();
 }
+
+mod infra;

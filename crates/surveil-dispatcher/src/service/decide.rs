@@ -10,8 +10,8 @@
 use std::time::Instant;
 
 use crate::domain::{
-    Attempt, CommitId, Job, JobId, JobResult, JobStatus, ResultAck, RunnerReport, SessionId,
-    Submitted,
+    Attempt, CommitId, FinalStatus, Job, JobId, JobResult, JobStatus, ResultAck, RunnerReport,
+    SessionId, Submitted,
 };
 use crate::scheduler::{JobSpec, ResultDecision, Scheduler};
 use crate::store::RecordOutcome;
@@ -130,9 +130,10 @@ pub fn report(
             job,
             attempt,
             result,
+            commit,
         } => {
             return ReportDecision::Result(self::result(
-                sched, session, *job, *attempt, result, now,
+                sched, session, *job, *attempt, result, commit, now,
             ));
         }
     };
@@ -144,16 +145,45 @@ pub fn report(
 }
 
 /// A result from `session`, decided (again, after a
-/// [`ResultDecision::Pending`]).
+/// [`ResultDecision::Pending`]). One marked `infrastructure` is an
+/// infrastructure failure only as an `error` without task results (what a
+/// runner sends when its fetch or checkout failed); any other is taken as
+/// the result it says it is, so no runner can make a red build retried.
+/// A result naming another `commit` than the
+/// job's is refused whoever sends it: it was issued under another life of
+/// the store (one restored from a backup without the restore step), whose
+/// job ids named other commits, and must not finish this one. The lease
+/// stays as it was.
 pub fn result(
     sched: &mut Scheduler,
     session: SessionId,
     job: JobId,
     attempt: Attempt,
     result: &JobResult,
+    commit: &str,
     now: Instant,
 ) -> ResultDecision {
+    if !commit.is_empty()
+        && let Some(expected) = sched.job_commit(job)
+        && expected.as_str() != commit
+    {
+        let message = format!(
+            "attempt {attempt} of job {job} is a build of commit {commit}, but job {job} is commit {expected} \
+             (the result was issued under another life of this store); result refused"
+        );
+        sched.handle_frame(session, now);
+        return ResultDecision::Revoked { message };
+    }
+    if is_infrastructure_failure(result) {
+        return sched.handle_infra_failure(session, job, attempt, &result.message, now);
+    }
     sched.handle_result(session, job, attempt, result.status, &result.message, now)
+}
+
+/// Whether `result` is an infrastructure failure the scheduler retries:
+/// marked so by the runner, `error`, and no task ran.
+pub fn is_infrastructure_failure(result: &JobResult) -> bool {
+    result.infrastructure && result.status == FinalStatus::Error && result.tasks.is_empty()
 }
 
 /// The store answered a result write with `outcome` (after an accepted or

@@ -198,7 +198,8 @@ impl Service {
             };
             if tries == DECIDED_TRIES || self.failing_stop() {
                 self.fail_stop(format!(
-                    "cannot record {what} of job {job} after {tries} tries ({err}):                      the dispatcher's memory and its store would disagree"
+                    "cannot record {what} of job {job} after {tries} tries ({err}): \
+                     the dispatcher's memory and its store would disagree"
                 ));
                 return;
             }

@@ -98,11 +98,12 @@ impl Service {
                     job,
                     attempt,
                     result,
+                    commit,
                 },
             ) => {
                 let span = tracing::info_span!("job", job = job.0, attempt = attempt.0);
                 match self
-                    .record_result(session, job, attempt, result, decision)
+                    .record_result(session, job, attempt, (result, commit), decision)
                     .instrument(span)
                     .await
                 {
@@ -186,14 +187,17 @@ impl Service {
         session: SessionId,
         job: JobId,
         attempt: Attempt,
-        result: JobResult,
+        (result, commit): (JobResult, String),
         mut decision: ResultDecision,
     ) -> Result<ResultAck, ServiceError> {
         while decision == ResultDecision::Pending {
             // A write of this result is in flight (a resend on a new
             // connection): wait until it has answered, then decide again.
-            let decide =
-                || self.with_sched(|s| decide::result(s, session, job, attempt, &result, now()));
+            let decide = || {
+                self.with_sched(|s| {
+                    decide::result(s, session, job, attempt, &result, &commit, now())
+                })
+            };
             let mut watch = self.notifier.watch(job);
             watch.mark_seen();
             decision = decide();
@@ -204,11 +208,13 @@ impl Service {
         }
         let (record, accepted_live) = match decision {
             ResultDecision::Revoked { message } => return Ok(self.refused(message)),
+            ResultDecision::Retried { message } => return self.retried(job, message).await,
             ResultDecision::Accept { status, message } => (
                 JobResult {
                     status,
                     message,
                     tasks: result.tasks,
+                    infrastructure: false,
                 },
                 true,
             ),
@@ -259,6 +265,36 @@ impl Service {
         }
     }
 
+    /// An infrastructure failure of the live attempt: the scheduler has
+    /// decided its requeue (or the job's end); it is recorded before the
+    /// runner hears that its result is taken. The attempt's record keeps
+    /// the runner's message as why it ended.
+    ///
+    /// A decided write either lands (tried again while the disk refuses)
+    /// or stops the dispatcher ([`Service::fail_stop`]): once stopping,
+    /// the requeue may not be on disk, so nothing is acknowledged and the
+    /// runner is asked to resend (after the restart, recovery finds the
+    /// attempt still running and the resend decides it again).
+    async fn retried(&self, job: JobId, message: String) -> Result<ResultAck, ServiceError> {
+        tracing::warn!(%message, "infrastructure failure");
+        self.apply_effects().await;
+        self.notifier.job_changed(job);
+        // Its runner's slot is free, and the job may wait for another.
+        self.wake_assigner();
+        if self.failing_stop() {
+            return Err(ServiceError::Store(crate::store::StoreError::Database {
+                context: format!(
+                    "recording the requeue of job {job} after an infrastructure failure"
+                ),
+                source: "the dispatcher is stopping for its store".into(),
+            }));
+        }
+        Ok(ResultAck {
+            accepted: true,
+            message,
+        })
+    }
+
     fn refused(&self, message: String) -> ResultAck {
         count(&self.refused_results);
         tracing::warn!(%message, "stale result refused");
@@ -268,8 +304,21 @@ impl Service {
         }
     }
 
-    /// The runner's connection ended (it closed, broke, or was closed for
-    /// a protocol error or silence): its leases are revoked at once.
+    /// The runner's connection closed or broke under it (a FIN or RST):
+    /// its leases wait `--disconnect-grace` for it to reconnect, and the
+    /// monitor revokes them when the grace is over.
+    pub async fn runner_closed(&self, session: SessionId, reason: &str) {
+        if let Some(name) = self.unregister(session) {
+            self.runner_gone_event(session, name);
+        }
+        self.with_sched(|s| s.handle_runner_closed(session, reason, now()));
+        self.expiry_changed.notify_one();
+        self.apply_effects().await;
+        self.wake_assigner();
+    }
+
+    /// The dispatcher ended the runner's connection (a protocol error,
+    /// silence, a replaced session): its leases are revoked at once.
     pub async fn runner_disconnected(&self, session: SessionId, reason: &str) {
         if let Some(name) = self.unregister(session) {
             self.runner_gone_event(session, name);

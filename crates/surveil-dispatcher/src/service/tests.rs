@@ -157,6 +157,11 @@ impl JobStore for Counting {
         self.inner.unfinished()
     }
 
+    fn epoch(&self) -> StoreFuture<'_, String> {
+        self.read();
+        self.inner.epoch()
+    }
+
     fn close(&self) -> StoreFuture<'_, ()> {
         self.inner.close()
     }
@@ -216,8 +221,11 @@ impl Harness {
         });
         let config = SchedulerConfig {
             runner_timeout: Duration::from_secs(5),
+            disconnect_grace: Duration::from_millis(200),
             max_attempts: 3,
             job_timeout: Duration::from_secs(24 * 3600),
+            quarantine_after: 3,
+            quarantine_for: Duration::from_secs(300),
         };
         let service = Service::open(store.clone(), config).await.unwrap();
         Harness {
@@ -244,7 +252,8 @@ impl Harness {
                 .map(|i| CommitId::parse(&format!("{i:040x}")).unwrap())
                 .collect(),
         };
-        self.service.submit(&submission).await.unwrap()
+        let rows = self.service.submit(&submission).await.unwrap();
+        rows.into_iter().map(|row| row.id).collect()
     }
 
     /// Connects a runner and runs the assignment pass.
@@ -294,6 +303,7 @@ fn finished(job: JobId, attempt: Attempt) -> RunnerReport {
         result: JobResult {
             status: FinalStatus::Passed,
             message: String::new(),
+            infrastructure: false,
             tasks: vec![TaskResult {
                 name: "unit".into(),
                 status: TaskStatus::Passed,
@@ -305,6 +315,7 @@ fn finished(job: JobId, attempt: Attempt) -> RunnerReport {
                 report: None,
             }],
         },
+        commit: String::new(),
     }
 }
 
@@ -709,4 +720,131 @@ async fn a_requeue_the_store_keeps_refusing_stops_the_dispatcher() {
         JobStatus::Running,
         "the disk as it is"
     );
+}
+
+fn infra_failed(job: JobId, attempt: Attempt) -> RunnerReport {
+    RunnerReport::Finished {
+        job,
+        attempt,
+        result: JobResult {
+            status: FinalStatus::Error,
+            message: "repository /srv/git/app is unreachable: connection refused".to_owned(),
+            infrastructure: true,
+            tasks: vec![],
+        },
+        commit: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn an_infrastructure_failure_is_acked_recorded_on_its_attempt_and_run_on_another_runner() {
+    let h = Harness::new().await;
+    let id = h.submit(1, 1).await[0];
+    let (bad, bad_runner) = h.runner("bad", 1, vec![]).await;
+    let (_, good_runner) = h.runner("good", 1, vec![]).await;
+    assert_eq!(bad_runner.assigned(), vec![(id, Attempt(1))]);
+
+    let ReportReply::Ack(ack) = h
+        .service
+        .runner_report(bad, infra_failed(id, Attempt(1)))
+        .await
+    else {
+        panic!("a result is answered");
+    };
+    assert!(ack.accepted, "the runner drops it from its outbox: {ack:?}");
+    assert!(ack.message.contains("queued again"), "{ack:?}");
+    assert_eq!(h.results_of(id), 0, "no result recorded");
+    let attempts = h.service.attempts(id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status.label(), "revoked");
+    assert_eq!(
+        attempts[0].message.as_deref(),
+        Some(
+            "infrastructure failure on runner bad: repository /srv/git/app is unreachable: connection refused"
+        )
+    );
+    assert_eq!(h.job(id).await.status, JobStatus::Queued);
+
+    assert!(!h.service.assign_pass().await);
+    assert_eq!(good_runner.assigned(), vec![(id, Attempt(2))]);
+    let runners = h.service.runners();
+    let bad_view = runners.iter().find(|r| r.name == "bad").unwrap();
+    assert_eq!(
+        (bad_view.infra_failures, bad_view.quarantined_until_ms),
+        (1, None)
+    );
+    // A runner cannot dress a red build up as infrastructure: a result
+    // with task results is what it says it is.
+    let good = h.service.runners().into_iter().find(|r| r.name == "good");
+    let good = good.map(|r| r.running).unwrap_or_default();
+    assert_eq!(good, vec![id]);
+    let mut red = finished(id, Attempt(2));
+    if let RunnerReport::Finished { result, .. } = &mut red {
+        result.status = FinalStatus::Failed;
+        result.infrastructure = true;
+    }
+    let session = h
+        .service
+        .with_sched(|s| s.lease_holder(id, Attempt(2)))
+        .unwrap();
+    let ack = h.service.runner_report(session, red).await;
+    assert_eq!(ack, accepted(""));
+    assert_eq!(
+        h.job(id).await.status,
+        JobStatus::Final(FinalStatus::Failed)
+    );
+}
+
+#[tokio::test]
+async fn an_infrastructure_failure_whose_requeue_fails_once_is_acked_after_it_is_recorded() {
+    let h = Harness::new().await;
+    let id = h.submit(1, 1).await[0];
+    let (session, _) = h.runner("bad", 1, vec![]).await;
+    h.sqlite.fail_next_commits(1);
+    let reply = h
+        .service
+        .runner_report(session, infra_failed(id, Attempt(1)))
+        .await;
+    let ReportReply::Ack(ack) = reply else {
+        panic!("the requeue was recorded at its second try: {reply:?}");
+    };
+    assert!(ack.accepted, "{ack:?}");
+    assert_eq!(h.job(id).await.status, JobStatus::Queued, "on disk");
+}
+
+#[tokio::test]
+async fn an_infrastructure_failure_whose_requeue_the_store_keeps_refusing_is_not_acked() {
+    let h = Harness::new().await;
+    let health = Arc::new(crate::health::StoreHealth::new(
+        100,
+        Duration::from_secs(30),
+    ));
+    h.service.set_health(Arc::clone(&health));
+    let id = h.submit(1, 1).await[0];
+    let (session, _) = h.runner("bad", 1, vec![]).await;
+    h.sqlite.fail_next_commits(5);
+    let reply = h
+        .service
+        .runner_report(session, infra_failed(id, Attempt(1)))
+        .await;
+    // The requeue is not on disk: the runner keeps its result and sends
+    // it again (to the restarted dispatcher, which finds the attempt
+    // still running); the connection is not closed for it.
+    let ReportReply::Resend(resend) = reply else {
+        panic!("expected a Resend, got {reply:?}");
+    };
+    assert!(resend.result && !resend.started, "{resend:?}");
+    assert_eq!((resend.job, resend.attempt), (id, Attempt(1)));
+    assert!(health.tripped().is_cancelled(), "the dispatcher stops");
+    assert!(
+        health.reason().contains("cannot record the requeue"),
+        "{}",
+        health.reason()
+    );
+    assert_eq!(
+        h.job(id).await.status,
+        JobStatus::Running,
+        "the disk as it is"
+    );
+    assert_eq!(h.results_of(id), 0);
 }

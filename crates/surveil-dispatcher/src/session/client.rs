@@ -54,8 +54,9 @@ async fn answer(
     let reply: Envelope = match request {
         ClientRequest::Ignore => return Ok(None),
         ClientRequest::Submit(submission) => match service.submit(&submission).await {
-            Ok(ids) => SubmitAck {
-                job_ids: ids.into_iter().map(|id| id.0).collect(),
+            Ok(rows) => SubmitAck {
+                job_ids: rows.iter().map(|row| row.id.0).collect(),
+                created: rows.iter().map(|row| row.created).collect(),
             }
             .into(),
             Err(err) => {

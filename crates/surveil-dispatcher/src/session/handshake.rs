@@ -102,6 +102,7 @@ pub(super) async fn accept(
         heartbeat_interval_ms: millis_u32(config.heartbeat_interval),
         runner_timeout_ms: millis_u32(config.runner_timeout),
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        epoch: daemon.service.epoch().to_owned(),
     };
     if let Err(err) = conn.send(welcome).await {
         tracing::info!(error = %err, "peer left during the handshake");
@@ -135,9 +136,22 @@ fn check(
     shutdown: &CancellationToken,
 ) -> Result<(Identity, Option<RunnerHello>), (RejectCode, String)> {
     let (identity, role) = identify(&daemon.auth, hello, cert_names)?;
+    if role == auth::Role::Runner
+        && !hello.leases.is_empty()
+        && !hello.epoch.is_empty()
+        && hello.epoch != daemon.service.epoch()
+    {
+        tracing::warn!(
+            runner = %hello.name,
+            leases = hello.leases.len(),
+            runner_epoch = %hello.epoch,
+            epoch = %daemon.service.epoch(),
+            "the runner lists leases of another store epoch; ignored (they belong to another life of the store)"
+        );
+    }
     let runner = if role == auth::Role::Runner {
         Some(
-            wire::runner_hello(hello, peer.to_string())
+            wire::runner_hello(hello, peer.to_string(), daemon.service.epoch())
                 .map_err(|p| (RejectCode::BadRole, p.to_owned()))?,
         )
     } else {

@@ -3,10 +3,12 @@
 //! acknowledgements, or a `Resend` for a report the store failed to
 //! record (the session goes on). Frames are read while a report is being
 //! recorded, so a slow store never delays the runner's signs of life.
-//! When the connection ends, the service is told why: a closed or broken
-//! connection revokes the runner's leases, unless the runner was asked to
+//! When the connection ends, the service is told why: one that closed or
+//! broke under the runner keeps its leases for `--disconnect-grace`, one
+//! the dispatcher ended revokes them, unless the runner was asked to
 //! resend (one that does not know `Resend` closes on it: its leases wait
-//! for its reconnect), and a shutdown leaves them to the next dispatcher.
+//! a runner timeout for its reconnect), and a shutdown leaves them to the
+//! next dispatcher.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -149,7 +151,8 @@ pub(super) async fn run(
     match &end {
         // A runner that does not know `Resend` closes on it: not its fault.
         End::PeerGone(_) | End::Closed(_) if resend_asked => service.runner_released(session),
-        End::PeerGone(why) | End::Closed(why) => service.runner_disconnected(session, why).await,
+        End::PeerGone(why) => service.runner_closed(session, why).await,
+        End::Closed(why) => service.runner_disconnected(session, why).await,
         End::Shutdown => service.runner_left_at_shutdown(session),
     }
     end

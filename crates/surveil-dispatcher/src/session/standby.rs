@@ -46,7 +46,10 @@ impl Standby {
             supervisor_restarts: Default::default(),
             reassignments: 0,
             refused_results: 0,
+            quarantined: 0,
             leader: Some(self.leader()),
+            // A standby does not read the store: it knows no epoch.
+            epoch: String::new(),
             // A standby writes nothing: its store has not failed it.
             store_healthy: true,
             store_failures: 0,
@@ -101,6 +104,8 @@ pub(crate) async fn serve(standby: Arc<Standby>, stream: TcpStream, peer: Socket
         heartbeat_interval_ms: handshake::millis_u32(config.heartbeat_interval),
         runner_timeout_ms: handshake::millis_u32(config.runner_timeout),
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        // Nothing a peer holds can be checked against a standby.
+        epoch: String::new(),
     };
     if conn.send(welcome).await.is_err() {
         return;

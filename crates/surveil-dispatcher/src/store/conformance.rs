@@ -45,6 +45,10 @@ pub trait StoreFactory: Sync {
     /// place again after [`JobStore::close`] must show every write that
     /// was acknowledged before.
     fn open(&self, place: &Self::Place) -> impl Future<Output = Arc<dyn JobStore>> + Send;
+
+    /// The restore step on the (closed) store at `place`: gives it a new
+    /// epoch the backend's way, and returns that epoch.
+    fn new_epoch(&self, place: &Self::Place) -> impl Future<Output = String> + Send;
 }
 
 /// Runs every conformance case as its own `#[tokio::test]`, on stores made
@@ -72,6 +76,7 @@ macro_rules! store_conformance_tests {
             rerun_queues_a_new_attempt_and_keeps_the_earlier_ones,
             acknowledged_writes_survive_a_reopen,
             writes_after_close_fail_and_reads_still_work,
+            the_epoch_is_kept_for_the_stores_life_and_replaced_by_the_restore_step,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -135,6 +140,7 @@ fn result(status: FinalStatus) -> JobResult {
                 report: Some(TestReport::default()),
             },
         ],
+        infrastructure: false,
     }
 }
 
@@ -1136,4 +1142,61 @@ pub async fn rerun_queues_a_new_attempt_and_keeps_the_earlier_ones<F: StoreFacto
     assert_eq!(attempts[1].tasks, result(FinalStatus::Failed).tasks);
     assert_eq!(attempts[2].tasks, passed.tasks);
     assert!(store.attempts(JobId(id.0 + 100)).await.unwrap().is_empty());
+}
+
+/// Whether `epoch` looks like one: 128 bits as 32 lower-case hex digits.
+fn is_epoch(epoch: &str) -> bool {
+    epoch.len() == 32
+        && epoch
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A store has an epoch from its creation (128 random bits, as hex); it
+/// is the same after every reopen, another store's differs, and the
+/// restore step replaces it with a new one that is kept in turn, jobs and
+/// results untouched. A backup copied before the step carries the old
+/// epoch, so this is what tells runners and observers that the store's
+/// history changed.
+pub async fn the_epoch_is_kept_for_the_stores_life_and_replaced_by_the_restore_step<
+    F: StoreFactory,
+>(
+    factory: &F,
+) {
+    let place = factory.place().await;
+    let (first, id);
+    {
+        let store = factory.open(&place).await;
+        first = store.epoch().await.unwrap();
+        assert!(is_epoch(&first), "{first:?} is not 32 hex digits");
+        id = submit(&*store, &[1]).await[0];
+        store.assign(id, Attempt(1), "ci-1", 10).await.unwrap();
+        record(&*store, id, 1, FinalStatus::Passed).await;
+        assert_eq!(store.epoch().await.unwrap(), first, "read twice");
+        store.close().await.unwrap();
+    }
+    {
+        let store = factory.open(&place).await;
+        assert_eq!(store.epoch().await.unwrap(), first, "kept across a reopen");
+        store.close().await.unwrap();
+    }
+    let (_other_place, other) = fresh(factory).await;
+    let other_epoch = other.epoch().await.unwrap();
+    assert!(is_epoch(&other_epoch));
+    assert_ne!(other_epoch, first, "each store has its own");
+    other.close().await.unwrap();
+
+    let rotated = factory.new_epoch(&place).await;
+    assert!(is_epoch(&rotated), "{rotated:?} is not 32 hex digits");
+    assert_ne!(rotated, first, "the restore step gives a new epoch");
+    let store = factory.open(&place).await;
+    assert_eq!(store.epoch().await.unwrap(), rotated, "the new one is kept");
+    let kept = job(&*store, id).await;
+    assert_eq!(kept.status, JobStatus::Final(FinalStatus::Passed));
+    assert_eq!(
+        record(&*store, id, 1, FinalStatus::Passed).await,
+        RecordOutcome::Duplicate,
+        "results stay recorded"
+    );
+    store.close().await.unwrap();
 }

@@ -241,6 +241,21 @@ impl PostgresStore {
         })
     }
 
+    /// Replaces the database's epoch with a new random one and returns it:
+    /// the restore step (`surveil-dispatcher --store URL --new-epoch`),
+    /// refused with [`StoreError::Invalid`]
+    /// while any dispatcher holds an unexpired leader term on it. Not
+    /// fenced by a term: it is for a database no dispatcher serves.
+    pub async fn new_epoch(&self) -> Result<String, StoreError> {
+        sql::new_epoch(&*self.conn().await?).await?.ok_or_else(|| {
+            StoreError::Invalid(
+                "a dispatcher holds the leader term on this database; stop every dispatcher \
+                 using it before giving the store a new epoch"
+                    .into(),
+            )
+        })
+    }
+
     /// How many write transactions the writer has committed.
     pub fn commit_count(&self) -> u64 {
         self.inner.stats.commits.load(Ordering::Relaxed)
@@ -443,6 +458,10 @@ impl JobStore for PostgresStore {
 
     fn unfinished(&self) -> StoreFuture<'_, Vec<Job>> {
         Box::pin(async move { sql::unfinished(&*self.conn().await?).await })
+    }
+
+    fn epoch(&self) -> StoreFuture<'_, String> {
+        Box::pin(async move { sql::epoch(&*self.conn().await?).await })
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

@@ -149,6 +149,15 @@ impl SqliteStore {
         })
     }
 
+    /// Replaces the store's epoch with a new random one and returns it:
+    /// the restore step, for a store put back from a backup while no
+    /// dispatcher runs on it (`surveil-dispatcher --new-epoch`). Runners
+    /// and observers welcomed with the new epoch drop what they hold from
+    /// the old one and re-verify their cursors.
+    pub async fn new_epoch(&self) -> Result<String, StoreError> {
+        self.write(sql::new_epoch).await
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
@@ -361,6 +370,10 @@ impl JobStore for SqliteStore {
 
     fn unfinished(&self) -> StoreFuture<'_, Vec<Job>> {
         Box::pin(self.read(sql::unfinished))
+    }
+
+    fn epoch(&self) -> StoreFuture<'_, String> {
+        Box::pin(self.read(sql::epoch))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

@@ -430,7 +430,7 @@ async fn submit(
         .map(|c| CommitId::parse(c))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::bad_request(format!("commits: {e}")))?;
-    let ids = app
+    let rows = app
         .service
         .submit(&Submission {
             repo: body.repo,
@@ -439,7 +439,7 @@ async fn submit(
         })
         .await?;
     Ok(Json(
-        json!({ "job_ids": ids.iter().map(|i| i.0).collect::<Vec<_>>() }),
+        json!({ "job_ids": rows.iter().map(|r| r.id.0).collect::<Vec<_>>() }),
     ))
 }
 

@@ -84,6 +84,7 @@ async fn status(State(app): State<Arc<StandbyApp>>, headers: HeaderMap) -> Respo
         supervisor_restarts: Default::default(),
         reassignments: 0,
         refused_results: 0,
+        quarantined: 0,
         leader: Some(LeaderJson::from(&leader)),
     })
     .into_response()

@@ -173,6 +173,13 @@ pub struct RunnerJson {
     pub last_seen: String,
     pub labels: Vec<String>,
     pub repos: Vec<String>,
+    /// Until when it gets no new job after infrastructure failures; absent
+    /// when it is not quarantined (as `surveil runners --json`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined_until: Option<String>,
+    /// Its infrastructure failures in a row; absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub infra_failures: Option<u32>,
 }
 
 impl From<&RunnerView> for RunnerJson {
@@ -185,6 +192,8 @@ impl From<&RunnerView> for RunnerJson {
             last_seen: timestamp(r.last_seen_ms),
             labels: r.labels.clone(),
             repos: r.repos.clone(),
+            quarantined_until: r.quarantined_until_ms.map(timestamp),
+            infra_failures: (r.infra_failures > 0).then_some(r.infra_failures),
         }
     }
 }
@@ -200,6 +209,8 @@ pub struct StatusJson {
     pub supervisor_restarts: BTreeMap<String, u64>,
     pub reassignments: u64,
     pub refused_results: u64,
+    /// Connected runners quarantined after infrastructure failures.
+    pub quarantined: u32,
     /// With a PostgreSQL store: who leads (as `surveil status --json`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderJson>,
@@ -236,6 +247,7 @@ impl From<&StatusView> for StatusJson {
             supervisor_restarts: s.supervisor_restarts.clone(),
             reassignments: s.reassignments,
             refused_results: s.refused_results,
+            quarantined: s.quarantined,
             leader: s.leader.as_ref().map(LeaderJson::from),
         }
     }

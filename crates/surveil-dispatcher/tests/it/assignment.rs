@@ -176,8 +176,27 @@ async fn results_from_a_non_holder_or_for_an_unknown_job_are_refused_and_the_ses
     assert_eq!(other.expect_assign().await.job_id, next);
     assert!(other.finish(next, 1, JobStatus::Passed).await.accepted);
 
-    // The holder's own result still lands.
-    assert!(holder.finish(id, 1, JobStatus::Passed).await.accepted);
+    // Even the holder cannot finish the job with a result naming another
+    // commit (one issued under another life of a restored store); the
+    // lease stays its own.
+    let ack = holder
+        .finish_commit(id, 1, JobStatus::Failed, &commit(77))
+        .await;
+    assert!(!ack.accepted);
+    assert!(
+        ack.message
+            .contains(&format!("is a build of commit {}", commit(77))),
+        "{}",
+        ack.message
+    );
+
+    // The holder's own result still lands, naming the job's commit.
+    assert!(
+        holder
+            .finish_commit(id, 1, JobStatus::Passed, &commit(1))
+            .await
+            .accepted
+    );
     assert_eq!(client.job(id).await.unwrap().status(), JobStatus::Passed);
     d.stop().await;
 }

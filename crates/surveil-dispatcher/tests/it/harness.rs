@@ -386,11 +386,25 @@ impl FakeRunner {
     }
 
     pub async fn finish(&mut self, job: u64, attempt: u32, status: JobStatus) -> ResultAck {
+        self.finish_commit(job, attempt, status, "").await
+    }
+
+    /// [`finish`](Self::finish), naming the commit built (`""`: none, as
+    /// a runner from before `JobFinished.commit`).
+    pub async fn finish_commit(
+        &mut self,
+        job: u64,
+        attempt: u32,
+        status: JobStatus,
+        commit: &str,
+    ) -> ResultAck {
         self.send(JobFinished {
+            commit: commit.to_owned(),
             job_id: job,
             attempt,
             status: status as i32,
             message: String::new(),
+            infrastructure: false,
             tasks: vec![TaskResult {
                 name: "unit".into(),
                 status: TaskStatus::Passed as i32,

@@ -18,6 +18,8 @@ fn passed(job_id: u64, attempt: u32) -> JobFinished {
         status: JobStatus::Passed.into(),
         message: String::new(),
         tasks: vec![],
+        infrastructure: false,
+        commit: String::new(),
     }
 }
 

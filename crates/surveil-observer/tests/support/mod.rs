@@ -111,11 +111,27 @@ pub struct Store {
     /// How many of the next submits get an ack with no job ids (a broken
     /// dispatcher), recorded with empty `job_ids`.
     pub bad_acks: usize,
+    /// The store epoch sent in `Welcome`.
+    pub epoch: String,
 }
 
 impl Store {
     pub fn distinct_jobs(&self) -> usize {
         self.jobs.len()
+    }
+
+    /// What a restore from a backup taken after the first `keep` jobs
+    /// does: the later jobs are gone (their ids are handed out again), and
+    /// the store's epoch is `epoch` (the backup's, when the restore step
+    /// was forgotten).
+    pub fn restore(&mut self, keep: u64, epoch: &str) {
+        self.jobs.retain(|_, id| *id <= keep);
+        self.epoch = epoch.to_owned();
+    }
+
+    pub fn knows(&self, repo: &str, commit: &str) -> bool {
+        self.jobs
+            .contains_key(&(repo.to_owned(), commit.to_owned()))
     }
 }
 
@@ -204,19 +220,21 @@ async fn serve(stream: tokio::net::TcpStream, store: Arc<Mutex<Store>>, token: O
         conn.reject(RejectCode::BadToken, "wrong token").await;
         return;
     }
+    let epoch = store.lock().expect("store").epoch.clone();
     let welcome = Welcome {
         session_id: "fake".into(),
         heartbeat_interval_ms: 1000,
         runner_timeout_ms: 5000,
         server_version: "fake".into(),
+        epoch,
     };
     if conn.send(welcome).await.is_err() {
         return;
     }
     while let Ok(Some(msg)) = conn.recv().await {
         let Msg::Submit(submit) = msg else { continue };
-        let job_ids = record(&mut store.lock().expect("store"), submit);
-        if conn.send(SubmitAck { job_ids }).await.is_err() {
+        let (job_ids, created) = record(&mut store.lock().expect("store"), submit);
+        if conn.send(SubmitAck { job_ids, created }).await.is_err() {
             return;
         }
     }
@@ -224,23 +242,28 @@ async fn serve(stream: tokio::net::TcpStream, store: Arc<Mutex<Store>>, token: O
 
 /// Gives each commit its job (the existing one for a known (repo,
 /// commit)), records the submit, and returns the ids to ack with: none at
-/// all while `bad_acks` lasts.
-fn record(store: &mut Store, submit: surveil_proto::Submit) -> Vec<u64> {
-    let job_ids: Vec<u64> = if store.bad_acks > 0 {
+/// all while `bad_acks` lasts. Ids continue after the highest one known,
+/// as a restored store's do.
+fn record(store: &mut Store, submit: surveil_proto::Submit) -> (Vec<u64>, Vec<bool>) {
+    let (job_ids, created): (Vec<u64>, Vec<bool>) = if store.bad_acks > 0 {
         store.bad_acks -= 1;
-        Vec::new()
+        (Vec::new(), Vec::new())
     } else {
         submit
             .commits
             .iter()
             .map(|commit| {
-                let next = store.jobs.len() as u64 + 1;
-                *store
-                    .jobs
-                    .entry((submit.repo.clone(), commit.clone()))
-                    .or_insert(next)
+                let next = store.jobs.values().max().copied().unwrap_or(0) + 1;
+                let key = (submit.repo.clone(), commit.clone());
+                match store.jobs.get(&key) {
+                    Some(id) => (*id, false),
+                    None => {
+                        store.jobs.insert(key, next);
+                        (next, true)
+                    }
+                }
             })
-            .collect()
+            .unzip()
     };
     store.submits.push(Submitted {
         repo: submit.repo,
@@ -248,7 +271,7 @@ fn record(store: &mut Store, submit: surveil_proto::Submit) -> Vec<u64> {
         commits: submit.commits,
         job_ids: job_ids.clone(),
     });
-    job_ids
+    (job_ids, created)
 }
 
 /// A port that was free a moment ago, for a dispatcher started later.
@@ -306,7 +329,7 @@ pub fn cursor(state_dir: &Path, repo: &TestRepo) -> Option<String> {
     surveil_observer::cursor::CursorFile::new(state_dir)
         .load(&repo.name(), "main")
         .expect("cursor file readable")
-        .map(|c| c.to_string())
+        .map(|c| c.commit.to_string())
 }
 
 /// Polls `check` every 20 ms until it gives a value, failing the test

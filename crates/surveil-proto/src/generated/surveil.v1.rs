@@ -146,6 +146,13 @@ pub struct Hello {
     /// The client's software version, for logs and `surveil runners`.
     #[prost(string, tag = "9")]
     pub client_version: ::prost::alloc::string::String,
+    /// Runner: the store epoch (Welcome.epoch) that the listed leases, and the
+    /// results it will resend, were assigned under; empty when it holds none
+    /// (or knows no epoch). A dispatcher whose epoch differs ignores the
+    /// listed leases: they belong to another life of its store (one restored
+    /// from a backup, or replaced).
+    #[prost(string, tag = "10")]
+    pub epoch: ::prost::alloc::string::String,
 }
 /// One job attempt held by a runner.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -172,6 +179,14 @@ pub struct Welcome {
     /// The dispatcher's software version.
     #[prost(string, tag = "4")]
     pub server_version: ::prost::alloc::string::String,
+    /// The store's epoch: 32 lower-case hex digits, random, made with the
+    /// store and replaced by the restore step after a backup is put back
+    /// (empty from a dispatcher that predates epochs). A runner drops the
+    /// leases and results it holds from another epoch (their job ids may now
+    /// name other commits); an observer whose cursors were confirmed under
+    /// another epoch re-verifies them and resubmits what the store lost.
+    #[prost(string, tag = "5")]
+    pub epoch: ::prost::alloc::string::String,
 }
 /// Sent by the dispatcher instead of Welcome; the dispatcher then closes.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -225,6 +240,12 @@ pub struct SubmitAck {
     /// already known returns its existing job id.
     #[prost(uint64, repeated, tag = "1")]
     pub job_ids: ::prost::alloc::vec::Vec<u64>,
+    /// Per commit, in the same order: true when this submit created the job,
+    /// false when the store knew the commit already. Lets an observer tell
+    /// what a restored store lost from what it still has. Empty from a
+    /// dispatcher that predates it.
+    #[prost(bool, repeated, tag = "2")]
+    pub created: ::prost::alloc::vec::Vec<bool>,
 }
 /// Sent by the dispatcher: run this job attempt.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -378,6 +399,23 @@ pub struct JobFinished {
     /// One entry per task of the pipeline, in order.
     #[prost(message, repeated, tag = "5")]
     pub tasks: ::prost::alloc::vec::Vec<TaskResult>,
+    /// True when the job could not be run because of the runner or the
+    /// network, not the commit (status ERROR): the repository could not be
+    /// fetched (unreachable, a transport timeout), or the mirror or checkout
+    /// could not be written in the runner's work dir (a full disk). A commit
+    /// the fetched repository does not have, a bad pipeline file and failing
+    /// tasks are never infrastructure. A dispatcher that knows this field
+    /// queues the job again (counting towards --max-attempts, preferring
+    /// another runner) instead of recording the ERROR; an older one records
+    /// the ERROR.
+    #[prost(bool, tag = "6")]
+    pub infrastructure: bool,
+    /// The commit the runner built (Assign.commit). A dispatcher whose job has
+    /// another commit refuses the result (ResultAck accepted = false): it was
+    /// issued under another life of the store, whose job ids named other
+    /// commits. Empty from runners that predate it (not checked then).
+    #[prost(string, tag = "7")]
+    pub commit: ::prost::alloc::string::String,
 }
 /// Sent by the dispatcher in answer to JobFinished, after the result is
 /// durable (or refused).
@@ -648,10 +686,20 @@ pub struct RunnerInfo {
     /// The repositories it builds.
     #[prost(string, repeated, tag = "7")]
     pub repos: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Unix time in milliseconds until which the runner is quarantined (given
+    /// no new job) after --quarantine-after infrastructure failures in a row;
+    /// 0 when it is not quarantined.
+    #[prost(uint64, tag = "9")]
+    pub quarantined_until_ms: u64,
     /// The identity it authenticated as ("token:ci-3", "cert:ci-3",
     /// "shared", "anonymous").
     #[prost(string, tag = "10")]
     pub identity: ::prost::alloc::string::String,
+    /// Infrastructure failures in a row reported by a runner of this name
+    /// (kept across its reconnects; a result that is not an infrastructure
+    /// failure resets it).
+    #[prost(uint32, tag = "11")]
+    pub infra_failures: u32,
 }
 /// The dispatcher's answer to ListRunners.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -693,6 +741,9 @@ pub struct GetStatusReply {
     /// Results refused because their lease was revoked, since start.
     #[prost(uint64, tag = "8")]
     pub refused_results: u64,
+    /// Connected runners quarantined now for infrastructure failures.
+    #[prost(uint32, tag = "10")]
+    pub quarantined: u32,
     /// High availability (a PostgreSQL store): the leader's advertised address;
     /// empty with the SQLite store, or while no leader is known.
     #[prost(string, tag = "35")]
@@ -704,6 +755,9 @@ pub struct GetStatusReply {
     /// The current leader term (0 with the SQLite store).
     #[prost(uint64, tag = "37")]
     pub leader_term: u64,
+    /// The store's epoch, as in Welcome.epoch (empty on a standby).
+    #[prost(string, tag = "11")]
+    pub epoch: ::prost::alloc::string::String,
     /// False while the store is unhealthy: its last write failed, or a write
     /// has been in flight past --store-write-timeout (the systemd watchdog is
     /// not fed meanwhile).

@@ -32,12 +32,14 @@ pub fn every_message() -> Vec<Msg> {
                 },
             ],
             client_version: "0.1.0".into(),
+            epoch: "0123456789abcdef0123456789abcdef".into(),
         }),
         Msg::Welcome(Welcome {
             session_id: "s-42".into(),
             heartbeat_interval_ms: 1000,
             runner_timeout_ms: 5000,
             server_version: "0.1.0".into(),
+            epoch: "0123456789abcdef0123456789abcdef".into(),
         }),
         Msg::Reject(Reject {
             code: RejectCode::ShuttingDown as i32,
@@ -61,6 +63,7 @@ pub fn every_message() -> Vec<Msg> {
         }),
         Msg::SubmitAck(SubmitAck {
             job_ids: vec![1, 2, 1 << 40],
+            created: vec![true, false, true],
         }),
         Msg::Assign(Assign {
             job_id: 9,
@@ -101,6 +104,8 @@ pub fn every_message() -> Vec<Msg> {
                 skipped.signal = Some(9);
                 skipped
             }],
+            infrastructure: false,
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
         }),
         Msg::ResultAck(ResultAck {
             job_id: 9,
@@ -159,6 +164,8 @@ pub fn every_message() -> Vec<Msg> {
                 labels: vec!["linux".into()],
                 repos: vec!["/srv/git/app".into()],
                 identity: "token:ci-1".into(),
+                quarantined_until_ms: 1_764_300_300_000,
+                infra_failures: 3,
             }],
         }),
         Msg::GetStatus(GetStatus {}),
@@ -175,9 +182,11 @@ pub fn every_message() -> Vec<Msg> {
             ]),
             reassignments: 4,
             refused_results: 5,
+            quarantined: 1,
             leader_addr: "10.0.0.1:9000".into(),
             standby: false,
             leader_term: 3,
+            epoch: "0123456789abcdef0123456789abcdef".into(),
             store_healthy: Some(false),
             store_failures: 2,
         }),

@@ -27,7 +27,17 @@ fn backoff() -> Backoff {
     Backoff::with_random(100 * MS, 3000 * MS, || 1.0)
 }
 
+/// The store epoch of the dispatcher the tests talk to, unless they say.
+const EPOCH: &str = "e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1";
+
 fn core(slots: u32, pending: Vec<JobFinished>, t0: Instant) -> RunnerCore {
+    let pending = pending
+        .into_iter()
+        .map(|result| Stamped {
+            result,
+            epoch: EPOCH.into(),
+        })
+        .collect();
     RunnerCore::new(&config(slots), backoff(), pending, t0)
 }
 
@@ -62,6 +72,14 @@ fn welcome(heartbeat_ms: u32) -> Welcome {
         heartbeat_interval_ms: heartbeat_ms,
         runner_timeout_ms: 500,
         server_version: "test".into(),
+        epoch: EPOCH.into(),
+    }
+}
+
+fn welcome_in(epoch: &str) -> Welcome {
+    Welcome {
+        epoch: epoch.into(),
+        ..welcome(0)
     }
 }
 
@@ -83,6 +101,8 @@ fn result(job_id: u64, attempt: u32, status: JobStatus) -> JobFinished {
         status: status as i32,
         message: String::new(),
         tasks: vec![],
+        infrastructure: false,
+        commit: format!("{job_id:040x}"),
     }
 }
 
@@ -163,10 +183,13 @@ fn a_result_is_held_until_acked_and_resent_after_every_reconnect() {
     c.handle(Event::Frame(assign(4, REPO)), t0);
     assert_eq!(
         actions(&mut c),
-        [Action::Start(match assign(4, REPO) {
-            Msg::Assign(a) => a,
-            _ => unreachable!(),
-        })]
+        [Action::Start {
+            assign: match assign(4, REPO) {
+                Msg::Assign(a) => a,
+                _ => unreachable!(),
+            },
+            epoch: EPOCH.into(),
+        }]
     );
     c.handle(
         Event::Job(JobEvent::Finished(result(4, 1, JobStatus::Passed))),
@@ -273,7 +296,7 @@ fn jobs_beyond_the_slots_wait_and_start_as_slots_free() {
     let started: Vec<u64> = actions(&mut c)
         .iter()
         .filter_map(|a| match a {
-            Action::Start(a) => Some(a.job_id),
+            Action::Start { assign: a, .. } => Some(a.job_id),
             _ => None,
         })
         .collect();
@@ -290,7 +313,7 @@ fn jobs_beyond_the_slots_wait_and_start_as_slots_free() {
     let next = actions(&mut c);
     assert!(
         next.iter()
-            .any(|a| matches!(a, Action::Start(a) if a.job_id == 42)),
+            .any(|a| matches!(a, Action::Start { assign: a, .. } if a.job_id == 42)),
         "{next:?}"
     );
 }
@@ -321,10 +344,16 @@ fn a_repository_not_built_here_is_refused_without_running() {
     let mut c = connected(t0);
     c.handle(Event::Frame(assign(3, "/srv/git/other")), t0);
     let acts = actions(&mut c);
-    let [Action::Store(refused)] = &acts[..] else {
+    let [
+        Action::Store {
+            result: refused, ..
+        },
+    ] = &acts[..]
+    else {
         panic!("{acts:?}");
     };
     assert_eq!(refused.status(), JobStatus::Error);
+    assert_eq!(refused.commit, format!("{:040x}", 3), "it names its commit");
     assert_eq!(
         refused.message,
         "runner ci-1 does not build repository /srv/git/other (its REPO list: /srv/git/app)"
@@ -365,7 +394,7 @@ fn cancel_stops_a_running_job_and_ends_a_queued_one_without_running_it() {
     );
     let acts = actions(&mut c);
     assert!(
-        matches!(&acts[..], [Action::Store(f)] if f.job_id == 7
+        matches!(&acts[..], [Action::Store { result: f, .. }] if f.job_id == 7
             && f.status() == JobStatus::Cancelled
             && f.message == "cancelled by the dispatcher before it started"),
         "{acts:?}"
@@ -593,10 +622,7 @@ fn pings_are_answered_and_silence_ends_the_connection() {
 fn an_unexpected_message_is_answered_with_error_then_the_connection_closes() {
     let t0 = Instant::now();
     let mut c = connected(t0);
-    c.handle(
-        Event::Frame(Msg::SubmitAck(SubmitAck { job_ids: vec![] })),
-        t0,
-    );
+    c.handle(Event::Frame(Msg::SubmitAck(SubmitAck::default())), t0);
     let acts = actions(&mut c);
     assert!(
         matches!(&acts[..], [Action::Send(Envelope { msg: Some(Msg::Error(e)) }), Action::Disconnect]
@@ -645,7 +671,7 @@ fn drain_starts_nothing_new_and_cancels_what_outlives_the_deadline() {
     assert!(
         !actions(&mut c)
             .iter()
-            .any(|a| matches!(a, Action::Start(_) | Action::Store(_))),
+            .any(|a| matches!(a, Action::Start { .. } | Action::Store { .. })),
         "job 21 is neither run nor reported"
     );
 }
@@ -695,6 +721,216 @@ fn an_idle_runner_is_done_at_the_first_signal() {
     c.handle(Event::Shutdown(Stop::Graceful), t0);
     assert!(c.is_done());
     assert_eq!(c.deadline(), None);
+}
+
+const EPOCH2: &str = "e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2";
+
+fn assign_for(job_id: u64, commit: &str) -> Msg {
+    Msg::Assign(Assign {
+        job_id,
+        attempt: 1,
+        repo: REPO.into(),
+        branch: "main".into(),
+        commit: commit.into(),
+        ..Assign::default()
+    })
+}
+
+fn started_jobs(acts: &[Action]) -> Vec<(u64, String, String)> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Start { assign, epoch } => {
+                Some((assign.job_id, assign.commit.clone(), epoch.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn results_sent(acts: &[Action]) -> Vec<LeaseKey> {
+    sent(acts)
+        .into_iter()
+        .filter_map(|m| match m {
+            Msg::JobFinished(f) => Some((f.job_id, f.attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The dispatcher's store was restored from a backup and given a new
+/// epoch: whatever the runner holds from the old one (an unacknowledged
+/// result, a running job, one not started) names jobs of another store
+/// life. All are dropped: the result is never sent and leaves the outbox,
+/// the running job is killed and its end forgotten, the queued one never
+/// starts; the same (job, attempt) assigned anew under the new epoch runs
+/// once the killed one has ended, stamped with the new epoch.
+#[test]
+fn a_welcome_with_another_epoch_drops_and_kills_what_the_old_one_assigned() {
+    let t0 = Instant::now();
+    let mut c = core(1, vec![result(9, 1, JobStatus::Passed)], t0);
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0);
+    assert_eq!(results_sent(&actions(&mut c)), [(9, 1)]);
+    c.handle(Event::Frame(assign(4, REPO)), t0);
+    c.handle(Event::Frame(assign(5, REPO)), t0);
+    assert_eq!(
+        started_jobs(&actions(&mut c)),
+        [(4, format!("{:040x}", 4), EPOCH.to_owned())],
+        "one slot: job 5 waits"
+    );
+    c.handle(dropped(), t0);
+    let t1 = t0 + Duration::from_secs(1);
+    c.handle(Event::Tick, t1);
+    let dial = actions(&mut c);
+    let hello = hello_of(&dial).expect("a dial");
+    assert_eq!(lease_keys(hello), [(4, 1), (5, 1), (9, 1)]);
+    assert_eq!(hello.epoch, EPOCH, "the leases' epoch is named");
+
+    c.handle(Event::Connected(welcome_in(EPOCH2)), t1);
+    let acts = actions(&mut c);
+    assert_eq!(
+        results_sent(&acts),
+        [],
+        "no result of the old epoch is sent"
+    );
+    assert!(
+        acts.contains(&Action::Forget {
+            job_id: 9,
+            attempt: 1
+        }),
+        "the old result leaves the outbox: {acts:?}"
+    );
+    assert!(
+        acts.iter().any(|a| matches!(
+            a,
+            Action::Cancel {
+                job_id: 4,
+                attempt: 1,
+                ..
+            }
+        )),
+        "the old epoch's running job is killed: {acts:?}"
+    );
+    assert!(started_jobs(&acts).is_empty(), "job 5 is not started");
+    assert_eq!(c.leases(), [], "nothing of the old epoch is held");
+    assert_eq!(c.epoch(), EPOCH2);
+    c.check_invariants();
+
+    // The restored store hands (4, 1) out again, for another commit,
+    // while the killed job is still ending: it waits for its slot.
+    let other = "ab".repeat(20);
+    c.handle(Event::Frame(assign_for(4, &other)), t1);
+    assert!(started_jobs(&actions(&mut c)).is_empty());
+    c.handle(
+        Event::Job(JobEvent::Finished(result(4, 1, JobStatus::Cancelled))),
+        t1,
+    );
+    let acts = actions(&mut c);
+    assert_eq!(
+        results_sent(&acts),
+        [],
+        "the killed job's end is not reported"
+    );
+    assert!(acts.contains(&Action::Forget {
+        job_id: 4,
+        attempt: 1
+    }));
+    assert_eq!(
+        started_jobs(&acts),
+        [(4, other.clone(), EPOCH2.to_owned())],
+        "the new assignment runs under the new epoch"
+    );
+    let mut finished = result(4, 1, JobStatus::Passed);
+    finished.commit = other;
+    c.handle(Event::Job(JobEvent::Finished(finished)), t1);
+    assert_eq!(results_sent(&actions(&mut c)), [(4, 1)]);
+    c.handle(dropped(), t1);
+    c.handle(Event::Tick, t1 + Duration::from_secs(1));
+    let dial = actions(&mut c);
+    let hello = hello_of(&dial).unwrap();
+    assert_eq!(
+        (lease_keys(hello), hello.epoch.as_str()),
+        (vec![(4, 1)], EPOCH2)
+    );
+}
+
+/// The restore step was forgotten: the epoch is the same, but the store
+/// hands a (job, attempt) the runner holds out again for another commit.
+/// The held one (its result unacknowledged, or its job running) belongs to
+/// the lost history and is dropped; the new assignment runs.
+#[test]
+fn an_assignment_of_a_held_lease_for_another_commit_drops_the_held_one() {
+    let t0 = Instant::now();
+    let mut c = core(1, vec![result(3, 1, JobStatus::Passed)], t0);
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0);
+    assert_eq!(results_sent(&actions(&mut c)), [(3, 1)]);
+    let other = "cd".repeat(20);
+    c.handle(Event::Frame(assign_for(3, &other)), t0);
+    let acts = actions(&mut c);
+    assert!(acts.contains(&Action::Forget {
+        job_id: 3,
+        attempt: 1
+    }));
+    assert_eq!(started_jobs(&acts), [(3, other.clone(), EPOCH.to_owned())]);
+    // The refusal of the old result (the dispatcher checks its commit)
+    // does not touch the new run.
+    c.handle(Event::Frame(ack(3, false)), t0);
+    assert!(actions(&mut c).is_empty());
+    assert_eq!(c.leases(), [(3, 1)]);
+
+    // The same for a running job: killed, then the new one starts.
+    let third = "ef".repeat(20);
+    c.handle(Event::Frame(assign_for(3, &third)), t0);
+    let acts = actions(&mut c);
+    assert!(
+        acts.iter().any(|a| matches!(
+            a,
+            Action::Cancel {
+                job_id: 3,
+                attempt: 1,
+                ..
+            }
+        )),
+        "{acts:?}"
+    );
+    assert!(started_jobs(&acts).is_empty(), "waits for the killed one");
+    c.handle(
+        Event::Job(JobEvent::Finished(result(3, 1, JobStatus::Cancelled))),
+        t0,
+    );
+    let acts = actions(&mut c);
+    assert_eq!(results_sent(&acts), []);
+    assert_eq!(started_jobs(&acts), [(3, third, EPOCH.to_owned())]);
+    c.check_invariants();
+    // The same assignment again (a resend) is not run twice.
+    c.handle(Event::Frame(assign_for(3, &"ef".repeat(20))), t0);
+    assert!(actions(&mut c).is_empty());
+}
+
+/// Results from before epochs (an unstamped outbox file) cannot be told
+/// apart: they are kept and take the first epoch welcomed with; and a
+/// dispatcher that sends no epoch (one from before epochs) changes nothing.
+#[test]
+fn results_without_an_epoch_and_dispatchers_without_one_keep_what_is_held() {
+    let t0 = Instant::now();
+    let pending = vec![Stamped {
+        result: result(8, 1, JobStatus::Passed),
+        epoch: String::new(),
+    }];
+    let mut c = RunnerCore::new(&config(1), backoff(), pending, t0);
+    let dial = actions(&mut c);
+    assert_eq!(hello_of(&dial).unwrap().epoch, "", "no epoch known yet");
+    c.handle(Event::Connected(welcome_in("")), t0);
+    assert_eq!(results_sent(&actions(&mut c)), [(8, 1)]);
+    assert_eq!(c.epoch(), "");
+    c.handle(dropped(), t0);
+    c.handle(Event::Tick, t0 + Duration::from_secs(1));
+    actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0 + Duration::from_secs(1));
+    assert_eq!(results_sent(&actions(&mut c)), [(8, 1)]);
+    assert_eq!(c.epoch(), EPOCH);
+    c.check_invariants();
 }
 
 #[test]
@@ -902,7 +1138,7 @@ fn check_action(action: &Action, core: &RunnerCore, w: &mut World) -> Result<(),
             prop_assert!(w.connected);
             w.connected = false;
         }
-        Action::Start(assign) => {
+        Action::Start { assign, .. } => {
             prop_assert!(!w.draining, "a job started during the drain");
             prop_assert_eq!(&assign.repo, REPO);
             let key = (assign.job_id, assign.attempt);
@@ -921,7 +1157,7 @@ fn check_action(action: &Action, core: &RunnerCore, w: &mut World) -> Result<(),
             );
             w.cancelled.insert((*job_id, *attempt));
         }
-        Action::Store(result) => {
+        Action::Store { result, .. } => {
             let key = (result.job_id, result.attempt);
             prop_assert!(!w.running.contains(&key) && !w.results.contains(&key));
             w.storing.insert(key, result.clone());

@@ -134,6 +134,16 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT false;
     "#,
+    // 7: the store's epoch, as in SQLite's seventh script. PostgreSQL has
+    // no random bytes without pgcrypto: two random UUIDs (244 random bits)
+    // hashed to 128.
+    r#"
+    CREATE TABLE store_epoch (
+        id              INTEGER PRIMARY KEY CHECK (id = 1),
+        epoch           TEXT    NOT NULL
+    );
+    INSERT INTO store_epoch VALUES (1, md5(gen_random_uuid()::text || gen_random_uuid()::text));
+    "#,
 ];
 
 /// Applies every script the database has not had yet. Refuses a database

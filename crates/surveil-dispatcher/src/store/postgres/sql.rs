@@ -893,3 +893,29 @@ pub async fn read_log(
     }
     Ok(Bytes::from(out))
 }
+
+pub async fn epoch(c: &Conn) -> Result<String, StoreError> {
+    let row = c
+        .query_one("SELECT epoch FROM store_epoch WHERE id = 1", &[])
+        .await
+        .ctx("reading the store epoch")?;
+    Ok(row.get(0))
+}
+
+/// Replaces the epoch unless a dispatcher holds an unexpired leader term:
+/// the restore step is for a database no dispatcher serves, and a live
+/// leader would go on handing out the old epoch. `None` when one does.
+pub async fn new_epoch(c: &Conn) -> Result<Option<String>, StoreError> {
+    let row = c
+        .query_opt(
+            "UPDATE store_epoch \
+             SET epoch = md5(gen_random_uuid()::text || gen_random_uuid()::text) \
+             WHERE id = 1 AND NOT EXISTS \
+                 (SELECT 1 FROM leader WHERE expires_at > clock_timestamp()) \
+             RETURNING epoch",
+            &[],
+        )
+        .await
+        .ctx("replacing the store epoch")?;
+    Ok(row.map(|row| row.get(0)))
+}

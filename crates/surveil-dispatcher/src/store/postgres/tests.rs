@@ -50,6 +50,14 @@ impl StoreFactory for Postgres {
         );
         Arc::new(store)
     }
+
+    async fn new_epoch(&self, place: &String) -> String {
+        let options = options(place).expect("checked by unavailable()");
+        let store = PostgresStore::open(&options).await.expect("open store");
+        let epoch = store.new_epoch().await.expect("new epoch");
+        store.close().await.expect("close");
+        epoch
+    }
 }
 
 mod conformance {
@@ -226,4 +234,25 @@ async fn credentials_are_checked_and_never_taken_from_the_url() {
     let text = err.to_string();
     assert!(text.contains("must not carry the password"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
+}
+
+/// The restore step is for a database no dispatcher serves: while one
+/// holds an unexpired term it is refused (that leader would go on handing
+/// out the old epoch), and once the term is given up it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_epoch_is_refused_while_a_dispatcher_leads() {
+    let Some(options) = fresh(Duration::from_secs(30)) else {
+        return;
+    };
+    let leader = PostgresStore::open(&options).await.unwrap();
+    assert!(leader.campaign("a", "127.0.0.1:1").await.unwrap().is_some());
+    let before = leader.epoch().await.unwrap();
+    let operator = PostgresStore::open(&options).await.unwrap();
+    let err = operator.new_epoch().await.unwrap_err();
+    assert!(err.to_string().contains("stop every dispatcher"), "{err}");
+    assert_eq!(operator.epoch().await.unwrap(), before, "unchanged");
+    leader.close().await.unwrap();
+    let after = operator.new_epoch().await.unwrap();
+    assert_ne!(after, before);
+    assert_eq!(operator.epoch().await.unwrap(), after);
 }

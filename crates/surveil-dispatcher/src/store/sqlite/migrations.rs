@@ -125,6 +125,17 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 7: the store's epoch (issue 19): a random 128-bit id, as 32 lower-case
+    // hex digits, that ties runners' results and observers' cursors to this
+    // store's life. An existing store gets one here; the restore step
+    // (`surveil-dispatcher --new-epoch`) replaces it.
+    r#"
+    CREATE TABLE store_epoch (
+        id              INTEGER PRIMARY KEY CHECK (id = 1),
+        epoch           TEXT    NOT NULL
+    );
+    INSERT INTO store_epoch VALUES (1, lower(hex(randomblob(16))));
+    "#,
 ];
 
 /// Applies every script the database has not had yet, each in its own

@@ -854,3 +854,19 @@ fn log_len(c: &Connection, id: i64, attempt: Attempt) -> Result<u64, StoreError>
         .ctx("reading a log's length")?;
     Ok(end.unwrap_or(0))
 }
+
+pub fn epoch(c: &Connection) -> Result<String, StoreError> {
+    c.query_row("SELECT epoch FROM store_epoch WHERE id = 1", [], |row| {
+        row.get(0)
+    })
+    .ctx("reading the store epoch")
+}
+
+pub fn new_epoch(c: &Connection) -> Result<String, StoreError> {
+    c.query_row(
+        "UPDATE store_epoch SET epoch = lower(hex(randomblob(16))) WHERE id = 1 RETURNING epoch",
+        [],
+        |row| row.get(0),
+    )
+    .ctx("replacing the store epoch")
+}

@@ -26,6 +26,13 @@ impl StoreFactory for Sqlite {
     async fn open(&self, place: &TempDir) -> Arc<dyn JobStore> {
         Arc::new(SqliteStore::open(place.path()).expect("open store"))
     }
+
+    async fn new_epoch(&self, place: &TempDir) -> String {
+        let store = SqliteStore::open(place.path()).expect("open store");
+        let epoch = store.new_epoch().await.expect("new epoch");
+        store.close().await.expect("close");
+        epoch
+    }
 }
 
 mod conformance {
@@ -197,6 +204,33 @@ async fn jobs_from_before_refs_get_their_branch_ref() {
         (jobs[0].ref_name.as_str(), jobs[0].pull_request),
         ("refs/heads/release/1", None)
     );
+}
+
+/// A store made before epochs (schema version 6) gets one when it is
+/// migrated, and keeps it from then on.
+#[tokio::test]
+async fn a_store_from_before_epochs_gets_one_at_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let tx = conn.transaction().unwrap();
+        for script in &MIGRATIONS[..6] {
+            tx.execute_batch(script).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 6).unwrap();
+        tx.commit().unwrap();
+    }
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let epoch = store.epoch().await.unwrap();
+    assert_eq!(epoch.len(), 32);
+    assert!(
+        epoch
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
+    store.close().await.unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(store.epoch().await.unwrap(), epoch);
 }
 
 #[tokio::test]

@@ -155,6 +155,10 @@ impl JobStore for MeteredStore {
         self.inner.unfinished()
     }
 
+    fn epoch(&self) -> StoreFuture<'_, String> {
+        self.inner.epoch()
+    }
+
     fn close(&self) -> StoreFuture<'_, ()> {
         self.inner.close()
     }

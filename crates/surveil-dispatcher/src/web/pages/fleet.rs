@@ -1,5 +1,5 @@
 //! The runners page (name, address, slots, running jobs, last seen,
-//! labels, repositories) and the status page (version, uptime, queue,
+//! health, labels, repositories) and the status page (version, uptime, queue,
 //! supervisor restarts and counters).
 
 use std::sync::Arc;
@@ -20,7 +20,7 @@ pub async fn runners(State(app): State<Arc<App>>, headers: HeaderMap) -> PageRes
         h1 { "Runners " span.count { (runners.len()) } }
         @if runners.is_empty() { p.muted { "No runner is connected." } } @else {
             div.scroll { table #runners {
-                thead { tr { th { "Name" } th { "Address" } th { "Slots" } th { "Running" } th { "Last seen" } th { "Labels" } th { "Repositories" } } }
+                thead { tr { th { "Name" } th { "Address" } th { "Slots" } th { "Running" } th { "Last seen" } th { "Health" } th { "Labels" } th { "Repositories" } } }
                 tbody { @for r in &runners {
                     tr {
                         td { strong { (r.name) } }
@@ -30,6 +30,12 @@ pub async fn runners(State(app): State<Arc<App>>, headers: HeaderMap) -> PageRes
                             @if i > 0 { ", " } a href={ "/jobs/" (j) } { "#" (j) }
                         } }
                         td { (ago(r.last_seen_ms, now)) }
+                        td.health { @if let Some(until) = r.quarantined_until_ms {
+                            strong { "quarantined" } " for " (duration(until.saturating_sub(now)))
+                            " (" (r.infra_failures) " infrastructure failures)"
+                        } @else if r.infra_failures > 0 {
+                            (r.infra_failures) " infrastructure failure(s)"
+                        } @else { "ok" } }
                         td { (r.labels.join(", ")) }
                         td.repo { (r.repos.join(", ")) }
                     }
@@ -53,6 +59,7 @@ pub async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> PageResu
             dt { "Jobs running" } dd { (s.running) }
             dt { "Reassignments" } dd { (s.reassignments) }
             dt { "Refused results" } dd { (s.refused_results) }
+            dt { "Quarantined runners" } dd { (s.quarantined) }
         }
         h2 { "Supervisor restarts" }
         div.scroll { table {
