@@ -87,11 +87,16 @@ fn pipeline(gate: &Path) -> String {
 }
 
 /// The printed lines of a job's log (not the runner's SYSTEM lines, which
-/// echo the command).
+/// echo the command), whole lines only: read mid-stream, the log may end
+/// inside a line where a chunk ended.
 fn printed(s: &Scene, id: u64) -> Vec<String> {
     let text = ok_stdout(&s.cli(&["logs", &id.to_string()]));
-    text.lines()
-        .filter(|l| l.starts_with("line-") && l.as_bytes().get(5).is_some_and(u8::is_ascii_digit))
+    text.split_inclusive('\n')
+        .filter(|l| {
+            l.ends_with('\n')
+                && l.starts_with("line-")
+                && l.as_bytes().get(5..11).is_some_and(|n| n.iter().all(u8::is_ascii_digit))
+        })
         .map(|l| l[..11].to_owned())
         .collect()
 }
