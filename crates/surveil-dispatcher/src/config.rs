@@ -344,23 +344,9 @@ impl Cli {
     }
 }
 
-fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Option<Config> {
-    check_intervals(cli, problems);
-    if cli.max_attempts == 0 {
-        problems.push("--max-attempts must be at least 1".to_owned());
-    }
-    if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&cli.max_frame) {
-        problems.push(format!(
-            "--max-frame must be between {MIN_MAX_FRAME} bytes and {MAX_MAX_FRAME} bytes (got {})",
-            cli.max_frame
-        ));
-    }
-    if cli.job_timeout < Duration::from_secs(1) {
-        problems.push(format!(
-            "--job-timeout must be at least 1s (got {:?})",
-            cli.job_timeout
-        ));
-    }
+/// The limits on what fails: the store's writes (in a row, or one stalled)
+/// and a runner's infrastructure (quarantine).
+fn check_failure_limits(cli: &Cli, problems: &mut Vec<String>) {
     if cli.max_store_failures == 0 {
         problems.push("--max-store-failures must be at least 1".to_owned());
     }
@@ -384,6 +370,26 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
             cli.quarantine_for
         ));
     }
+}
+
+fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Option<Config> {
+    check_intervals(cli, problems);
+    if cli.max_attempts == 0 {
+        problems.push("--max-attempts must be at least 1".to_owned());
+    }
+    if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&cli.max_frame) {
+        problems.push(format!(
+            "--max-frame must be between {MIN_MAX_FRAME} bytes and {MAX_MAX_FRAME} bytes (got {})",
+            cli.max_frame
+        ));
+    }
+    if cli.job_timeout < Duration::from_secs(1) {
+        problems.push(format!(
+            "--job-timeout must be at least 1s (got {:?})",
+            cli.job_timeout
+        ));
+    }
+    check_failure_limits(cli, problems);
     if cli.max_connections == 0 {
         problems.push("--max-connections must be at least 1".to_owned());
     }

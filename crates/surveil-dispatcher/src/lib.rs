@@ -316,6 +316,18 @@ pub(crate) fn authenticator(config: &Config) -> anyhow::Result<auth::Authenticat
     .context("--tokens-file")
 }
 
+/// The scheduler's part of `config`.
+fn scheduler_config(config: &Config) -> SchedulerConfig {
+    SchedulerConfig {
+        runner_timeout: config.runner_timeout,
+        disconnect_grace: config.disconnect_grace,
+        max_attempts: config.max_attempts,
+        job_timeout: config.job_timeout,
+        quarantine_after: config.quarantine_after,
+        quarantine_for: config.quarantine_for,
+    }
+}
+
 /// Serves as the leader on `store` until `shutdown`; `leader` is the term
 /// it serves under (a PostgreSQL store), shown by `status`.
 pub(crate) async fn serve_on(
@@ -330,14 +342,7 @@ pub(crate) async fn serve_on(
     let local_addr = listener
         .local_addr()
         .context("reading the listener's address")?;
-    let sched = SchedulerConfig {
-        runner_timeout: config.runner_timeout,
-        disconnect_grace: config.disconnect_grace,
-        max_attempts: config.max_attempts,
-        job_timeout: config.job_timeout,
-        quarantine_after: config.quarantine_after,
-        quarantine_for: config.quarantine_for,
-    };
+    let sched = scheduler_config(&config);
     let metrics = web::Metrics::new();
     let health = Arc::new(health::StoreHealth::new(
         config.max_store_failures,

@@ -95,7 +95,9 @@ fn printed(s: &Scene, id: u64) -> Vec<String> {
         .filter(|l| {
             l.ends_with('\n')
                 && l.starts_with("line-")
-                && l.as_bytes().get(5..11).is_some_and(|n| n.iter().all(u8::is_ascii_digit))
+                && l.as_bytes()
+                    .get(5..11)
+                    .is_some_and(|n| n.iter().all(u8::is_ascii_digit))
         })
         .map(|l| l[..11].to_owned())
         .collect()
