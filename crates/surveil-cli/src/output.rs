@@ -1045,7 +1045,7 @@ mod tests {
         let text = serde_json::to_string(&StatusJson::from(&reply)).unwrap();
         assert!(
             text.ends_with(&format!(
-                r#""refused_results":1,"epoch":"{}"}}"#,
+                r#""refused_results":1,"quarantined":0,"epoch":"{}"}}"#,
                 "ab".repeat(16)
             )),
             "{text}"
