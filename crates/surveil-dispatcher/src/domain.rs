@@ -335,6 +335,9 @@ pub struct Job {
     /// A cancel was asked while it ran and its runner has not answered yet
     /// (recovery tells the runner again).
     pub cancel_requested: bool,
+    /// Attempts of the current run that runners handed back without a
+    /// result (a drain): they do not count against `--max-attempts`.
+    pub handed_back: u32,
 }
 
 /// One attempt of a job, as recorded: who ran it and how it ended.
@@ -569,6 +572,8 @@ pub struct RunnerView {
     pub quarantined_until_ms: Option<u64>,
     /// Infrastructure failures in a row reported under its name.
     pub infra_failures: u32,
+    /// It is draining (shutting down): it gets no new job.
+    pub draining: bool,
 }
 
 /// The dispatcher's health and counters, as `status` shows them.
@@ -592,6 +597,8 @@ pub struct StatusView {
     pub refused_results: u64,
     /// Connected runners quarantined now after infrastructure failures.
     pub quarantined: u32,
+    /// Connected runners draining now.
+    pub draining: u32,
     /// With a PostgreSQL store: who leads. `None` with SQLite.
     pub leader: Option<LeaderView>,
     /// The store's epoch (empty on a standby).
@@ -640,6 +647,15 @@ pub enum WaitReason {
         /// The quarantined ones among them, by name.
         quarantined: Vec<String>,
     },
+    /// No runner that builds the repository may take it now: some are
+    /// draining (shutting down; they sent `Drain`), the others (if any)
+    /// have all their slots taken.
+    Draining {
+        /// How many runners build it.
+        matching: u32,
+        /// The draining ones among them, by name.
+        draining: Vec<String>,
+    },
     /// A runner has a free slot: the next assignment pass takes the job
     /// (older jobs for the same runners go first).
     Assigning,
@@ -681,17 +697,35 @@ impl WaitReason {
                     )
                 }
             }
+            WaitReason::Draining { matching, draining } => {
+                let names = draining.join(", ");
+                let d = draining.len();
+                let rest = (*matching as usize).saturating_sub(d);
+                let (was, plural) = if d == 1 { ("is", "") } else { ("are", "s") };
+                if rest == 0 {
+                    format!(
+                        "the runner{plural} that build{} it ({names}) {was} draining (shutting down)",
+                        if d == 1 { "s" } else { "" }
+                    )
+                } else {
+                    format!(
+                        "runner{plural} {names} {was} draining (shutting down); the other {rest} that build it {} busy",
+                        if rest == 1 { "is" } else { "are" }
+                    )
+                }
+            }
             WaitReason::Assigning => "a runner is free: being assigned".to_owned(),
         }
     }
 
     /// A stable machine-readable code (`no_runner`, `all_busy`,
-    /// `quarantined`, `assigning`) for the JSON API.
+    /// `quarantined`, `draining`, `assigning`) for the JSON API.
     pub fn code(&self) -> &'static str {
         match self {
             WaitReason::NoRunner { .. } => "no_runner",
             WaitReason::AllBusy { .. } => "all_busy",
             WaitReason::Quarantined { .. } => "quarantined",
+            WaitReason::Draining { .. } => "draining",
             WaitReason::Assigning => "assigning",
         }
     }
@@ -759,6 +793,19 @@ pub enum RunnerReport {
         attempt: Attempt,
         /// The bytes and where they go.
         chunk: LogChunk,
+    },
+    /// The runner started draining (`Drain`): it takes no new job.
+    Draining,
+    /// The runner gave the attempt back without a result (`HandBack`).
+    HandBack {
+        /// The job.
+        job: JobId,
+        /// The attempt.
+        attempt: Attempt,
+        /// Whether it had started (and was cut off).
+        started: bool,
+        /// Why, from the runner.
+        reason: String,
     },
     /// The attempt ended.
     Finished {

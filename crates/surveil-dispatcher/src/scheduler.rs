@@ -40,6 +40,14 @@
 //! failure does (a dispatcher restart forgets it too). "After a scheduling
 //! pass no queued job has an idle matching runner" counts only runners not
 //! quarantined.
+//!
+//! Drains: a runner that sends `Drain` ([`Scheduler::handle_runner_draining`])
+//! gets no new job for the rest of its session, and is not counted as idle
+//! either. Leases it gives back without a result
+//! ([`Scheduler::handle_hand_back`]: never started, or cut off by its drain
+//! deadline) queue their job again at once, and those attempts do not count
+//! against `max_attempts` (`JobSpec::handed_back`): a rolling restart of
+//! the fleet burns no job's attempts and ends none `cancelled`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -100,12 +108,19 @@ pub struct JobSpec {
     /// The last attempt before its latest rerun (0 when never rerun): only
     /// attempts after it count against `max_attempts`.
     pub rerun_base: Attempt,
+    /// Attempts of the current run handed back by draining runners: they
+    /// do not count against `max_attempts` either.
+    pub handed_back: u32,
 }
 
 impl JobSpec {
-    /// Attempts of the current run so far (lost ones, while it is queued).
+    /// Attempts of the current run so far that count (lost ones, while it
+    /// is queued): not those handed back by a draining runner.
     fn run_attempts(&self) -> u32 {
-        self.attempt.0.saturating_sub(self.rerun_base.0)
+        self.attempt
+            .0
+            .saturating_sub(self.rerun_base.0)
+            .saturating_sub(self.handed_back)
     }
 }
 
@@ -132,7 +147,8 @@ pub enum Effect {
         /// The attempt to stop.
         attempt: Attempt,
     },
-    /// Record that the job is queued again (its attempt was lost).
+    /// Record that the job is queued again (its attempt was lost, or
+    /// handed back).
     Requeue {
         /// The job.
         job: JobId,
@@ -140,6 +156,9 @@ pub enum Effect {
         attempt: Attempt,
         /// Why, for the job's log and the dispatcher's log.
         reason: String,
+        /// Its runner handed it back (a drain): the attempt does not count
+        /// against `max_attempts`, and the store keeps that count.
+        handed_back: bool,
     },
     /// Record the job's final status (cancelled, or error after too many
     /// lost attempts). Results reported by runners are recorded by the
@@ -235,6 +254,8 @@ pub struct ConnectedRunner {
     pub quarantined_until: Option<Instant>,
     /// Infrastructure failures in a row under its name.
     pub infra_failures: u32,
+    /// It is draining (it sent `Drain`): it gets no new job.
+    pub draining: bool,
 }
 
 /// A runner name's record of infrastructure failures, kept across its
@@ -261,6 +282,8 @@ struct Runner {
     labels: Vec<String>,
     last_seen: Instant,
     leases: BTreeSet<JobId>,
+    /// It sent `Drain`: no new job for this session.
+    draining: bool,
 }
 
 impl Runner {
@@ -421,6 +444,7 @@ impl Scheduler {
                 repos: r.repos.iter().cloned().collect(),
                 quarantined_until: self.quarantined_until(&r.name),
                 infra_failures: self.health.get(&r.name).map_or(0, |h| h.failures),
+                draining: r.draining,
             })
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
@@ -444,10 +468,15 @@ impl Scheduler {
         self.quarantined_until(name).is_some()
     }
 
-    /// Whether the runner may be given a job now: a free slot, and not
-    /// quarantined.
+    /// Connected runners draining now.
+    pub fn draining_count(&self) -> usize {
+        self.runners.values().filter(|r| r.draining).count()
+    }
+
+    /// Whether the runner may be given a job now: a free slot, not
+    /// draining and not quarantined.
     fn can_take(&self, r: &Runner) -> bool {
-        r.free_slots() > 0 && !self.is_quarantined(&r.name)
+        r.free_slots() > 0 && !r.draining && !self.is_quarantined(&r.name)
     }
 
     /// Why each queued job waits, oldest first: from the runners connected
@@ -461,11 +490,15 @@ impl Scheduler {
             .map(|(id, j)| {
                 let repo = j.spec.repo.as_str();
                 let (mut matching, mut slots, mut free) = (0u32, 0u32, 0usize);
-                let mut quarantined = Vec::new();
+                let (mut quarantined, mut draining) = (Vec::new(), Vec::new());
                 for r in self.runners.values().filter(|r| r.repos.contains(repo)) {
                     matching += 1;
                     if self.is_quarantined(&r.name) {
                         quarantined.push(r.name.clone());
+                        continue;
+                    }
+                    if r.draining {
+                        draining.push(r.name.clone());
                         continue;
                     }
                     slots = slots.saturating_add(r.slots);
@@ -481,6 +514,9 @@ impl Scheduler {
                         matching,
                         quarantined,
                     }
+                } else if !draining.is_empty() {
+                    draining.sort();
+                    WaitReason::Draining { matching, draining }
                 } else {
                     WaitReason::AllBusy { matching, slots }
                 };
@@ -580,7 +616,10 @@ impl Scheduler {
     /// a concurrent submit already re-queued gets the rerun's budget.
     pub fn handle_rerun(&mut self, spec: JobSpec, _now: Instant) {
         match self.jobs.get_mut(&spec.id) {
-            Some(j) if j.state == JobState::Queued => j.spec.rerun_base = spec.rerun_base,
+            Some(j) if j.state == JobState::Queued => {
+                j.spec.rerun_base = spec.rerun_base;
+                j.spec.handed_back = spec.handed_back;
+            }
             Some(_) => {}
             None => self.insert_queued(spec),
         }
@@ -691,6 +730,7 @@ impl Scheduler {
                 labels,
                 last_seen: now,
                 leases: kept.clone(),
+                draining: false,
             },
         );
         self.names.insert(name.clone(), session);
@@ -789,6 +829,70 @@ impl Scheduler {
             }
             None => false,
         }
+    }
+
+    /// The runner sent `Drain`: it gets no new job for the rest of this
+    /// session (a reconnect while it still drains says so again). Returns
+    /// whether it was not draining yet.
+    pub fn handle_runner_draining(&mut self, session: SessionId, now: Instant) -> bool {
+        self.handle_frame(session, now);
+        match self.runners.get_mut(&session) {
+            Some(r) if !r.draining => {
+                r.draining = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The runner gave back `attempt` of `job` without a result (it never
+    /// started it, or its drain cut it off). Only the session holding the
+    /// live lease may: then the job is queued again at once, its runner's
+    /// slot is free, and the attempt does not count against
+    /// `max_attempts` (a cancel asked meanwhile ends it `cancelled`).
+    /// Anything else is ignored (a stale or foreign lease). Returns whether
+    /// the lease was given back.
+    pub fn handle_hand_back(
+        &mut self,
+        session: SessionId,
+        job: JobId,
+        attempt: Attempt,
+        reason: &str,
+        now: Instant,
+    ) -> bool {
+        self.handle_frame(session, now);
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return false;
+        };
+        if j.spec.attempt != attempt || j.state != (JobState::Leased { session }) {
+            return false;
+        }
+        if let Some(r) = self.runners.get_mut(&session) {
+            r.leases.remove(&job);
+        }
+        if j.cancel_requested {
+            self.jobs.remove(&job);
+            self.emit(Effect::Finish {
+                job,
+                status: FinalStatus::Cancelled,
+                message: format!("cancelled by a user; its runner gave it back ({reason})"),
+            });
+            return true;
+        }
+        j.spec.handed_back = j.spec.handed_back.saturating_add(1);
+        j.state = JobState::Queued;
+        j.deadline = None;
+        j.timed_out = false;
+        j.log_gap = None;
+        self.queue.insert(job);
+        self.reassignments += 1;
+        self.emit(Effect::Requeue {
+            job,
+            attempt,
+            reason: reason.to_owned(),
+            handed_back: true,
+        });
+        true
     }
 
     /// Expires runners silent for a runner timeout (disconnecting them and
@@ -970,6 +1074,7 @@ impl Scheduler {
                 job,
                 attempt,
                 reason: reason.to_owned(),
+                handed_back: false,
             });
             false
         }
@@ -1365,7 +1470,7 @@ impl Scheduler {
         let mut free: usize = self
             .runners
             .values()
-            .filter(|r| !self.is_quarantined(&r.name))
+            .filter(|r| !r.draining && !self.is_quarantined(&r.name))
             .map(Runner::free_slots)
             .sum();
         let queued: Vec<JobId> = self.queue.iter().copied().collect();

@@ -309,6 +309,7 @@ impl Service {
                     commit: j.commit.clone(),
                     attempt: j.attempt,
                     rerun_base: j.rerun_base,
+                    handed_back: 0,
                 };
                 self.with_sched(|s| s.handle_rerun(spec, now()));
                 self.notifier.event(|| Event::Job {
@@ -419,6 +420,7 @@ impl Service {
                     wall.saturating_add(ms(until.saturating_duration_since(at)).max(1))
                 }),
                 infra_failures: r.infra_failures,
+                draining: r.draining,
                 name: r.name,
                 addr: r.addr,
                 slots: r.slots,
@@ -431,14 +433,15 @@ impl Service {
 
     /// The dispatcher's counters.
     pub fn status(&self) -> StatusView {
-        let (runners, (queued, running), reassignments, quarantined) = self.with_sched(|s| {
-            (
-                s.runner_count(),
-                s.counts(),
-                s.reassignments(),
-                s.quarantined_count(),
-            )
-        });
+        let (runners, (queued, running), reassignments, (quarantined, draining)) =
+            self.with_sched(|s| {
+                (
+                    s.runner_count(),
+                    s.counts(),
+                    s.reassignments(),
+                    (s.quarantined_count(), s.draining_count()),
+                )
+            });
         StatusView {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s: self.started.elapsed().as_secs(),
@@ -452,6 +455,7 @@ impl Service {
             reassignments,
             refused_results: self.refused_results.load(Ordering::Relaxed),
             quarantined: u32::try_from(quarantined).unwrap_or(u32::MAX),
+            draining: u32::try_from(draining).unwrap_or(u32::MAX),
             leader: lock(&self.leader).clone(),
             epoch: self.epoch.clone(),
             store_healthy: self.health.get().is_none_or(|h| h.healthy()),

@@ -195,6 +195,17 @@ pub trait JobStore: Send + Sync + 'static {
     /// unless the job is running at `attempt`.
     fn requeue<'a>(&'a self, job: JobId, attempt: Attempt, reason: &'a str) -> StoreFuture<'a, ()>;
 
+    /// [`requeue`](Self::requeue) for an attempt its runner handed back
+    /// without a result (it drained): the job's `handed_back` count grows
+    /// by one, so the attempt does not count against `--max-attempts`. A
+    /// no-op unless the job is running at `attempt`.
+    fn hand_back<'a>(
+        &'a self,
+        job: JobId,
+        attempt: Attempt,
+        reason: &'a str,
+    ) -> StoreFuture<'a, ()>;
+
     /// Ends a job without a runner's result (`error` after too many lost
     /// runners, `cancelled`). A no-op if the job is already final. A live
     /// attempt is ended with `message`, so its late result is

@@ -136,6 +136,17 @@ pub fn runner_report(msg: Msg) -> Result<RunnerReport, FrameError> {
         }),
         Msg::Log(log) => log_report(log),
         Msg::JobFinished(finished) => result_report(finished),
+        Msg::Drain(_) => Ok(RunnerReport::Draining),
+        Msg::HandBack(h) => Ok(RunnerReport::HandBack {
+            job: JobId(h.job_id),
+            attempt: Attempt(h.attempt),
+            started: h.started,
+            reason: if h.reason.trim().is_empty() {
+                "its runner handed it back".to_owned()
+            } else {
+                h.reason
+            },
+        }),
         Msg::Error(err) => Err(FrameError::Peer(format!(
             "runner reported an error: {}",
             err.message
@@ -166,7 +177,7 @@ pub fn runner_report(msg: Msg) -> Result<RunnerReport, FrameError> {
         | Msg::RerunJobReply(_)
         | Msg::Prune(_)
         | Msg::PruneReply(_)) => Err(protocol(format!(
-            "a runner may not send {}; runners send Pong, Started, Log and JobFinished",
+            "a runner may not send {}; runners send Pong, Started, Log, JobFinished, Drain and HandBack",
             other.name()
         ))),
     }
@@ -357,6 +368,8 @@ pub fn client_request(role: Role, msg: Msg) -> Result<ClientRequest, FrameError>
         | Msg::JobFinished(_)
         | Msg::ResultAck(_)
         | Msg::Resend(_)
+        | Msg::Drain(_)
+        | Msg::HandBack(_)
         | Msg::ListJobsReply(_)
         | Msg::GetJobReply(_)
         | Msg::ReadLogReply(_)
@@ -658,6 +671,7 @@ pub fn runners_reply(runners: Vec<RunnerView>) -> proto::ListRunnersReply {
                 identity: r.identity,
                 quarantined_until_ms: r.quarantined_until_ms.unwrap_or(0),
                 infra_failures: r.infra_failures,
+                draining: r.draining,
             })
             .collect(),
     }
@@ -675,6 +689,7 @@ pub fn status_reply(status: StatusView) -> proto::GetStatusReply {
         reassignments: status.reassignments,
         refused_results: status.refused_results,
         quarantined: status.quarantined,
+        draining: status.draining,
         leader_addr: status
             .leader
             .as_ref()

@@ -47,6 +47,8 @@ arms!(
     JobFinished,
     ResultAck,
     Resend,
+    Drain,
+    HandBack,
     ListJobs,
     ListJobsReply,
     GetJob,

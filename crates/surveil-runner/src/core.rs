@@ -9,16 +9,20 @@
 //! [`RunnerCore::poll_action`], and sleeps until [`RunnerCore::deadline`].
 //! Everything here is decided in microseconds and tested without sockets.
 //!
-//! Drain (first shutdown signal): the protocol has no "draining" message
-//! yet, and closing the connection would revoke the running jobs' leases at
-//! once. So the runner stays connected, lets running jobs finish (up to the
-//! drain timeout, then cancels them and reports `cancelled`), and starts no
-//! job it has not started yet, including an `Assign` that arrives during
-//! the drain. Those are never reported: reporting them `cancelled` or
-//! `error` would be a final verdict on a job that never ran. When the
-//! runner then disconnects, the dispatcher revokes their leases and queues
-//! them again, so they are neither lost nor wrongly failed. A "draining"
-//! message, when the protocol gains one, is sent from `RunnerCore::drain`.
+//! Drain (first shutdown signal): the runner tells the dispatcher with
+//! `Drain` (again after every reconnect while it drains), so it is given no
+//! new job; it stays connected, because closing the connection would
+//! revoke the running jobs' leases. Running jobs may finish within the
+//! drain timeout. Every lease it will not run to the end it hands back
+//! (`HandBack`) instead of reporting a verdict on a job that did not fail:
+//! those not started yet (queued behind busy slots, or an `Assign` that
+//! crossed the `Drain`) at once, and those still running at the drain
+//! deadline (or at a second signal) once they have been killed. The
+//! dispatcher queues them again for another runner without counting the
+//! attempt. A job that finished on its own while being killed is reported
+//! as it ended. A hand-back that cannot be sent (no connection) is not
+//! kept: the lease then expires at the dispatcher like any lost one, and
+//! the job is queued again all the same.
 //!
 //! Store epochs: every lease and result belongs to the store epoch
 //! (`Welcome.epoch`) it was assigned under, and the `Hello` names it. A
@@ -48,8 +52,8 @@ use std::time::{Duration, Instant};
 
 use surveil_common::{Backoff, Secret};
 use surveil_proto::{
-    Assign, Envelope, Hello, JobFinished, JobStatus, Lease, Log, Msg, Pong, Resend, Role, Started,
-    Stream, Welcome,
+    Assign, Drain, Envelope, HandBack, Hello, JobFinished, JobStatus, Lease, Log, Msg, Pong,
+    Resend, Role, Started, Stream, Welcome,
 };
 
 use crate::Config;
@@ -267,6 +271,9 @@ pub struct RunnerCore {
     /// of such being stored: their end is forgotten, never reported. They
     /// still take their slot until they end.
     abandoned: BTreeSet<LeaseKey>,
+    /// Running jobs being killed because the shutdown cut them off: their
+    /// end is handed back, not reported.
+    cut_off: BTreeSet<LeaseKey>,
     actions: VecDeque<Action>,
 }
 
@@ -305,6 +312,7 @@ impl RunnerCore {
             resends: BTreeMap::new(),
             epoch,
             abandoned: BTreeSet::new(),
+            cut_off: BTreeSet::new(),
             actions: VecDeque::new(),
         };
         core.advance(now);
@@ -437,6 +445,9 @@ impl RunnerCore {
         for key in all {
             assert!(seen.insert(key), "lease {key:?} held twice");
         }
+        for key in &self.cut_off {
+            assert!(self.running.contains_key(key), "cut-off {key:?} not running");
+        }
         if self.phase == Phase::Done {
             assert!(self.running.is_empty(), "done with jobs running");
             assert!(self.storing.is_empty(), "done with results being stored");
@@ -492,6 +503,9 @@ impl RunnerCore {
             self.enter_epoch(&welcome.epoch);
         }
         self.resend();
+        if self.phase != Phase::Serving {
+            self.announce_drain(now);
+        }
     }
 
     /// Welcomed under `epoch`: everything held from another epoch is
@@ -558,6 +572,7 @@ impl RunnerCore {
     /// Kills a running job whose lease is dropped; its end is not reported.
     fn abandon(&mut self, key: LeaseKey, what: &str, old: &str, epoch: &str) {
         self.running.remove(&key);
+        self.cut_off.remove(&key);
         self.abandoned.insert(key);
         self.drop_lease(key, what, old, epoch);
         self.actions.push_back(Action::Cancel {
@@ -731,9 +746,9 @@ impl RunnerCore {
             return;
         }
         if self.phase != Phase::Serving {
-            tracing::info!(
-                "assignment during drain: not started; the dispatcher requeues it when this runner disconnects"
-            );
+            tracing::info!("assignment during drain: handed back, not started");
+            self.hand_back(key, false, "assigned while it drained; never started");
+            return;
         }
         self.queued.push_back(assign);
     }
@@ -982,7 +997,18 @@ impl RunnerCore {
                     });
                     return;
                 }
+                let cut_off = self.cut_off.remove(&key);
                 self.running.remove(&key);
+                if cut_off && result.status == JobStatus::Cancelled as i32 {
+                    self.retained.remove(&key);
+                    self.resends.remove(&key);
+                    self.actions.push_back(Action::Forget {
+                        job_id: key.0,
+                        attempt: key.1,
+                    });
+                    self.hand_back(key, true, &result.message);
+                    return;
+                }
                 self.storing.remove(&key);
                 // Even a lease the core did not know: the result is in the
                 // outbox, and losing it is the one thing not allowed.
@@ -1013,6 +1039,61 @@ impl RunnerCore {
             deadline: Some(now + self.drain_timeout),
             immediate: false,
         };
+        self.announce_drain(now);
+    }
+
+    /// Tells the dispatcher the runner drains (it assigns nothing more) and
+    /// hands back the leases not started: on entering the drain, and on
+    /// every connection made during it.
+    fn announce_drain(&mut self, now: Instant) {
+        if !self.is_connected() {
+            return;
+        }
+        let deadline_ms = match self.phase {
+            Phase::Draining {
+                deadline: Some(deadline),
+                ..
+            } => u64::try_from(deadline.saturating_duration_since(now).as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            _ => 0,
+        };
+        self.send(Drain { deadline_ms });
+        for assign in std::mem::take(&mut self.queued) {
+            let key = (assign.job_id, assign.attempt);
+            if self.abandoned.contains(&key) {
+                self.queued.push_back(assign);
+                continue;
+            }
+            self.hand_back(key, false, "never started");
+        }
+    }
+
+    /// Gives a lease back to the dispatcher without a result. The core
+    /// holds it no longer, sent or not (see the module documentation).
+    fn hand_back(&mut self, key: LeaseKey, started: bool, what: &str) {
+        let reason = format!("runner {} shutting down: {what}", self.hello.name);
+        let sent = self.send(HandBack {
+            job_id: key.0,
+            attempt: key.1,
+            started,
+            reason,
+        });
+        if sent {
+            tracing::info!(
+                job = key.0,
+                attempt = key.1,
+                started,
+                "lease handed back to the dispatcher, which queues the job again"
+            );
+        } else {
+            tracing::warn!(
+                job = key.0,
+                attempt = key.1,
+                started,
+                "not connected: the lease is given up; the dispatcher queues the job again when it expires"
+            );
+        }
     }
 
     /// The second shutdown signal: running jobs are cancelled at once.
@@ -1033,8 +1114,11 @@ impl RunnerCore {
         }
     }
 
+    /// Kills every running job for the shutdown: their ends are handed
+    /// back (see the module documentation).
     fn cancel_all(&mut self, reason: &str) {
         for &(job_id, attempt) in self.running.keys() {
+            self.cut_off.insert((job_id, attempt));
             self.actions.push_back(Action::Cancel {
                 job_id,
                 attempt,

@@ -50,6 +50,7 @@ fn job(id: u64, repo: &str) -> JobSpec {
         commit: CommitId::parse(&format!("{id:040x}")).unwrap(),
         attempt: a(0),
         rerun_base: a(0),
+        handed_back: 0,
     }
 }
 
@@ -624,7 +625,7 @@ fn a_runner_that_does_not_reconnect_within_the_grace_has_its_job_moved() {
     assert!(
         effects.iter().any(|e| matches!(
             e,
-            Effect::Requeue { job: JobId(1), attempt: Attempt(1), reason }
+            Effect::Requeue { job: JobId(1), attempt: Attempt(1), reason, .. }
                 if reason.contains("runner a did not come back within 200ms")
         )),
         "{effects:?}"
@@ -730,6 +731,16 @@ enum Event {
     Cancel {
         job: usize,
     },
+    /// The runner sent `Drain`.
+    Drain {
+        name: usize,
+    },
+    /// The runner handed a lease back.
+    HandBack {
+        name: usize,
+        job: usize,
+        delta: i8,
+    },
     Restart,
 }
 
@@ -750,6 +761,9 @@ fn event() -> impl Strategy<Value = Event> {
         1 => (0..NAMES.len(), 0usize..8, -1i8..2)
             .prop_map(|(name, job, delta)| Event::Started { name, job, delta }),
         1 => (0usize..8).prop_map(|job| Event::Cancel { job }),
+        1 => (0..NAMES.len()).prop_map(|name| Event::Drain { name }),
+        2 => (0..NAMES.len(), 0usize..8, -1i8..2)
+            .prop_map(|(name, job, delta)| Event::HandBack { name, job, delta }),
         1 => Just(Event::Restart),
     ]
 }
@@ -771,6 +785,8 @@ struct Model {
     writing: Vec<(JobId, Attempt, FinalStatus)>,
     /// Assignments emitted whose store write the test may still fail.
     assigning: Vec<(JobId, Attempt)>,
+    /// Sessions that sent `Drain`: none may be given a job.
+    draining: std::collections::BTreeSet<SessionId>,
 }
 
 impl Model {
@@ -778,8 +794,15 @@ impl Model {
         for e in effects {
             match e {
                 Effect::Assign {
-                    assignment, runner, ..
+                    assignment,
+                    runner,
+                    session,
                 } => {
+                    prop_assert!(
+                        !self.draining.contains(&session),
+                        "assigned to draining session {}",
+                        session
+                    );
                     let (job, attempt) = (assignment.job, assignment.attempt);
                     self.holders.insert(job, runner);
                     let prev = self.assigned.insert(job, attempt).unwrap_or(a(0));
@@ -1058,6 +1081,27 @@ fn step(
         Event::Cancel { job } => {
             s.handle_cancel(j(job as u64 + 1), *now);
         }
+        Event::Drain { name } => {
+            if let Some(session) = m.sessions.get(&name) {
+                s.handle_runner_draining(*session, *now);
+                m.draining.insert(*session);
+            }
+        }
+        Event::HandBack { name, job, delta } => {
+            let session = m.sessions.get(&name).copied().unwrap_or(sid(999));
+            let id = j(job as u64 + 1);
+            let attempt = m.attempt_of(id, delta);
+            m.absorb(s.drain_effects())?;
+            let accepted = s.handle_hand_back(session, id, attempt, "draining", *now);
+            if accepted {
+                prop_assert_eq!(m.live.get(&id), Some(&attempt));
+                prop_assert_eq!(m.holders.get(&id).map(String::as_str), Some(NAMES[name]));
+                prop_assert!(
+                    !m.writing.iter().any(|w| w.0 == id),
+                    "a finishing job was handed back"
+                );
+            }
+        }
         Event::Restart => restart(s, m, *now)?,
     }
     Ok(())
@@ -1171,3 +1215,4 @@ fn an_attempt_past_the_job_timeout_is_cancelled_then_ended_without_its_runner() 
 }
 
 mod infra;
+mod drain;

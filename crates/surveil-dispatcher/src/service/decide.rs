@@ -24,6 +24,9 @@ pub enum ReportDecision {
     Ignore,
     /// Persist the `Started` or the log chunk.
     Persist,
+    /// The scheduler decided something (a drain began, a lease was handed
+    /// back): apply its effects, then run the assignment pass.
+    Apply,
     /// What to do with the result.
     Result(ResultDecision),
 }
@@ -48,6 +51,7 @@ pub fn recover(sched: &mut Scheduler, unfinished: Vec<Job>, now: Instant) -> (us
             commit: job.commit,
             attempt: job.attempt,
             rerun_base: job.rerun_base,
+            handed_back: job.handed_back,
         };
         if job.status == JobStatus::Running {
             running.push((spec, runner));
@@ -92,6 +96,7 @@ pub fn submitted(
                 // A commit resubmitted while queued after a rerun: the
                 // rerun's own call sets the budget (`handle_rerun`).
                 rerun_base: Attempt(0),
+                handed_back: 0,
             },
             now,
         );
@@ -112,6 +117,25 @@ pub fn report(
         RunnerReport::Alive => {
             sched.handle_frame(session, now);
             return ReportDecision::Ignore;
+        }
+        RunnerReport::Draining => {
+            return if sched.handle_runner_draining(session, now) {
+                ReportDecision::Apply
+            } else {
+                ReportDecision::Ignore
+            };
+        }
+        RunnerReport::HandBack {
+            job,
+            attempt,
+            reason,
+            ..
+        } => {
+            return if sched.handle_hand_back(session, *job, *attempt, reason, now) {
+                ReportDecision::Apply
+            } else {
+                ReportDecision::Ignore
+            };
         }
         RunnerReport::Started { job, attempt } => {
             sched.handle_started(session, *job, *attempt, now)

@@ -85,6 +85,17 @@ impl Service {
         }
     }
 
+    pub(super) fn runner_draining_event(&self, session: SessionId) {
+        let name = lock(&self.links).get(&session).map(|r| r.name.clone());
+        if let Some(name) = name {
+            self.notifier.event(|| Event::Runner {
+                name,
+                session,
+                change: RunnerChange::Draining,
+            });
+        }
+    }
+
     pub(super) fn runner_gone_event(&self, session: SessionId, name: String) {
         self.notifier.event(|| Event::Runner {
             name,
@@ -136,10 +147,29 @@ impl Service {
                 job,
                 attempt,
                 reason,
+                handed_back: false,
             } => {
                 tracing::warn!(job = job.0, attempt = attempt.0, %reason, "attempt lost; job queued again");
                 self.persist_decided("the requeue", job, || {
                     self.store.requeue(job, attempt, &reason)
+                })
+                .await;
+                self.notifier.job_changed(job);
+                self.notifier.event(|| Event::Job {
+                    id: job,
+                    change: JobChange::Requeued { attempt },
+                });
+                self.wake_assigner();
+            }
+            Effect::Requeue {
+                job,
+                attempt,
+                reason,
+                handed_back: true,
+            } => {
+                tracing::info!(job = job.0, attempt = attempt.0, %reason, "attempt handed back; job queued again (not counted)");
+                self.persist_decided("the hand-back", job, || {
+                    self.store.hand_back(job, attempt, &reason)
                 })
                 .await;
                 self.notifier.job_changed(job);

@@ -74,6 +74,8 @@ pub enum JobChange {
 pub enum RunnerChange {
     /// It completed its handshake.
     Connected,
+    /// It started draining: it gets no new job.
+    Draining,
     /// Its connection ended.
     Disconnected,
 }

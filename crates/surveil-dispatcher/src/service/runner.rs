@@ -111,6 +111,25 @@ impl Service {
                     Err(err) => self.resend(job, attempt, &err, |r| r.result = true),
                 }
             }
+            (ReportDecision::Apply, RunnerReport::Draining) => {
+                tracing::info!(session = session.0, "runner draining: it gets no new job");
+                self.runner_draining_event(session);
+                ReportReply::Nothing
+            }
+            (ReportDecision::Apply, RunnerReport::HandBack { job, attempt, started, reason }) => {
+                tracing::info!(job = job.0, attempt = attempt.0, started, %reason, "lease handed back");
+                self.apply_effects().await;
+                self.wake_assigner();
+                ReportReply::Nothing
+            }
+            (ReportDecision::Ignore, RunnerReport::HandBack { job, attempt, .. }) => {
+                tracing::info!(
+                    job = job.0,
+                    attempt = attempt.0,
+                    "hand-back of a lease this session does not hold ignored"
+                );
+                ReportReply::Nothing
+            }
             (ReportDecision::Ignore, RunnerReport::Started { job, attempt }) => {
                 tracing::info!(
                     job = job.0,

@@ -91,6 +91,16 @@ impl JobStore for Counting {
         self.inner.requeue(job, attempt, reason)
     }
 
+    fn hand_back<'a>(
+        &'a self,
+        job: JobId,
+        attempt: Attempt,
+        reason: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        self.write();
+        self.inner.hand_back(job, attempt, reason)
+    }
+
     fn finish<'a>(
         &'a self,
         job: JobId,

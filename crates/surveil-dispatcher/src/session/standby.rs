@@ -47,6 +47,7 @@ impl Standby {
             reassignments: 0,
             refused_results: 0,
             quarantined: 0,
+            draining: 0,
             leader: Some(self.leader()),
             // A standby does not read the store: it knows no epoch.
             epoch: String::new(),

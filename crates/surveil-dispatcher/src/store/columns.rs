@@ -12,7 +12,8 @@ use crate::store::StoreError;
 /// The jobs table's columns as every job read selects them.
 pub(super) const JOB_COLUMNS: &str = "id, repo, branch, commit_id, status, attempt, runner, \
                                       message, queued_at_ms, started_at_ms, finished_at_ms, \
-                                      ref_name, pull_request, rerun_base, cancel_requested";
+                                      ref_name, pull_request, rerun_base, cancel_requested, \
+                                      handed_back";
 
 /// A u64 from the API as a signed 64-bit integer, refused (naming `what`)
 /// beyond its range rather than wrapped.

@@ -62,6 +62,7 @@ macro_rules! store_conformance_tests {
             results_are_fenced_by_attempt,
             assign_checks_attempt_order_and_is_idempotent,
             requeue_needs_the_live_attempt,
+            a_hand_back_requeues_and_is_counted_apart,
             finish_is_final,
             started_is_fenced,
             logs_are_idempotent_and_read_up_to_a_gap,
@@ -489,6 +490,64 @@ pub async fn requeue_needs_the_live_attempt<F: StoreFactory>(factory: &F) {
         record(store, id, 1, FinalStatus::Passed).await,
         RecordOutcome::Stale
     );
+}
+
+/// A hand-back requeues like a loss, and the job counts it apart (so it
+/// does not use up `--max-attempts`), across a reopen; a rerun starts the
+/// count again. Like `requeue`, only the live attempt can be handed back.
+pub async fn a_hand_back_requeues_and_is_counted_apart<F: StoreFactory>(factory: &F) {
+    let place = factory.place().await;
+    let id;
+    {
+        let store = factory.open(&place).await;
+        let store = &*store;
+        id = submit(store, &[1]).await[0];
+        assert_eq!(job(store, id).await.handed_back, 0);
+        store.hand_back(id, Attempt(1), "not running").await.unwrap();
+        assert_eq!(job(store, id).await.handed_back, 0, "a queued job is left alone");
+        store.assign(id, Attempt(1), "ci-1", 100).await.unwrap();
+        store.hand_back(id, Attempt(2), "not this one").await.unwrap();
+        assert_eq!(job(store, id).await.status, JobStatus::Running);
+        store
+            .hand_back(id, Attempt(1), "runner ci-1 shutting down: never started")
+            .await
+            .unwrap();
+        let queued = job(store, id).await;
+        assert_eq!(
+            (queued.status, queued.attempt, queued.handed_back),
+            (JobStatus::Queued, Attempt(1), 1)
+        );
+        assert_eq!(queued.runner, None);
+        let attempts = store.attempts(id).await.unwrap();
+        assert_eq!(
+            (attempts[0].status, attempts[0].message.as_deref()),
+            (
+                AttemptStatus::Revoked,
+                Some("runner ci-1 shutting down: never started")
+            )
+        );
+        assert_eq!(
+            record(store, id, 1, FinalStatus::Cancelled).await,
+            RecordOutcome::Stale,
+            "a result of the handed-back attempt is refused"
+        );
+        store.assign(id, Attempt(2), "ci-2", 200).await.unwrap();
+        store.requeue(id, Attempt(2), "runner lost").await.unwrap();
+        assert_eq!(job(store, id).await.handed_back, 1, "a loss is not a hand-back");
+        store.close().await.unwrap();
+    }
+    let store = factory.open(&place).await;
+    let store = &*store;
+    let reopened = store.unfinished().await.unwrap();
+    assert_eq!(
+        reopened.iter().find(|j| j.id == id).map(|j| j.handed_back),
+        Some(1),
+        "recovery sees the count"
+    );
+    store.assign(id, Attempt(3), "ci-1", 300).await.unwrap();
+    record(store, id, 3, FinalStatus::Failed).await;
+    store.rerun(id).await.unwrap();
+    assert_eq!(job(store, id).await.handed_back, 0, "a rerun counts afresh");
 }
 
 /// A job ended without a result stays ended; neither its last attempt's

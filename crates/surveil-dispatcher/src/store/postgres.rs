@@ -411,6 +411,18 @@ impl JobStore for PostgresStore {
         }))))
     }
 
+    fn hand_back<'a>(
+        &'a self,
+        job: JobId,
+        attempt: Attempt,
+        reason: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        let reason = reason.to_owned();
+        Box::pin(self.write(op(Box::new(move |c: &Conn| {
+            Box::pin(async move { sql::hand_back(c, job, attempt, &reason).await })
+        }))))
+    }
+
     fn finish<'a>(
         &'a self,
         job: JobId,

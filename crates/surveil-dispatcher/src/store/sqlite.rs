@@ -326,6 +326,16 @@ impl JobStore for SqliteStore {
         Box::pin(self.write(move |c| sql::requeue(c, job, attempt, &reason)))
     }
 
+    fn hand_back<'a>(
+        &'a self,
+        job: JobId,
+        attempt: Attempt,
+        reason: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        let reason = reason.to_owned();
+        Box::pin(self.write(move |c| sql::hand_back(c, job, attempt, &reason)))
+    }
+
     fn finish<'a>(
         &'a self,
         job: JobId,

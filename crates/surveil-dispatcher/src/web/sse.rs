@@ -256,6 +256,7 @@ fn change_event(event: &Event) -> SseEvent {
         Event::Runner { name, change, .. } => {
             let change = match change {
                 RunnerChange::Connected => "connected",
+                RunnerChange::Draining => "draining",
                 RunnerChange::Disconnected => "disconnected",
             };
             ("runner", json!({ "name": name, "change": change }))

@@ -7,7 +7,7 @@ pub struct Envelope {
     /// The message carried by this frame; exactly one arm is set.
     #[prost(
         oneof = "envelope::Msg",
-        tags = "1, 2, 3, 4, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 30, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55"
+        tags = "1, 2, 3, 4, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55"
     )]
     pub msg: ::core::option::Option<envelope::Msg>,
 }
@@ -58,6 +58,13 @@ pub mod envelope {
         /// Dispatcher -> runner: the result is recorded or refused.
         #[prost(message, tag = "27")]
         ResultAck(super::ResultAck),
+        /// Runner -> dispatcher: the runner is draining; assign it nothing more.
+        #[prost(message, tag = "28")]
+        Drain(super::Drain),
+        /// Runner -> dispatcher: a lease given back without a result; queue the
+        /// job again without counting the attempt.
+        #[prost(message, tag = "29")]
+        HandBack(super::HandBack),
         /// Dispatcher -> runner: a report could not be stored; send it again
         /// later, on this connection.
         #[prost(message, tag = "30")]
@@ -468,6 +475,41 @@ pub struct Resend {
     #[prost(bool, tag = "7")]
     pub started: bool,
 }
+/// Sent by a runner that started draining (its first shutdown signal), once
+/// per connection: after Welcome on every connection made while it drains.
+/// The dispatcher assigns it no new job from then on; the jobs it runs may
+/// finish. A dispatcher that does not know this message ignores it, and the
+/// runner hands back any assignment it receives anyway.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Drain {
+    /// How long until the runner cuts off the jobs still running (its drain
+    /// timeout), in milliseconds; 0 when it will not cut them off.
+    #[prost(uint64, tag = "1")]
+    pub deadline_ms: u64,
+}
+/// Sent by a runner for a lease it gives back without a result: one it never
+/// started (queued behind busy slots when the drain began, or assigned during
+/// it), or one cut off by its drain deadline or a second shutdown signal. The
+/// dispatcher queues the job again at once (for another runner), and the
+/// attempt does not count against --max-attempts: the runner's shutdown, not
+/// the job, ended it. Accepted only from the session holding the live lease;
+/// otherwise ignored. There is no acknowledgement: a hand-back that is lost
+/// with the connection leaves the lease to expire like any other.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HandBack {
+    /// The job.
+    #[prost(uint64, tag = "1")]
+    pub job_id: u64,
+    /// The attempt given back.
+    #[prost(uint32, tag = "2")]
+    pub attempt: u32,
+    /// True when the attempt had started (its tasks ran and were killed).
+    #[prost(bool, tag = "3")]
+    pub started: bool,
+    /// Why, for the job's log ("runner ci-3 draining: never started").
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+}
 /// A job as the dispatcher records it, in client replies.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct JobInfo {
@@ -700,6 +742,9 @@ pub struct RunnerInfo {
     /// failure resets it).
     #[prost(uint32, tag = "11")]
     pub infra_failures: u32,
+    /// True when the runner is draining (it sent Drain): it gets no new job.
+    #[prost(bool, tag = "8")]
+    pub draining: bool,
 }
 /// The dispatcher's answer to ListRunners.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -744,6 +789,9 @@ pub struct GetStatusReply {
     /// Connected runners quarantined now for infrastructure failures.
     #[prost(uint32, tag = "10")]
     pub quarantined: u32,
+    /// Connected runners draining now (they get no new job).
+    #[prost(uint32, tag = "9")]
+    pub draining: u32,
     /// High availability (a PostgreSQL store): the leader's advertised address;
     /// empty with the SQLite store, or while no leader is known.
     #[prost(string, tag = "35")]

@@ -122,6 +122,15 @@ pub fn every_message() -> Vec<Msg> {
             message: "store: committing the write batch failed: disk full".into(),
             started: false,
         }),
+        Msg::Drain(Drain {
+            deadline_ms: 300_000,
+        }),
+        Msg::HandBack(HandBack {
+            job_id: 9,
+            attempt: 3,
+            started: true,
+            reason: "runner ci-3 draining: cut off by its drain timeout".into(),
+        }),
         Msg::ListJobs(ListJobs {
             repo: Some("/srv/git/app".into()),
             status: JobStatus::Running as i32,
@@ -230,7 +239,7 @@ pub fn every_message() -> Vec<Msg> {
     ];
     // Exhaustive on purpose: a new arm in the .proto stops this compiling
     // until a sample of it is added above.
-    let mut seen = [false; 31];
+    let mut seen = [false; 33];
     for msg in &msgs {
         let index = match msg {
             Msg::Hello(_) => 0,
@@ -264,6 +273,8 @@ pub fn every_message() -> Vec<Msg> {
             Msg::Prune(_) => 28,
             Msg::PruneReply(_) => 29,
             Msg::Resend(_) => 30,
+            Msg::Drain(_) => 31,
+            Msg::HandBack(_) => 32,
         };
         seen[index] = true;
     }

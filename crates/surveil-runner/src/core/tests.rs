@@ -639,50 +639,119 @@ fn an_unexpected_message_is_answered_with_error_then_the_connection_closes() {
     assert_eq!(actions(&mut c), [Action::Disconnect]);
 }
 
+fn hand_back_of(job_id: u64, started: bool, what: &str) -> Msg {
+    Msg::HandBack(HandBack {
+        job_id,
+        attempt: 1,
+        started,
+        reason: format!("runner ci-1 shutting down: {what}"),
+    })
+}
+
 #[test]
-fn drain_starts_nothing_new_and_cancels_what_outlives_the_deadline() {
+fn drain_tells_the_dispatcher_and_hands_back_what_it_will_not_finish() {
     let t0 = Instant::now();
-    let mut c = connected(t0);
-    c.handle(Event::Frame(assign(20, REPO)), t0);
+    let mut c = core(1, vec![], t0);
     actions(&mut c);
+    c.handle(Event::Connected(welcome(0)), t0);
+    c.handle(Event::Frame(assign(20, REPO)), t0);
+    c.handle(Event::Frame(assign(22, REPO)), t0);
+    actions(&mut c);
+    assert_eq!(c.leases(), [(20, 1), (22, 1)], "22 waits for the one slot");
     c.handle(Event::Shutdown(Stop::Graceful), t0);
+    assert_eq!(
+        sent(&actions(&mut c)),
+        [
+            Msg::Drain(Drain { deadline_ms: 2000 }),
+            hand_back_of(22, false, "never started"),
+        ],
+        "the drain is announced, and the job never started is given back"
+    );
     c.handle(Event::Frame(assign(21, REPO)), t0);
-    assert!(actions(&mut c).is_empty(), "no job starts during the drain");
-    assert_eq!(c.leases(), [(20, 1), (21, 1)]);
+    assert_eq!(
+        actions(&mut c),
+        [Action::Send(
+            hand_back_of(21, false, "assigned while it drained; never started").into()
+        )],
+        "an assignment that crossed the Drain is given back, not started"
+    );
+    assert_eq!(c.leases(), [(20, 1)]);
     assert_eq!(c.deadline(), Some(t0 + DRAIN));
     c.handle(Event::Tick, t0 + DRAIN);
+    let reason = "runner shut down: the job did not finish within the drain timeout (2s)";
     assert_eq!(
         actions(&mut c),
         [Action::Cancel {
             job_id: 20,
             attempt: 1,
-            reason: "runner shut down: the job did not finish within the drain timeout (2s)".into()
+            reason: reason.into()
         }]
     );
+    let mut killed = result(20, 1, JobStatus::Cancelled);
+    killed.message = reason.into();
+    c.handle(Event::Job(JobEvent::Finished(killed)), t0 + DRAIN);
+    assert_eq!(
+        actions(&mut c),
+        [
+            Action::Forget {
+                job_id: 20,
+                attempt: 1
+            },
+            Action::Send(hand_back_of(20, true, reason).into()),
+        ],
+        "the cut-off job is handed back, not reported cancelled"
+    );
+    assert!(c.is_done(), "nothing is left to deliver");
+    assert!(c.unacknowledged().is_empty());
+}
+
+#[test]
+fn a_job_that_ends_on_its_own_as_the_drain_cuts_it_off_is_reported() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(20, REPO)), t0);
+    c.handle(Event::Shutdown(Stop::Graceful), t0);
+    c.handle(Event::Tick, t0 + DRAIN);
+    actions(&mut c);
     c.handle(
-        Event::Job(JobEvent::Finished(result(20, 1, JobStatus::Cancelled))),
+        Event::Job(JobEvent::Finished(result(20, 1, JobStatus::Passed))),
         t0 + DRAIN,
     );
-    actions(&mut c);
+    assert_eq!(
+        sent(&actions(&mut c)),
+        [Msg::JobFinished(result(20, 1, JobStatus::Passed))]
+    );
     assert!(!c.is_done(), "the result waits for its ack");
-    assert_eq!(c.deadline(), Some(t0 + DRAIN + RESULT_FLUSH_TIMEOUT));
     c.handle(Event::Frame(ack(20, true)), t0 + DRAIN);
-    assert!(c.is_done(), "job 21 is left for the dispatcher to requeue");
+    assert!(c.is_done());
+}
+
+#[test]
+fn a_reconnect_during_the_drain_announces_it_again() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(20, REPO)), t0);
+    c.handle(Event::Shutdown(Stop::Graceful), t0);
+    actions(&mut c);
+    c.handle(dropped(), t0 + 100 * MS);
+    c.handle(Event::Tick, t0 + 200 * MS);
+    let dial = actions(&mut c);
+    assert_eq!(lease_keys(hello_of(&dial).unwrap()), [(20, 1)]);
+    c.handle(Event::Connected(welcome(0)), t0 + 500 * MS);
     assert!(
-        !actions(&mut c)
-            .iter()
-            .any(|a| matches!(a, Action::Start { .. } | Action::Store { .. })),
-        "job 21 is neither run nor reported"
+        sent(&actions(&mut c)).contains(&Msg::Drain(Drain { deadline_ms: 1500 })),
+        "the new session is told too, with the time left"
     );
 }
 
 #[test]
-fn a_second_signal_cancels_at_once_and_the_flush_gives_up_sooner() {
+fn a_second_signal_cuts_off_at_once_and_hands_back() {
     let t0 = Instant::now();
     let mut c = connected(t0);
     c.handle(Event::Frame(assign(30, REPO)), t0);
     actions(&mut c);
     c.handle(Event::Shutdown(Stop::Graceful), t0);
+    actions(&mut c);
     c.handle(Event::Shutdown(Stop::Immediate), t0);
     assert_eq!(
         actions(&mut c),
@@ -701,17 +770,38 @@ fn a_second_signal_cancels_at_once_and_the_flush_gives_up_sooner() {
         Event::Job(JobEvent::Finished(result(30, 1, JobStatus::Cancelled))),
         t0 + DRAIN,
     );
-    c.handle(dropped(), t0 + DRAIN);
-    actions(&mut c);
-    let end = t0 + DRAIN + RESULT_FLUSH_TIMEOUT_IMMEDIATE;
-    c.handle(Event::Tick, end - MS);
-    assert!(!c.is_done());
-    c.handle(Event::Tick, end);
     assert!(
-        c.is_done(),
-        "the outbox keeps the result for the next start"
+        sent(&actions(&mut c))
+            .iter()
+            .any(|m| matches!(m, Msg::HandBack(h) if h.job_id == 30 && h.started)),
+        "handed back"
     );
-    assert_eq!(c.unacknowledged(), [(30, 1)]);
+    assert!(c.is_done());
+}
+
+#[test]
+fn a_cut_off_job_whose_hand_back_cannot_be_sent_is_given_up_not_reported() {
+    let t0 = Instant::now();
+    let mut c = connected(t0);
+    c.handle(Event::Frame(assign(30, REPO)), t0);
+    c.handle(Event::Shutdown(Stop::Immediate), t0);
+    c.handle(dropped(), t0);
+    actions(&mut c);
+    c.handle(
+        Event::Job(JobEvent::Finished(result(30, 1, JobStatus::Cancelled))),
+        t0 + MS,
+    );
+    let acts = actions(&mut c);
+    assert!(sent(&acts).is_empty(), "{acts:?}");
+    assert!(acts.contains(&Action::Forget {
+        job_id: 30,
+        attempt: 1
+    }));
+    assert!(c.is_done());
+    assert!(
+        c.unacknowledged().is_empty(),
+        "no cancelled verdict is kept for the next start: the lease expires at the dispatcher"
+    );
 }
 
 #[test]

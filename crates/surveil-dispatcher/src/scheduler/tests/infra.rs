@@ -65,6 +65,7 @@ fn an_infrastructure_failure_requeues_the_job_and_the_next_attempt_prefers_anoth
             job: j(1),
             attempt: a(1),
             reason: format!("infrastructure failure on runner a: {UNREACHABLE}"),
+            handed_back: false,
         }]
     );
     assert_eq!(s.counts(), (1, 0), "queued again, a's slot free");

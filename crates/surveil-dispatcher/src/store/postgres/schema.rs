@@ -144,6 +144,10 @@ pub const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO store_epoch VALUES (1, md5(gen_random_uuid()::text || gen_random_uuid()::text));
     "#,
+    // 8: drains, as in SQLite's eighth script.
+    r#"
+    ALTER TABLE jobs ADD COLUMN handed_back BIGINT NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Applies every script the database has not had yet. Refuses a database

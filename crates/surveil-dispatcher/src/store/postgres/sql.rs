@@ -448,6 +448,27 @@ pub async fn requeue(
     attempt: Attempt,
     reason: &str,
 ) -> Result<(), StoreError> {
+    requeue_as(c, job, attempt, reason, false).await
+}
+
+/// A requeue of an attempt its runner handed back (see the SQLite store's
+/// `hand_back`).
+pub async fn hand_back(
+    c: &Conn,
+    job: JobId,
+    attempt: Attempt,
+    reason: &str,
+) -> Result<(), StoreError> {
+    requeue_as(c, job, attempt, reason, true).await
+}
+
+async fn requeue_as(
+    c: &Conn,
+    job: JobId,
+    attempt: Attempt,
+    reason: &str,
+    handed_back: bool,
+) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job).await?;
     if !fencing::is_running_attempt(status, current, attempt) {
         return Ok(());
@@ -463,8 +484,9 @@ pub async fn requeue(
     .await?;
     exec(
         c,
-        "UPDATE jobs SET status = 'queued', runner = NULL, started_at_ms = NULL WHERE id = $1",
-        &[&id],
+        "UPDATE jobs SET status = 'queued', runner = NULL, started_at_ms = NULL, \
+         handed_back = handed_back + $2 WHERE id = $1",
+        &[&id, &i64::from(handed_back)],
         "requeueing a job",
     )
     .await?;
@@ -516,7 +538,8 @@ pub async fn rerun(c: &Conn, job: JobId) -> Result<(), StoreError> {
     exec(
         c,
         "UPDATE jobs SET status = 'queued', runner = NULL, message = NULL, \
-         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = $2, cancel_requested = false \
+         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = $2, cancel_requested = false, \
+         handed_back = 0 \
          WHERE id = $1",
         &[&id_of(job), &att(current)],
         "queueing a rerun",
@@ -619,6 +642,7 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
         tasks: Vec::new(),
         rerun_base: get_attempt(row, 13)?,
         cancel_requested: row.try_get(14).ctx("reading whether a cancel was asked")?,
+        handed_back: get_attempt(row, 15)?.0,
     })
 }
 

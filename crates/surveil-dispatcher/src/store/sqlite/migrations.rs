@@ -136,6 +136,12 @@ pub const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO store_epoch VALUES (1, lower(hex(randomblob(16))));
     "#,
+    // 8: drains (issue 19). Attempts of the current run that a draining
+    // runner handed back without a result: they do not count against
+    // --max-attempts (a rerun sets it back to 0).
+    r#"
+    ALTER TABLE jobs ADD COLUMN handed_back INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Applies every script the database has not had yet, each in its own

@@ -413,6 +413,27 @@ pub fn requeue(
     attempt: Attempt,
     reason: &str,
 ) -> Result<(), StoreError> {
+    requeue_as(c, job, attempt, reason, false)
+}
+
+/// A requeue of an attempt its runner handed back (a drain): counted in
+/// `handed_back`, so it does not count against `--max-attempts`.
+pub fn hand_back(
+    c: &Connection,
+    job: JobId,
+    attempt: Attempt,
+    reason: &str,
+) -> Result<(), StoreError> {
+    requeue_as(c, job, attempt, reason, true)
+}
+
+fn requeue_as(
+    c: &Connection,
+    job: JobId,
+    attempt: Attempt,
+    reason: &str,
+    handed_back: bool,
+) -> Result<(), StoreError> {
     let (status, current) = job_state(c, job)?;
     if !fencing::is_running_attempt(status, current, attempt) {
         return Ok(());
@@ -425,8 +446,9 @@ pub fn requeue(
     )
     .ctx("revoking an attempt")?;
     c.execute(
-        "UPDATE jobs SET status = 'queued', runner = NULL, started_at_ms = NULL WHERE id = ?1",
-        [id],
+        "UPDATE jobs SET status = 'queued', runner = NULL, started_at_ms = NULL, \
+         handed_back = handed_back + ?2 WHERE id = ?1",
+        params![id, i64::from(handed_back)],
     )
     .ctx("requeueing a job")?;
     Ok(())
@@ -473,7 +495,8 @@ pub fn rerun(c: &Connection, job: JobId) -> Result<(), StoreError> {
     fencing::rerun(job, status)?;
     c.execute(
         "UPDATE jobs SET status = 'queued', runner = NULL, message = NULL, \
-         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = ?2, cancel_requested = 0 \
+         started_at_ms = NULL, finished_at_ms = NULL, rerun_base = ?2, cancel_requested = 0, \
+         handed_back = 0 \
          WHERE id = ?1",
         params![id_of(job), current.0],
     )
@@ -571,6 +594,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         tasks: Vec::new(),
         rerun_base: get_attempt(row, 13)?,
         cancel_requested: row.get(14)?,
+        handed_back: get_attempt(row, 15)?.0,
     })
 }
 

@@ -99,6 +99,15 @@ impl JobStore for MeteredStore {
         self.timed(self.inner.requeue(job, attempt, reason))
     }
 
+    fn hand_back<'a>(
+        &'a self,
+        job: JobId,
+        attempt: Attempt,
+        reason: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        self.timed(self.inner.hand_back(job, attempt, reason))
+    }
+
     fn finish<'a>(
         &'a self,
         job: JobId,
