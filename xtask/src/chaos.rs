@@ -7,6 +7,10 @@
 //! (duplicated), jobs left `running` without a live lease (zombies), and
 //! each commit's outcome against the verdict the commit itself carries.
 //!
+//! SIGTERMed runners drain for a short `--drain-timeout`, so drains cut
+//! jobs off and hand them back; those jobs must still get their own
+//! outcome (never `cancelled`).
+//!
 //! With `--storage-faults` the dispatcher's state dir is a small
 //! filesystem of its own ([`crate::disk`]) and a second seeded schedule
 //! fills it (disk full) or freezes it (every write and fsync stalls) for a
@@ -45,6 +49,10 @@ const MAX_ATTEMPTS: u32 = 10;
 /// Share of commits whose `check` task fails.
 const FAILING_SHARE: f64 = 0.25;
 const RUNNERS: [&str; 3] = ["runner-1", "runner-2", "runner-3"];
+/// The runners' drain timeout: shorter than many jobs, so a SIGTERMed
+/// runner often cuts a job off and hands it back (which must cost the job
+/// nothing: it may not end `cancelled`, nor use up its attempts).
+const DRAIN_TIMEOUT: &str = "300ms";
 /// How long a SIGTERMed daemon may take to exit before it is SIGKILLed.
 const TERM_DEADLINE: Duration = Duration::from_secs(10);
 /// Chaos goes on after the last commit while jobs are unfinished, at most
@@ -566,7 +574,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
                     "--name".into(),
                     name.into(),
                     "--drain-timeout".into(),
-                    "5s".into(),
+                    DRAIN_TIMEOUT.into(),
                 ]
                 .into_iter()
                 .chain(cluster::runner_isolation_args())
@@ -1180,6 +1188,15 @@ fn describe_attempts(attempts: &[&Attempt]) -> String {
 /// An attempt's end reason without the runner's name, so the same cause
 /// on different runners groups together.
 fn reason_kind(reason: &str) -> String {
+    // A drain's hand-back: "runner NAME shutting down: WHAT".
+    if let Some((_, what)) = reason.split_once(" shutting down: ") {
+        let what = if what.contains("never started") {
+            "never started"
+        } else {
+            "cut off"
+        };
+        return format!("handed back by a draining runner ({what})");
+    }
     match reason
         .strip_prefix("runner ")
         .and_then(|r| r.split_once(": "))

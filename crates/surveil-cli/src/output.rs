@@ -166,6 +166,9 @@ pub struct StatusJson {
     /// Connected runners quarantined after infrastructure failures (0 from
     /// older dispatchers).
     pub quarantined: u32,
+    /// Connected runners draining (shutting down); absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub draining: u32,
     /// With a PostgreSQL store (high availability): who leads. Absent with
     /// SQLite.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -231,6 +234,14 @@ pub struct RunnerJson {
     /// Its infrastructure failures in a row; absent when none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub infra_failures: Option<u32>,
+    /// `true` while it drains (it gets no new job); absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `surveil submit --json`.
@@ -305,6 +316,7 @@ impl From<&GetStatusReply> for StatusJson {
             reassignments: status.reassignments,
             refused_results: status.refused_results,
             quarantined: status.quarantined,
+            draining: status.draining,
             leader: (status.leader_term > 0 || status.standby).then(|| LeaderJson {
                 addr: (!status.leader_addr.is_empty()).then(|| status.leader_addr.clone()),
                 term: status.leader_term,
@@ -331,6 +343,7 @@ impl From<&RunnerInfo> for RunnerJson {
             quarantined_until: (runner.quarantined_until_ms > 0)
                 .then(|| timestamp(runner.quarantined_until_ms)),
             infra_failures: (runner.infra_failures > 0).then_some(runner.infra_failures),
+            draining: runner.draining,
         }
     }
 }
@@ -764,9 +777,18 @@ pub fn runners_table(runners: &[RunnerInfo], now: SystemTime) -> String {
     table.render(false)
 }
 
-/// A runner's HEALTH cell: `-`, `2 infra failures`, or `quarantined 4m12s
-/// (3 infra failures)` (the time left).
+/// A runner's HEALTH cell: `-`, `2 infra failures`, `quarantined 4m12s
+/// (3 infra failures)` (the time left), `draining` first while it drains.
 fn health(runner: &RunnerInfo, now_ms: u64) -> String {
+    let cell = infra_health(runner, now_ms);
+    match (runner.draining, cell.as_str()) {
+        (false, _) => cell,
+        (true, "-") => "draining".to_owned(),
+        (true, _) => format!("draining, {cell}"),
+    }
+}
+
+fn infra_health(runner: &RunnerInfo, now_ms: u64) -> String {
     let failures = match runner.infra_failures {
         1 => "1 infra failure".to_owned(),
         n => format!("{n} infra failures"),
@@ -808,6 +830,7 @@ pub fn status_lines(status: &GetStatusReply) -> String {
         ("reassignments", json.reassignments.to_string()),
         ("refused results", json.refused_results.to_string()),
         ("quarantined runners", json.quarantined.to_string()),
+        ("draining runners", json.draining.to_string()),
         ("supervisor restarts", restarts),
     ];
     if let Some(leader) = &json.leader {
@@ -1116,6 +1139,24 @@ mod tests {
                 .lines()
                 .nth(1)
                 .is_some_and(|l| l.trim_end().ends_with('-')),
+            "{table}"
+        );
+        let draining = RunnerInfo {
+            name: "ci-4".into(),
+            draining: true,
+            ..runner.clone()
+        };
+        assert!(
+            serde_json::to_string(&RunnerJson::from(&draining))
+                .unwrap()
+                .ends_with(r#","identity":"token:ci-3","draining":true}"#)
+        );
+        let table = runners_table(&[draining], now);
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.trim_end().ends_with("draining")),
             "{table}"
         );
         assert_eq!(

@@ -446,7 +446,10 @@ impl RunnerCore {
             assert!(seen.insert(key), "lease {key:?} held twice");
         }
         for key in &self.cut_off {
-            assert!(self.running.contains_key(key), "cut-off {key:?} not running");
+            assert!(
+                self.running.contains_key(key),
+                "cut-off {key:?} not running"
+            );
         }
         if self.phase == Phase::Done {
             assert!(self.running.is_empty(), "done with jobs running");

@@ -1214,5 +1214,5 @@ fn an_attempt_past_the_job_timeout_is_cancelled_then_ended_without_its_runner() 
     s.check_invariants().unwrap();
 }
 
-mod infra;
 mod drain;
+mod infra;

@@ -116,7 +116,15 @@ impl Service {
                 self.runner_draining_event(session);
                 ReportReply::Nothing
             }
-            (ReportDecision::Apply, RunnerReport::HandBack { job, attempt, started, reason }) => {
+            (
+                ReportDecision::Apply,
+                RunnerReport::HandBack {
+                    job,
+                    attempt,
+                    started,
+                    reason,
+                },
+            ) => {
                 tracing::info!(job = job.0, attempt = attempt.0, started, %reason, "lease handed back");
                 self.apply_effects().await;
                 self.wake_assigner();

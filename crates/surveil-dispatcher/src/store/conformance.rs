@@ -503,10 +503,20 @@ pub async fn a_hand_back_requeues_and_is_counted_apart<F: StoreFactory>(factory:
         let store = &*store;
         id = submit(store, &[1]).await[0];
         assert_eq!(job(store, id).await.handed_back, 0);
-        store.hand_back(id, Attempt(1), "not running").await.unwrap();
-        assert_eq!(job(store, id).await.handed_back, 0, "a queued job is left alone");
+        store
+            .hand_back(id, Attempt(1), "not running")
+            .await
+            .unwrap();
+        assert_eq!(
+            job(store, id).await.handed_back,
+            0,
+            "a queued job is left alone"
+        );
         store.assign(id, Attempt(1), "ci-1", 100).await.unwrap();
-        store.hand_back(id, Attempt(2), "not this one").await.unwrap();
+        store
+            .hand_back(id, Attempt(2), "not this one")
+            .await
+            .unwrap();
         assert_eq!(job(store, id).await.status, JobStatus::Running);
         store
             .hand_back(id, Attempt(1), "runner ci-1 shutting down: never started")
@@ -533,7 +543,11 @@ pub async fn a_hand_back_requeues_and_is_counted_apart<F: StoreFactory>(factory:
         );
         store.assign(id, Attempt(2), "ci-2", 200).await.unwrap();
         store.requeue(id, Attempt(2), "runner lost").await.unwrap();
-        assert_eq!(job(store, id).await.handed_back, 1, "a loss is not a hand-back");
+        assert_eq!(
+            job(store, id).await.handed_back,
+            1,
+            "a loss is not a hand-back"
+        );
         store.close().await.unwrap();
     }
     let store = factory.open(&place).await;

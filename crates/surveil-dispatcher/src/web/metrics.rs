@@ -48,6 +48,8 @@ pub struct Metrics {
     jobs_queued: Gauge,
     jobs_running: Gauge,
     runners_connected: Gauge,
+    runners_draining: Gauge,
+    runners_quarantined: Gauge,
     jobs_finished: Family<Labels, Counter>,
     queue_wait: Histogram,
     job_duration: Histogram,
@@ -68,6 +70,8 @@ impl Metrics {
             jobs_queued: Gauge::default(),
             jobs_running: Gauge::default(),
             runners_connected: Gauge::default(),
+            runners_draining: Gauge::default(),
+            runners_quarantined: Gauge::default(),
             jobs_finished: Family::default(),
             queue_wait: Histogram::new(CI_BUCKETS),
             job_duration: Histogram::new(CI_BUCKETS),
@@ -94,6 +98,16 @@ impl Metrics {
             "runners_connected",
             "Runners connected now",
             m.runners_connected.clone(),
+        );
+        r.register(
+            "runners_draining",
+            "Connected runners draining (they get no new job)",
+            m.runners_draining.clone(),
+        );
+        r.register(
+            "runners_quarantined",
+            "Connected runners quarantined after infrastructure failures",
+            m.runners_quarantined.clone(),
         );
         r.register(
             "jobs_finished",
@@ -162,6 +176,8 @@ impl Metrics {
         self.jobs_running
             .set(i64::try_from(status.running).unwrap_or(i64::MAX));
         self.runners_connected.set(i64::from(status.runners));
+        self.runners_draining.set(i64::from(status.draining));
+        self.runners_quarantined.set(i64::from(status.quarantined));
         catch_up(&self.reassignments, status.reassignments);
         catch_up(&self.refused_results, status.refused_results);
         let restarts: BTreeMap<String, u64> = status.supervisor_restarts;

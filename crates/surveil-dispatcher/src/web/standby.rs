@@ -85,6 +85,7 @@ async fn status(State(app): State<Arc<StandbyApp>>, headers: HeaderMap) -> Respo
         reassignments: 0,
         refused_results: 0,
         quarantined: 0,
+        draining: 0,
         leader: Some(LeaderJson::from(&leader)),
     })
     .into_response()

@@ -180,6 +180,9 @@ pub struct RunnerJson {
     /// Its infrastructure failures in a row; absent when none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub infra_failures: Option<u32>,
+    /// `true` while it drains (it gets no new job); absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 impl From<&RunnerView> for RunnerJson {
@@ -194,6 +197,7 @@ impl From<&RunnerView> for RunnerJson {
             repos: r.repos.clone(),
             quarantined_until: r.quarantined_until_ms.map(timestamp),
             infra_failures: (r.infra_failures > 0).then_some(r.infra_failures),
+            draining: r.draining,
         }
     }
 }
@@ -211,9 +215,18 @@ pub struct StatusJson {
     pub refused_results: u64,
     /// Connected runners quarantined after infrastructure failures.
     pub quarantined: u32,
+    /// Connected runners draining (as `surveil status --json`: absent when
+    /// none).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub draining: u32,
     /// With a PostgreSQL store: who leads (as `surveil status --json`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderJson>,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The leader term as the answering dispatcher sees it.
@@ -248,6 +261,7 @@ impl From<&StatusView> for StatusJson {
             reassignments: s.reassignments,
             refused_results: s.refused_results,
             quarantined: s.quarantined,
+            draining: s.draining,
             leader: s.leader.as_ref().map(LeaderJson::from),
         }
     }

@@ -542,6 +542,8 @@ async fn waiting_reasons_badges_metrics_and_pages_show_the_real_state() {
     for line in [
         "surveil_jobs_running 1",
         "surveil_runners_connected 1",
+        "surveil_runners_draining 0",
+        "surveil_runners_quarantined 0",
         "surveil_jobs_finished_total{status=\"passed\"} 1",
         "surveil_queue_wait_seconds_count 2",
         "surveil_job_duration_seconds_count 1",

@@ -24,10 +24,16 @@ fn a_draining_runner_gets_no_new_job_and_the_queue_says_why() {
     let mut s = sched(3);
     s.handle_runner_connected(sid(1), runner("a", 2), t);
     assert!(s.handle_runner_draining(sid(1), t), "first Drain");
-    assert!(!s.handle_runner_draining(sid(1), t), "a second changes nothing");
+    assert!(
+        !s.handle_runner_draining(sid(1), t),
+        "a second changes nothing"
+    );
     s.handle_job_submitted(job(1, REPO), t);
     s.schedule(t);
-    assert!(assigns(&s.drain_effects()).is_empty(), "a has free slots but drains");
+    assert!(
+        assigns(&s.drain_effects()).is_empty(),
+        "a has free slots but drains"
+    );
     s.check_no_idle_match().unwrap();
     assert_eq!(s.draining_count(), 1);
     assert!(s.runners()[0].draining);
@@ -71,10 +77,20 @@ fn a_handed_back_lease_is_queued_again_without_counting_the_attempt() {
         "not for another attempt"
     );
     assert!(s.drain_effects().is_empty());
-    assert!(s.handle_hand_back(sid(1), j(1), a(1), "runner a shutting down: never started", t));
+    assert!(s.handle_hand_back(
+        sid(1),
+        j(1),
+        a(1),
+        "runner a shutting down: never started",
+        t
+    ));
     assert_eq!(requeues(&s.drain_effects()), vec![(1, 1, true)]);
     assert_eq!(s.counts(), (1, 0), "queued again, a's slot free");
-    assert_eq!(s.waiting()[0].1.lost_attempts, 0, "the attempt does not count");
+    assert_eq!(
+        s.waiting()[0].1.lost_attempts,
+        0,
+        "the attempt does not count"
+    );
     s.check_invariants().unwrap();
 
     // Handed back again by the next runner's drain: still not counted.
@@ -92,10 +108,10 @@ fn a_handed_back_lease_is_queued_again_without_counting_the_attempt() {
     s.handle_runner_disconnected(sid(3), "gone", t);
     let effects = s.drain_effects();
     assert!(
-        effects
-            .iter()
-            .any(|e| matches!(e, Effect::Finish { status: FinalStatus::Error, message, .. }
-                if message.contains("gave up after 1 attempts"))),
+        effects.iter().any(
+            |e| matches!(e, Effect::Finish { status: FinalStatus::Error, message, .. }
+                if message.contains("gave up after 1 attempts"))
+        ),
         "the one counted loss uses the budget: {effects:?}"
     );
 }
@@ -113,7 +129,13 @@ fn a_hand_back_of_a_job_being_cancelled_ends_it_cancelled() {
     assert!(s.handle_hand_back(sid(1), j(1), a(1), "cut off", t));
     let effects = s.drain_effects();
     assert!(
-        matches!(&effects[..], [Effect::Finish { status: FinalStatus::Cancelled, .. }]),
+        matches!(
+            &effects[..],
+            [Effect::Finish {
+                status: FinalStatus::Cancelled,
+                ..
+            }]
+        ),
         "{effects:?}"
     );
     assert!(!s.knows_job(j(1)));

@@ -30,12 +30,13 @@ pub async fn runners(State(app): State<Arc<App>>, headers: HeaderMap) -> PageRes
                             @if i > 0 { ", " } a href={ "/jobs/" (j) } { "#" (j) }
                         } }
                         td { (ago(r.last_seen_ms, now)) }
-                        td.health { @if let Some(until) = r.quarantined_until_ms {
+                        td.health { @if r.draining { strong.draining { "draining" } " " }
+                            @if let Some(until) = r.quarantined_until_ms {
                             strong { "quarantined" } " for " (duration(until.saturating_sub(now)))
                             " (" (r.infra_failures) " infrastructure failures)"
                         } @else if r.infra_failures > 0 {
                             (r.infra_failures) " infrastructure failure(s)"
-                        } @else { "ok" } }
+                        } @else if !r.draining { "ok" } }
                         td { (r.labels.join(", ")) }
                         td.repo { (r.repos.join(", ")) }
                     }
@@ -60,6 +61,7 @@ pub async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> PageResu
             dt { "Reassignments" } dd { (s.reassignments) }
             dt { "Refused results" } dd { (s.refused_results) }
             dt { "Quarantined runners" } dd { (s.quarantined) }
+            dt { "Draining runners" } dd { (s.draining) }
         }
         h2 { "Supervisor restarts" }
         div.scroll { table {
