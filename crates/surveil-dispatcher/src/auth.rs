@@ -287,7 +287,7 @@ impl Authenticator {
     }
 
     /// Whether any token credential is configured.
-    fn has_tokens(&self) -> bool {
+    pub fn has_tokens(&self) -> bool {
         self.shared.is_some() || self.tokens_path.is_some()
     }
 
@@ -354,6 +354,12 @@ impl Authenticator {
             name: "anonymous".to_owned(),
             grant: Grant::Everything,
         })
+    }
+
+    /// Whether `identity` (proven earlier) still holds: a token identity
+    /// whose entry was revoked or changed in the tokens file does not.
+    pub fn still_valid(&self, identity: &Identity) -> bool {
+        self.table().still_valid(identity)
     }
 
     /// Registers a session of `identity` (for a runner, under `runner`):

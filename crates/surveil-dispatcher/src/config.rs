@@ -419,7 +419,8 @@ fn validate(cli: &Cli, token: Option<String>, problems: &mut Vec<String>) -> Opt
     }
     let listen = listen_addr(cli, problems);
     let tls = server_tls(cli, problems);
-    let http = http_config(cli, token.is_some(), problems);
+    // Both kinds of token guard the HTTP side as they guard the protocol port.
+    let http = http_config(cli, token.is_some() || cli.tokens_file.is_some(), problems);
     let store = store_config(cli, problems);
     if let Some(addr) = listen {
         check_exposure(
@@ -494,7 +495,7 @@ fn http_config(cli: &Cli, has_token: bool, problems: &mut Vec<String>) -> Option
     };
     if !addr.ip().is_loopback() && !has_token && !cli.http_public_read {
         problems.push(format!(
-            "--http-listen {addr} is not a loopback address and no token is set: anyone who can reach it could read every log; set --token-file (or SURVEIL_TOKEN), give --http-public-read to make reading anonymous (writing still needs the token), or listen on 127.0.0.1"
+            "--http-listen {addr} is not a loopback address and no token is set: anyone who can reach it could read every log; set --token-file (or SURVEIL_TOKEN) or --tokens-file, give --http-public-read to make reading anonymous (writing still needs the token), or listen on 127.0.0.1"
         ));
         return None;
     }

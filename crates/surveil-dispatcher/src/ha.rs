@@ -172,7 +172,7 @@ fn standby_http(standby: &Standby) -> crate::web::standby::StandbyParts {
     let config = &standby.config;
     crate::web::standby::StandbyParts {
         leader: Arc::clone(&standby.leader),
-        token: config.token.clone(),
+        credentials: Arc::clone(&standby.auth),
         tls: config.tls.clone(),
         anonymous_read: config.http.public_read
             || config.http.listen.is_some_and(|a| a.ip().is_loopback()),

@@ -492,7 +492,7 @@ fn start_web(
     let anonymous_read =
         config.http.public_read || http.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let parts = web::HttpParts {
-        token: config.token.clone(),
+        credentials: Arc::clone(&daemon.auth),
         tls: config.tls.clone(),
         anonymous_read,
         max_attempts: config.max_attempts,

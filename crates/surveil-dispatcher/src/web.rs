@@ -25,7 +25,6 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use surveil_common::Secret;
 use surveil_common::tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -80,9 +79,9 @@ pub(crate) struct App {
 
 /// What [`serve`] needs besides the service and the listener.
 pub struct HttpParts {
-    /// The operator token (`--token-file`); without one nothing can be
-    /// written over HTTP.
-    pub token: Option<Secret>,
+    /// The protocol port's credentials (the shared token, the tokens
+    /// file); without any, nothing can be written over HTTP.
+    pub credentials: Arc<crate::auth::Authenticator>,
     /// The protocol port's TLS, reused.
     pub tls: Option<ServerTls>,
     /// Whether anonymous clients may read.
@@ -103,7 +102,7 @@ pub async fn serve(
     let addr = listener.local_addr().ok();
     let app = Arc::new(App {
         service,
-        auth: auth::Auth::new(parts.token, parts.anonymous_read, parts.tls.is_some()),
+        auth: auth::Auth::new(parts.credentials, parts.anonymous_read, parts.tls.is_some()),
         metrics,
         shutdown: shutdown.clone(),
         max_attempts: parts.max_attempts,

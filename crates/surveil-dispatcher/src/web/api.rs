@@ -22,6 +22,7 @@ use serde_json::json;
 use super::App;
 use super::auth::{CSRF_HEADER, Refusal, Who};
 use super::views::{self, JobJson, RunnerJson, StatusJson};
+use crate::auth::Access;
 use crate::domain::{CommitId, JobFilter, JobId, JobStatus, Origin, Submission};
 use crate::service::{LogEvent, RerunOutcome, ServiceError};
 
@@ -65,12 +66,13 @@ impl ApiError {
         match refusal {
             Refusal::NoTokenConfigured => ApiError::new(
                 StatusCode::FORBIDDEN,
-                "this dispatcher has no operator token: start it with --token-file to allow writes over HTTP",
+                "this dispatcher has no token: start it with --token-file or --tokens-file to allow writes over HTTP",
             ),
             Refusal::Unauthenticated => ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "this needs the operator token: send `Authorization: Bearer <token>` or sign in",
+                "this needs a token the dispatcher knows: send `Authorization: Bearer <token>` or sign in",
             ),
+            Refusal::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, why.clone()),
             Refusal::Csrf => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "missing or wrong CSRF token: reload the page and try again",
@@ -134,13 +136,13 @@ pub fn reader(app: &App, headers: &HeaderMap) -> ApiResult<Who> {
     }
 }
 
-/// Checks the caller may write through the API (a bearer token, or a
-/// session with its CSRF token in `X-CSRF-Token`).
-fn writer(app: &App, headers: &HeaderMap) -> ApiResult<()> {
+/// Checks the caller may make a request needing `access` through the API
+/// (a bearer token, or a session with its CSRF token in `X-CSRF-Token`).
+fn writer(app: &App, headers: &HeaderMap, access: Access) -> ApiResult<()> {
     let who = app.auth.identify(headers);
     let csrf = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
     app.auth
-        .check_write(&who, csrf)
+        .check_write(&who, access, csrf)
         .map_err(|r| ApiError::refused(&r))
 }
 
@@ -360,7 +362,7 @@ async fn rerun(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    writer(&app, &headers)?;
+    writer(&app, &headers, Access::Operate)?;
     let id = job_id(&id)?;
     let reply = app.service.rerun(id).await?;
     match reply.outcome {
@@ -382,7 +384,7 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    writer(&app, &headers)?;
+    writer(&app, &headers, Access::Operate)?;
     let id = job_id(&id)?;
     let reply = app.service.cancel(id).await?;
     let Some(job) = &reply.job else {
@@ -417,7 +419,7 @@ async fn submit(
     headers: HeaderMap,
     body: Result<Json<SubmitBody>, JsonRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    writer(&app, &headers)?;
+    writer(&app, &headers, Access::Submit)?;
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     if body.commits.is_empty() {
         return Err(ApiError::bad_request(

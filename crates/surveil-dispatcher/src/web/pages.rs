@@ -22,6 +22,7 @@ use serde::Deserialize;
 use super::App;
 use super::api::{ApiError, job_id};
 use super::auth::{Refusal, Who};
+use crate::auth::Access;
 use crate::domain::JobStatus;
 
 mod fleet;
@@ -99,7 +100,7 @@ impl IntoResponse for PageError {
             h1 { (status.as_u16()) " " (title) }
             p.error { (message) }
             @if status == StatusCode::UNAUTHORIZED {
-                p { a href="/login" { "Sign in" } " with the operator token to continue." }
+                p { a href="/login" { "Sign in" } " with a token this dispatcher knows to continue." }
             }
         };
         (status, layout(title, &Who::Anonymous, "", body)).into_response()
@@ -138,18 +139,15 @@ pub fn layout(title: &str, who: &Who, live: &str, body: Markup) -> Markup {
                         a href="/status" { "Status" }
                     }
                     div.who {
-                        @match who.csrf() {
-                            Some(csrf) => form method="post" action="/logout" {
+                        @match (who.csrf(), who.identity()) {
+                            (Some(csrf), Some(identity)) => form method="post" action="/logout" {
                                 input type="hidden" name="csrf" value=(csrf);
-                                span.muted { "operator" }
+                                span.muted #identity { (identity.label()) }
                                 " "
                                 button type="submit" { "Sign out" }
                             },
-                            None => @if who.is_operator() {
-                                span.muted { "operator" }
-                            } @else {
-                                a href="/login" { "Sign in" }
-                            },
+                            (_, Some(identity)) => span.muted #identity { (identity.label()) },
+                            _ => a href="/login" { "Sign in" },
                         }
                     }
                 }
@@ -207,11 +205,11 @@ fn login_page(next: &str, error: Option<&str>) -> Markup {
         "",
         html! {
             h1 { "Sign in" }
-            p.muted { "Signing in lets you cancel jobs. Reading needs no sign-in where the dispatcher allows it." }
+            p.muted { "Sign in with the operator token or a client token from the tokens file: scope operate may cancel and rerun jobs, scope read may read them. Reading needs no sign-in where the dispatcher allows it." }
             @if let Some(error) = error { p.error #login-error { (error) } }
             form.login method="post" action="/login" {
                 input type="hidden" name="next" value=(next);
-                label for="token" { "Operator token" }
+                label for="token" { "Token" }
                 input #token type="password" name="token" autocomplete="current-password" required;
                 button type="submit" { "Sign in" }
             }
@@ -241,8 +239,12 @@ async fn login(State(app): State<Arc<App>>, Form(form): Form<LoginForm>) -> Resp
         }
         Err(refusal) => {
             let message = match refusal {
-                Refusal::NoTokenConfigured => ApiError::refused(&refusal).message,
-                _ => "that is not the operator token".to_owned(),
+                Refusal::NoTokenConfigured | Refusal::Forbidden(_) => {
+                    ApiError::refused(&refusal).message
+                }
+                Refusal::Unauthenticated | Refusal::Csrf => {
+                    "that is not a token this dispatcher knows".to_owned()
+                }
             };
             (StatusCode::UNAUTHORIZED, login_page(&next, Some(&message))).into_response()
         }
@@ -262,7 +264,7 @@ async fn logout(
     let who = app.auth.identify(&headers);
     if who.csrf().is_some() {
         app.auth
-            .check_write(&who, form.csrf.as_deref())
+            .check_write(&who, Access::Read, form.csrf.as_deref())
             .map_err(|r| ApiError::refused(&r))?;
     }
     let mut response = Redirect::to("/").into_response();
@@ -282,7 +284,7 @@ async fn cancel(
 ) -> Result<Response, PageError> {
     let who = app.auth.identify(&headers);
     app.auth
-        .check_write(&who, form.csrf.as_deref())
+        .check_write(&who, Access::Operate, form.csrf.as_deref())
         .map_err(|r| ApiError::refused(&r))?;
     let id = job_id(&id)?;
     let reply = app.service.cancel(id).await?;
@@ -303,7 +305,7 @@ async fn rerun(
 ) -> Result<Response, PageError> {
     let who = app.auth.identify(&headers);
     app.auth
-        .check_write(&who, form.csrf.as_deref())
+        .check_write(&who, Access::Operate, form.csrf.as_deref())
         .map_err(|r| ApiError::refused(&r))?;
     let id = job_id(&id)?;
     let reply = app.service.rerun(id).await?;

@@ -17,7 +17,6 @@ use axum::routing::get;
 use http::{HeaderMap, StatusCode, Uri};
 use maud::html;
 use serde_json::json;
-use surveil_common::Secret;
 use surveil_common::tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -45,7 +44,7 @@ impl StandbyApp {
 pub(crate) struct StandbyParts {
     /// The leader as the campaign loop last read it.
     pub leader: Arc<Mutex<LeaderView>>,
-    pub token: Option<Secret>,
+    pub credentials: Arc<crate::auth::Authenticator>,
     pub tls: Option<ServerTls>,
     pub anonymous_read: bool,
 }
@@ -55,7 +54,7 @@ pub(crate) struct StandbyParts {
 pub(crate) async fn serve(listener: &TcpListener, parts: StandbyParts, done: CancellationToken) {
     let app = Arc::new(StandbyApp {
         leader: parts.leader,
-        auth: Auth::new(parts.token, parts.anonymous_read, parts.tls.is_some()),
+        auth: Auth::new(parts.credentials, parts.anonymous_read, parts.tls.is_some()),
         started: Instant::now(),
     });
     if let Ok(addr) = listener.local_addr() {

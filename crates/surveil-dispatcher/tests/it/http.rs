@@ -216,7 +216,12 @@ async fn writes_need_the_token_and_signed_in_forms_need_their_csrf_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    assert!(r.text().await.unwrap().contains("not the operator token"));
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("not a token this dispatcher knows")
+    );
     let r = http()
         .post(format!("{base}/login"))
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -664,4 +669,94 @@ async fn rerun_queues_a_new_attempt_of_a_finished_job_and_keeps_the_first_attemp
         "{page}"
     );
     d.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_file_credentials_write_over_http_within_their_role_and_scope() {
+    use surveil_common::tokens::{self, Role, Scope};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.toml");
+    let reader = tokens::add(&path, "reader", Role::Client, Some(Scope::Read)).unwrap();
+    let operator = tokens::add(&path, "op", Role::Client, Some(Scope::Operate)).unwrap();
+    let observer = tokens::add(&path, "obs", Role::Observer, None).unwrap();
+    let mut config = fast_config(dir.path());
+    config.tokens_file = Some(path);
+    let (_d, base) = Dispatcher::start_http(config).await;
+    let post = |url: String, token: &str, body: Value| {
+        http()
+            .post(url)
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .json(&body)
+            .send()
+    };
+    let submit_body = json!({ "repo": REPO, "branch": "main", "commits": [commit(1)] });
+
+    // The observer's token submits; the reader's may not.
+    let r = post(
+        format!("{base}/api/v1/submit"),
+        reader.expose(),
+        submit_body.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let body: Value = r.json().await.unwrap();
+    let why = body["error"].as_str().unwrap();
+    assert!(
+        why.contains("token:reader") && why.contains("scope read"),
+        "the refusal names the credential and what it lacks: {why}"
+    );
+    let r = post(
+        format!("{base}/api/v1/submit"),
+        observer.expose(),
+        submit_body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let id = r.json::<Value>().await.unwrap()["job_ids"][0]
+        .as_u64()
+        .unwrap();
+
+    // Cancel needs scope operate: neither the observer nor the reader has it.
+    let cancel = format!("{base}/api/v1/jobs/{id}/cancel");
+    for token in [observer.expose(), reader.expose()] {
+        let r = post(cancel.clone(), token, json!({})).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+    let r = post(cancel, operator.expose(), json!({})).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, job) = get_json(&format!("{base}/api/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+
+    // Signing in takes a reading credential; the job page then offers the
+    // operator's buttons only to the operator.
+    let form = |token: &str| format!("token={token}&next=%2F");
+    let sign_in = |token: String| {
+        http()
+            .post(format!("{base}/login"))
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(form(&token))
+            .send()
+    };
+    let r = sign_in(observer.expose().clone()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.text().await.unwrap().contains("token:obs"));
+    for (token, operates) in [(reader.expose(), false), (operator.expose(), true)] {
+        let r = sign_in(token.clone()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let cookie = r.headers()[SET_COOKIE].to_str().unwrap();
+        let pair = cookie.split(';').next().unwrap().to_owned();
+        let page = http()
+            .get(format!("{base}/jobs/{id}"))
+            .header(COOKIE, pair)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(page.contains("Rerun"), operates, "{page}");
+    }
 }

@@ -137,7 +137,7 @@ fn head(job: &Job, waiting: Option<&crate::domain::Waiting>, app: &App) -> Marku
 
 fn actions(job: &Job, who: &Who) -> Markup {
     html! {
-        @if let Some(csrf) = who.csrf() {
+        @if let (Some(csrf), true) = (who.csrf(), who.is_operator()) {
             @if !job.status.is_final() {
                 form.inline method="post" action={ "/jobs/" (job.id) "/cancel" } {
                     input type="hidden" name="csrf" value=(csrf);
@@ -149,6 +149,8 @@ fn actions(job: &Job, who: &Who) -> Markup {
                     button #rerun type="submit" { "Rerun" }
                 }
             }
+        } @else if let Some(identity) = who.identity() {
+            p.muted { "Signed in as " (identity.label()) ", which may not cancel or rerun jobs (that needs scope operate)." }
         } @else if !job.status.is_final() {
             p.muted { a href={ "/login?next=/jobs/" (job.id) } { "Sign in" } " to cancel this job." }
         } @else {
