@@ -52,7 +52,7 @@ const RUNNERS: [&str; 3] = ["runner-1", "runner-2", "runner-3"];
 /// The runners' drain timeout: shorter than many jobs, so a SIGTERMed
 /// runner often cuts a job off and hands it back (which must cost the job
 /// nothing: it may not end `cancelled`, nor use up its attempts).
-const DRAIN_TIMEOUT: &str = "300ms";
+const DRAIN_TIMEOUT: &str = "100ms";
 /// How long a SIGTERMed daemon may take to exit before it is SIGKILLed.
 const TERM_DEADLINE: Duration = Duration::from_secs(10);
 /// Chaos goes on after the last commit while jobs are unfinished, at most
