@@ -53,3 +53,32 @@ pub fn results_of(attempts: &[Attempt], job_id: u64) -> Vec<&Attempt> {
         .filter(|a| a.job_id == job_id && a.result_status.is_some())
         .collect()
 }
+
+/// [`attempts`] from a PostgreSQL store: the same table and columns
+/// (`crates/surveil-dispatcher/src/store/postgres/schema.rs`), read with
+/// `psql`. Line breaks in reasons are flattened so each row is one line.
+pub fn attempts_pg(pg: &crate::postgres::Postgres, database: &str) -> Result<Vec<Attempt>> {
+    let rows = pg.psql(
+        database,
+        "SELECT job_id, attempt, runner, coalesce(result_status, ''), \
+                coalesce(replace(replace(ended_reason, E'\\n', ' '), E'\\r', ' '), E'\\x01') \
+           FROM attempts ORDER BY job_id, attempt",
+    )?;
+    rows.lines()
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let cells: Vec<&str> = line.splitn(5, '|').collect();
+            let [job, attempt, runner, status, reason] = cells[..] else {
+                anyhow::bail!("an attempts row of {} cells: {line:?}", cells.len());
+            };
+            Ok(Attempt {
+                job_id: job.parse().context("a job id")?,
+                attempt: attempt.parse().context("an attempt")?,
+                runner: runner.to_owned(),
+                result_status: (!status.is_empty()).then(|| status.to_owned()),
+                // SQL NULL was written as \x01 (an empty reason is a reason).
+                ended_reason: (reason != "\u{1}").then(|| reason.to_owned()),
+            })
+        })
+        .collect()
+}

@@ -18,6 +18,17 @@
 //! moment later, as its service manager would. The same record must hold,
 //! and no job may end `error` at all.
 //!
+//! With `--store postgres` the dispatchers keep their store in a real
+//! PostgreSQL the soak starts (as the tests do), and `--dispatchers 2` runs
+//! a leader and a standby on it, with a short leader term (1 s): runners,
+//! observer and probe are given both addresses and follow the leader. The
+//! dispatchers are among the victims (a SIGSTOP past the term, then
+//! SIGCONT: the old leader must not write), and a third seeded schedule
+//! restarts PostgreSQL itself. A dispatcher that steps down on losing its
+//! term exits and is restarted (as systemd would), counted apart; the
+//! writes the database refused from a deposed term are counted from the
+//! dispatchers' logs, and the record is read from PostgreSQL.
+//!
 //! The fault schedule and the commits' contents come from one seed, printed
 //! first, so a failing run can be replayed; what the cluster does with the
 //! faults still depends on timing. This file only drives and observes the
@@ -85,6 +96,11 @@ pub struct Options {
     pub release: bool,
     pub keep: bool,
     pub storage_faults: bool,
+    /// The dispatchers' store is PostgreSQL (`--store postgres`).
+    pub postgres: bool,
+    /// Dispatchers on the store: 2 (a leader and a standby) needs
+    /// PostgreSQL.
+    pub dispatchers: usize,
 }
 
 impl Options {
@@ -95,6 +111,8 @@ impl Options {
             release: false,
             keep: false,
             storage_faults: false,
+            postgres: false,
+            dispatchers: 1,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -118,13 +136,34 @@ impl Options {
                 "--release" => options.release = true,
                 "--keep" => options.keep = true,
                 "--storage-faults" => options.storage_faults = true,
+                "--store" => match value("--store")?.as_str() {
+                    "postgres" => options.postgres = true,
+                    "sqlite" => options.postgres = false,
+                    other => bail!("chaos: --store {other}: expected sqlite or postgres"),
+                },
+                "--dispatchers" => {
+                    options.dispatchers = value("--dispatchers")?
+                        .parse()
+                        .context("chaos: --dispatchers takes 1 or 2")?;
+                }
                 other => bail!(
-                    "chaos: unknown argument `{other}` (usage: cargo xtask chaos [--commits N] [--seed S] [--release] [--keep] [--storage-faults])"
+                    "chaos: unknown argument `{other}` (usage: cargo xtask chaos [--commits N] [--seed S] [--release] [--keep] [--storage-faults] [--store sqlite|postgres] [--dispatchers 1|2])"
                 ),
             }
         }
         if options.commits == 0 {
             bail!("chaos: --commits must be at least 1");
+        }
+        if !(1..=2).contains(&options.dispatchers) {
+            bail!("chaos: --dispatchers takes 1 or 2");
+        }
+        if options.dispatchers > 1 && !options.postgres {
+            bail!("chaos: --dispatchers 2 needs --store postgres (SQLite has one dispatcher)");
+        }
+        if options.storage_faults && options.postgres {
+            bail!(
+                "chaos: --storage-faults fills the SQLite store's disk; it does not combine with --store postgres"
+            );
         }
         Ok(options)
     }
@@ -145,6 +184,9 @@ struct Tally {
     /// The dispatcher's own exits on a failing store (restarted as its
     /// service manager would).
     fail_stops: u32,
+    /// With PostgreSQL: a leader's own exits on losing its term (restarted
+    /// as its service manager would, to stand by).
+    step_downs: u32,
 }
 
 /// A storage episode in force.
@@ -233,10 +275,18 @@ struct Soak {
     deadline: Instant,
     dir: PathBuf,
     repo: PathBuf,
-    probe: Probe,
-    /// dispatcher, runners, observer, in that order.
+    /// One per dispatcher, in the order of `members`.
+    probes: Vec<Probe>,
+    /// The dispatchers (one, or a leader and a standby), runners, observer,
+    /// in that order.
     members: Vec<Member>,
-    counters: Counters,
+    /// How many of `members` are dispatchers.
+    dispatchers: usize,
+    /// Per dispatcher.
+    counters: Vec<Counters>,
+    /// With `--store postgres`: the server and the database.
+    pg: Option<(surveil_tests::postgres::Postgres, String)>,
+    pg_restarts: u32,
     /// Every commit made, oldest first, with the outcome it must get.
     expected: Vec<(String, &'static str)>,
     timeline: String,
@@ -249,8 +299,76 @@ struct Soak {
 }
 
 const DISPATCHER: usize = 0;
+/// With PostgreSQL: the leader term, short so that a SIGSTOP of the chaos
+/// (0.2–1.5 s) often outlasts it and a standby takes over.
+const LEADER_TTL: &str = "1s";
+/// Seconds between PostgreSQL restarts, drawn evenly.
+const PG_RESTART_GAP: (u64, u64) = (6000, 12000);
 
 impl Soak {
+    fn is_dispatcher(&self, i: usize) -> bool {
+        i < self.dispatchers
+    }
+
+    /// The leader's probe (the one dispatcher's, with SQLite): the first
+    /// dispatcher that answers as a leader, else the first one.
+    fn probe(&self) -> &Probe {
+        &self.probes[self.leader_index()]
+    }
+
+    fn leader_index(&self) -> usize {
+        if self.probes.len() > 1 {
+            for (i, probe) in self.probes.iter().enumerate() {
+                if matches!(self.members[i].state, State::Up)
+                    && probe.status().is_ok_and(|s| !s.standby)
+                {
+                    return i;
+                }
+            }
+        }
+        0
+    }
+
+    /// Reads every running dispatcher's counters.
+    fn sample(&mut self) {
+        for i in 0..self.dispatchers {
+            if matches!(self.members[i].state, State::Up) {
+                self.counters[i].sample(&self.probes[i]);
+            }
+        }
+    }
+
+    fn reassignments(&self) -> u64 {
+        self.counters.iter().map(Counters::reassignments).sum()
+    }
+
+    fn refused(&self) -> u64 {
+        self.counters.iter().map(Counters::refused).sum()
+    }
+
+    fn log_of(&self, i: usize) -> PathBuf {
+        self.dir
+            .join(format!("{}.log", self.members[i].daemon.name))
+    }
+
+    /// Restarts PostgreSQL (an abrupt stop, as a crash would) on its own
+    /// seeded schedule.
+    fn postgres(&mut self, now: Instant, rng: &mut StdRng, next: &mut Instant) -> Result<()> {
+        if self.pg.is_none() || now < *next {
+            return Ok(());
+        }
+        let (pg, _) = self.pg.as_mut().expect("checked above");
+        let began = Instant::now();
+        pg.restart().context("restarting PostgreSQL")?;
+        self.pg_restarts += 1;
+        self.note(&format!(
+            "PostgreSQL restarted (down {:.2}s)",
+            began.elapsed().as_secs_f64()
+        ));
+        *next = Instant::now() + gap(rng, PG_RESTART_GAP.0, PG_RESTART_GAP.1);
+        Ok(())
+    }
+
     fn at(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
     }
@@ -267,8 +385,11 @@ impl Soak {
         let _ = writeln!(self.timeline, "[{:7.2}s] {line}", self.at());
     }
 
+    /// Whether a dispatcher (with two, either) is up.
     fn dispatcher_up(&self) -> bool {
-        matches!(self.members[DISPATCHER].state, State::Up)
+        self.members[..self.dispatchers]
+            .iter()
+            .any(|m| matches!(m.state, State::Up))
     }
 
     /// Restarts daemons whose stop, downtime or SIGTERM is over, and any
@@ -279,9 +400,20 @@ impl Soak {
             match self.members[i].state {
                 State::Up => {
                     if let Some(status) = self.members[i].daemon.exited()? {
+                        if self.is_dispatcher(i) && self.pg.is_some() && self.stepped_down(i) {
+                            self.members[i].tally.step_downs += 1;
+                            self.counters[i].fold();
+                            self.members[i].state = State::Down {
+                                until: now + RESTART_AFTER_FAIL_STOP,
+                            };
+                            self.note(&format!(
+                                "{name} stepped down, having lost its term ({status}); restarting it in {RESTART_AFTER_FAIL_STOP:?}"
+                            ));
+                            continue;
+                        }
                         if i == DISPATCHER && self.disk.is_some() && self.failed_stop() {
                             self.members[i].tally.fail_stops += 1;
-                            self.counters.fold();
+                            self.counters[i].fold();
                             self.members[i].state = State::Down {
                                 until: now + RESTART_AFTER_FAIL_STOP,
                             };
@@ -333,9 +465,25 @@ impl Soak {
     /// Whether the dispatcher's last exit was its fail-stop on a failing
     /// store (its log's last error says so).
     fn failed_stop(&self) -> bool {
-        let log = fs::read_to_string(self.dir.join("dispatcher.log")).unwrap_or_default();
-        let tail = &log[log.len().saturating_sub(4096)..];
+        let tail = log_tail(&self.log_of(DISPATCHER));
         tail.contains("writes in a row") || tail.contains("--store-write-timeout")
+    }
+
+    /// Whether dispatcher `i`'s last exit was a leader's step-down (it
+    /// lost or could not renew its term, or the database refused its
+    /// term's writes), or a start that found no database (PostgreSQL was
+    /// restarting) — both exits a service manager restarts.
+    fn stepped_down(&self, i: usize) -> bool {
+        let tail = log_tail(&self.log_of(i));
+        [
+            "stepping down",
+            "closing after losing the term",
+            "refused a write of this term",
+            "opening the PostgreSQL job store",
+        ]
+        .iter()
+        .any(|needle| tail.contains(needle))
+            && !tail.contains("panicked")
     }
 
     /// Starts or ends storage episodes.
@@ -381,8 +529,8 @@ impl Soak {
     }
 
     fn restart(&mut self, i: usize) -> Result<()> {
-        if i == DISPATCHER {
-            self.counters.fold();
+        if self.is_dispatcher(i) {
+            self.counters[i].fold();
         }
         let member = &mut self.members[i];
         member.daemon.restart()?;
@@ -398,10 +546,11 @@ impl Soak {
             self.log(&format!("skip {action:?} {name}: not up"));
             return Ok(());
         }
-        if victim == DISPATCHER && !matches!(action, Action::Stop) {
+        if self.is_dispatcher(victim) && !matches!(action, Action::Stop) {
             // Its counters die with it: read them first.
-            self.counters.sample(&self.probe);
+            self.counters[victim].sample(&self.probes[victim]);
         }
+        let is_dispatcher = self.is_dispatcher(victim);
         let now = Instant::now();
         let member = &mut self.members[victim];
         let name = member.daemon.name.clone();
@@ -410,8 +559,8 @@ impl Soak {
                 member.daemon.kill()?;
                 member.tally.kills += 1;
                 member.state = State::Down { until: now + hold };
-                if victim == DISPATCHER {
-                    self.counters.fold();
+                if is_dispatcher {
+                    self.counters[victim].fold();
                 }
             }
             Action::Stop => {
@@ -438,7 +587,7 @@ impl Soak {
     /// answers.
     fn jobs_by_commit(&self) -> Result<BTreeMap<String, Vec<JobInfo>>> {
         let mut by_commit: BTreeMap<String, Vec<JobInfo>> = BTreeMap::new();
-        for job in self.probe.jobs()? {
+        for job in self.probe().jobs()? {
             by_commit.entry(job.commit.clone()).or_default().push(job);
         }
         Ok(by_commit)
@@ -465,12 +614,16 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     let seed = options.seed.unwrap_or_else(rand::random);
     let n = options.commits;
     println!(
-        "chaos: seed {seed} — replay with `cargo xtask chaos --commits {n} --seed {seed}{}{}`",
+        "chaos: seed {seed} — replay with `cargo xtask chaos --commits {n} --seed {seed}{}{}{}`",
         if options.release { " --release" } else { "" },
         if options.storage_faults {
             " --storage-faults"
         } else {
             ""
+        },
+        match (options.postgres, options.dispatchers) {
+            (false, _) => String::new(),
+            (true, d) => format!(" --store postgres --dispatchers {d}"),
         }
     );
     let building = Instant::now();
@@ -507,24 +660,39 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
         ],
     )?;
 
-    // Dispatcher on a port below the ephemeral range, so nothing else
-    // takes it while it is down between a SIGKILL and its restart.
-    let addr = format!("127.0.0.1:{}", cluster::stable_port()?);
-    let state = dir.join("dispatcher");
-    fs::create_dir_all(&state)?;
-    let disk = if options.storage_faults {
-        Some(crate::disk::Disk::mount(
-            &dir.join("dispatcher.img"),
-            &state,
-            DISK_MIB,
-        )?)
+    let pg = if options.postgres {
+        let pg = surveil_tests::postgres::Postgres::start().context(
+            "PostgreSQL is needed for --store postgres (Debian: apt-get install postgresql)",
+        )?;
+        let db = pg.create_database()?;
+        println!("chaos: PostgreSQL on {}, database {db}", pg.addr());
+        Some((pg, db))
     } else {
         None
     };
-    let dispatcher = Daemon::start(
-        "dispatcher",
-        &bins.dispatcher,
-        vec![
+    let names: Vec<&str> = if options.dispatchers == 1 {
+        vec!["dispatcher"]
+    } else {
+        vec!["dispatcher-a", "dispatcher-b"]
+    };
+    let mut members = Vec::new();
+    let mut probes = Vec::new();
+    let mut addrs = Vec::new();
+    let mut disk = None;
+    for name in &names {
+        // On a port below the ephemeral range, so nothing else takes it
+        // while the dispatcher is down between a SIGKILL and its restart.
+        let addr = format!("127.0.0.1:{}", cluster::stable_port()?);
+        let state = dir.join(name);
+        fs::create_dir_all(&state)?;
+        if options.storage_faults {
+            disk = Some(crate::disk::Disk::mount(
+                &dir.join("dispatcher.img"),
+                &state,
+                DISK_MIB,
+            )?);
+        }
+        let mut argv: Vec<String> = vec![
             "--listen".into(),
             addr.clone(),
             "--http-listen".into(),
@@ -537,28 +705,55 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
             format!("{}ms", RUNNER_TIMEOUT.as_millis()),
             "--max-attempts".into(),
             MAX_ATTEMPTS.to_string(),
-        ],
-        vec![],
-        dir.join("dispatcher.log"),
-    )?;
-    let probe = Probe::new(&addr)?;
-    let mut members = vec![Member {
-        daemon: dispatcher,
-        state: State::Up,
-        tally: Tally::default(),
-    }];
-    wait_for(
-        "the dispatcher to answer GetStatus",
-        STARTUP,
-        POLL * 5,
-        || {
-            if let Some(status) = members[DISPATCHER].daemon.exited()? {
-                bail!("the dispatcher exited at startup ({status})");
-            }
-            Ok(probe.status().ok())
-        },
-    )
-    .with_context(|| format!("see {}", dir.join("dispatcher.log").display()))?;
+        ];
+        if let Some((pg, db)) = &pg {
+            argv.extend([
+                "--store".into(),
+                pg.url(db),
+                "--store-password-file".into(),
+                pg.password_file().display().to_string(),
+                "--leader-ttl".into(),
+                LEADER_TTL.into(),
+            ]);
+        }
+        let daemon = Daemon::start(
+            name,
+            &bins.dispatcher,
+            argv,
+            vec![],
+            dir.join(format!("{name}.log")),
+        )?;
+        let probe = Probe::new(&addr)?;
+        members.push(Member {
+            daemon,
+            state: State::Up,
+            tally: Tally::default(),
+        });
+        let i = members.len() - 1;
+        // The first leads; a second stands by (its status says so).
+        let want_standby = i > 0;
+        wait_for(
+            &format!(
+                "{name} to answer GetStatus as a {}",
+                if want_standby { "standby" } else { "leader" }
+            ),
+            STARTUP,
+            POLL * 5,
+            || {
+                if let Some(status) = members[i].daemon.exited()? {
+                    bail!("{name} exited at startup ({status})");
+                }
+                Ok(probe
+                    .status()
+                    .ok()
+                    .filter(|s| pg.is_none() || s.standby == want_standby))
+            },
+        )
+        .with_context(|| format!("see {}", dir.join(format!("{name}.log")).display()))?;
+        probes.push(probe);
+        addrs.push(addr);
+    }
+    let dispatch = addrs.join(",");
     for name in RUNNERS {
         let work = dir.join(name);
         fs::create_dir_all(&work)?;
@@ -568,7 +763,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
                 &bins.runner,
                 vec![
                     "--dispatch".into(),
-                    addr.clone(),
+                    dispatch.clone(),
                     "--work-dir".into(),
                     work.display().to_string(),
                     "--name".into(),
@@ -595,7 +790,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
             &bins.observer,
             vec![
                 "--dispatch".into(),
-                addr.clone(),
+                dispatch.clone(),
                 "--state-dir".into(),
                 observer_state.display().to_string(),
                 "--every-commit".into(),
@@ -617,9 +812,12 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
         deadline: Instant::now() + Duration::from_secs(n as u64) + Duration::from_secs(120),
         dir: dir.clone(),
         repo,
-        probe,
+        probes,
         members,
-        counters: Counters::default(),
+        dispatchers: names.len(),
+        counters: names.iter().map(|_| Counters::default()).collect(),
+        pg,
+        pg_restarts: 0,
         expected: vec![(first.clone(), "passed")],
         timeline: String::new(),
         warnings: Vec::new(),
@@ -628,8 +826,14 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
         episode: None,
     };
     soak.note(&format!(
-        "cluster in {} (dispatcher {addr}, 3 runners, observer --every-commit)",
-        dir.display()
+        "cluster in {} ({} on {dispatch}{}, 3 runners, observer --every-commit)",
+        dir.display(),
+        names.join(" and "),
+        if soak.pg.is_some() {
+            ", PostgreSQL store"
+        } else {
+            ""
+        }
     ));
 
     let result = drive(&mut soak, n, seed).and_then(|()| check(&mut soak));
@@ -677,7 +881,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
 /// Waits for the cluster to be whole, then streams the commits under
 /// chaos, then lets everything settle.
 fn drive(soak: &mut Soak, n: usize, seed: u64) -> Result<()> {
-    let (probe, first) = (&soak.probe, soak.expected[0].0.clone());
+    let (probe, first) = (soak.probe(), soak.expected[0].0.clone());
     wait_for(
         "three runners connected and the first commit submitted",
         STARTUP,
@@ -697,6 +901,8 @@ fn drive(soak: &mut Soak, n: usize, seed: u64) -> Result<()> {
     let mut pace = StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x5851_f42d);
     let mut storage = StdRng::seed_from_u64(seed.rotate_right(23) ^ 0x2545_f491_4f6c_dd1d);
     let mut next_storage = Instant::now() + gap(&mut storage, 1000, 4000);
+    let mut pg_faults = StdRng::seed_from_u64(seed.rotate_left(41) ^ 0x94d0_49bb_1331_11eb);
+    let mut next_pg = Instant::now() + gap(&mut pg_faults, PG_RESTART_GAP.0, PG_RESTART_GAP.1);
 
     let mut made = 0usize;
     let mut next_commit = Instant::now();
@@ -712,6 +918,7 @@ fn drive(soak: &mut Soak, n: usize, seed: u64) -> Result<()> {
         }
         soak.tend(now)?;
         soak.storage(now, &mut storage, &mut next_storage)?;
+        soak.postgres(now, &mut pg_faults, &mut next_pg)?;
         if made < n && now >= next_commit {
             made += 1;
             let fails = contents.random_bool(FAILING_SHARE);
@@ -754,7 +961,7 @@ fn drive(soak: &mut Soak, n: usize, seed: u64) -> Result<()> {
             next_fault = Instant::now() + gap(&mut faults, 500, 2000);
         }
         if now >= next_status && soak.dispatcher_up() {
-            soak.counters.sample(&soak.probe);
+            soak.sample();
             next_status = Instant::now() + STATUS_POLL;
         }
         if let Some(last) = last_commit_at {
@@ -779,6 +986,16 @@ fn drive(soak: &mut Soak, n: usize, seed: u64) -> Result<()> {
         }
     ));
     settle(soak)
+}
+
+/// The last 4 KiB of a daemon's log, where its exit's reason is.
+fn log_tail(path: &Path) -> String {
+    let log = fs::read_to_string(path).unwrap_or_default();
+    let mut from = log.len().saturating_sub(4096);
+    while !log.is_char_boundary(from) {
+        from += 1;
+    }
+    log[from..].to_owned()
 }
 
 /// A random duration in `lo..=hi` milliseconds.
@@ -818,8 +1035,8 @@ fn settle(soak: &mut Soak) -> Result<()> {
         soak.tend(Instant::now())?;
         let up = soak.members.iter().all(|m| matches!(m.state, State::Up));
         if up {
-            soak.counters.sample(&soak.probe);
-            if let (Ok(by_commit), Ok(runners)) = (soak.jobs_by_commit(), soak.probe.runners()) {
+            soak.sample();
+            if let (Ok(by_commit), Ok(runners)) = (soak.jobs_by_commit(), soak.probe().runners()) {
                 let finished = soak.finished(&by_commit);
                 let leases: usize = runners.iter().map(|r| r.running.len()).sum();
                 if finished == soak.expected.len() {
@@ -853,11 +1070,15 @@ fn settle(soak: &mut Soak) -> Result<()> {
 /// Reads the record and returns the failed checks (empty when all held).
 fn check(soak: &mut Soak) -> Result<Vec<String>> {
     let mut failures = Vec::new();
-    let probe = &soak.probe;
+    let leader = soak.leader_index();
+    let probe = &soak.probes[leader];
     let jobs = probe
         .jobs()
         .context("listing the jobs for the final check")?;
-    let attempts = record::attempts(&soak.dir.join("dispatcher"))?;
+    let attempts = match &soak.pg {
+        Some((pg, db)) => record::attempts_pg(pg, db)?,
+        None => record::attempts(&soak.dir.join("dispatcher"))?,
+    };
     let mut by_commit: BTreeMap<&str, Vec<&JobInfo>> = BTreeMap::new();
     for job in &jobs {
         by_commit.entry(job.commit.as_str()).or_default().push(job);
@@ -978,7 +1199,7 @@ fn check(soak: &mut Soak) -> Result<Vec<String>> {
         .into_iter()
         .filter(|id| final_ids.contains(id))
         .collect();
-    soak.counters.sample(probe);
+    soak.counters[leader].sample(probe);
 
     // Why attempts ended early, from the store: each is a reassignment or
     // a revoked lease.
@@ -1031,11 +1252,11 @@ fn check(soak: &mut Soak) -> Result<Vec<String>> {
     );
     println!(
         "reassignments (GetStatus, summed over dispatcher lives) {}",
-        soak.counters.reassignments()
+        soak.reassignments()
     );
     println!(
         "refused results (GetStatus, summed)                     {}",
-        soak.counters.refused()
+        soak.refused()
     );
     println!(
         "attempts ended without a result (store)                 {}{}",
@@ -1056,7 +1277,7 @@ fn check(soak: &mut Soak) -> Result<Vec<String>> {
 
     println!("\n== chaos: faults ==");
     println!(
-        "{:<11} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12} {:>10}",
+        "{:<12} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12} {:>10} {:>10}",
         "DAEMON",
         "KILLS",
         "STOPS",
@@ -1064,13 +1285,14 @@ fn check(soak: &mut Soak) -> Result<Vec<String>> {
         "CRASHES",
         "SLOW-TERM",
         "UNCLEAN-TERM",
-        "FAIL-STOPS"
+        "FAIL-STOPS",
+        "STEP-DOWNS"
     );
     let mut total = Tally::default();
     for m in &soak.members {
         let t = m.tally;
         println!(
-            "{:<11} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12} {:>10}",
+            "{:<12} {:>5} {:>5} {:>8} {:>7} {:>9} {:>12} {:>10} {:>10}",
             m.daemon.name,
             t.kills,
             t.stops,
@@ -1078,7 +1300,8 @@ fn check(soak: &mut Soak) -> Result<Vec<String>> {
             t.crashes,
             t.slow_terms,
             t.unclean_terms,
-            t.fail_stops
+            t.fail_stops,
+            t.step_downs
         );
         total.kills += t.kills;
         total.stops += t.stops;
@@ -1086,9 +1309,26 @@ fn check(soak: &mut Soak) -> Result<Vec<String>> {
         total.crashes += t.crashes;
     }
     println!(
-        "{:<11} {:>5} {:>5} {:>8} {:>7}",
+        "{:<12} {:>5} {:>5} {:>8} {:>7}",
         "total", total.kills, total.stops, total.restarts, total.crashes
     );
+    if let Some((pg, db)) = &soak.pg {
+        // The database refuses every write of a term that is no longer
+        // the leader row's; a deposed dispatcher logs each refusal.
+        let refused: usize = (0..soak.dispatchers)
+            .map(|i| {
+                fs::read_to_string(soak.log_of(i))
+                    .unwrap_or_default()
+                    .matches("refused a write of this term")
+                    .count()
+            })
+            .sum();
+        let term = pg.psql(db, "SELECT term FROM leader").unwrap_or_default();
+        println!(
+            "postgres: {} restarts; leader term now {term}; writes refused from a deposed term (dispatchers' logs) {refused}",
+            soak.pg_restarts
+        );
+    }
     if soak.disk.is_some() {
         println!(
             "storage: {} disk-full episodes ({} MiB of ballast in all), {} freezes of the dispatcher's disk",
@@ -1214,7 +1454,10 @@ fn shut_down(soak: &mut Soak) -> Result<()> {
             member.state = State::Up;
         }
     }
-    let order: Vec<usize> = (1..soak.members.len()).rev().chain([DISPATCHER]).collect();
+    let order: Vec<usize> = (soak.dispatchers..soak.members.len())
+        .rev()
+        .chain(0..soak.dispatchers)
+        .collect();
     for i in order {
         let member = &mut soak.members[i];
         let name = member.daemon.name.clone();

@@ -25,6 +25,8 @@ commands:
              restarting daemons; check nothing was lost or recorded twice
              [--commits N (30)] [--seed S] [--release] [--keep]
              [--storage-faults: the dispatcher's disk filled and frozen too]
+             [--store postgres [--dispatchers 2]: on a PostgreSQL it starts,
+             a leader and a standby, PostgreSQL restarted too]
   codegen    regenerate crates/surveil-proto/src/generated/ from proto/
   e2e        run a local cluster over a scratch repository and tell its story
              and print its pages' address [--keep: leave target/e2e/ for

@@ -86,6 +86,19 @@ impl Peer {
         }
     }
 
+    /// Receives until `pick` takes a message; returns what it made of it
+    /// and what came before.
+    async fn until<T>(&mut self, mut pick: impl FnMut(&Msg) -> Option<T>) -> (T, Vec<Msg>) {
+        let mut before = Vec::new();
+        loop {
+            let msg = self.recv().await;
+            match pick(&msg) {
+                Some(found) => return (found, before),
+                None => before.push(msg),
+            }
+        }
+    }
+
     /// Pings and collects everything up to the Pong: a barrier proving the
     /// runner sent nothing else in between that we have not seen.
     async fn barrier(&mut self, seq: u64) -> Vec<Msg> {
@@ -603,7 +616,7 @@ async fn results_left_by_an_earlier_run_are_resent_and_a_refused_one_is_dropped(
 }
 
 #[tokio::test]
-async fn drain_lets_nothing_new_start_and_cancels_what_outlives_the_timeout() {
+async fn drain_says_so_and_hands_back_what_it_does_not_finish() {
     let src = tempfile::tempdir().unwrap();
     let (repo, commit) = repo_with(
         src.path(),
@@ -624,34 +637,44 @@ async fn drain_lets_nothing_new_start_and_cancels_what_outlives_the_timeout() {
         }
     }
     runner.graceful.cancel();
-    // An assignment that arrives during the drain is not started.
+    let (deadline_ms, _) = peer
+        .until(|m| match m {
+            Msg::Drain(d) => Some(d.deadline_ms),
+            _ => None,
+        })
+        .await;
+    assert!((1..=500).contains(&deadline_ms), "{deadline_ms}");
+    // An assignment that crossed the Drain is handed back, not started.
     peer.send(assign(21, &repo, &commit)).await;
-    let (finished, before) = peer.until_finished().await;
-    assert_eq!(finished.job_id, 20);
-    assert_eq!(finished.status(), JobStatus::Cancelled);
-    assert!(
-        finished.message.contains("drain timeout"),
-        "{}",
-        finished.message
-    );
+    let (back, before) = peer
+        .until(|m| match m {
+            Msg::HandBack(h) if h.job_id == 21 => Some(h.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(!back.started, "{back:?}");
     assert!(
         !before
             .iter()
             .any(|m| matches!(m, Msg::Started(s) if s.job_id == 21))
     );
-    peer.send(ResultAck {
-        job_id: 20,
-        attempt: 1,
-        accepted: true,
-        message: String::new(),
-    })
-    .await;
+    // Job 20 outlives the drain timeout: killed and handed back.
+    let (cut, before) = peer
+        .until(|m| match m {
+            Msg::HandBack(h) if h.job_id == 20 => Some(h.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(cut.started, "{cut:?}");
+    assert!(cut.reason.contains("drain timeout"), "{}", cut.reason);
+    assert!(
+        !before.iter().any(|m| matches!(m, Msg::JobFinished(_))),
+        "no verdict on a job that did not fail: {before:?}"
+    );
     tokio::time::timeout(WAIT, runner.handle)
         .await
         .expect("the runner exits")
         .unwrap();
-    // The connection closes without a word about job 21: the dispatcher
-    // requeues it.
     loop {
         match tokio::time::timeout(WAIT, peer.conn.recv())
             .await
@@ -663,10 +686,18 @@ async fn drain_lets_nothing_new_start_and_cancels_what_outlives_the_timeout() {
         }
     }
     assert!(!runner.work.join("jobs/21-1").exists());
+    assert!(!runner.work.join("jobs/20-1").exists());
+    let outbox: Vec<_> = std::fs::read_dir(runner.work.join("outbox"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        outbox.iter().all(|n| !n.to_string_lossy().ends_with(".pb")),
+        "no cancelled verdict kept for the next start: {outbox:?}"
+    );
 }
 
 #[tokio::test]
-async fn a_second_signal_cancels_running_jobs_at_once() {
+async fn a_second_signal_cuts_running_jobs_off_at_once_and_hands_them_back() {
     let src = tempfile::tempdir().unwrap();
     let (repo, commit) = repo_with(
         src.path(),
@@ -688,19 +719,19 @@ async fn a_second_signal_cancels_running_jobs_at_once() {
     // end this job within the test's bound.
     runner.graceful.cancel();
     runner.immediate.cancel();
-    let (finished, _) = peer.until_finished().await;
-    assert_eq!(finished.status(), JobStatus::Cancelled);
-    assert_eq!(
-        finished.message,
-        "runner stopped at once by a second shutdown signal"
+    let (back, before) = peer
+        .until(|m| match m {
+            Msg::HandBack(h) => Some(h.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!((back.job_id, back.started), (30, true));
+    assert!(
+        back.reason.contains("second shutdown signal"),
+        "{}",
+        back.reason
     );
-    peer.send(ResultAck {
-        job_id: 30,
-        attempt: 1,
-        accepted: true,
-        message: String::new(),
-    })
-    .await;
+    assert!(!before.iter().any(|m| matches!(m, Msg::JobFinished(_))));
     tokio::time::timeout(WAIT, runner.handle)
         .await
         .expect("the runner exits")
