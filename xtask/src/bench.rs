@@ -11,6 +11,7 @@
 mod checkout;
 mod client;
 mod codec;
+mod ha;
 mod http;
 mod latency;
 mod logs;
@@ -33,8 +34,8 @@ pub use scale::load as load_tool;
 use client::Client;
 
 /// Every scenario id, in the order they run.
-pub const SCENARIOS: [&str; 12] = [
-    "S1", "S2", "S3a", "S3b", "S4", "M", "C", "codec", "H1", "H2", "H3", "L",
+pub const SCENARIOS: [&str; 15] = [
+    "S1", "S2", "S3a", "S3b", "S4", "M", "C", "codec", "H1", "H2", "H3", "L", "P2", "P4", "F",
 ];
 
 #[derive(Debug, Default)]
@@ -429,7 +430,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
 
     let mut outcomes = Vec::new();
     type Scenario = fn(&Env, &mut Outcome) -> Result<()>;
-    let scenarios: [(&'static str, &'static str, &'static str, Scenario); 12] = [
+    let scenarios: [(&'static str, &'static str, &'static str, Scenario); 15] = [
         (
             "S1",
             "commit → result, 1 runner, pipeline `true`",
@@ -501,6 +502,24 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
             "log ingest: a task printing 1 GiB, --max-log-size raised",
             "MiB/s into the store (no target); dispatcher VmHWM ≤ 64 MiB; status ≤ 100 ms median",
             logs::l,
+        ),
+        (
+            "P2",
+            "S2 with the dispatcher's store in PostgreSQL",
+            "≥ 100 jobs/s; dispatcher CPU ≤ 5 ms per job; all 200 built",
+            ha::p2,
+        ),
+        (
+            "P4",
+            "S4 with the leader's store in PostgreSQL",
+            "10,000 connected in ≤ 10 s; ≤ 25 % of one core idle; ≤ 200 MiB",
+            ha::p4,
+        ),
+        (
+            "F",
+            "failover: the leader SIGKILLed while a job streams its log",
+            "standby leads and the next log line is accepted ≤ TTL + 1 s (4 s); the job keeps its attempt",
+            ha::f,
         ),
     ];
     for (id, title, target, scenario) in scenarios {

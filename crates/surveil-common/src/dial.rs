@@ -200,6 +200,9 @@ pub struct Dialer {
     next: usize,
     /// The address of the last connection made, if it was not lost since.
     current: Option<String>,
+    /// Whether a standby answered in the last round (`NOT_LEADER`): a
+    /// failover is under way, and the next round should come soon.
+    standby_seen: bool,
 }
 
 impl Dialer {
@@ -217,7 +220,16 @@ impl Dialer {
             timeout,
             next: 0,
             current: None,
+            standby_seen: false,
         }
+    }
+
+    /// Whether a dispatcher answered as a standby (`NOT_LEADER`) in the
+    /// last round that failed: dispatchers are up but none leads yet (a
+    /// failover is under way, at most a leader term long), so a caller
+    /// dials again soon instead of backing off further.
+    pub fn saw_standby(&self) -> bool {
+        self.standby_seen
     }
 
     /// The configured addresses.
@@ -245,6 +257,7 @@ impl Dialer {
     /// fix ([`DialError::is_fatal`]), or the last error of the round.
     pub async fn dial(&mut self, hello: Hello) -> Result<Dialed, DialError> {
         self.current = None;
+        self.standby_seen = false;
         let count = self.addrs.len();
         let mut tried: Vec<String> = Vec::with_capacity(count + 1);
         let mut last = None;
@@ -261,6 +274,7 @@ impl Dialer {
             if err.is_fatal() {
                 return Err(err);
             }
+            self.standby_seen |= err.reject_code() == Some(RejectCode::NotLeader);
             let leader = err.leader_addr().map(str::to_owned);
             last = Some(err);
             let Some(leader) = leader.filter(|l| !tried.contains(l)) else {
@@ -270,7 +284,10 @@ impl Dialer {
             match self.attempt(&leader, &hello, &mut tried).await {
                 Ok(dialed) => return Ok(dialed),
                 Err(err) if err.is_fatal() => return Err(err),
-                Err(err) => last = Some(err),
+                Err(err) => {
+                    self.standby_seen |= err.reject_code() == Some(RejectCode::NotLeader);
+                    last = Some(err);
+                }
             }
         }
         Err(last.expect("a round tries at least one address"))
@@ -540,6 +557,16 @@ mod tests {
             err.to_string(),
             format!("cannot reach dispatcher at {dead}")
         );
+        assert!(
+            dialer.saw_standby(),
+            "a standby answered: a failover is under way"
+        );
+        let mut only_dead = Dialer::new(vec![dead], None, T);
+        only_dead
+            .dial(Hello::new(Role::Runner, "t"))
+            .await
+            .unwrap_err();
+        assert!(!only_dead.saw_standby());
     }
 
     #[tokio::test]

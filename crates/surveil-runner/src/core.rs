@@ -91,6 +91,11 @@ pub const RESULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// wants the runner gone, the outbox keeps the results.
 pub const RESULT_FLUSH_TIMEOUT_IMMEDIATE: Duration = Duration::from_secs(1);
 
+/// The pause between dials while dispatchers answer but none leads yet
+/// (a failover): short, since one dial a quarter second costs the standbys
+/// little for the few seconds a takeover lasts.
+pub const FAILOVER_RETRY: Duration = Duration::from_millis(250);
+
 /// Which shutdown signal arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -107,6 +112,10 @@ pub enum Event {
     Connected(Welcome),
     /// That dial failed; the text says why.
     DialFailed(String),
+    /// That dial failed, but a dispatcher answered as a standby: they are
+    /// up and electing a leader (a failover), so the next dial comes after
+    /// [`FAILOVER_RETRY`] rather than a growing backoff.
+    NoLeaderYet(String),
     /// The connection ended (closed, broken, a write failed or timed
     /// out). `unsent` is the frame whose write failed, if one did.
     Disconnected {
@@ -324,6 +333,7 @@ impl RunnerCore {
         match event {
             Event::Connected(welcome) => self.on_connected(&welcome, now),
             Event::DialFailed(reason) => self.on_dial_failed(&reason, now),
+            Event::NoLeaderYet(reason) => self.on_no_leader_yet(&reason, now),
             Event::Disconnected { reason, unsent } => self.on_disconnected(&reason, unsent, now),
             Event::Frame(msg) => self.on_frame(msg, now),
             Event::Job(event) => self.on_job_event(event),
@@ -625,6 +635,18 @@ impl RunnerCore {
         if let Some(running) = self.running.get_mut(&key) {
             running.started_sent = sent;
         }
+    }
+
+    fn on_no_leader_yet(&mut self, reason: &str, now: Instant) {
+        if self.link != Link::Dialing {
+            return;
+        }
+        // Not a growing backoff: the standby takes over within a term, and
+        // every pause past that is the jobs' logs and results waiting.
+        tracing::info!(error = %reason, retry_in = ?FAILOVER_RETRY, "no dispatcher leads yet (a failover); dialling again soon");
+        self.link = Link::Down {
+            next_dial: now + FAILOVER_RETRY,
+        };
     }
 
     fn on_dial_failed(&mut self, reason: &str, now: Instant) {

@@ -119,6 +119,9 @@ impl Session {
                             self.link = Some(conn);
                             Event::Connected(welcome)
                         }
+                        Err(error) if self.dialer.saw_standby() => {
+                            Event::NoLeaderYet(surveil_common::error_chain(&error))
+                        }
                         Err(error) => Event::DialFailed(surveil_common::error_chain(&error)),
                     }
                 }

@@ -159,11 +159,24 @@ fn make_commits(repo: &Path, base: &str, count: usize, name: &str) -> Result<Vec
 }
 
 pub fn s2(env: &Env, out: &mut Outcome) -> Result<()> {
+    s2_on(env, out, "s2", &[], 50.0)
+}
+
+/// S2 with `store` added to the dispatcher's flags (a PostgreSQL store for
+/// P2), under `target/bench/<name>`, against a throughput target of
+/// `target_rate` jobs/s.
+pub fn s2_on(
+    env: &Env,
+    out: &mut Outcome,
+    name: &str,
+    store: &[&str],
+    target_rate: f64,
+) -> Result<()> {
     const COMMITS: usize = 200;
-    let dir = env.scratch("s2")?;
+    let dir = env.scratch(name)?;
     let repo_dir = dir.join("repo");
     let repo = pipeline_repo(&repo_dir, "true")?;
-    let (dispatcher, addr) = env.dispatcher(&dir, &[])?;
+    let (dispatcher, addr) = env.dispatcher(&dir, store)?;
     let dispatcher_pid = dispatcher.pid().context("dispatcher pid")?;
     let _runners = (1..=4)
         .map(|i| env.runner(&dir, &format!("runner-{i}"), &addr, &[&repo]))
@@ -174,7 +187,7 @@ pub fn s2(env: &Env, out: &mut Outcome) -> Result<()> {
     let tip = cluster::git(&repo_dir, &["rev-parse", "HEAD"])?;
     wait_final(&mut client, &repo, &tip)?;
 
-    let mut rate = Figure::new("throughput", "jobs/s", Target::AtLeast(50.0));
+    let mut rate = Figure::new("throughput", "jobs/s", Target::AtLeast(target_rate));
     let mut cpu = Figure::new("dispatcher CPU per job", "ms", Target::AtMost(5.0));
     let mut built = Figure::new("jobs passed", "jobs", Target::AtLeast(COMMITS as f64));
     for run in 0..3 {

@@ -180,8 +180,14 @@ fn wait_runner_count(addr: &str, count: u32) -> Result<()> {
 }
 
 pub fn s4(env: &Env, out: &mut Outcome) -> Result<()> {
-    let dir = env.scratch("s4")?;
-    let (dispatcher, addr) = env.dispatcher(&dir, &[])?;
+    s4_on(env, out, "s4", &[])
+}
+
+/// S4 with `store` added to the dispatcher's flags (a PostgreSQL store for
+/// P4), under `target/bench/<name>`.
+pub fn s4_on(env: &Env, out: &mut Outcome, name: &str, store: &[&str]) -> Result<()> {
+    let dir = env.scratch(name)?;
+    let (dispatcher, addr) = env.dispatcher(&dir, store)?;
     let pid = dispatcher.pid().context("dispatcher pid")?;
     let sizes: &[usize] = if env.quick {
         &[1_000]

@@ -285,6 +285,31 @@ fn backoff_grows_across_failed_dials_and_resets_on_connect() {
 }
 
 #[test]
+fn while_a_standby_answers_the_runner_dials_again_soon_without_backing_off() {
+    let t0 = Instant::now();
+    let mut c = core(1, vec![], t0);
+    actions(&mut c);
+    let mut t = t0;
+    c.handle(Event::DialFailed("refused".into()), t);
+    t += 100 * MS;
+    c.handle(Event::Tick, t);
+    actions(&mut c);
+    for _ in 0..10 {
+        c.handle(Event::NoLeaderYet("NOT_LEADER".into()), t);
+        assert_eq!(c.deadline(), Some(t + FAILOVER_RETRY), "a steady pause");
+        t += FAILOVER_RETRY;
+        c.handle(Event::Tick, t);
+        assert!(hello_of(&actions(&mut c)).is_some());
+    }
+    c.handle(Event::DialFailed("refused".into()), t);
+    assert_eq!(
+        c.deadline(),
+        Some(t + 200 * MS),
+        "the backoff goes on where it was once nobody answers"
+    );
+}
+
+#[test]
 fn jobs_beyond_the_slots_wait_and_start_as_slots_free() {
     let t0 = Instant::now();
     let mut c = core(2, vec![], t0);
